@@ -1,0 +1,193 @@
+//! The validated, effective configuration (SPEC 3). Built only by
+//! `config::load`, so every value here has been checked and every secret
+//! resolved. Serialize is for `plantgate check` (secrets print as `***`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::secret::Secret;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub health: HealthConfig,
+    pub mqtt: MqttConfig,
+    pub buffer: BufferConfig,
+    pub connections: Vec<ConnectionConfig>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentConfig {
+    pub id: String,
+    pub site: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HealthConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttProtocol {
+    V5,
+    V311,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MqttConfig {
+    /// As configured, e.g. `mqtts://broker.example.com:8883`.
+    pub url: String,
+    /// Parsed from `url`.
+    pub host: String,
+    /// Parsed from `url`; default 8883 for mqtts, 1883 for mqtt.
+    pub port: u16,
+    /// true for `mqtts://`.
+    pub tls: bool,
+    pub allow_plaintext: bool,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub protocol: MqttProtocol,
+    pub topic_prefix: String,
+    #[serde(with = "human_duration")]
+    pub keep_alive: Duration,
+    #[serde(with = "human_duration")]
+    pub heartbeat_interval: Duration,
+    pub max_message_bytes: usize,
+    #[serde(with = "human_duration")]
+    pub reconnect_initial: Duration,
+    #[serde(with = "human_duration")]
+    pub reconnect_max: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Normal,
+    Full,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BufferConfig {
+    pub max_size: u64,
+    #[serde(with = "human_duration")]
+    pub max_age: Duration,
+    pub synchronous: Synchronous,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionKind {
+    Deltav,
+    Optomes,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum SecurityPolicy {
+    None,
+    Basic256Sha256,
+    Aes128Sha256RsaOaep,
+    Aes256Sha256RsaPss,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum SecurityMode {
+    None,
+    Sign,
+    SignAndEncrypt,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectionConfig {
+    pub id: String,
+    pub kind: ConnectionKind,
+    pub endpoint: String,
+    pub security_policy: SecurityPolicy,
+    pub security_mode: SecurityMode,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub trust_unknown_server_cert: bool,
+    #[serde(with = "human_duration")]
+    pub publishing_interval: Duration,
+    #[serde(with = "human_duration")]
+    pub sampling_interval: Duration,
+    #[serde(with = "human_duration")]
+    pub reconnect_initial: Duration,
+    #[serde(with = "human_duration")]
+    pub reconnect_max: Duration,
+    pub events: Vec<String>,
+    /// None means the profile's default template.
+    pub node_template: Option<String>,
+    #[serde(with = "human_duration")]
+    pub oee_window: Duration,
+    pub units: Vec<UnitConfig>,
+    pub work_centers: Vec<WorkCenterConfig>,
+    pub tags: Vec<TagConfig>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct UnitConfig {
+    pub name: String,
+    pub recipe_parameters: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkCenterConfig {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TagConfig {
+    pub name: String,
+    /// `ns=N;s=..` or `nsu=URI;s=..` (also i=, g=, b= identifiers).
+    pub node: String,
+    #[serde(with = "human_duration::option")]
+    pub sampling_interval: Option<Duration>,
+    pub deadband: Option<f64>,
+}
+
+/// Durations print back the way users write them (`500ms`, `30s`, `7d`).
+pub mod human_duration {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    pub fn format(d: Duration) -> String {
+        let ms = d.as_millis();
+        const UNITS: [(u128, &str); 4] = [
+            (86_400_000, "d"),
+            (3_600_000, "h"),
+            (60_000, "m"),
+            (1_000, "s"),
+        ];
+        for (unit, suffix) in UNITS {
+            if ms >= unit && ms % unit == 0 {
+                return format!("{}{}", ms / unit, suffix);
+            }
+        }
+        format!("{ms}ms")
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub mod option {
+        use serde::Serializer;
+        use std::time::Duration;
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_str(&super::format(*d)),
+                None => s.serialize_none(),
+            }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! plantgate: an edge gateway that reads batch, recipe, OEE and tag data from
+//! DeltaV and OptoMES over OPC UA, makes every record durable in SQLite and
+//! forwards it over TLS MQTT.
+//!
+//! Data path (one direction, one durable hand-off):
+//! `source` (OPC UA) → `status::RecordSink` → `buffer` (SQLite, the only place
+//! a record is accepted) → `uplink` (MQTT, deletes on PUBACK). `agent::run`
+//! wires it; `status` is the shared board the uplink and health read.
+
+pub mod agent;
+pub mod backoff;
+pub mod buffer;
+pub mod config;
+pub mod demo;
+pub mod nodeid;
+pub mod record;
+pub mod secret;
+pub mod sim;
+pub mod source;
+pub mod status;
+pub mod uplink;
+
+/// The version published in status messages.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

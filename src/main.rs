@@ -1,0 +1,351 @@
+//! The `plantgate` binary: parses the command line and calls into the library.
+//! Every subcommand is a function here; the behaviour lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use plantgate::config::{self, EXIT_CONFIG};
+
+#[derive(Parser)]
+#[command(
+    name = "plantgate",
+    version,
+    about = "Edge gateway: DeltaV / OptoMES over OPC UA → SQLite buffer → TLS MQTT"
+)]
+struct Cli {
+    /// Log line format on stderr (levels from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Run {
+        /// Config file (else $PLANTGATE_CONFIG, else /etc/plantgate/plantgate.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Simulated DeltaV + embedded TLS broker + the agent, printing what arrives.
+    Demo {
+        /// Stop by itself after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Cut the broker for this many seconds mid-run to show buffering and replay.
+        #[arg(long)]
+        outage: Option<u64>,
+    },
+    /// A standalone simulator OPC UA server.
+    Simulate {
+        #[arg(value_parser = ["deltav"])]
+        kind: String,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:4840")]
+        listen: std::net::SocketAddr,
+        /// Time acceleration.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Extra changing Double tags for load tests.
+        #[arg(long, default_value_t = 0)]
+        tags: usize,
+        /// Change rate of each extra tag, in Hz.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Require this username (with --password).
+        #[arg(long, requires = "password")]
+        user: Option<String>,
+        #[arg(long, requires = "user")]
+        password: Option<String>,
+        /// Directory for the simulator's PKI (default: a temporary one).
+        #[arg(long)]
+        pki_dir: Option<PathBuf>,
+    },
+    /// Validate the config and print the effective config (secrets as ***).
+    Check {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Inspect the buffer database of a config.
+    Buffer {
+        #[command(subcommand)]
+        action: BufferAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferAction {
+    /// Records, bytes and oldest record per stream.
+    Stats {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn config_path(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os("PLANTGATE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/etc/plantgate/plantgate.toml"))
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,opcua=warn,async_opcua=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Loads the config or prints one line per problem and returns exit 78.
+fn load_config(path: &std::path::Path) -> Result<config::Config, ExitCode> {
+    match config::load(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(loaded.config)
+        }
+        Err(e) => {
+            eprintln!("plantgate: invalid configuration ({}):", path.display());
+            for p in &e.problems {
+                eprintln!("  {}: {}", p.path, p.message);
+            }
+            Err(ExitCode::from(EXIT_CONFIG as u8))
+        }
+    }
+}
+
+/// Tells systemd (Type=notify) that the buffer is open, and pings its
+/// watchdog while the runtime is alive. Outside systemd both are no-ops.
+fn systemd_ready(cancel: CancellationToken) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(timeout) = sd_notify::watchdog_enabled() {
+        let every = (timeout / 2).max(std::time::Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Cancels on SIGTERM or SIGINT.
+fn cancel_on_signals(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = term => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        cancel.cancel();
+    });
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("plantgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Run { config } => {
+            let path = config_path(config);
+            let config = match load_config(&path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let cancel = CancellationToken::new();
+            cancel_on_signals(cancel.clone());
+            let (_agent, join) = match plantgate::agent::start(config, cancel.clone()).await {
+                Ok(started) => started,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            systemd_ready(cancel.clone());
+            if let Err(e) = join.await {
+                tracing::error!(error = %e, "shutdown failed");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => {
+            let path = config_path(config);
+            match load_config(&path) {
+                Ok(c) => {
+                    print!("{}", config::render(&c));
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            }
+        }
+        Command::Demo { duration, outage } => {
+            let cancel = CancellationToken::new();
+            cancel_on_signals(cancel.clone());
+            let opts = plantgate::demo::DemoOptions {
+                duration: duration.map(std::time::Duration::from_secs),
+                outage: outage.map(std::time::Duration::from_secs),
+            };
+            match plantgate::demo::run(opts, cancel).await {
+                Ok(summary) if summary.gaps == 0 => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("plantgate demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Simulate {
+            kind,
+            listen,
+            speed,
+            seed,
+            tags,
+            rate,
+            user,
+            password,
+            pki_dir,
+        } => {
+            let cancel = CancellationToken::new();
+            cancel_on_signals(cancel.clone());
+            let tmp;
+            let pki_dir = match pki_dir {
+                Some(p) => p,
+                None => match tempfile::tempdir() {
+                    Ok(t) => {
+                        tmp = t;
+                        tmp.path().to_path_buf()
+                    }
+                    Err(e) => {
+                        eprintln!("plantgate simulate: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            let opts = plantgate::sim::SimOptions {
+                listen,
+                seed,
+                speed,
+                tags,
+                rate_hz: rate,
+                user: user.zip(password),
+                pki_dir,
+            };
+            match plantgate::sim::run_simulator(&kind, opts, cancel).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("plantgate simulate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Buffer { action } => match action {
+            BufferAction::Stats { config } => {
+                let path = config_path(config);
+                let config = match load_config(&path) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                buffer_stats(&config)
+            }
+        },
+    }
+}
+
+fn seq(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn buffer_stats(config: &config::Config) -> ExitCode {
+    let path = config.agent.data_dir.join("buffer.db");
+    if !path.exists() {
+        eprintln!("plantgate buffer: no buffer at {}", path.display());
+        return ExitCode::FAILURE;
+    }
+    let store = match plantgate::buffer::Store::open(&path, config.buffer.synchronous) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("plantgate buffer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match store.stats() {
+        Ok(st) => {
+            println!("buffer {}  epoch {}", path.display(), store.epoch());
+            println!(
+                "total: {} records, {} bytes, oldest {}",
+                st.records,
+                st.bytes,
+                st.oldest_ts_ms
+                    .map(plantgate::record::format_ts)
+                    .unwrap_or_else(|| "-".into())
+            );
+            println!(
+                "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10}",
+                "connection", "kind", "records", "bytes", "first_seq", "last_seq"
+            );
+            for s in &st.streams {
+                let conn = if s.connection.is_empty() {
+                    "(agent)"
+                } else {
+                    &s.connection
+                };
+                println!(
+                    "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10}",
+                    conn,
+                    s.kind,
+                    s.records,
+                    s.bytes,
+                    seq(s.first_seq),
+                    seq(s.last_seq)
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("plantgate buffer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The unit of data that flows through plantgate: produced by a source or a
+//! profile, made durable by the buffer (which assigns its `seq`), carried to
+//! the broker by the uplink.
+
+use serde::{Deserialize, Serialize};
+
+/// What a record is about. One stream per (connection, kind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Tag,
+    Batch,
+    Recipe,
+    Oee,
+    Downtime,
+    Event,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Tag,
+        Kind::Batch,
+        Kind::Recipe,
+        Kind::Oee,
+        Kind::Downtime,
+        Kind::Event,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tag => "tag",
+            Kind::Batch => "batch",
+            Kind::Recipe => "recipe",
+            Kind::Oee => "oee",
+            Kind::Downtime => "downtime",
+            Kind::Event => "event",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Tag records are the first to go when the buffer must drop (SPEC 1.4).
+    pub fn is_low_priority(self) -> bool {
+        self == Kind::Tag
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The stream a record belongs to. `connection` is empty for the agent's own
+/// events (they concern no connection).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamKey {
+    pub connection: String,
+    pub kind: Kind,
+}
+
+impl StreamKey {
+    pub fn new(connection: impl Into<String>, kind: Kind) -> Self {
+        StreamKey {
+            connection: connection.into(),
+            kind,
+        }
+    }
+}
+
+/// A record before it is accepted: no seq yet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewRecord {
+    /// Connection id, or "" for agent-level events.
+    pub connection: String,
+    pub kind: Kind,
+    /// Milliseconds since the Unix epoch, UTC (OPC UA source timestamp where known).
+    pub ts_ms: i64,
+    /// The kind-specific `data` object of SPEC 4. For events: `{"type":..,"details":{..}}`.
+    pub data: serde_json::Value,
+}
+
+/// A record as the buffer holds it: accepted, with its row id and seq.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// SQLite rowid; what the uplink acks.
+    pub id: i64,
+    pub connection: String,
+    pub kind: Kind,
+    pub seq: u64,
+    pub ts_ms: i64,
+    /// `data` as compact JSON text, exactly as it will be published.
+    pub data: String,
+}
+
+impl StoredRecord {
+    pub fn stream(&self) -> StreamKey {
+        StreamKey::new(self.connection.clone(), self.kind)
+    }
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC with milliseconds.
+pub fn format_ts(ts_ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(ts_ms) {
+        Some(dt) => dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        None => "1970-01-01T00:00:00.000Z".to_string(),
+    }
+}
+
+/// Wall-clock now in milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_rfc3339_millis() {
+        assert_eq!(format_ts(1_795_860_000_123), "2026-11-28T10:00:00.123Z");
+        assert_eq!(format_ts(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn kind_round_trips() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(Kind::parse("nope"), None);
+    }
+}

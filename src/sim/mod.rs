@@ -1,0 +1,98 @@
+//! Simulated plant OPC UA servers (SPEC 6) for `plantgate simulate`, the demo
+//! and the tests. `server` is the generic layer (endpoints, security, users,
+//! PKI, a namespace of string-id variables); each plant simulator builds on it.
+
+pub mod broker;
+pub mod deltav;
+pub mod proxy;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tokio_util::sync::CancellationToken;
+
+pub use deltav::start_deltav;
+pub use server::{SimBuilder, SimNamespace, SimServer, SimSpec, SimValue};
+
+#[derive(Clone)]
+pub struct SimOptions {
+    /// Port 0 picks a free port.
+    pub listen: SocketAddr,
+    pub seed: u64,
+    /// Time acceleration of the simulated process; 0 freezes it.
+    pub speed: f64,
+    /// Extra `LOAD/TAGnnnnn.CV` Double tags.
+    pub tags: usize,
+    /// Update rate of each load tag.
+    pub rate_hz: f64,
+    /// Require this username/password (anonymous refused) when set.
+    pub user: Option<(String, String)>,
+    /// Server certificate and trusted client certificates live here.
+    pub pki_dir: PathBuf,
+}
+
+impl SimOptions {
+    /// Loopback, free port, seed 1, real time, no load tags, anonymous.
+    pub fn new(pki_dir: impl Into<PathBuf>) -> Self {
+        SimOptions {
+            listen: server::loopback_any_port(),
+            seed: 1,
+            speed: 1.0,
+            tags: 0,
+            rate_hz: 1.0,
+            user: None,
+            pki_dir: pki_dir.into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SimOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimOptions")
+            .field("listen", &self.listen)
+            .field("seed", &self.seed)
+            .field("speed", &self.speed)
+            .field("tags", &self.tags)
+            .field("rate_hz", &self.rate_hz)
+            .field("user", &self.user.as_ref().map(|(u, _)| (u, "***")))
+            .field("pki_dir", &self.pki_dir)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("cannot prepare simulator PKI directory {0}: {1}")]
+    Pki(String, String),
+    #[error("cannot build simulator server: {0}")]
+    Build(String),
+    #[error("cannot set simulator value: {0}")]
+    SetValue(String),
+    #[error("unknown simulator {0:?} (expected deltav)")]
+    UnknownKind(String),
+}
+
+/// Runs a simulator until `cancel` (`plantgate simulate`). Prints the endpoint
+/// so a user can paste it into a config.
+pub async fn run_simulator(
+    kind: &str,
+    opts: SimOptions,
+    cancel: CancellationToken,
+) -> Result<(), SimError> {
+    let server = match kind {
+        "deltav" => start_deltav(opts).await?,
+        other => return Err(SimError::UnknownKind(other.to_string())),
+    };
+    println!(
+        "{kind} simulator listening on {} (namespace {} = ns={})",
+        server.endpoint(),
+        server.namespace_uri(),
+        server.namespace_index()
+    );
+    cancel.cancelled().await;
+    server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,448 @@
+//! A small, generic simulator server: one OPC UA server with one namespace of
+//! string-id variables that simulator profiles (DeltaV, OptoMES, ...) create and
+//! set. The profiles only deal with node names and values; everything about
+//! endpoints, security, users, PKI and limits lives here.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use opcua::crypto::SecurityPolicy;
+use opcua::server::address_space::Variable;
+use opcua::server::diagnostics::NamespaceMetadata;
+use opcua::server::node_manager::memory::{
+    simple_node_manager, InMemoryNodeManager, SimpleNodeManager, SimpleNodeManagerImpl,
+};
+use opcua::server::{
+    ServerBuilder, ServerEndpoint, ServerHandle, ServerUserToken, SubscriptionCache,
+    ANONYMOUS_USER_TOKEN_ID,
+};
+use opcua::types::{
+    DataValue, DateTime, MessageSecurityMode, NodeId, StatusCode, UAString, Variant,
+};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{SimError, SimOptions};
+
+/// User token id of the single configured user (`SimOptions::user`).
+const USER_TOKEN_ID: &str = "plantgate_sim_user";
+
+/// A value a simulator can put into a variable. Only the types the plant
+/// profiles use; the OPC UA data type of a variable is fixed by its first value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SimValue {
+    Double(f64),
+    Int32(i32),
+    UInt32(u32),
+    UInt64(u64),
+    Bool(bool),
+    String(String),
+}
+
+impl From<f64> for SimValue {
+    fn from(v: f64) -> Self {
+        SimValue::Double(v)
+    }
+}
+impl From<i32> for SimValue {
+    fn from(v: i32) -> Self {
+        SimValue::Int32(v)
+    }
+}
+impl From<u32> for SimValue {
+    fn from(v: u32) -> Self {
+        SimValue::UInt32(v)
+    }
+}
+impl From<u64> for SimValue {
+    fn from(v: u64) -> Self {
+        SimValue::UInt64(v)
+    }
+}
+impl From<bool> for SimValue {
+    fn from(v: bool) -> Self {
+        SimValue::Bool(v)
+    }
+}
+impl From<&str> for SimValue {
+    fn from(v: &str) -> Self {
+        SimValue::String(v.to_string())
+    }
+}
+impl From<String> for SimValue {
+    fn from(v: String) -> Self {
+        SimValue::String(v)
+    }
+}
+
+impl From<SimValue> for Variant {
+    fn from(v: SimValue) -> Variant {
+        match v {
+            SimValue::Double(v) => Variant::Double(v),
+            SimValue::Int32(v) => Variant::Int32(v),
+            SimValue::UInt32(v) => Variant::UInt32(v),
+            SimValue::UInt64(v) => Variant::UInt64(v),
+            SimValue::Bool(v) => Variant::Boolean(v),
+            SimValue::String(v) => Variant::String(UAString::from(v)),
+        }
+    }
+}
+
+/// Timestamp in milliseconds since the Unix epoch -> OPC UA DateTime.
+fn datetime_from_ms(ts_ms: i64) -> DateTime {
+    match chrono::DateTime::from_timestamp_millis(ts_ms) {
+        Some(dt) => DateTime::from(dt),
+        None => DateTime::now(),
+    }
+}
+
+/// The simulator's namespace: create folders and variables by string id, set
+/// their values (subscribers are notified). Cheap to clone and `Send`, so
+/// update tasks can own a copy.
+#[derive(Clone)]
+pub struct SimNamespace {
+    manager: Arc<InMemoryNodeManager<SimpleNodeManagerImpl>>,
+    subscriptions: Arc<SubscriptionCache>,
+    index: u16,
+    uri: Arc<str>,
+}
+
+impl SimNamespace {
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    pub fn node_id(&self, id: &str) -> NodeId {
+        NodeId::new(self.index, id)
+    }
+
+    /// Adds a folder under `parent` (None = the Objects folder).
+    pub fn add_folder(&self, id: &str, name: &str, parent: Option<&str>) {
+        let parent = match parent {
+            Some(p) => self.node_id(p),
+            None => NodeId::objects_folder_id(),
+        };
+        let mut space = self.manager.address_space().write();
+        space.add_folder(&self.node_id(id), name, name, &parent);
+    }
+
+    /// Adds read-only variables `(id, browse name, initial value)` under the
+    /// folder `parent`. The initial value fixes the data type.
+    pub fn add_variables(&self, parent: &str, vars: Vec<(String, String, SimValue)>) {
+        let parent = self.node_id(parent);
+        let variables = vars
+            .into_iter()
+            .map(|(id, name, value)| {
+                Variable::new(
+                    &self.node_id(&id),
+                    name.as_str(),
+                    name.as_str(),
+                    Variant::from(value),
+                )
+            })
+            .collect();
+        let mut space = self.manager.address_space().write();
+        space.add_variables(variables, &parent);
+    }
+
+    /// Sets values with the given source timestamp (ms since the epoch) and
+    /// notifies subscribers. Unknown ids are an error; nothing is set then.
+    pub fn set_many_at(
+        &self,
+        values: Vec<(String, SimValue)>,
+        source_ts_ms: i64,
+    ) -> Result<(), SimError> {
+        let source = datetime_from_ms(source_ts_ms);
+        let now = DateTime::now();
+        let items: Vec<(NodeId, DataValue)> = values
+            .into_iter()
+            .map(|(id, v)| {
+                let dv = DataValue {
+                    value: Some(Variant::from(v)),
+                    status: Some(StatusCode::Good),
+                    source_timestamp: Some(source),
+                    source_picoseconds: None,
+                    server_timestamp: Some(now),
+                    server_picoseconds: None,
+                };
+                (self.node_id(&id), dv)
+            })
+            .collect();
+        self.manager
+            .set_values(
+                &self.subscriptions,
+                items.iter().map(|(id, dv)| (id, None, dv.clone())),
+            )
+            .map_err(|status| SimError::SetValue(status.to_string()))
+    }
+
+    /// Sets values with source timestamp now.
+    pub fn set_many(&self, values: Vec<(String, SimValue)>) -> Result<(), SimError> {
+        self.set_many_at(values, crate::record::now_ms())
+    }
+
+    pub fn set(&self, id: &str, value: impl Into<SimValue>) -> Result<(), SimError> {
+        self.set_many(vec![(id.to_string(), value.into())])
+    }
+}
+
+/// What distinguishes one simulator from another at the server level.
+pub struct SimSpec {
+    /// Short name, used in the application name/URI and logs ("deltav").
+    pub name: String,
+    pub namespace_uri: String,
+}
+
+/// First phase of a simulator: socket bound, address space being populated,
+/// not yet serving. Populating before serving means no client ever sees a
+/// half-built namespace.
+pub struct SimBuilder {
+    server: opcua::server::Server,
+    handle: ServerHandle,
+    listener: TcpListener,
+    namespace: SimNamespace,
+    endpoint: String,
+    cancel: CancellationToken,
+}
+
+impl SimBuilder {
+    pub async fn new(opts: &SimOptions, spec: SimSpec) -> Result<SimBuilder, SimError> {
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|e| SimError::Bind(opts.listen, e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| SimError::Bind(opts.listen, e))?;
+        // Clients connect to what we advertise; a wildcard address is not
+        // connectable, loopback is the useful default for a simulator.
+        let host: IpAddr = if local.ip().is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            local.ip()
+        };
+        let host_text = match host {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        let endpoint = format!("opc.tcp://{host_text}:{}/", local.port());
+
+        std::fs::create_dir_all(&opts.pki_dir)
+            .map_err(|e| SimError::Pki(opts.pki_dir.display().to_string(), e.to_string()))?;
+
+        let token_ids: Vec<String> = match &opts.user {
+            Some(_) => vec![USER_TOKEN_ID.to_string()],
+            None => vec![ANONYMOUS_USER_TOKEN_ID.to_string()],
+        };
+        let mut builder = ServerBuilder::new()
+            .application_name(format!("plantgate {} simulator", spec.name))
+            .application_uri(format!("urn:plantgate:sim:{}:server", spec.name))
+            .product_uri("urn:plantgate:sim")
+            .create_sample_keypair(true)
+            .pki_dir(&opts.pki_dir)
+            // A simulator: accept any client certificate.
+            .trust_client_certs(true)
+            .host(host_text.trim_matches(['[', ']']).to_string())
+            .port(local.port())
+            .discovery_urls(vec!["/".to_string()])
+            // Faster than the 100 ms default so short intervals behave as asked.
+            .subscription_poll_interval_ms(10)
+            .max_array_length(1_000_000)
+            .max_message_size(256 * 1024 * 1024)
+            .max_chunk_count(4096)
+            .with_node_manager(simple_node_manager(
+                NamespaceMetadata {
+                    namespace_uri: spec.namespace_uri.clone(),
+                    ..Default::default()
+                },
+                &spec.name,
+            ));
+        for (id, endpoint) in sim_endpoints(&token_ids) {
+            builder = builder.add_endpoint(id, endpoint);
+        }
+        builder = builder.default_endpoint("none");
+        if let Some((user, pass)) = &opts.user {
+            builder = builder.add_user_token(
+                USER_TOKEN_ID,
+                ServerUserToken::user_pass(user.clone(), pass.clone()),
+            );
+        }
+        {
+            let limits = builder.limits_mut();
+            limits.subscriptions.max_monitored_items_per_sub = 0;
+            limits.subscriptions.max_monitored_item_queue_size = 100_000;
+            limits.subscriptions.min_sampling_interval_ms = 10.0;
+            limits.subscriptions.min_publishing_interval_ms = 10.0;
+            limits.subscriptions.max_notifications_per_publish = 20_000;
+            // Not "0 = unlimited" as documented: 0 keeps one message only.
+            limits.subscriptions.max_queued_notifications = 10_000;
+            limits.operational.max_monitored_items_per_call = 100_000;
+            limits.operational.max_nodes_per_read = 100_000;
+        }
+
+        let (server, handle) = builder.build().map_err(SimError::Build)?;
+        let manager = handle
+            .node_managers()
+            .get_of_type::<SimpleNodeManager>()
+            .ok_or_else(|| SimError::Build("simple node manager missing".into()))?;
+        let index = handle
+            .get_namespace_index(&spec.namespace_uri)
+            .ok_or_else(|| SimError::Build("namespace not registered".into()))?;
+        let namespace = SimNamespace {
+            manager,
+            subscriptions: handle.subscriptions().clone(),
+            index,
+            uri: Arc::from(spec.namespace_uri.as_str()),
+        };
+        let cancel = handle.token().clone();
+        Ok(SimBuilder {
+            server,
+            handle,
+            listener,
+            namespace,
+            endpoint,
+            cancel,
+        })
+    }
+
+    pub fn namespace(&self) -> &SimNamespace {
+        &self.namespace
+    }
+
+    /// Cancelled when the server shuts down: simulation tasks select on it.
+    pub fn token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Starts serving.
+    pub fn start(self) -> SimServer {
+        let SimBuilder {
+            server,
+            handle,
+            listener,
+            namespace,
+            endpoint,
+            cancel,
+        } = self;
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.run_with(listener).await {
+                tracing::warn!(error = %e, "simulator server stopped with an error");
+            }
+        });
+        tracing::info!(endpoint = %endpoint, namespace = namespace.uri(), "simulator listening");
+        SimServer {
+            handle,
+            namespace,
+            endpoint,
+            cancel,
+            task,
+            pinned: Arc::default(),
+        }
+    }
+}
+
+/// All policies the product supports, with every mode each allows.
+fn sim_endpoints(token_ids: &[String]) -> Vec<(String, ServerEndpoint)> {
+    let mut out = Vec::new();
+    // Note: async-opcua 0.19 advertises no token security policy for
+    // username/password, so on this endpoint passwords travel in clear.
+    out.push((
+        "none".to_string(),
+        ServerEndpoint::new(
+            "/",
+            SecurityPolicy::None,
+            MessageSecurityMode::None,
+            token_ids,
+        ),
+    ));
+    for policy in [
+        SecurityPolicy::Basic256Sha256,
+        SecurityPolicy::Aes128Sha256RsaOaep,
+        SecurityPolicy::Aes256Sha256RsaPss,
+    ] {
+        for mode in [
+            MessageSecurityMode::Sign,
+            MessageSecurityMode::SignAndEncrypt,
+        ] {
+            out.push((
+                format!("{policy}_{mode}").to_lowercase(),
+                ServerEndpoint::new("/", policy, mode, token_ids),
+            ));
+        }
+    }
+    out
+}
+
+/// A running simulator.
+pub struct SimServer {
+    handle: ServerHandle,
+    namespace: SimNamespace,
+    endpoint: String,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+    /// Nodes a test has set by hand: the simulation leaves them alone so the
+    /// value a test drives is the value a client sees.
+    pinned: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl SimServer {
+    /// `opc.tcp://HOST:PORT/`, directly usable by a client.
+    pub fn endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    pub fn namespace_uri(&self) -> &str {
+        self.namespace.uri()
+    }
+
+    pub fn namespace_index(&self) -> u16 {
+        self.namespace.index()
+    }
+
+    pub fn namespace(&self) -> &SimNamespace {
+        &self.namespace
+    }
+
+    pub fn handle(&self) -> &ServerHandle {
+        &self.handle
+    }
+
+    /// The set of pinned node ids, shared with simulation tasks.
+    pub(crate) fn pinned(&self) -> Arc<std::sync::Mutex<std::collections::HashSet<String>>> {
+        self.pinned.clone()
+    }
+
+    /// Sets a node by its string identifier (e.g. `FIC-101/PV.CV`), source
+    /// timestamp now, and pins it: the simulation no longer changes it.
+    pub fn set_value(&self, node: &str, value: impl Into<SimValue>) {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string());
+        if let Err(e) = self.namespace.set(node, value) {
+            tracing::warn!(node, error = %e, "simulator set_value failed");
+        }
+    }
+
+    /// Stops listening, closes all sessions and waits until the port is free.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        // A dropped simulator must not keep serving in the background.
+        self.cancel.cancel();
+    }
+}
+
+/// `SocketAddr` for "any free port on loopback".
+pub fn loopback_any_port() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
+}

@@ -1,0 +1,438 @@
+//! The OPC UA client side: one task per configured plant connection that
+//! connects, subscribes to the configured tags, turns data changes into `tag`
+//! records and heals itself (SPEC 1.7).
+//!
+//! Design choices:
+//! - Every (re)connect is a fresh session built by us: endpoints discovered
+//!   again, namespace URIs re-resolved, subscription and monitored items
+//!   re-created. The library's own reconnect loop is not used: it retries
+//!   forever even on rejected credentials and its subscriptions can go silent
+//!   after a reconnect.
+//! - The subscription callback runs on the OPC UA event loop; it converts and
+//!   pushes one Vec per publish response into an unbounded channel. A
+//!   forwarder task hands them to the reporter (which applies back-pressure
+//!   from the buffer) so the event loop never blocks and no value is dropped.
+//! - States: `connecting` until the first subscription is up, `online` while
+//!   subscribed, then `offline` / `auth_required` / `untrusted` with the
+//!   status code name as reason. Retries while not online do not flap through
+//!   `connecting` (one state change, one log line, one event per outage).
+
+mod session;
+pub mod value;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opcua::client::Client;
+use opcua::types::{NodeId, StatusCode};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConnectionConfig;
+use crate::record::NewRecord;
+use crate::status::{ConnState, ConnectionReporter};
+
+pub use session::SourceError;
+use session::{LoopEvent, PublishClock, TagPlan};
+use value::TagMeta;
+
+/// How long a fresh session may take from TCP connect to activated.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on the polite CloseSession at shutdown or before a rebuild.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Records handed to the reporter in one go when the forwarder is behind.
+const FORWARD_BATCH: usize = 5_000;
+
+/// Runs one plant connection until `cancel`: connect, subscribe, report,
+/// reconnect with backoff forever.
+pub async fn run_connection(
+    conn: ConnectionConfig,
+    pki_dir: PathBuf,
+    reporter: ConnectionReporter,
+    cancel: CancellationToken,
+) {
+    let (records_tx, records_rx) = mpsc::unbounded_channel::<Vec<NewRecord>>();
+    let forwarder = tokio::spawn(forward(records_rx, reporter.clone()));
+    let plans = Arc::new(session::plan_tags(&conn));
+    let metas: Arc<Vec<TagMeta>> = Arc::new(plans.iter().map(|p| p.meta.clone()).collect());
+    let mut backoff = Backoff::new(conn.reconnect_initial, conn.reconnect_max);
+    let mut client: Option<Client> = None;
+    let mut state = ConnState::Connecting;
+
+    reporter
+        .set_state(ConnState::Connecting, "connecting")
+        .await;
+    loop {
+        let ctx = SessionCtx {
+            conn: &conn,
+            pki_dir: &pki_dir,
+            plans: &plans,
+            metas: &metas,
+            records: &records_tx,
+            reporter: &reporter,
+            cancel: &cancel,
+        };
+        let failure = match run_session(ctx, &mut client, &mut state).await {
+            Ok(()) => break,
+            Err(f) => f,
+        };
+        if cancel.is_cancelled() {
+            break;
+        }
+        if failure.was_online {
+            backoff.reset();
+        }
+        let next = classify(&failure.error);
+        let reason = failure.error.reason();
+        tracing::debug!(connection = %conn.id, error = %failure.error, "OPC UA session ended");
+        reporter.set_state(next, &reason).await;
+        if next == ConnState::AuthRequired && state != ConnState::AuthRequired {
+            reporter
+                .event(
+                    "connection.auth_required",
+                    serde_json::json!({ "status": reason, "endpoint": conn.endpoint }),
+                )
+                .await;
+        }
+        state = next;
+        // Rejected credentials or certificates will not fix themselves
+        // quickly: do not hammer the server.
+        let delay = match next {
+            ConnState::AuthRequired | ConnState::Untrusted => backoff.slow(),
+            _ => backoff.next_delay(),
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    drop(records_tx);
+    drop(client);
+    // Values already received are still delivered (the sessions, and with
+    // them the callback's senders, are gone now).
+    let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
+}
+
+async fn forward(mut rx: mpsc::UnboundedReceiver<Vec<NewRecord>>, reporter: ConnectionReporter) {
+    while let Some(mut batch) = rx.recv().await {
+        // Coalesce what queued up while the buffer was busy: fewer, larger
+        // commits.
+        while batch.len() < FORWARD_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        reporter.records(batch).await;
+    }
+}
+
+struct SessionCtx<'a> {
+    conn: &'a ConnectionConfig,
+    pki_dir: &'a PathBuf,
+    plans: &'a Arc<Vec<TagPlan>>,
+    metas: &'a Arc<Vec<TagMeta>>,
+    records: &'a mpsc::UnboundedSender<Vec<NewRecord>>,
+    reporter: &'a ConnectionReporter,
+    cancel: &'a CancellationToken,
+}
+
+struct Failure {
+    error: SourceError,
+    was_online: bool,
+}
+
+impl From<SourceError> for Failure {
+    fn from(error: SourceError) -> Self {
+        Failure {
+            error,
+            was_online: false,
+        }
+    }
+}
+
+/// Aborts the event-loop task however the session ends: dropping the loop
+/// closes the TCP connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs until the cancel token fires (Ok) or the session fails (Err).
+async fn run_session(
+    ctx: SessionCtx<'_>,
+    client_slot: &mut Option<Client>,
+    state: &mut ConnState,
+) -> Result<(), Failure> {
+    let conn = ctx.conn;
+    if client_slot.is_none() {
+        *client_slot = Some(session::build_client(conn, ctx.pki_dir)?);
+    }
+    let Some(client) = client_slot.as_mut() else {
+        return Err(SourceError::Client("client missing".into()).into());
+    };
+    let identity = session::identity(conn);
+
+    // Until online, cancellation simply drops whatever is in flight.
+    let setup = async {
+        let endpoint = session::discover_endpoint(client, conn, &identity).await?;
+        let (session, event_loop) = client
+            .connect_to_endpoint_directly(endpoint, identity.clone())
+            .map_err(|e| SourceError::ua(e.status(), format!("connect: {e}")))?;
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let clock = Arc::new(PublishClock::new());
+        let guard = AbortOnDrop(session::spawn_event_loop(
+            event_loop,
+            events_tx.clone(),
+            clock.clone(),
+        ));
+        match tokio::time::timeout(CONNECT_TIMEOUT, events_rx.recv()).await {
+            Ok(Some(LoopEvent::Connected)) => {}
+            Ok(Some(LoopEvent::ConnectFailed(code) | LoopEvent::Lost(code)))
+            | Ok(Some(LoopEvent::SubscriptionStatus(code))) => {
+                return Err(SourceError::ua(code, "connect"));
+            }
+            Ok(None) => {
+                return Err(SourceError::ua(
+                    StatusCode::BadConnectionClosed,
+                    "event loop ended",
+                ))
+            }
+            Err(_) => return Err(SourceError::ua(StatusCode::BadTimeout, "connect timed out")),
+        }
+
+        let namespaces = session::read_namespaces(&session).await?;
+        let (ok, mut bad) = resolve_all(ctx.plans, &namespaces);
+        let subscription_id = session::create_subscription(
+            &session,
+            conn.publishing_interval,
+            session::Notifier {
+                connection: Arc::from(conn.id.as_str()),
+                tags: ctx.metas.clone(),
+                records: ctx.records.clone(),
+                events: events_tx,
+            },
+        )
+        .await?;
+        let refused = session::monitor_tags(
+            &session,
+            subscription_id,
+            ctx.plans,
+            &ok,
+            conn.publishing_interval,
+        )
+        .await?;
+        bad.extend(refused);
+        Ok::<_, SourceError>((session, events_rx, clock, guard, subscription_id, bad))
+    };
+    let (session, mut events_rx, clock, _guard, subscription_id, mut bad) = tokio::select! {
+        _ = ctx.cancel.cancelled() => return Ok(()),
+        r = setup => r?,
+    };
+
+    if !bad.is_empty() {
+        let _ = ctx
+            .records
+            .send(session::bad_records(&conn.id, ctx.plans, &bad));
+    }
+    // Without this the client may not send Publish requests on a new session.
+    session.trigger_publish_now();
+    clock.touch();
+    ctx.reporter
+        .set_state(ConnState::Online, "subscribed")
+        .await;
+    *state = ConnState::Online;
+    let online = |error: SourceError| Failure {
+        error,
+        was_online: true,
+    };
+
+    // The server may have revised interval and count: watch what it agreed to.
+    let (interval, count) = session
+        .subscription_state()
+        .lock()
+        .get(subscription_id)
+        .map(|s| (s.publishing_interval(), s.max_keep_alive_count()))
+        .unwrap_or((conn.publishing_interval, session::KEEP_ALIVE_COUNT));
+    let keep_alive = interval.max(Duration::from_millis(1)) * count.max(1);
+    let silent_limit = keep_alive * 3 + Duration::from_secs(1);
+    let mut watchdog = tokio::time::interval((keep_alive / 2).max(Duration::from_millis(200)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retry_every = conn
+        .reconnect_max
+        .clamp(Duration::from_secs(5), Duration::from_secs(60));
+    let mut retry =
+        tokio::time::interval_at(tokio::time::Instant::now() + retry_every, retry_every);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => {
+                let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, session.disconnect()).await;
+                return Ok(());
+            }
+            ev = events_rx.recv() => match ev {
+                Some(LoopEvent::Connected) => session.trigger_publish_now(),
+                Some(LoopEvent::Lost(code) | LoopEvent::ConnectFailed(code)) => {
+                    return Err(online(SourceError::ua(code, "connection lost")));
+                }
+                Some(LoopEvent::SubscriptionStatus(code)) => {
+                    let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, session.disconnect()).await;
+                    return Err(online(SourceError::ua(code, "subscription ended by the server")));
+                }
+                None => {
+                    return Err(online(SourceError::ua(StatusCode::BadConnectionClosed, "event loop ended")));
+                }
+            },
+            _ = watchdog.tick() => {
+                let silent = clock.silent_for();
+                if silent > silent_limit {
+                    let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, session.disconnect()).await;
+                    return Err(online(SourceError::Silent(silent)));
+                }
+            }
+            _ = retry.tick(), if !bad.is_empty() => {
+                // A node missing now may exist after a server download/restart.
+                match retry_bad(&session, subscription_id, &ctx, &bad).await {
+                    Ok(still_bad) => {
+                        let changed: Vec<(usize, StatusCode)> = still_bad
+                            .iter()
+                            .filter(|(i, s)| !bad.iter().any(|(j, t)| i == j && s == t))
+                            .copied()
+                            .collect();
+                        if !changed.is_empty() {
+                            let _ = ctx.records.send(session::bad_records(&conn.id, ctx.plans, &changed));
+                        }
+                        bad = still_bad;
+                    }
+                    Err(e) => return Err(online(e)),
+                }
+            }
+        }
+    }
+}
+
+/// Tags that cannot be monitored now: (index into the plans, why).
+type BadTags = Vec<(usize, StatusCode)>;
+
+/// Splits the tags into resolvable (with their NodeId) and bad (with status).
+/// Unparseable node ids are bad for good; unknown namespaces are retried.
+fn resolve_all(
+    plans: &[TagPlan],
+    namespaces: &opcua::types::NamespaceMap,
+) -> (Vec<(usize, NodeId)>, BadTags) {
+    let mut ok = Vec::with_capacity(plans.len());
+    let mut bad = Vec::new();
+    for (i, plan) in plans.iter().enumerate() {
+        match &plan.node {
+            None => bad.push((i, StatusCode::BadNodeIdInvalid)),
+            Some(node) => match session::resolve(node, namespaces) {
+                Ok(id) => ok.push((i, id)),
+                Err(status) => bad.push((i, status)),
+            },
+        }
+    }
+    (ok, bad)
+}
+
+async fn retry_bad(
+    session: &opcua::client::Session,
+    subscription_id: u32,
+    ctx: &SessionCtx<'_>,
+    bad: &[(usize, StatusCode)],
+) -> Result<BadTags, SourceError> {
+    let namespaces = session::read_namespaces(session).await?;
+    let mut still_bad = Vec::new();
+    let mut retry = Vec::new();
+    for (i, status) in bad {
+        match ctx.plans[*i].node.as_ref() {
+            None => still_bad.push((*i, *status)),
+            Some(node) => match session::resolve(node, &namespaces) {
+                Ok(id) => retry.push((*i, id)),
+                Err(s) => still_bad.push((*i, s)),
+            },
+        }
+    }
+    if !retry.is_empty() {
+        let refused = session::monitor_tags(
+            session,
+            subscription_id,
+            ctx.plans,
+            &retry,
+            ctx.conn.publishing_interval,
+        )
+        .await?;
+        still_bad.extend(refused);
+    }
+    still_bad.sort_by_key(|(i, _)| *i);
+    Ok(still_bad)
+}
+
+/// Which state a failure puts the connection in.
+fn classify(error: &SourceError) -> ConnState {
+    match error.status() {
+        Some(status) => classify_status(status),
+        None => ConnState::Offline,
+    }
+}
+
+fn classify_status(status: StatusCode) -> ConnState {
+    let name = value::status_name(status);
+    match name.as_str() {
+        "BadUserAccessDenied" | "BadIdentityTokenRejected" | "BadIdentityTokenInvalid" => {
+            ConnState::AuthRequired
+        }
+        "BadSecurityChecksFailed" => ConnState::Untrusted,
+        n if n.starts_with("BadCertificate") => ConnState::Untrusted,
+        _ => ConnState::Offline,
+    }
+}
+
+/// Exponential backoff with jitter between `initial` and `max`.
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        // A zero initial delay would spin; a max below initial is a config slip.
+        let initial = initial.max(Duration::from_millis(50));
+        let max = max.max(initial);
+        Backoff {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.initial;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (base * 2).min(self.max);
+        self.jitter(base)
+    }
+
+    /// For failures that need an operator: always the longest delay.
+    fn slow(&mut self) -> Duration {
+        self.jitter(self.max)
+    }
+
+    /// ±20 % so that many gateways restarting together spread out.
+    fn jitter(&self, d: Duration) -> Duration {
+        let factor = rand::thread_rng().gen_range(0.8..1.2);
+        d.mul_f64(factor).clamp(self.initial, self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests;

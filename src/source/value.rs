@@ -1,0 +1,272 @@
+//! OPC UA values -> the `tag` record of SPEC 4. Total functions: any value a
+//! server sends maps to some JSON, never to a panic.
+
+use opcua::types::{DataValue, DateTime, StatusCode, Variant};
+use serde_json::{json, Value};
+
+use crate::record::{now_ms, Kind, NewRecord};
+
+/// Strings longer than this are cut (at a char boundary): one record must fit
+/// an MQTT message, and a runaway string must not stop the other tags.
+pub const MAX_STRING_BYTES: usize = 64 * 1024;
+
+/// Nesting guard for Variant-in-Variant / DataValue-in-Variant.
+const MAX_DEPTH: usize = 8;
+
+pub fn quality(status: StatusCode) -> &'static str {
+    if status.is_good() {
+        "good"
+    } else if status.is_uncertain() {
+        "uncertain"
+    } else {
+        "bad"
+    }
+}
+
+/// `Good` or the status code's symbolic name, e.g. `BadNodeIdUnknown`
+/// (info bits such as overflow are not part of the name).
+pub fn status_name(status: StatusCode) -> String {
+    status.sub_code().to_string()
+}
+
+fn datetime_ms(dt: &DateTime) -> Option<i64> {
+    if dt.is_null() {
+        return None;
+    }
+    Some(dt.as_chrono().timestamp_millis())
+}
+
+fn rfc3339(dt: &DateTime) -> Value {
+    match datetime_ms(dt) {
+        Some(ms) => Value::String(crate::record::format_ts(ms)),
+        None => Value::Null,
+    }
+}
+
+fn cut(s: &str) -> String {
+    if s.len() <= MAX_STRING_BYTES {
+        return s.to_string();
+    }
+    let mut end = MAX_STRING_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn float(v: f64) -> Value {
+    // JSON has no NaN/inf.
+    serde_json::Number::from_f64(v)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
+}
+
+pub fn variant_to_json(v: &Variant) -> Value {
+    to_json(v, 0)
+}
+
+fn to_json(v: &Variant, depth: usize) -> Value {
+    if depth > MAX_DEPTH {
+        return Value::Null;
+    }
+    match v {
+        Variant::Empty => Value::Null,
+        Variant::Boolean(b) => Value::Bool(*b),
+        Variant::SByte(n) => json!(n),
+        Variant::Byte(n) => json!(n),
+        Variant::Int16(n) => json!(n),
+        Variant::UInt16(n) => json!(n),
+        Variant::Int32(n) => json!(n),
+        Variant::UInt32(n) => json!(n),
+        Variant::Int64(n) => json!(n),
+        Variant::UInt64(n) => json!(n),
+        Variant::Float(f) => float(f64::from(*f)),
+        Variant::Double(f) => float(*f),
+        Variant::String(s) => match s.value() {
+            Some(s) => Value::String(cut(s)),
+            None => Value::Null,
+        },
+        Variant::DateTime(dt) => rfc3339(dt),
+        Variant::Guid(g) => Value::String(g.to_string()),
+        Variant::StatusCode(s) => Value::String(status_name(*s)),
+        Variant::ByteString(b) => {
+            if b.is_null() {
+                Value::Null
+            } else {
+                Value::String(cut(&b.as_base64()))
+            }
+        }
+        Variant::LocalizedText(t) => Value::String(cut(t.text.as_ref())),
+        Variant::QualifiedName(q) => Value::String(cut(&q.to_string())),
+        Variant::NodeId(n) => Value::String(n.to_string()),
+        Variant::ExpandedNodeId(n) => Value::String(n.to_string()),
+        Variant::Variant(inner) => to_json(inner, depth + 1),
+        Variant::DataValue(dv) => match &dv.value {
+            Some(inner) => to_json(inner, depth + 1),
+            None => Value::Null,
+        },
+        Variant::Array(a) => Value::Array(a.values.iter().map(|v| to_json(v, depth + 1)).collect()),
+        // XmlElement, ExtensionObject, DiagnosticInfo: no natural JSON form.
+        other => Value::String(cut(&format!("{other}"))),
+    }
+}
+
+/// One tag's configuration as the record carries it.
+#[derive(Clone, Debug)]
+pub struct TagMeta {
+    pub name: String,
+    /// As configured (`nsu=` form kept), so consumers see what they wrote.
+    pub node: String,
+}
+
+/// Timestamp of a value: source, else server, else now (SPEC 4).
+pub fn value_ts_ms(dv: &DataValue) -> i64 {
+    dv.source_timestamp
+        .as_ref()
+        .and_then(datetime_ms)
+        .or_else(|| dv.server_timestamp.as_ref().and_then(datetime_ms))
+        .unwrap_or_else(now_ms)
+}
+
+pub fn tag_record(connection: &str, tag: &TagMeta, dv: &DataValue) -> NewRecord {
+    let status = dv.status();
+    let value = dv
+        .value
+        .as_ref()
+        .map(variant_to_json)
+        .unwrap_or(Value::Null);
+    NewRecord {
+        connection: connection.to_string(),
+        kind: Kind::Tag,
+        ts_ms: value_ts_ms(dv),
+        data: json!({
+            "name": tag.name,
+            "node": tag.node,
+            "value": value,
+            "quality": quality(status),
+            "status": status_name(status),
+        }),
+    }
+}
+
+/// A tag that cannot be monitored (bad node id, unknown namespace, rejected
+/// by the server): reported once per (re)connect with its status.
+pub fn bad_tag_record(connection: &str, tag: &TagMeta, status: StatusCode) -> NewRecord {
+    NewRecord {
+        connection: connection.to_string(),
+        kind: Kind::Tag,
+        ts_ms: now_ms(),
+        data: json!({
+            "name": tag.name,
+            "node": tag.node,
+            "value": Value::Null,
+            "quality": quality(status),
+            "status": status_name(status),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opcua::types::{Array, ByteString, LocalizedText, UAString, VariantScalarTypeId};
+
+    #[test]
+    fn scalars_map_to_json() {
+        assert_eq!(variant_to_json(&Variant::Double(1.5)), json!(1.5));
+        assert_eq!(variant_to_json(&Variant::Double(f64::NAN)), Value::Null);
+        assert_eq!(variant_to_json(&Variant::Float(f32::INFINITY)), Value::Null);
+        assert_eq!(variant_to_json(&Variant::Int32(-3)), json!(-3));
+        assert_eq!(variant_to_json(&Variant::UInt64(u64::MAX)), json!(u64::MAX));
+        assert_eq!(variant_to_json(&Variant::Boolean(true)), json!(true));
+        assert_eq!(variant_to_json(&Variant::Empty), Value::Null);
+        assert_eq!(
+            variant_to_json(&Variant::String(UAString::from("B-17"))),
+            json!("B-17")
+        );
+        assert_eq!(
+            variant_to_json(&Variant::String(UAString::null())),
+            Value::Null
+        );
+        assert_eq!(
+            variant_to_json(&Variant::LocalizedText(Box::new(LocalizedText::new(
+                "en", "hi"
+            )))),
+            json!("hi")
+        );
+        assert_eq!(
+            variant_to_json(&Variant::ByteString(ByteString::from(vec![1u8, 2, 3]))),
+            json!("AQID")
+        );
+        assert_eq!(
+            variant_to_json(&Variant::StatusCode(StatusCode::BadNodeIdUnknown)),
+            json!("BadNodeIdUnknown")
+        );
+    }
+
+    #[test]
+    fn datetime_is_rfc3339() {
+        let dt = chrono::DateTime::from_timestamp_millis(1_795_860_000_123).unwrap();
+        let v = Variant::DateTime(Box::new(DateTime::from(dt)));
+        assert_eq!(variant_to_json(&v), json!("2026-11-28T10:00:00.123Z"));
+    }
+
+    #[test]
+    fn arrays_and_huge_strings() {
+        let a = Array::new(
+            VariantScalarTypeId::Double,
+            vec![Variant::Double(1.0), Variant::Double(f64::NAN)],
+        )
+        .unwrap();
+        assert_eq!(
+            variant_to_json(&Variant::Array(Box::new(a))),
+            json!([1.0, null])
+        );
+        let huge = "é".repeat(MAX_STRING_BYTES);
+        let v = variant_to_json(&Variant::String(UAString::from(huge)));
+        assert!(v.as_str().unwrap().len() <= MAX_STRING_BYTES);
+    }
+
+    #[test]
+    fn quality_and_status_names() {
+        assert_eq!(quality(StatusCode::Good), "good");
+        assert_eq!(status_name(StatusCode::Good), "Good");
+        assert_eq!(quality(StatusCode::UncertainLastUsableValue), "uncertain");
+        assert_eq!(quality(StatusCode::BadNodeIdUnknown), "bad");
+        assert_eq!(
+            status_name(StatusCode::BadNodeIdUnknown),
+            "BadNodeIdUnknown"
+        );
+        // Info bits do not change the name.
+        assert_eq!(status_name(StatusCode::Good.set_overflow(true)), "Good");
+    }
+
+    #[test]
+    fn record_uses_source_then_server_timestamp() {
+        let tag = TagMeta {
+            name: "FIC-101.PV".into(),
+            node: "nsu=urn:x;s=FIC-101/PV.CV".into(),
+        };
+        let src = chrono::DateTime::from_timestamp_millis(1_000).unwrap();
+        let srv = chrono::DateTime::from_timestamp_millis(2_000).unwrap();
+        let mut dv = DataValue {
+            value: Some(Variant::Double(4.0)),
+            status: None,
+            source_timestamp: Some(DateTime::from(src)),
+            source_picoseconds: None,
+            server_timestamp: Some(DateTime::from(srv)),
+            server_picoseconds: None,
+        };
+        let r = tag_record("c1", &tag, &dv);
+        assert_eq!(r.ts_ms, 1_000);
+        assert_eq!(r.kind, Kind::Tag);
+        assert_eq!(
+            r.data,
+            json!({"name":"FIC-101.PV","node":"nsu=urn:x;s=FIC-101/PV.CV","value":4.0,"quality":"good","status":"Good"})
+        );
+        dv.source_timestamp = None;
+        assert_eq!(tag_record("c1", &tag, &dv).ts_ms, 2_000);
+        dv.server_timestamp = None;
+        assert!(tag_record("c1", &tag, &dv).ts_ms > 1_700_000_000_000);
+    }
+}

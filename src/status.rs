@@ -1,0 +1,278 @@
+//! Shared, cheap-to-read state of the agent: connection states, MQTT state and
+//! counters. Every component writes here; the uplink (retained status,
+//! heartbeat) and the health endpoint read it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::record::{now_ms, Kind, NewRecord};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnState {
+    Connecting,
+    Online,
+    Offline,
+    AuthRequired,
+    Untrusted,
+}
+
+impl ConnState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Connecting => "connecting",
+            ConnState::Online => "online",
+            ConnState::Offline => "offline",
+            ConnState::AuthRequired => "auth_required",
+            ConnState::Untrusted => "untrusted",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnStatus {
+    pub state: ConnState,
+    pub since_ms: i64,
+    pub reason: String,
+    pub records_total: u64,
+    pub last_value_ts_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct MqttStatus {
+    pub connected: bool,
+    pub since_ms: i64,
+    pub reason: String,
+    pub published_records_total: u64,
+    pub reconnects_total: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    connections: BTreeMap<String, ConnStatus>,
+    mqtt: MqttStatus,
+}
+
+/// The board. Writers bump a watch counter so readers (the uplink publishing
+/// retained connection status) wake on change instead of polling.
+pub struct StatusBoard {
+    inner: RwLock<Inner>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for StatusBoard {
+    fn default() -> Self {
+        StatusBoard {
+            inner: RwLock::new(Inner::default()),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl StatusBoard {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the counters in a state
+        // worse than stale, so poisoning is ignored.
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Registers a connection in state `connecting` (before its task starts).
+    pub fn register_connection(&self, id: &str) {
+        self.write()
+            .connections
+            .entry(id.to_string())
+            .or_insert(ConnStatus {
+                state: ConnState::Connecting,
+                since_ms: now_ms(),
+                reason: "starting".into(),
+                records_total: 0,
+                last_value_ts_ms: None,
+            });
+        self.bump();
+    }
+
+    /// Sets a connection's state; returns the previous state when it changed.
+    pub fn set_connection_state(
+        &self,
+        id: &str,
+        state: ConnState,
+        reason: &str,
+    ) -> Option<ConnState> {
+        let previous = {
+            let mut inner = self.write();
+            let entry = inner
+                .connections
+                .entry(id.to_string())
+                .or_insert(ConnStatus {
+                    state: ConnState::Connecting,
+                    since_ms: now_ms(),
+                    reason: String::new(),
+                    records_total: 0,
+                    last_value_ts_ms: None,
+                });
+            if entry.state == state && entry.reason == reason {
+                return None;
+            }
+            let previous = entry.state;
+            if entry.state != state {
+                entry.since_ms = now_ms();
+            }
+            entry.state = state;
+            entry.reason = reason.to_string();
+            previous
+        };
+        self.bump();
+        Some(previous)
+    }
+
+    pub fn add_records(&self, id: &str, count: u64, last_ts_ms: Option<i64>) {
+        let mut inner = self.write();
+        if let Some(c) = inner.connections.get_mut(id) {
+            c.records_total += count;
+            if last_ts_ms.is_some() {
+                c.last_value_ts_ms = last_ts_ms;
+            }
+        }
+    }
+
+    pub fn connections(&self) -> Vec<(String, ConnStatus)> {
+        self.read()
+            .connections
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn set_mqtt(&self, connected: bool, reason: &str) {
+        {
+            let mut inner = self.write();
+            if inner.mqtt.connected != connected {
+                inner.mqtt.since_ms = now_ms();
+                if connected {
+                    inner.mqtt.reconnects_total += 1;
+                }
+            }
+            inner.mqtt.connected = connected;
+            inner.mqtt.reason = reason.to_string();
+        }
+        self.bump();
+    }
+
+    pub fn add_published(&self, records: u64) {
+        self.write().mqtt.published_records_total += records;
+    }
+
+    pub fn mqtt(&self) -> MqttStatus {
+        self.read().mqtt.clone()
+    }
+}
+
+/// Where sources and profiles hand their records; the ingest task commits
+/// them to the buffer.
+pub type RecordSink = mpsc::Sender<Vec<NewRecord>>;
+
+/// Builds an event record (SPEC 4). `connection` is "" for agent events.
+pub fn event_record(connection: &str, event_type: &str, details: serde_json::Value) -> NewRecord {
+    NewRecord {
+        connection: connection.to_string(),
+        kind: Kind::Event,
+        ts_ms: now_ms(),
+        data: serde_json::json!({ "type": event_type, "details": details }),
+    }
+}
+
+/// What a connection task uses to report: its state (to the board, hence the
+/// retained status, and as a `connection.status_changed` event filtered by
+/// the connection's `events` list) and its records.
+#[derive(Clone)]
+pub struct ConnectionReporter {
+    id: String,
+    board: Arc<StatusBoard>,
+    sink: RecordSink,
+    events: Arc<Vec<String>>,
+}
+
+impl ConnectionReporter {
+    pub fn new(id: &str, board: Arc<StatusBoard>, sink: RecordSink, events: Vec<String>) -> Self {
+        board.register_connection(id);
+        ConnectionReporter {
+            id: id.to_string(),
+            board,
+            sink,
+            events: Arc::new(events),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn wants_event(&self, event_type: &str) -> bool {
+        self.events.iter().any(|e| e == event_type)
+    }
+
+    /// Records a state change; emits `connection.status_changed` if it is one.
+    pub async fn set_state(&self, state: ConnState, reason: &str) {
+        let Some(previous) = self.board.set_connection_state(&self.id, state, reason) else {
+            return;
+        };
+        if previous == state {
+            return;
+        }
+        tracing::info!(connection = %self.id, state = state.as_str(), previous = previous.as_str(), reason, "connection state changed");
+        if self.wants_event("connection.status_changed") {
+            let ev = event_record(
+                &self.id,
+                "connection.status_changed",
+                serde_json::json!({"state": state.as_str(), "previous": previous.as_str(), "reason": reason}),
+            );
+            self.send(vec![ev]).await;
+        }
+    }
+
+    /// Emits an event about this connection if its `events` list wants it.
+    pub async fn event(&self, event_type: &str, details: serde_json::Value) {
+        if self.wants_event(event_type) {
+            self.send(vec![event_record(&self.id, event_type, details)])
+                .await;
+        }
+    }
+
+    /// Hands records to the buffer. Waits when the buffer is behind
+    /// (back-pressure), never drops.
+    pub async fn records(&self, records: Vec<NewRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let last_ts = records.iter().map(|r| r.ts_ms).max();
+        self.board
+            .add_records(&self.id, records.len() as u64, last_ts);
+        self.send(records).await;
+    }
+
+    async fn send(&self, records: Vec<NewRecord>) {
+        if self.sink.send(records).await.is_err() {
+            // Only during shutdown: the ingest task is gone.
+            tracing::debug!(connection = %self.id, "record sink closed");
+        }
+    }
+}

@@ -1,0 +1,545 @@
+//! The uplink: carries accepted records from the buffer to the MQTT broker
+//! and deletes exactly the rows whose message the broker acknowledged.
+//!
+//! Invariants:
+//! - Rows are deleted only on a QoS 1 PUBACK of the message that carried them
+//!   (SPEC 1.1). A session lost for any reason forgets everything in flight;
+//!   the next session re-reads the buffer from each stream's oldest row, so an
+//!   un-acked message is always resent (duplicates possible, loss not).
+//! - Within a stream, messages go out in seq order over one connection, so
+//!   they arrive in seq order (SPEC 1.3).
+//! - The backlog stays on disk: at most `WINDOW` messages are read into
+//!   memory at a time, whatever the size of the backlog.
+//! - Packet ids are matched to rows by order: rumqttc reports
+//!   `Outgoing::Publish(pkid)` in the order publishes were submitted, so a
+//!   FIFO of submitted messages pairs each with its pkid.
+
+pub mod mqtt;
+pub mod tls;
+pub mod topics;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::buffer::BufferHandle;
+use crate::config::MqttConfig;
+use crate::record::{now_ms, Kind, StoredRecord, StreamKey};
+use crate::status::{event_record, ConnState, StatusBoard};
+use mqtt::{MqttEvent, Session, SessionOptions};
+use topics::Topics;
+
+/// Messages in flight (submitted, not yet acknowledged).
+const WINDOW: usize = 64;
+/// Records read per stream per round; bounds memory together with WINDOW.
+const MAX_RECORDS_PER_MESSAGE: usize = 2_000;
+/// How long a clean shutdown waits for outstanding acknowledgements.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+
+pub struct UplinkSettings {
+    pub mqtt: MqttConfig,
+    pub agent_id: String,
+    pub site: String,
+    pub version: String,
+    pub boot_id: String,
+    /// None for plaintext `mqtt://` (only when allowed by config).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+pub struct Uplink {
+    settings: UplinkSettings,
+    topics: Topics,
+    buffer: BufferHandle,
+    board: Arc<StatusBoard>,
+    started: Instant,
+}
+
+/// What one message carried, so its acknowledgement deletes the right rows.
+#[derive(Debug)]
+enum Pending {
+    Records {
+        ids: Vec<i64>,
+        stream: StreamKey,
+        last_seq: u64,
+    },
+    /// Status and heartbeat messages: nothing to delete.
+    Control,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+impl Uplink {
+    pub fn new(settings: UplinkSettings, buffer: BufferHandle, board: Arc<StatusBoard>) -> Self {
+        let topics = Topics::new(
+            &settings.mqtt.topic_prefix,
+            &settings.site,
+            &settings.agent_id,
+        );
+        Uplink {
+            settings,
+            topics,
+            buffer,
+            board,
+            started: Instant::now(),
+        }
+    }
+
+    /// Runs sessions until `cancel`, reconnecting with backoff.
+    pub async fn run(self, cancel: CancellationToken) {
+        let m = &self.settings.mqtt;
+        let mut backoff = Backoff::new(m.reconnect_initial, m.reconnect_max);
+        loop {
+            let end = self.session(&cancel, &mut backoff).await;
+            match end {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Lost(reason) => {
+                    let was = self.board.mqtt().connected;
+                    self.board.set_mqtt(false, &reason);
+                    let delay = backoff.next_delay();
+                    if was {
+                        tracing::warn!(%reason, "mqtt connection lost; reconnecting");
+                    } else {
+                        tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "mqtt connect failed");
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn session_options(&self) -> SessionOptions {
+        let m = &self.settings.mqtt;
+        SessionOptions {
+            protocol: m.protocol,
+            client_id: self.settings.agent_id.clone(),
+            host: m.host.clone(),
+            port: m.port,
+            tls: self.settings.tls.clone(),
+            keep_alive: m.keep_alive,
+            username: m.username.clone(),
+            password: m.password.clone(),
+            will_topic: self.topics.status(),
+            will_payload: topics::agent_offline(
+                now_ms(),
+                &self.settings.version,
+                &self.settings.boot_id,
+                "connection_lost",
+            ),
+            // Room for the topic and MQTT header on top of the payload.
+            max_packet_bytes: m.max_message_bytes + 4096,
+            inflight: (WINDOW + 16) as u16,
+        }
+    }
+
+    async fn session(&self, cancel: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+        let mut session = Session::start(&self.session_options());
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return SessionEnd::Shutdown,
+            ev = session.next() => ev,
+        };
+        match first {
+            Ok(MqttEvent::Connected { .. }) => {}
+            Ok(other) => return SessionEnd::Lost(format!("unexpected first event {other:?}")),
+            Err(e) => return SessionEnd::Lost(e),
+        }
+        backoff.reset();
+        self.board.set_mqtt(true, "");
+        tracing::info!(
+            host = %self.settings.mqtt.host,
+            port = self.settings.mqtt.port,
+            "mqtt connected"
+        );
+        let mut s = SessionState::default();
+        if let Ok(stats) = self.buffer.stats().await {
+            for st in &stats.streams {
+                if let (true, Some(last)) = (st.records > 0, st.last_seq) {
+                    s.sync_targets.insert(st.stream(), last);
+                }
+            }
+            if !s.sync_targets.is_empty() {
+                s.sync_started = Some(Instant::now());
+                tracing::info!(records = stats.records, "delivering buffered backlog");
+            }
+        }
+        let end = self.session_loop(cancel, &mut session, &mut s).await;
+        if matches!(end, SessionEnd::Shutdown) {
+            self.shutdown(&mut session, &mut s).await;
+        }
+        end
+    }
+
+    async fn session_loop(
+        &self,
+        cancel: &CancellationToken,
+        session: &mut Session,
+        s: &mut SessionState,
+    ) -> SessionEnd {
+        let online = topics::agent_online(now_ms(), &self.settings.version, &self.settings.boot_id);
+        if let Err(e) = self
+            .publish_control(session, s, self.topics.status(), true, online, false)
+            .await
+        {
+            return SessionEnd::Lost(e);
+        }
+        let mut status_rx = self.board.subscribe();
+        status_rx.mark_changed();
+        let hb_every = self
+            .settings
+            .mqtt
+            .heartbeat_interval
+            .max(Duration::from_millis(100));
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + hb_every, hb_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let appended = self.buffer.appended();
+        // A slow safety net in case a wake-up is missed; the notify does the real work.
+        let mut rescan = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            // Register interest before reading, so an append that lands
+            // between our read and the select still wakes us.
+            let notified = appended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if s.outstanding() < WINDOW {
+                if let Err(e) = self.fill(session, s).await {
+                    return SessionEnd::Lost(e);
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return SessionEnd::Shutdown,
+                ev = session.next() => {
+                    match ev {
+                        Ok(ev) => self.on_event(ev, s).await,
+                        Err(e) => return SessionEnd::Lost(e),
+                    }
+                }
+                _ = status_rx.changed() => {
+                    if let Err(e) = self.publish_connection_states(session, s).await {
+                        return SessionEnd::Lost(e);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let payload = self.heartbeat_payload().await;
+                    if let Err(e) = self.publish_control(session, s, self.topics.heartbeat(), false, payload, true).await {
+                        return SessionEnd::Lost(e);
+                    }
+                }
+                _ = &mut notified, if s.outstanding() < WINDOW => {}
+                _ = rescan.tick() => {}
+            }
+        }
+    }
+
+    /// Reads the next messages from the buffer, round-robin over streams,
+    /// until the window is full or nothing is left to send.
+    async fn fill(&self, session: &Session, s: &mut SessionState) -> Result<(), String> {
+        let streams = match self.buffer.streams().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "buffer read failed");
+                return Ok(());
+            }
+        };
+        let max_bytes = self.settings.mqtt.max_message_bytes;
+        let mut progressed = true;
+        while progressed && s.outstanding() < WINDOW {
+            progressed = false;
+            for stream in &streams {
+                if s.outstanding() >= WINDOW {
+                    break;
+                }
+                let after = s.cursors.get(stream).copied().unwrap_or(0);
+                let records = match self
+                    .buffer
+                    .read_after(stream.clone(), after, MAX_RECORDS_PER_MESSAGE, max_bytes)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "buffer read failed");
+                        continue;
+                    }
+                };
+                if records.is_empty() {
+                    continue;
+                }
+                progressed = true;
+                if stream.kind == Kind::Event {
+                    // Events go one per message to their own topic.
+                    for r in records {
+                        self.send_event(session, s, r).await?;
+                    }
+                } else {
+                    self.send_batch(session, s, stream, records).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_batch(
+        &self,
+        session: &Session,
+        s: &mut SessionState,
+        stream: &StreamKey,
+        mut records: Vec<StoredRecord>,
+    ) -> Result<(), String> {
+        let epoch = self.buffer.epoch();
+        let envelope = self.settings.agent_id.len() + stream.connection.len() + epoch.len();
+        let max = self.settings.mqtt.max_message_bytes;
+        let n = topics::fit(&records, max, envelope);
+        records.truncate(n);
+        let payload = topics::encode_batch(&self.settings.agent_id, &epoch, &records);
+        if payload.len() > max {
+            // Only a single record larger than the limit gets here; it is
+            // sent alone rather than blocking its stream (dead-lettering is
+            // the broker-rejection path).
+            tracing::warn!(connection = %stream.connection, kind = %stream.kind, bytes = payload.len(), "record larger than mqtt.max_message_bytes");
+        }
+        let last_seq = records.last().map(|r| r.seq).unwrap_or(0);
+        let ids = records.iter().map(|r| r.id).collect();
+        let topic = self.topics.data(&stream.connection, stream.kind);
+        session.publish(topic, false, false, payload).await?;
+        s.cursors.insert(stream.clone(), last_seq);
+        s.fifo.push_back(Pending::Records {
+            ids,
+            stream: stream.clone(),
+            last_seq,
+        });
+        Ok(())
+    }
+
+    async fn send_event(
+        &self,
+        session: &Session,
+        s: &mut SessionState,
+        record: StoredRecord,
+    ) -> Result<(), String> {
+        let epoch = self.buffer.epoch();
+        let (event_type, payload) = topics::encode_event(&self.settings.agent_id, &epoch, &record);
+        session
+            .publish(self.topics.event(&event_type), false, false, payload)
+            .await?;
+        let stream = record.stream();
+        s.cursors.insert(stream.clone(), record.seq);
+        s.fifo.push_back(Pending::Records {
+            ids: vec![record.id],
+            stream,
+            last_seq: record.seq,
+        });
+        Ok(())
+    }
+
+    async fn publish_control(
+        &self,
+        session: &Session,
+        s: &mut SessionState,
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+        qos0: bool,
+    ) -> Result<(), String> {
+        session.publish(topic, qos0, retain, payload).await?;
+        s.fifo.push_back(Pending::Control);
+        Ok(())
+    }
+
+    async fn on_event(&self, ev: MqttEvent, s: &mut SessionState) {
+        match ev {
+            MqttEvent::Sent(pkid) => {
+                let Some(p) = s.fifo.pop_front() else {
+                    tracing::warn!(pkid, "mqtt publish sent that we did not submit");
+                    return;
+                };
+                if pkid != 0 {
+                    s.inflight.insert(pkid, p);
+                }
+            }
+            MqttEvent::Acked { pkid, rejected } => {
+                let Some(p) = s.inflight.remove(&pkid) else {
+                    return;
+                };
+                let Pending::Records {
+                    ids,
+                    stream,
+                    last_seq,
+                } = p
+                else {
+                    return;
+                };
+                if let Some(reason) = rejected {
+                    // The rows stay in the buffer and are retried by the next
+                    // session; dead-lettering after repeated rejection is
+                    // tracked in the delivery-guarantees work.
+                    tracing::error!(connection = %stream.connection, kind = %stream.kind, %reason, "broker rejected a message");
+                    return;
+                }
+                let n = ids.len() as u64;
+                match self.buffer.ack(ids).await {
+                    Ok(_) => {
+                        self.board.add_published(n);
+                        s.acked_records += n;
+                    }
+                    Err(e) => tracing::error!(error = %e, "buffer ack failed; rows will be resent"),
+                }
+                self.check_sync(s, &stream, last_seq).await;
+            }
+            MqttEvent::Connected { .. } | MqttEvent::Other => {}
+        }
+    }
+
+    /// Emits `sync.completed` once every stream that had a backlog at connect
+    /// time has been acknowledged up to where it stood.
+    async fn check_sync(&self, s: &mut SessionState, stream: &StreamKey, acked_seq: u64) {
+        if let Some(target) = s.sync_targets.get(stream) {
+            if acked_seq >= *target {
+                s.sync_targets.remove(stream);
+            }
+        }
+        if s.sync_targets.is_empty() {
+            if let Some(started) = s.sync_started.take() {
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::info!(
+                    records = s.acked_records,
+                    duration_ms = ms,
+                    "backlog delivered"
+                );
+                let ev = event_record(
+                    "",
+                    "sync.completed",
+                    serde_json::json!({"records": s.acked_records, "duration_ms": ms}),
+                );
+                if let Err(e) = self.buffer.append(vec![ev]).await {
+                    tracing::error!(error = %e, "could not record sync.completed");
+                }
+            }
+        }
+    }
+
+    async fn publish_connection_states(
+        &self,
+        session: &Session,
+        s: &mut SessionState,
+    ) -> Result<(), String> {
+        for (id, st) in self.board.connections() {
+            let key = (st.state, st.reason.clone());
+            if s.published_states.get(&id) == Some(&key) {
+                continue;
+            }
+            let payload = topics::connection_status(st.state.as_str(), st.since_ms, &st.reason);
+            self.publish_control(
+                session,
+                s,
+                self.topics.connection_status(&id),
+                true,
+                payload,
+                false,
+            )
+            .await?;
+            s.published_states.insert(id, key);
+        }
+        Ok(())
+    }
+
+    async fn heartbeat_payload(&self) -> Vec<u8> {
+        let (records, bytes, oldest) = match self.buffer.stats().await {
+            Ok(st) => (
+                st.records,
+                st.bytes,
+                st.oldest_ts_ms.map(crate::record::format_ts),
+            ),
+            Err(_) => (0, 0, None),
+        };
+        let connections: serde_json::Map<String, serde_json::Value> = self
+            .board
+            .connections()
+            .into_iter()
+            .map(|(id, st)| (id, serde_json::Value::from(st.state.as_str())))
+            .collect();
+        serde_json::json!({
+            "ts": crate::record::format_ts(now_ms()),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "buffer": {"records": records, "bytes": bytes, "oldest_ts": oldest},
+            "connections": connections,
+            "published_records_total": self.board.mqtt().published_records_total,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// Clean shutdown: offline status for every connection and the agent
+    /// (retained), then wait briefly for outstanding acknowledgements so the
+    /// buffer does not resend what the broker already has.
+    async fn shutdown(&self, session: &mut Session, s: &mut SessionState) {
+        let now = now_ms();
+        for (id, _) in self.board.connections() {
+            let payload = topics::connection_status(ConnState::Offline.as_str(), now, "shutdown");
+            let _ = self
+                .publish_control(
+                    session,
+                    s,
+                    self.topics.connection_status(&id),
+                    true,
+                    payload,
+                    false,
+                )
+                .await;
+        }
+        let offline = topics::agent_offline(
+            now,
+            &self.settings.version,
+            &self.settings.boot_id,
+            "shutdown",
+        );
+        let _ = self
+            .publish_control(session, s, self.topics.status(), true, offline, false)
+            .await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
+        while s.outstanding() > 0 {
+            match tokio::time::timeout_at(deadline, session.next()).await {
+                Ok(Ok(ev)) => self.on_event(ev, s).await,
+                _ => break,
+            }
+        }
+        session.disconnect().await;
+        // Let the DISCONNECT reach the broker so it discards the Last Will.
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while session.next().await.is_ok() {}
+        })
+        .await;
+        self.board.set_mqtt(false, "shutdown");
+        tracing::info!(outstanding = s.outstanding(), "mqtt session closed");
+    }
+}
+
+#[derive(Default)]
+struct SessionState {
+    /// Submitted, not yet reported sent by rumqttc.
+    fifo: VecDeque<Pending>,
+    /// Sent, awaiting PUBACK, by packet id.
+    inflight: HashMap<u16, Pending>,
+    /// Last seq submitted per stream in this session.
+    cursors: HashMap<StreamKey, u64>,
+    /// Retained connection states published in this session.
+    published_states: HashMap<String, (ConnState, String)>,
+    /// Per stream, the seq the backlog reached at connect time.
+    sync_targets: HashMap<StreamKey, u64>,
+    sync_started: Option<Instant>,
+    acked_records: u64,
+}
+
+impl SessionState {
+    fn outstanding(&self) -> usize {
+        self.fifo.len() + self.inflight.len()
+    }
+}

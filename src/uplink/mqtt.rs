@@ -1,0 +1,276 @@
+//! One MQTT session over rumqttc, for either protocol version, reduced to the
+//! few events the uplink needs. A session is never reused after an error: the
+//! uplink drops it and builds a fresh one, so no stale in-flight state or
+//! packet id can survive into the next connection (rumqttc discards un-acked
+//! publishes on a new clean session anyway — CRATES.md pitfall 7 — and the
+//! buffer, not rumqttc, is our source of truth for what must be resent).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::MqttProtocol;
+use crate::secret::Secret;
+
+pub struct SessionOptions {
+    pub protocol: MqttProtocol,
+    pub client_id: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub keep_alive: Duration,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub will_topic: String,
+    pub will_payload: Vec<u8>,
+    /// Largest packet we send or accept.
+    pub max_packet_bytes: usize,
+    /// rumqttc's in-flight limit; the uplink keeps its own window below it.
+    pub inflight: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MqttEvent {
+    /// The broker accepted the connection.
+    Connected {
+        session_present: bool,
+    },
+    /// A publish left the client with this packet id (0 for QoS 0), in the
+    /// order the publishes were submitted.
+    Sent(u16),
+    /// The broker acknowledged a QoS 1 publish. `rejected` carries the MQTT 5
+    /// reason when the broker refused the message (reason code >= 0x80).
+    Acked {
+        pkid: u16,
+        rejected: Option<String>,
+    },
+    Other,
+}
+
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+pub struct Session {
+    client: Client,
+    events: mpsc::UnboundedReceiver<Result<MqttEvent, String>>,
+    poller: JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+/// Capacity of rumqttc's request channel; small so publishes wait in our
+/// bounded window rather than in an invisible queue.
+const REQUEST_CAPACITY: usize = 16;
+
+impl Session {
+    /// Starts connecting in a background task; the first event is
+    /// `Connected` or an error.
+    pub fn start(o: &SessionOptions) -> Session {
+        let (tx, events) = mpsc::unbounded_channel();
+        let (client, poller) = match o.protocol {
+            MqttProtocol::V311 => {
+                let (c, el) = rumqttc::AsyncClient::new(v4_options(o), REQUEST_CAPACITY);
+                (Client::V4(c), tokio::spawn(poll_v4(el, tx)))
+            }
+            MqttProtocol::V5 => {
+                let (c, el) = rumqttc::v5::AsyncClient::new(v5_options(o), REQUEST_CAPACITY);
+                (Client::V5(c), tokio::spawn(poll_v5(el, tx)))
+            }
+        };
+        Session {
+            client,
+            events,
+            poller,
+        }
+    }
+
+    /// Queues a publish. QoS 1 unless `qos0`.
+    pub async fn publish(
+        &self,
+        topic: String,
+        qos0: bool,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        match &self.client {
+            Client::V4(c) => {
+                let qos = if qos0 {
+                    rumqttc::QoS::AtMostOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                };
+                c.publish(topic, qos, retain, payload)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Client::V5(c) => {
+                let qos = if qos0 {
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce
+                } else {
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+                };
+                c.publish(topic, qos, retain, payload)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The next event; `Err` means the session is over.
+    pub async fn next(&mut self) -> Result<MqttEvent, String> {
+        match self.events.recv().await {
+            Some(ev) => ev,
+            None => Err("mqtt event loop stopped".into()),
+        }
+    }
+
+    pub async fn disconnect(&self) {
+        let _ = match &self.client {
+            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        };
+    }
+}
+
+fn transport(o: &SessionOptions) -> rumqttc::Transport {
+    match &o.tls {
+        Some(cfg) => {
+            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(cfg.clone()))
+        }
+        None => rumqttc::Transport::tcp(),
+    }
+}
+
+fn v4_options(o: &SessionOptions) -> rumqttc::MqttOptions {
+    let mut m = rumqttc::MqttOptions::new(o.client_id.clone(), o.host.clone(), o.port);
+    m.set_keep_alive(o.keep_alive.max(Duration::from_secs(1)))
+        .set_clean_session(true)
+        .set_inflight(o.inflight.max(1))
+        .set_max_packet_size(o.max_packet_bytes, o.max_packet_bytes)
+        .set_transport(transport(o))
+        .set_last_will(rumqttc::LastWill::new(
+            o.will_topic.clone(),
+            o.will_payload.clone(),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+        ));
+    if let Some(user) = &o.username {
+        let pass = o.password.as_ref().map(|p| p.expose()).unwrap_or("");
+        m.set_credentials(user.clone(), pass);
+    }
+    m
+}
+
+fn v5_options(o: &SessionOptions) -> rumqttc::v5::MqttOptions {
+    let mut m = rumqttc::v5::MqttOptions::new(o.client_id.clone(), o.host.clone(), o.port);
+    m.set_keep_alive(o.keep_alive.max(Duration::from_secs(1)))
+        .set_clean_start(true)
+        .set_outgoing_inflight_upper_limit(o.inflight.max(1))
+        .set_max_packet_size(Some(o.max_packet_bytes as u32))
+        .set_transport(transport(o))
+        .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+            o.will_topic.clone(),
+            o.will_payload.clone(),
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+    if let Some(user) = &o.username {
+        let pass = o.password.as_ref().map(|p| p.expose()).unwrap_or("");
+        m.set_credentials(user.clone(), pass);
+    }
+    m
+}
+
+async fn poll_v4(mut el: rumqttc::EventLoop, tx: mpsc::UnboundedSender<Result<MqttEvent, String>>) {
+    use rumqttc::{Event, Outgoing, Packet};
+    loop {
+        let ev = match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                if ack.code == rumqttc::ConnectReturnCode::Success {
+                    Ok(MqttEvent::Connected {
+                        session_present: ack.session_present,
+                    })
+                } else {
+                    Err(format!("connection refused: {:?}", ack.code))
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => Ok(MqttEvent::Acked {
+                pkid: ack.pkid,
+                rejected: None,
+            }),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(MqttEvent::Sent(pkid)),
+            Ok(_) => Ok(MqttEvent::Other),
+            Err(e) => Err(describe_v4(&e)),
+        };
+        let stop = ev.is_err();
+        if tx.send(ev).is_err() || stop {
+            return;
+        }
+    }
+}
+
+async fn poll_v5(
+    mut el: rumqttc::v5::EventLoop,
+    tx: mpsc::UnboundedSender<Result<MqttEvent, String>>,
+) {
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
+    use rumqttc::v5::Event;
+    use rumqttc::Outgoing;
+    loop {
+        let ev = match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                if ack.code == ConnectReturnCode::Success {
+                    Ok(MqttEvent::Connected {
+                        session_present: ack.session_present,
+                    })
+                } else {
+                    Err(format!("connection refused: {:?}", ack.code))
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let rejected = match ack.reason {
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                    other => Some(format!("{other:?}")),
+                };
+                Ok(MqttEvent::Acked {
+                    pkid: ack.pkid,
+                    rejected,
+                })
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(MqttEvent::Sent(pkid)),
+            Ok(_) => Ok(MqttEvent::Other),
+            Err(e) => Err(describe_v5(&e)),
+        };
+        let stop = ev.is_err();
+        if tx.send(ev).is_err() || stop {
+            return;
+        }
+    }
+}
+
+fn describe_v4(e: &rumqttc::ConnectionError) -> String {
+    match e {
+        rumqttc::ConnectionError::ConnectionRefused(code) => {
+            format!("connection refused: {code:?}")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn describe_v5(e: &rumqttc::v5::ConnectionError) -> String {
+    match e {
+        rumqttc::v5::ConnectionError::ConnectionRefused(code) => {
+            format!("connection refused: {code:?}")
+        }
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,181 @@
+//! Shared helpers of the integration tests: real parts only (in-process OPC
+//! UA simulator, embedded rumqttd over TLS, real SQLite files), and waiting on
+//! conditions with generous deadlines instead of fixed sleeps.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use plantgate::demo::{SeqTracker, Watcher};
+use serde_json::Value;
+
+/// Upper bound for any single wait; a failure bound, not a pacing sleep.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub struct Message {
+    pub topic: String,
+    pub payload: Value,
+}
+
+/// Everything a subscriber saw, with seq bookkeeping of data and events.
+pub struct Seen {
+    pub watcher: Watcher,
+    pub messages: Vec<Message>,
+    pub tracker: SeqTracker,
+}
+
+impl Seen {
+    pub fn new(watcher: Watcher) -> Self {
+        Seen {
+            watcher,
+            messages: Vec::new(),
+            tracker: SeqTracker::default(),
+        }
+    }
+
+    /// Receives until `cond` holds over everything seen so far; panics with
+    /// `what` after `PATIENCE`.
+    pub async fn until(&mut self, what: &str, mut cond: impl FnMut(&Seen) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !cond(self) {
+            match tokio::time::timeout_at(deadline, self.watcher.rx.recv()).await {
+                Ok(Some((topic, payload))) => self.push(topic, &payload),
+                Ok(None) => panic!("watcher closed while waiting for {what}"),
+                Err(_) => panic!(
+                    "timed out waiting for {what}; saw {} messages, last: {:?}",
+                    self.messages.len(),
+                    self.messages
+                        .last()
+                        .map(|m| (&m.topic, m.payload.to_string()))
+                ),
+            }
+        }
+    }
+
+    fn push(&mut self, topic: String, payload: &[u8]) {
+        let payload: Value = serde_json::from_slice(payload)
+            .unwrap_or_else(|e| panic!("non-JSON payload on {topic}: {e}"));
+        if topic.contains("/data/") || topic.contains("/events/") {
+            self.tracker.see_payload(&payload);
+        }
+        self.messages.push(Message { topic, payload });
+    }
+
+    /// All tag records seen (after de-duplication is NOT applied).
+    pub fn tag_values(&self, name: &str) -> Vec<Value> {
+        self.messages
+            .iter()
+            .filter(|m| m.topic.contains("/data/") && m.payload["kind"] == "tag")
+            .flat_map(|m| m.payload["records"].as_array().cloned().unwrap_or_default())
+            .filter(|r| r["data"]["name"] == name)
+            .map(|r| r["data"]["value"].clone())
+            .collect()
+    }
+
+    pub fn last_on(&self, topic_suffix: &str) -> Option<&Value> {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.topic.ends_with(topic_suffix))
+            .map(|m| &m.payload)
+    }
+}
+
+pub struct Plant {
+    pub broker: plantgate::sim::broker::EmbeddedBroker,
+    pub sim: plantgate::sim::SimServer,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn start_plant() -> Plant {
+    init_tracing();
+    let broker = tokio::task::spawn_blocking(plantgate::sim::broker::EmbeddedBroker::start)
+        .await
+        .expect("broker thread")
+        .expect("embedded broker starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = plantgate::sim::SimOptions::new(dir.path().join("sim-pki"));
+    // Frozen process: only the values the test sets change.
+    opts.speed = 0.0;
+    let sim = plantgate::sim::start_deltav(opts)
+        .await
+        .expect("simulator starts");
+    Plant { broker, sim, dir }
+}
+
+/// A config for one generic connection to the simulator with the given tags
+/// (name, string id), through `mqtt_addr`, as TOML.
+pub fn agent_toml(
+    data_dir: &Path,
+    mqtt_addr: SocketAddr,
+    ca_file: &Path,
+    protocol: &str,
+    endpoint: &str,
+    ns_uri: &str,
+    tags: &[(&str, &str)],
+) -> String {
+    let mut t = format!(
+        r#"
+[agent]
+id = "test-gw"
+site = "test-site"
+data_dir = {data_dir:?}
+
+[health]
+listen = "127.0.0.1:0"
+
+[mqtt]
+url = "mqtts://127.0.0.1:{port}"
+ca_file = {ca:?}
+protocol = "{protocol}"
+heartbeat_interval = "1s"
+reconnect_initial = "200ms"
+reconnect_max = "1s"
+
+[[connections]]
+id = "sim1"
+kind = "generic"
+endpoint = "{endpoint}"
+security_policy = "None"
+security_mode = "None"
+publishing_interval = "100ms"
+sampling_interval = "100ms"
+reconnect_initial = "200ms"
+reconnect_max = "1s"
+"#,
+        data_dir = data_dir.display().to_string(),
+        port = mqtt_addr.port(),
+        ca = ca_file.display().to_string(),
+    );
+    for (name, id) in tags {
+        t.push_str(&format!(
+            "\n[[connections.tags]]\nname = \"{name}\"\nnode = \"nsu={ns_uri};s={id}\"\n"
+        ));
+    }
+    t
+}
+
+pub fn load(toml: &str) -> plantgate::config::Config {
+    plantgate::config::load_from(toml, &HashMap::new())
+        .unwrap_or_else(|e| panic!("config does not load: {e}\n{toml}"))
+        .config
+}
+
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write file");
+    p
+}

@@ -1,0 +1,181 @@
+//! Interop with a real, independent broker: mosquitto over TLS, and over
+//! mutual TLS (client certificate required), with MQTT 5 and 3.1.1.
+//! Needs the `mosquitto` binary; `.ci/run` installs it and runs these.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use plantgate::demo::Watcher;
+use plantgate::sim::broker::{free_port, wait_listening, TestPki};
+use tokio_util::sync::CancellationToken;
+
+struct Mosquitto {
+    child: Child,
+    tls: SocketAddr,
+    mtls: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_mosquitto(pki: &TestPki) -> Mosquitto {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().expect("port")));
+    let mtls = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().expect("port")));
+    let files = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\n",
+        pki.ca_file.display(),
+        pki.server_cert_file.display(),
+        pki.server_key_file.display()
+    );
+    let conf = format!(
+        "user root\nper_listener_settings false\nallow_anonymous true\npersistence false\n\
+         log_dest stderr\n\
+         listener {} 127.0.0.1\n{files}\
+         listener {} 127.0.0.1\n{files}require_certificate true\n",
+        tls.port(),
+        mtls.port()
+    );
+    let conf_path = write_file(dir.path(), "mosquitto.conf", &conf);
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto binary (apt-get install mosquitto)");
+    for a in [tls, mtls] {
+        wait_listening(a, Duration::from_secs(20)).expect("mosquitto listens");
+    }
+    Mosquitto {
+        child,
+        tls,
+        mtls,
+        _dir: dir,
+    }
+}
+
+async fn flows_through_mosquitto(protocol: &str, mutual: bool) {
+    let plant = start_plant().await;
+    let pki = TestPki::generate().expect("pki");
+    let mosq = start_mosquitto(&pki);
+    let target = if mutual { mosq.mtls } else { mosq.tls };
+    let mut toml = agent_toml(
+        &plant.dir.path().join("agent"),
+        target,
+        &pki.ca_file,
+        protocol,
+        &plant.sim.endpoint(),
+        plant.sim.namespace_uri(),
+        &[("FLOW", "FIC-101/PV.CV")],
+    );
+    if mutual {
+        toml = toml.replace(
+            "[mqtt]\n",
+            &format!(
+                "[mqtt]\nclient_cert_file = {:?}\nclient_key_file = {:?}\n",
+                pki.client_cert_file.display().to_string(),
+                pki.client_key_file.display().to_string()
+            ),
+        );
+    }
+    let watcher = Watcher::connect(mosq.tls, &pki.ca_file, "plantgate/#")
+        .await
+        .expect("watcher");
+    let mut seen = Seen::new(watcher);
+    let cancel = CancellationToken::new();
+    let (_agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
+        .await
+        .expect("agent");
+    for i in 1..=10 {
+        let v = f64::from(i) * 3.5;
+        plant.sim.set_value("FIC-101/PV.CV", v);
+        seen.until(&format!("value {v}"), |s| {
+            s.tag_values("FLOW").iter().any(|x| x.as_f64() == Some(v))
+        })
+        .await;
+    }
+    assert_eq!(seen.tracker.gaps, 0, "{:?}", seen.tracker.gap_details);
+    assert!(seen.tracker.last_seq("sim1", "tag") >= Some(10));
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), join)
+        .await
+        .expect("stops")
+        .expect("shutdown");
+    seen.until("offline shutdown", |s| {
+        s.last_on("test-gw/status")
+            .is_some_and(|p| p["reason"] == "shutdown")
+    })
+    .await;
+    plant.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto"]
+async fn mosquitto_tls_mqtt5() {
+    flows_through_mosquitto("v5", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto"]
+async fn mosquitto_tls_mqtt311() {
+    flows_through_mosquitto("v311", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto"]
+async fn mosquitto_mutual_tls_mqtt5() {
+    flows_through_mosquitto("v5", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto"]
+async fn mosquitto_refuses_agent_without_client_cert() {
+    // Mutual TLS listener, no client certificate: the agent must not get in
+    // (and must keep retrying rather than crash).
+    let plant = start_plant().await;
+    let pki = TestPki::generate().expect("pki");
+    let mosq = start_mosquitto(&pki);
+    let toml = agent_toml(
+        &plant.dir.path().join("agent"),
+        mosq.mtls,
+        &pki.ca_file,
+        "v5",
+        &plant.sim.endpoint(),
+        plant.sim.namespace_uri(),
+        &[("FLOW", "FIC-101/PV.CV")],
+    );
+    let cancel = CancellationToken::new();
+    let (agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
+        .await
+        .expect("agent");
+    // Records are accepted into the buffer although the broker refuses us.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut v = 0.0;
+    loop {
+        v += 1.0;
+        plant.sim.set_value("FIC-101/PV.CV", v);
+        let st = agent.buffer.stats().await.expect("stats");
+        if st.records >= 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing buffered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!agent.board.mqtt().connected);
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), join)
+        .await
+        .expect("stops even with the broker refusing")
+        .expect("shutdown");
+    plant.sim.shutdown().await;
+}

@@ -1,0 +1,127 @@
+//! A broker outage with the embedded broker: the line to the broker is cut
+//! for real (a proxy drops every connection and refuses new ones) while values
+//! keep coming. Records pile up in SQLite, then drain after the cut, with no
+//! seq gap, and a `sync.completed` event says so.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use plantgate::demo::Watcher;
+use plantgate::record::Kind;
+use plantgate::sim::proxy::CutProxy;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outage_is_ridden_out_on_disk() {
+    let plant = start_plant().await;
+    let proxy = CutProxy::start(plant.broker.v5_addr).await.expect("proxy");
+    let toml = agent_toml(
+        &plant.dir.path().join("agent"),
+        proxy.addr(),
+        &plant.broker.pki.ca_file,
+        "v5",
+        &plant.sim.endpoint(),
+        plant.sim.namespace_uri(),
+        &[("FLOW", "FIC-101/PV.CV")],
+    );
+    let watcher = Watcher::connect(
+        plant.broker.v4_addr,
+        &plant.broker.pki.ca_file,
+        "plantgate/#",
+    )
+    .await
+    .expect("watcher");
+    let mut seen = Seen::new(watcher);
+    let cancel = CancellationToken::new();
+    let (agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
+        .await
+        .expect("agent starts");
+
+    // Values change continuously from here on.
+    let sim = Arc::new(plant.sim);
+    let driving = CancellationToken::new();
+    let driver = {
+        let sim = sim.clone();
+        let driving = driving.clone();
+        tokio::spawn(async move {
+            let mut i = 0.0;
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            while !driving.is_cancelled() {
+                tick.tick().await;
+                i += 1.0;
+                sim.set_value("FIC-101/PV.CV", i);
+            }
+        })
+    };
+    seen.until("first data", |s| {
+        s.tracker.last_seq("sim1", "tag").is_some()
+    })
+    .await;
+
+    proxy.cut();
+    // While cut, the backlog grows in the buffer (waiting on a condition).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let st = agent.buffer.stats().await.expect("stats");
+        if st.records >= 20 && !agent.board.mqtt().connected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backlog never grew: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.restore();
+    driving.cancel();
+    driver.await.expect("driver");
+
+    // Everything accepted arrives: wait until the buffer is empty, then until
+    // the subscriber has the last seq the buffer ever assigned.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let last = loop {
+        let st = agent.buffer.stats().await.expect("stats");
+        if st.records == 0 {
+            let tag = st
+                .streams
+                .iter()
+                .find(|s| s.connection == "sim1" && s.kind == Kind::Tag)
+                .map(|s| s.next_seq - 1);
+            if let Some(last) = tag {
+                break last;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backlog never drained: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    seen.until("every record up to the last", |s| {
+        s.tracker.last_seq("sim1", "tag") >= Some(last)
+    })
+    .await;
+    seen.until("sync.completed", |s| {
+        s.last_on("/events/sync.completed").is_some()
+    })
+    .await;
+    assert_eq!(seen.tracker.gaps, 0, "gaps: {:?}", seen.tracker.gap_details);
+    let sync = seen
+        .last_on("/events/sync.completed")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        sync["details"]["records"].as_u64().unwrap_or(0) >= 20,
+        "{sync}"
+    );
+    assert_eq!(sync["connection"], serde_json::Value::Null);
+
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), join)
+        .await
+        .expect("stops in time")
+        .expect("shutdown");
+}
