@@ -99,10 +99,19 @@ fn config_path(arg: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/etc/plantgate/plantgate.toml"))
 }
 
-fn init_logging(format: LogFormat) {
+/// Default log levels when RUST_LOG is unset. The demo's embedded broker
+/// reports every cut connection as an error, which is the point of the demo,
+/// not news: it is silenced there.
+fn default_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Demo { .. } => "warn,plantgate=info,rumqttd=off,opcua_client=error",
+        _ => "info,rumqttd=warn,opcua_client=warn,opcua_server=warn,opcua_core=warn",
+    }
+}
+
+fn init_logging(format: LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,opcua=warn,async_opcua=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -172,7 +181,7 @@ fn cancel_on_signals(cancel: CancellationToken) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, default_filter(&cli.command));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
