@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{BufferHandle, Store};
+use crate::buffer::{BufferHandle, Limits, Store};
 use crate::config::Config;
 use crate::record::NewRecord;
 use crate::status::{ConnectionReporter, StatusBoard};
@@ -29,6 +29,8 @@ pub enum AgentError {
     Buffer(#[from] crate::buffer::BufferError),
     #[error("{0}")]
     Tls(#[from] crate::uplink::tls::TlsError),
+    #[error("{0}")]
+    Health(#[from] crate::health::BindError),
 }
 
 /// Room for batches between sources and the ingest; sources wait when full
@@ -42,6 +44,8 @@ const UPLINK_STOP: Duration = Duration::from_secs(5);
 pub struct Agent {
     pub board: Arc<StatusBoard>,
     pub buffer: BufferHandle,
+    /// Where the health endpoint listens (the bound port if 0 was configured).
+    pub health_addr: std::net::SocketAddr,
 }
 
 /// Opens the buffer and starts every task; returns once the buffer is open
@@ -65,10 +69,41 @@ pub async fn start(
     } else {
         None
     };
-    let store = Store::open(&data_dir.join("buffer.db"), config.buffer.synchronous)?;
-    let (buffer, buffer_thread) = BufferHandle::spawn(store);
+    let opened = Store::open_with(
+        &data_dir.join(crate::buffer::DB_FILE_NAME),
+        config.buffer.synchronous,
+        Limits::from_config(&config.buffer),
+    )?;
+    if let Some(q) = &opened.quarantined {
+        // The store has already recorded a system.error event for it.
+        tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, "buffer database was corrupt; moved aside, started a fresh one");
+    }
+    let (buffer, buffer_thread) = BufferHandle::spawn(opened.store);
     tracing::info!(path = %data_dir.join("buffer.db").display(), epoch = %buffer.epoch(), "buffer open");
     let board = StatusBoard::new();
+    let health_cancel = CancellationToken::new();
+    let health_state = Arc::new(crate::health::HealthState {
+        agent_id: config.agent.id.clone(),
+        version: crate::VERSION,
+        started: std::time::Instant::now(),
+        board: board.clone(),
+        buffer: buffer.clone(),
+        connections: config
+            .connections
+            .iter()
+            .map(|c| (c.id.clone(), c.kind.as_str().to_string()))
+            .collect(),
+    });
+    let (health_addr, health_task) =
+        match crate::health::serve(config.health.listen, health_state, health_cancel.clone()).await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                buffer.close().await;
+                return Err(e.into());
+            }
+        };
+    tracing::info!(addr = %health_addr, "health endpoint listening");
 
     let (sink, sink_rx) = mpsc::channel::<Vec<NewRecord>>(SINK_CAPACITY);
     let ingest = tokio::spawn(ingest(sink_rx, buffer.clone()));
@@ -103,6 +138,7 @@ pub async fn start(
     );
     let uplink_task = tokio::spawn(uplink.run(uplink_cancel.clone()));
 
+    let expiry = tokio::spawn(expire_old_records(buffer.clone(), uplink_cancel.clone()));
     let buffer2 = buffer.clone();
     let join = tokio::spawn(async move {
         cancel.cancelled().await;
@@ -118,17 +154,27 @@ pub async fn start(
             tracing::error!(error = %e, "ingest task failed");
         }
         uplink_cancel.cancel();
+        let _ = expiry.await;
         if tokio::time::timeout(UPLINK_STOP, uplink_task)
             .await
             .is_err()
         {
             tracing::warn!("uplink did not stop in time");
         }
+        health_cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), health_task).await;
         buffer2.close().await;
         let _ = tokio::task::spawn_blocking(move || buffer_thread.join()).await;
         tracing::info!("stopped");
     });
-    Ok((Agent { board, buffer }, join))
+    Ok((
+        Agent {
+            board,
+            buffer,
+            health_addr,
+        },
+        join,
+    ))
 }
 
 /// Commits what sources hand over. While one commit runs, further batches
@@ -145,6 +191,29 @@ async fn ingest(mut rx: mpsc::Receiver<Vec<NewRecord>>, buffer: BufferHandle) {
             // The buffer reports and handles its own faults (eviction, disk
             // full); what reaches here could not be stored at all.
             tracing::error!(error = %e, "records could not be stored");
+        }
+    }
+}
+
+/// How often records past `buffer.max_age` are dropped (and announced).
+const EXPIRY_EVERY: Duration = Duration::from_secs(60);
+
+/// Drops records older than `buffer.max_age`; the buffer records a
+/// `buffer.evicted` event for each affected stream itself.
+async fn expire_old_records(buffer: BufferHandle, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(EXPIRY_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match buffer.evict_expired(crate::record::now_ms()).await {
+            Ok(evicted) => {
+                for e in evicted {
+                    tracing::warn!(connection = %e.connection, kind = %e.kind, first_seq = e.first_seq, last_seq = e.last_seq, count = e.count, "records older than buffer.max_age dropped");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "expiring old records failed"),
         }
     }
 }

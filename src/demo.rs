@@ -118,6 +118,16 @@ impl Drop for Watcher {
     }
 }
 
+/// How a [`Watcher`] connects.
+#[derive(Debug, Clone, Default)]
+pub struct WatcherOptions {
+    /// Fixed client id with a persistent session (clean session off), so the
+    /// broker queues messages for it across its own restarts.
+    pub persistent_id: Option<String>,
+    /// Client certificate and key for mutual TLS.
+    pub client_auth: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
 impl Watcher {
     /// Connects over TLS (verifying with `ca_file`) with MQTT 3.1.1 and
     /// subscribes to `filter` with QoS 1. Returns once subscribed.
@@ -126,22 +136,39 @@ impl Watcher {
         ca_file: &std::path::Path,
         filter: &str,
     ) -> Result<Watcher, DemoError> {
-        let tls = crate::uplink::tls::client_config(Some(ca_file), None, None)
+        Self::connect_with(addr, ca_file, filter, WatcherOptions::default()).await
+    }
+
+    /// As [`Watcher::connect`]; reconnects by itself and subscribes again
+    /// whenever the broker has no session for it.
+    pub async fn connect_with(
+        addr: std::net::SocketAddr,
+        ca_file: &std::path::Path,
+        filter: &str,
+        opts: WatcherOptions,
+    ) -> Result<Watcher, DemoError> {
+        let (cert, key) = match &opts.client_auth {
+            Some((c, k)) => (Some(c.as_path()), Some(k.as_path())),
+            None => (None, None),
+        };
+        let tls = crate::uplink::tls::client_config(Some(ca_file), cert, key)
             .map_err(setup("watcher TLS"))?;
-        let id = format!("plantgate-watcher-{}", uuid::Uuid::new_v4().simple());
+        let id = opts
+            .persistent_id
+            .clone()
+            .unwrap_or_else(|| format!("plantgate-watcher-{}", uuid::Uuid::new_v4().simple()));
         let mut o = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
         o.set_keep_alive(Duration::from_secs(10))
+            .set_clean_session(opts.persistent_id.is_none())
             .set_max_packet_size(64 * 1024 * 1024, 64 * 1024 * 1024)
             .set_transport(rumqttc::Transport::tls_with_config(
                 rumqttc::TlsConfiguration::Rustls(tls),
             ));
         let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
-        client
-            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
-            .await
-            .map_err(setup("watcher subscribe"))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        let filter = filter.to_string();
+        let sub_client = client.clone();
         let task = tokio::spawn(async move {
             let mut subscribed_tx = Some(subscribed_tx);
             loop {
@@ -149,6 +176,14 @@ impl Watcher {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                         if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
                             return;
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                        if !ack.session_present || subscribed_tx.is_some() {
+                            // try_subscribe: the request channel is drained by
+                            // this very loop, so awaiting here could deadlock.
+                            let _ =
+                                sub_client.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce);
                         }
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
@@ -159,7 +194,7 @@ impl Watcher {
                     Ok(_) => {}
                     Err(e) => {
                         tracing::debug!(error = %e, "watcher connection error");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
             }

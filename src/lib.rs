@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod buffer;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod nodeid;
 pub mod record;
 pub mod secret;

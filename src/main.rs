@@ -87,8 +87,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BufferAction {
-    /// Records, bytes and oldest record per stream.
+    /// Records, bytes, oldest record and evictions per stream.
     Stats {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Records the broker rejected repeatedly (or too large to send).
+    DeadLetters {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Re-queue every dead letter for delivery (with its original seq).
+    Retry {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
@@ -289,16 +299,17 @@ async fn dispatch(command: Command) -> ExitCode {
                 }
             }
         }
-        Command::Buffer { action } => match action {
-            BufferAction::Stats { config } => {
-                let path = config_path(config);
-                let config = match load_config(&path) {
-                    Ok(c) => c,
-                    Err(code) => return code,
-                };
-                buffer_stats(&config)
+        Command::Buffer { action } => {
+            let (config, run): (_, fn(&config::Config) -> ExitCode) = match action {
+                BufferAction::Stats { config } => (config, buffer_stats),
+                BufferAction::DeadLetters { config } => (config, buffer_dead_letters),
+                BufferAction::Retry { config } => (config, buffer_retry),
+            };
+            match load_config(&config_path(config)) {
+                Ok(c) => run(&c),
+                Err(code) => code,
             }
-        },
+        }
     }
 }
 
@@ -306,33 +317,99 @@ fn seq(v: Option<u64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
-fn buffer_stats(config: &config::Config) -> ExitCode {
-    let path = config.agent.data_dir.join("buffer.db");
+/// Opens the buffer of a config for inspection (alongside a running
+/// service: WAL mode lets both work on the file).
+fn open_buffer(config: &config::Config) -> Result<plantgate::buffer::Store, ExitCode> {
+    let path = config.agent.data_dir.join(plantgate::buffer::DB_FILE_NAME);
     if !path.exists() {
         eprintln!("plantgate buffer: no buffer at {}", path.display());
-        return ExitCode::FAILURE;
+        return Err(ExitCode::FAILURE);
     }
-    let store = match plantgate::buffer::Store::open(&path, config.buffer.synchronous) {
+    plantgate::buffer::Store::open(&path, config.buffer.synchronous).map_err(|e| {
+        eprintln!("plantgate buffer: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn buffer_dead_letters(config: &config::Config) -> ExitCode {
+    let store = match open_buffer(config) {
         Ok(s) => s,
+        Err(code) => return code,
+    };
+    match store.dead_letters() {
+        Ok(list) => {
+            println!("{} dead letters", list.len());
+            if !list.is_empty() {
+                println!(
+                    "{:<24} {:<9} {:>21} {:>7} {:<24} reason",
+                    "connection", "kind", "seq", "count", "dead since"
+                );
+            }
+            for d in &list {
+                let conn = if d.connection.is_empty() {
+                    "(agent)"
+                } else {
+                    &d.connection
+                };
+                println!(
+                    "{:<24} {:<9} {:>21} {:>7} {:<24} {}",
+                    conn,
+                    d.kind,
+                    format!("{}..{}", d.first_seq, d.last_seq),
+                    d.count,
+                    plantgate::record::format_ts(d.dead_at_ms),
+                    d.reason
+                );
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("plantgate buffer: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
+    }
+}
+
+fn buffer_retry(config: &config::Config) -> ExitCode {
+    let mut store = match open_buffer(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match store.retry_dead_letters() {
+        Ok(n) => {
+            println!("{n} dead letters re-queued for delivery");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("plantgate buffer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn buffer_stats(config: &config::Config) -> ExitCode {
+    let store = match open_buffer(config) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     match store.stats() {
         Ok(st) => {
-            println!("buffer {}  epoch {}", path.display(), store.epoch());
+            println!("buffer {}  epoch {}", store.path().display(), store.epoch());
+            let oldest = st.oldest_ts_ms.map(|t| {
+                let age = (plantgate::record::now_ms() - t).max(0) / 1000;
+                format!("{} ({age} s ago)", plantgate::record::format_ts(t))
+            });
             println!(
-                "total: {} records, {} bytes, oldest {}",
+                "total: {} records, {} bytes, oldest {}, {} evicted, {} dead letters",
                 st.records,
                 st.bytes,
-                st.oldest_ts_ms
-                    .map(plantgate::record::format_ts)
-                    .unwrap_or_else(|| "-".into())
+                oldest.unwrap_or_else(|| "-".into()),
+                st.evicted_total,
+                st.dead_letters
             );
             println!(
-                "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10}",
-                "connection", "kind", "records", "bytes", "first_seq", "last_seq"
+                "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10} {:>10}",
+                "connection", "kind", "records", "bytes", "first_seq", "last_seq", "evicted"
             );
             for s in &st.streams {
                 let conn = if s.connection.is_empty() {
@@ -341,13 +418,14 @@ fn buffer_stats(config: &config::Config) -> ExitCode {
                     &s.connection
                 };
                 println!(
-                    "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10}",
+                    "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10} {:>10}",
                     conn,
                     s.kind,
                     s.records,
                     s.bytes,
                     seq(s.first_seq),
-                    seq(s.last_seq)
+                    seq(s.last_seq),
+                    s.evicted_total
                 );
             }
             ExitCode::SUCCESS

@@ -48,12 +48,16 @@ pub struct MqttStatus {
     pub reason: String,
     pub published_records_total: u64,
     pub reconnects_total: u64,
+    /// MQTT messages submitted and not yet acknowledged.
+    pub inflight: usize,
 }
 
 #[derive(Default)]
 struct Inner {
     connections: BTreeMap<String, ConnStatus>,
     mqtt: MqttStatus,
+    /// Last sign of life of each long-lived loop, for /healthz and the watchdog.
+    beats: BTreeMap<&'static str, std::time::Instant>,
 }
 
 /// The board. Writers bump a watch counter so readers (the uplink publishing
@@ -184,6 +188,25 @@ impl StatusBoard {
     pub fn mqtt(&self) -> MqttStatus {
         self.read().mqtt.clone()
     }
+
+    /// A long-lived loop says it is alive (cheap; call it every iteration).
+    pub fn beat(&self, name: &'static str) {
+        self.write().beats.insert(name, std::time::Instant::now());
+    }
+
+    /// Loops that have not beaten within `max_silence`.
+    pub fn stale_loops(&self, max_silence: std::time::Duration) -> Vec<&'static str> {
+        self.read()
+            .beats
+            .iter()
+            .filter(|(_, t)| t.elapsed() > max_silence)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    pub fn set_inflight(&self, messages: usize) {
+        self.write().mqtt.inflight = messages;
+    }
 }
 
 /// Where sources and profiles hand their records; the ingest task commits
@@ -255,6 +278,20 @@ impl ConnectionReporter {
             self.send(vec![event_record(&self.id, event_type, details)])
                 .await;
         }
+    }
+
+    /// A `system.error` event about this connection (e.g. a node that went
+    /// missing), subject to the connection's `events` list like every event
+    /// about the connection.
+    pub async fn system_error(&self, details: serde_json::Value) {
+        self.event("system.error", details).await;
+    }
+
+    /// An event about the agent itself (connection `null`, agent stream),
+    /// not filtered by this connection's `events` list: used for things the
+    /// connections share, such as the OPC UA application certificate.
+    pub async fn agent_event(&self, event_type: &str, details: serde_json::Value) {
+        self.send(vec![event_record("", event_type, details)]).await;
     }
 
     /// Hands records to the buffer. Waits when the buffer is behind

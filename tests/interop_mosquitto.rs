@@ -4,70 +4,18 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::mosquitto::start_mosquitto;
 use common::*;
 use plantgate::demo::Watcher;
-use plantgate::sim::broker::{free_port, wait_listening, TestPki};
+use plantgate::sim::broker::TestPki;
 use tokio_util::sync::CancellationToken;
-
-struct Mosquitto {
-    child: Child,
-    tls: SocketAddr,
-    mtls: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_mosquitto(pki: &TestPki) -> Mosquitto {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tls = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().expect("port")));
-    let mtls = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().expect("port")));
-    let files = format!(
-        "cafile {}\ncertfile {}\nkeyfile {}\n",
-        pki.ca_file.display(),
-        pki.server_cert_file.display(),
-        pki.server_key_file.display()
-    );
-    let conf = format!(
-        "user root\nper_listener_settings false\nallow_anonymous true\npersistence false\n\
-         log_dest stderr\n\
-         listener {} 127.0.0.1\n{files}\
-         listener {} 127.0.0.1\n{files}require_certificate true\n",
-        tls.port(),
-        mtls.port()
-    );
-    let conf_path = write_file(dir.path(), "mosquitto.conf", &conf);
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto binary (apt-get install mosquitto)");
-    for a in [tls, mtls] {
-        wait_listening(a, Duration::from_secs(20)).expect("mosquitto listens");
-    }
-    Mosquitto {
-        child,
-        tls,
-        mtls,
-        _dir: dir,
-    }
-}
 
 async fn flows_through_mosquitto(protocol: &str, mutual: bool) {
     let plant = start_plant().await;
     let pki = TestPki::generate().expect("pki");
-    let mosq = start_mosquitto(&pki);
+    let mosq = start_mosquitto(&pki, Default::default());
     let target = if mutual { mosq.mtls } else { mosq.tls };
     let mut toml = agent_toml(
         &plant.dir.path().join("agent"),
@@ -144,7 +92,7 @@ async fn mosquitto_refuses_agent_without_client_cert() {
     // (and must keep retrying rather than crash).
     let plant = start_plant().await;
     let pki = TestPki::generate().expect("pki");
-    let mosq = start_mosquitto(&pki);
+    let mosq = start_mosquitto(&pki, Default::default());
     let toml = agent_toml(
         &plant.dir.path().join("agent"),
         mosq.mtls,

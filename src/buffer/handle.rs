@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::{BufferError, Stats, Store};
+use super::{BufferError, DeadLetter, Eviction, Limits, Stats, Store};
 use crate::record::{NewRecord, StoredRecord, StreamKey};
 
 /// Upper bound on records merged into one coalesced transaction, so a burst
@@ -42,6 +42,25 @@ enum Command {
     },
     Stats {
         reply: Reply<Stats>,
+    },
+    EvictExpired {
+        now_ms: i64,
+        reply: Reply<Vec<Eviction>>,
+    },
+    DeadLetter {
+        ids: Vec<i64>,
+        reason: String,
+        reply: Reply<usize>,
+    },
+    DeadLetters {
+        reply: Reply<Vec<DeadLetter>>,
+    },
+    RetryDeadLetters {
+        reply: Reply<usize>,
+    },
+    SetLimits {
+        limits: Limits,
+        reply: Reply<()>,
     },
     Close {
         reply: oneshot::Sender<()>,
@@ -161,6 +180,38 @@ impl BufferHandle {
         self.request(|reply| Command::Stats { reply }).await
     }
 
+    /// See [`Store::evict_expired`]; the agent calls it periodically. The
+    /// `buffer.evicted` events it writes wake [`BufferHandle::appended`].
+    pub async fn evict_expired(&self, now_ms: i64) -> Result<Vec<Eviction>, BufferError> {
+        self.request(|reply| Command::EvictExpired { now_ms, reply })
+            .await
+    }
+
+    /// See [`Store::dead_letter`]: for records the broker rejected
+    /// repeatedly.
+    pub async fn dead_letter(&self, ids: Vec<i64>, reason: String) -> Result<usize, BufferError> {
+        self.request(|reply| Command::DeadLetter { ids, reason, reply })
+            .await
+    }
+
+    /// See [`Store::dead_letters`].
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BufferError> {
+        self.request(|reply| Command::DeadLetters { reply }).await
+    }
+
+    /// See [`Store::retry_dead_letters`]. Wakes [`BufferHandle::appended`]
+    /// when rows came back.
+    pub async fn retry_dead_letters(&self) -> Result<usize, BufferError> {
+        self.request(|reply| Command::RetryDeadLetters { reply })
+            .await
+    }
+
+    /// See [`Store::set_limits`].
+    pub async fn set_limits(&self, limits: Limits) -> Result<(), BufferError> {
+        self.request(|reply| Command::SetLimits { limits, reply })
+            .await
+    }
+
     /// Signalled after every commit that added records. Both current waiters
     /// are woken and a permit is stored, so a single consumer that was busy
     /// when the commit happened still sees it on its next `notified().await`.
@@ -227,6 +278,34 @@ impl Worker {
                 }
                 Command::Stats { reply } => {
                     let _ = reply.send(self.store.stats());
+                }
+                Command::EvictExpired { now_ms, reply } => {
+                    let result = self.store.evict_expired(now_ms);
+                    if matches!(&result, Ok(e) if !e.is_empty()) {
+                        self.wake();
+                    }
+                    let _ = reply.send(result);
+                }
+                Command::DeadLetter { ids, reason, reply } => {
+                    let result = self.store.dead_letter(&ids, &reason);
+                    if matches!(result, Ok(n) if n > 0) {
+                        // Its system.error event is a new record.
+                        self.wake();
+                    }
+                    let _ = reply.send(result);
+                }
+                Command::DeadLetters { reply } => {
+                    let _ = reply.send(self.store.dead_letters());
+                }
+                Command::RetryDeadLetters { reply } => {
+                    let result = self.store.retry_dead_letters();
+                    if matches!(result, Ok(n) if n > 0) {
+                        self.wake();
+                    }
+                    let _ = reply.send(result);
+                }
+                Command::SetLimits { limits, reply } => {
+                    let _ = reply.send(self.store.set_limits(limits));
                 }
                 Command::Close { reply } => {
                     close_reply = Some(reply);
@@ -314,6 +393,11 @@ impl Worker {
             return;
         }
         self.commits.fetch_add(1, Ordering::Relaxed);
+        self.wake();
+    }
+
+    /// New rows to publish: wake current waiters and leave a permit.
+    fn wake(&self) {
         self.appended.notify_waiters();
         self.appended.notify_one();
     }

@@ -37,32 +37,90 @@
 //!    `records.size` of that stream's pending rows; every statement that
 //!    inserts or deletes rows updates them in the same transaction.
 //! 5. Row ids are never reused (`AUTOINCREMENT`): the uplink acks by id, and an
-//!    ack arriving late must not delete a newer row that inherited the id.
+//!    ack arriving late must not delete a newer row that inherited the id. A
+//!    dead-lettered row keeps its id and gets it back on retry.
+//! 6. **Only acks and announced evictions lose data.** Rows leave `records` by
+//!    [`Store::ack`], by eviction, or by [`Store::dead_letter`] (moved, not
+//!    lost). An eviction deletes a *head* of a stream (every pending row with
+//!    `seq <= last_seq`), and in the same transaction appends one
+//!    `buffer.evicted` event per affected stream to the agent's own event
+//!    stream, naming the exact seq range, and adds the count to
+//!    `streams.evicted_total`. There is no eviction without its event.
+//! 7. **Priority lanes** (SPEC 1.4). Size eviction (`max_size`, `disk_full`)
+//!    takes `tag` rows oldest first across all tag streams (oldest = lowest
+//!    row id, i.e. arrival order); a row of any other kind is taken only in a
+//!    transaction that has already taken every remaining tag row. Age eviction
+//!    (`max_age`) applies to all kinds alike.
+//! 8. **Eviction terminates.** Each eviction transaction frees more accounted
+//!    bytes than its own events add, or it is rolled back and reported as
+//!    "nothing evictable"; events created by an eviction are never part of
+//!    that same eviction (ranges are chosen before they are inserted).
+//! 9. **Size bound.** With [`Limits::max_size`] set, `PRAGMA max_page_count`
+//!    holds the main file below `max_size` minus a WAL share (a quarter, at
+//!    most 64 MiB), and `wal_autocheckpoint`/`journal_size_limit` keep the WAL
+//!    inside that share, so SQLite itself refuses to grow past the limit
+//!    (`SQLITE_FULL`). Appends evict tags proactively when the pages in use
+//!    pass 90 % of the cap (down to 80 %), so the hard wall is rarely hit; when
+//!    it is, the append evicts along the lanes and retries, and fails with
+//!    [`BufferError::Full`] (nothing accepted) only when nothing is left.
+//!    A transaction larger than about an eighth of `max_size` can still push
+//!    the WAL past its share for a moment; records are never split to avoid
+//!    that, because an append is atomic by contract.
+//! 10. **Disk full** (`SQLITE_FULL` below `max_page_count`): the file is held
+//!     at the size it had when the disk filled (reason `disk_full` for what is
+//!     evicted from then on), so freed pages are reused instead of growing the
+//!     file. [`Store::evict_expired`] (called periodically) lifts that cap again
+//!     so a disk that got space back is used.
+//! 11. **Corruption is quarantined, never deleted.** [`Store::open_with`] runs
+//!     `PRAGMA quick_check` before writing anything (checkpoint-on-close is off
+//!     while probing, so the bad file keeps its bytes), moves a corrupt file and
+//!     its `-wal`/`-shm` to `buffer.db.corrupt-<UTC timestamp>[-wal|-shm]`,
+//!     starts a fresh file with a new epoch and records a `system.error` event in
+//!     it. I/O errors, a locked file or a newer schema are *not* corruption and
+//!     are returned as errors: moving a healthy file aside would lose data.
 //!
-//! # On-disk layout (`{data_dir}/buffer.db`, `PRAGMA user_version = 1`)
+//! # `max_age` is measured on `ts_ms`
+//!
+//! Age eviction compares a record's `ts_ms` (its source timestamp), the same
+//! value `oldest_ts` in `/status` and the heartbeat reports, so an operator
+//! can check the promise from the outside. It removes a stream's head while
+//! the head is older than `max_age`; a young head protects older rows behind
+//! it (source timestamps need not be monotonic), which keeps every eviction a
+//! contiguous head range. Consequence worth knowing: the first value of a tag
+//! that has not changed for longer than `max_age` (OPC UA reports its old
+//! source timestamp) is evicted by the next `evict_expired` if it has not been
+//! delivered by then.
+//!
+//! # On-disk layout (`{data_dir}/buffer.db`, `PRAGMA user_version = 2`)
 //!
 //! ```text
 //! meta     (key TEXT PRIMARY KEY, value TEXT)         -- 'epoch' → 32 hex chars
 //! streams  (id INTEGER PRIMARY KEY,
 //!           connection TEXT, kind TEXT,               -- UNIQUE (connection, kind)
 //!           next_seq INTEGER,                         -- next seq to assign, starts at 1
-//!           records INTEGER, bytes INTEGER)           -- pending counters (invariant 4)
+//!           records INTEGER, bytes INTEGER,           -- pending counters (invariant 4)
+//!           evicted_total INTEGER)                    -- rows ever evicted (v2)
 //! records  (id INTEGER PRIMARY KEY AUTOINCREMENT,     -- what the uplink acks
 //!           stream INTEGER REFERENCES streams(id),
 //!           seq INTEGER, ts_ms INTEGER,
 //!           data TEXT,                                -- compact JSON, published verbatim
 //!           size INTEGER)                             -- len(data) + ROW_OVERHEAD_BYTES
 //! UNIQUE INDEX records_stream_seq ON records (stream, seq)
+//! dead_letters (id INTEGER PRIMARY KEY,               -- the row's records.id (v2)
+//!           stream, seq, ts_ms, data, size,           -- as in records
+//!           reason TEXT, dead_ms INTEGER)             -- why and when
+//! INDEX dead_letters_stream_seq ON dead_letters (stream, seq)
 //! ```
 //!
 //! Rows reference their stream by a small integer instead of repeating the
 //! connection name, which keeps both the table and the `(stream, seq)` index
-//! compact at millions of rows.
+//! compact at millions of rows. Version 1 files are upgraded in place.
 
 mod handle;
 mod store;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -96,6 +154,23 @@ pub enum BufferError {
         op: &'static str,
         source: serde_json::Error,
     },
+    /// Nothing accepted: the size limit or the disk is reached and no row is
+    /// left that eviction may take.
+    #[error(
+        "buffer {} is full ({reason}): {records} records not accepted, nothing left to evict",
+        path.display()
+    )]
+    Full {
+        path: PathBuf,
+        reason: EvictionReason,
+        records: usize,
+    },
+    #[error("cannot move corrupt buffer database {} aside to {}: {source}", path.display(), moved_to.display())]
+    Quarantine {
+        path: PathBuf,
+        moved_to: PathBuf,
+        source: std::io::Error,
+    },
     #[error("buffer is closed")]
     Closed,
 }
@@ -103,13 +178,153 @@ pub enum BufferError {
 impl BufferError {
     /// True when SQLite reported a full disk: the caller should evict and
     /// retry rather than treat the buffer as broken (SPEC 1.4).
+    /// [`BufferError::Full`] means the buffer already did that and nothing was
+    /// left to evict: the records were not accepted.
     pub fn is_disk_full(&self) -> bool {
+        match self {
+            BufferError::Full { .. } => true,
+            BufferError::Sqlite { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            _ => false,
+        }
+    }
+
+    /// True for `SQLITE_IOERR` (EIO and friends): the operation was rolled
+    /// back and the file is consistent, but the storage is misbehaving.
+    pub fn is_io_error(&self) -> bool {
         matches!(
             self,
             BufferError::Sqlite { source, .. }
-                if source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+                if source.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure)
         )
     }
+}
+
+/// Size and age bounds of the buffer (`buffer.max_size`, `buffer.max_age`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes the database file plus its WAL may take on disk. Values below
+    /// about 128 KiB are raised to what an empty database needs.
+    pub max_size: u64,
+    /// Records whose `ts_ms` is older than this are evicted by
+    /// [`Store::evict_expired`].
+    pub max_age: Duration,
+}
+
+impl Limits {
+    /// No bound at all: what the CLI and tests use.
+    pub const NONE: Limits = Limits {
+        max_size: u64::MAX,
+        max_age: Duration::MAX,
+    };
+
+    pub fn from_config(config: &crate::config::BufferConfig) -> Limits {
+        Limits {
+            max_size: config.max_size,
+            max_age: config.max_age,
+        }
+    }
+
+    pub(crate) fn max_age_ms(&self) -> Option<i64> {
+        i64::try_from(self.max_age.as_millis()).ok()
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::NONE
+    }
+}
+
+/// Why rows were evicted; the `reason` of a `buffer.evicted` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvictionReason {
+    MaxSize,
+    MaxAge,
+    DiskFull,
+}
+
+impl EvictionReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictionReason::MaxSize => "max_size",
+            EvictionReason::MaxAge => "max_age",
+            EvictionReason::DiskFull => "disk_full",
+        }
+    }
+}
+
+impl std::fmt::Display for EvictionReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One evicted head range of one stream, as announced by its
+/// `buffer.evicted` event: every pending row of the stream with
+/// `first_seq <= seq <= last_seq` (`count` of them) is gone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Eviction {
+    pub connection: String,
+    pub kind: Kind,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub count: u64,
+    /// Accounted bytes freed.
+    pub bytes: u64,
+    pub reason: EvictionReason,
+}
+
+impl Eviction {
+    pub fn stream(&self) -> StreamKey {
+        StreamKey::new(self.connection.clone(), self.kind)
+    }
+}
+
+/// What [`Store::append_with_report`] did: the seqs of the accepted records
+/// (input order) and the evictions it had to make first, in the order they
+/// were committed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppendReport {
+    pub seqs: Vec<u64>,
+    pub evicted: Vec<Eviction>,
+}
+
+/// Result of [`Store::open_with`].
+pub struct OpenOutcome {
+    pub store: Store,
+    /// Set when the file found at the path was corrupt and has been moved
+    /// aside; the fresh database already holds a `system.error` event saying
+    /// so.
+    pub quarantined: Option<Quarantined>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The corrupt file's new name (its `-wal`/`-shm`, if any, sit next to it
+    /// with those suffixes).
+    pub moved_to: PathBuf,
+    /// What was found wrong with it.
+    pub reason: String,
+}
+
+/// A run of dead-lettered rows of one stream that were moved together (same
+/// reason, same time), listed by `plantgate buffer dead-letters`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    pub connection: String,
+    pub kind: Kind,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Rows in the run; less than `last_seq - first_seq + 1` when rows in
+    /// between were delivered.
+    pub count: u64,
+    pub bytes: u64,
+    pub reason: String,
+    /// When they were moved, milliseconds since the Unix epoch.
+    pub dead_at_ms: i64,
 }
 
 /// Buffer totals, for `/status`, `/metrics` and `plantgate buffer stats`.
@@ -122,8 +337,14 @@ pub struct Stats {
     /// Oldest `ts_ms` among the first pending record of every stream, i.e. the
     /// age that head-first eviction would see.
     pub oldest_ts_ms: Option<i64>,
-    /// Database file size (pages in use × page size), excluding the WAL.
+    /// Database size (pages × page size, free pages included), excluding the WAL.
     pub file_bytes: u64,
+    /// Current size of the `-wal` file on disk.
+    pub wal_bytes: u64,
+    /// Rows ever evicted, all streams (sum of the per-stream counters).
+    pub evicted_total: u64,
+    /// Rows waiting in the dead-letter table.
+    pub dead_letters: u64,
     /// Every stream ever seen, including drained ones (their `next_seq` still
     /// matters to consumers).
     pub streams: Vec<StreamStats>,
@@ -141,6 +362,8 @@ pub struct StreamStats {
     pub next_seq: u64,
     /// `ts_ms` of the first pending record.
     pub oldest_ts_ms: Option<i64>,
+    /// Rows of this stream ever evicted.
+    pub evicted_total: u64,
 }
 
 impl StreamStats {

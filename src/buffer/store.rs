@@ -4,23 +4,52 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::config::DbConfig;
+use rusqlite::{
+    params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
+};
 
-use super::{BufferError, Stats, StreamStats};
+use super::{
+    AppendReport, BufferError, DeadLetter, Eviction, EvictionReason, Limits, OpenOutcome,
+    Quarantined, Stats, StreamStats,
+};
 use crate::config::Synchronous;
-use crate::record::{Kind, NewRecord, StoredRecord, StreamKey};
+use crate::record::{now_ms, Kind, NewRecord, StoredRecord, StreamKey};
 
 /// Accounted per-row cost on top of the JSON text (row header, ids, seq,
 /// timestamp, index entry), so that many tiny records are not mistaken for
 /// free when the size limit is enforced.
 pub const ROW_OVERHEAD_BYTES: u64 = 48;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Long enough to ride out a `plantgate buffer ...` command or a checkpoint
 /// holding the write lock; short enough that a wedged peer surfaces as an
 /// error instead of a silent hang.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Proactive eviction starts when the pages in use (plus the estimate for
+/// the incoming append) pass this share of the page cap...
+const SOFT_HIGH_PERCENT: u64 = 90;
+/// ...and goes down to this share, so that it runs once per burst rather
+/// than on every append.
+const SOFT_LOW_PERCENT: u64 = 80;
+/// One eviction transaction takes at most this many rows: bounded WAL growth
+/// and bounded write-lock time, whatever the backlog.
+const CHUNK_MAX_ROWS: usize = 4096;
+/// Smallest amount an eviction aims to free: below that, the event records
+/// it writes would eat a noticeable part of what it frees.
+const CHUNK_MIN_BYTES: u64 = 16 * 1024;
+/// Evict-and-retry rounds for one append that hits the hard wall. Each
+/// round frees at least twice what the append needs; more rounds than this
+/// means something other than space is wrong.
+const MAX_FULL_RETRIES: usize = 8;
+/// Rounds of proactive eviction per append (each is one transaction).
+const MAX_RELIEF_ROUNDS: usize = 64;
+/// `max_page_count` accepted by SQLite as "no limit".
+const UNLIMITED_PAGES: u64 = 4_294_967_294;
+/// Fewest pages the main file is allowed: the schema alone takes about ten.
+const MIN_DB_PAGES: u64 = 24;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -28,12 +57,13 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (
-    id         INTEGER PRIMARY KEY,
-    connection TEXT NOT NULL,
-    kind       TEXT NOT NULL,
-    next_seq   INTEGER NOT NULL,
-    records    INTEGER NOT NULL DEFAULT 0,
-    bytes      INTEGER NOT NULL DEFAULT 0,
+    id            INTEGER PRIMARY KEY,
+    connection    TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    next_seq      INTEGER NOT NULL,
+    records       INTEGER NOT NULL DEFAULT 0,
+    bytes         INTEGER NOT NULL DEFAULT 0,
+    evicted_total INTEGER NOT NULL DEFAULT 0,
     UNIQUE (connection, kind)
 );
 CREATE TABLE IF NOT EXISTS records (
@@ -45,7 +75,28 @@ CREATE TABLE IF NOT EXISTS records (
     size   INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS records_stream_seq ON records (stream, seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id      INTEGER PRIMARY KEY,
+    stream  INTEGER NOT NULL REFERENCES streams(id),
+    seq     INTEGER NOT NULL,
+    ts_ms   INTEGER NOT NULL,
+    data    TEXT NOT NULL,
+    size    INTEGER NOT NULL,
+    reason  TEXT NOT NULL,
+    dead_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_stream_seq ON dead_letters (stream, seq);
 ";
+
+/// Every column the code reads, per table: preparing these proves the schema
+/// is what this version expects (a file with our table names but other
+/// columns is as unusable as garbage).
+const SCHEMA_PROBES: [&str; 4] = [
+    "SELECT key, value FROM meta LIMIT 0",
+    "SELECT id, connection, kind, next_seq, records, bytes, evicted_total FROM streams LIMIT 0",
+    "SELECT id, stream, seq, ts_ms, data, size FROM records LIMIT 0",
+    "SELECT id, stream, seq, ts_ms, data, size, reason, dead_ms FROM dead_letters LIMIT 0",
+];
 
 /// The buffer database. Not `Sync`: one owner (the buffer thread, or a CLI
 /// command) at a time.
@@ -53,6 +104,18 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     epoch: String,
+    limits: Limits,
+    page_size: u64,
+    /// `max_page_count` derived from `limits.max_size`; `None` = unlimited.
+    size_cap_pages: Option<u64>,
+    /// Set when the filesystem filled below the size cap: the main file is
+    /// held at the page count it had then (invariant 10).
+    disk_cap_pages: Option<u64>,
+    /// Keep a reserve file next to the database (service only, see
+    /// [`Store::ensure_reserve`]).
+    keep_reserve: bool,
+    /// Size the reserve file should have.
+    reserve_bytes: u64,
 }
 
 /// Per-stream bookkeeping while one append transaction is open.
@@ -65,93 +128,672 @@ struct Pending<'a> {
     bytes: i64,
 }
 
+/// A head range chosen for eviction, before it is deleted.
+struct Range {
+    stream: i64,
+    connection: String,
+    kind: Kind,
+    first_seq: i64,
+    last_seq: i64,
+    count: i64,
+    bytes: i64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Tag rows only (proactive eviction).
+    Tags,
+    /// Tag rows, then, once none is left, every other kind.
+    Any,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Does SQLite recognise the file: cheap, for the CLI.
+    Light,
+    /// `PRAGMA quick_check` over the whole file: for the service start.
+    Quick,
+}
+
+/// Why opening failed: only `Corrupt` justifies moving the file aside.
+enum OpenError {
+    Corrupt(String),
+    Fatal(BufferError),
+}
+
+fn sql_err<'a>(op: &'static str, path: &'a Path) -> impl Fn(rusqlite::Error) -> BufferError + 'a {
+    move |source| BufferError::Sqlite {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn is_sqlite_full(e: &BufferError) -> bool {
+    matches!(e, BufferError::Sqlite { source, .. }
+        if source.sqlite_error_code() == Some(ErrorCode::DiskFull))
+}
+
+fn encode(records: &[NewRecord], op: &'static str) -> Result<Vec<String>, BufferError> {
+    records
+        .iter()
+        .map(|r| {
+            serde_json::to_string(&r.data).map_err(|source| BufferError::Encode { op, source })
+        })
+        .collect()
+}
+
+fn accounted(data: &str) -> i64 {
+    data.len() as i64 + ROW_OVERHEAD_BYTES as i64
+}
+
+/// An event of the agent itself (connection ""), as `status::event_record`
+/// builds them; duplicated here so the buffer does not depend on `status`.
+fn agent_event(event_type: &str, ts_ms: i64, details: serde_json::Value) -> NewRecord {
+    NewRecord {
+        connection: String::new(),
+        kind: Kind::Event,
+        ts_ms,
+        data: serde_json::json!({ "type": event_type, "details": details }),
+    }
+}
+
+fn connection_value(connection: &str) -> serde_json::Value {
+    if connection.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::String(connection.to_string())
+    }
+}
+
+/// The `buffer.evicted` event announcing `e`.
+pub(crate) fn eviction_event(e: &Eviction, ts_ms: i64) -> NewRecord {
+    agent_event(
+        "buffer.evicted",
+        ts_ms,
+        serde_json::json!({
+            "connection": connection_value(&e.connection),
+            "kind": e.kind.as_str(),
+            "first_seq": e.first_seq,
+            "last_seq": e.last_seq,
+            "count": e.count,
+            "reason": e.reason.as_str(),
+        }),
+    )
+}
+
+/// The `system.error` event naming rows moved to dead letters.
+pub(crate) fn dead_letter_event(
+    connection: &str,
+    kind: Kind,
+    first_seq: u64,
+    last_seq: u64,
+    count: u64,
+    reason: &str,
+    ts_ms: i64,
+) -> NewRecord {
+    agent_event(
+        "system.error",
+        ts_ms,
+        serde_json::json!({
+            "message": "records moved to dead letters",
+            "connection": connection_value(connection),
+            "kind": kind.as_str(),
+            "first_seq": first_seq,
+            "last_seq": last_seq,
+            "count": count,
+            "reason": reason,
+        }),
+    )
+}
+
+/// Inserts already-encoded records inside `tx`, assigning seqs and updating
+/// the stream counters (invariants 1 and 4). Shared by appends and by the
+/// events the buffer writes itself, so both follow the same rules.
+fn insert_encoded(
+    tx: &Transaction,
+    path: &Path,
+    op: &'static str,
+    records: &[NewRecord],
+    encoded: &[String],
+) -> Result<Vec<u64>, BufferError> {
+    let sql = sql_err(op, path);
+    let mut seqs = Vec::with_capacity(records.len());
+    // A batch touches few streams; a linear scan beats hashing owned keys.
+    let mut touched: Vec<Pending> = Vec::new();
+    let mut find = tx
+        .prepare_cached("SELECT id, next_seq FROM streams WHERE connection = ?1 AND kind = ?2")
+        .map_err(&sql)?;
+    let mut create = tx
+        .prepare_cached(
+            "INSERT INTO streams (connection, kind, next_seq) VALUES (?1, ?2, 1) RETURNING id",
+        )
+        .map_err(&sql)?;
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO records (stream, seq, ts_ms, data, size) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(&sql)?;
+    for (record, data) in records.iter().zip(encoded) {
+        let slot = match touched
+            .iter()
+            .position(|p| p.kind == record.kind && p.connection == record.connection)
+        {
+            Some(slot) => slot,
+            None => {
+                let kind = record.kind.as_str();
+                let found: Option<(i64, i64)> = find
+                    .query_row(params![record.connection, kind], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })
+                    .optional()
+                    .map_err(&sql)?;
+                let (id, next_seq) = match found {
+                    Some(found) => found,
+                    None => (
+                        create
+                            .query_row(params![record.connection, kind], |row| row.get(0))
+                            .map_err(&sql)?,
+                        1,
+                    ),
+                };
+                touched.push(Pending {
+                    id,
+                    connection: &record.connection,
+                    kind: record.kind,
+                    next_seq,
+                    records: 0,
+                    bytes: 0,
+                });
+                touched.len() - 1
+            }
+        };
+        let size = accounted(data);
+        let stream = &mut touched[slot];
+        insert
+            .execute(params![
+                stream.id,
+                stream.next_seq,
+                record.ts_ms,
+                data,
+                size
+            ])
+            .map_err(&sql)?;
+        seqs.push(stream.next_seq as u64);
+        stream.next_seq += 1;
+        stream.records += 1;
+        stream.bytes += size;
+    }
+    let mut advance = tx
+        .prepare_cached(
+            "UPDATE streams SET next_seq = ?2, records = records + ?3, bytes = bytes + ?4 \
+             WHERE id = ?1",
+        )
+        .map_err(&sql)?;
+    for s in &touched {
+        advance
+            .execute(params![s.id, s.next_seq, s.records, s.bytes])
+            .map_err(&sql)?;
+    }
+    Ok(seqs)
+}
+
+fn insert_new(
+    tx: &Transaction,
+    path: &Path,
+    op: &'static str,
+    records: &[NewRecord],
+) -> Result<Vec<u64>, BufferError> {
+    let encoded = encode(records, op)?;
+    insert_encoded(tx, path, op, records, &encoded)
+}
+
+/// Deletes the chosen head ranges, counts them as evicted and announces them,
+/// all inside `tx` (invariant 6). Returns `None`, leaving `tx` to be rolled
+/// back, when the events would take more than the rows free (invariant 8).
+fn delete_and_announce(
+    tx: &Transaction,
+    path: &Path,
+    ranges: Vec<Range>,
+    reason: EvictionReason,
+    ts_ms: i64,
+    check_cost: bool,
+) -> Result<Option<Vec<Eviction>>, BufferError> {
+    let sql = sql_err("evict", path);
+    let evictions: Vec<Eviction> = ranges
+        .iter()
+        .map(|r| Eviction {
+            connection: r.connection.clone(),
+            kind: r.kind,
+            first_seq: r.first_seq as u64,
+            last_seq: r.last_seq as u64,
+            count: r.count as u64,
+            bytes: r.bytes as u64,
+            reason,
+        })
+        .collect();
+    let events: Vec<NewRecord> = evictions.iter().map(|e| eviction_event(e, ts_ms)).collect();
+    let encoded = encode(&events, "evict")?;
+    let freed: i64 = ranges.iter().map(|r| r.bytes).sum();
+    let cost: i64 = encoded.iter().map(|d| accounted(d)).sum();
+    if check_cost && freed <= cost {
+        return Ok(None);
+    }
+    {
+        let mut delete = tx
+            .prepare_cached("DELETE FROM records WHERE stream = ?1 AND seq BETWEEN ?2 AND ?3")
+            .map_err(&sql)?;
+        let mut shrink = tx
+            .prepare_cached(
+                "UPDATE streams SET records = records - ?2, bytes = bytes - ?3, \
+                 evicted_total = evicted_total + ?2 WHERE id = ?1",
+            )
+            .map_err(&sql)?;
+        for r in &ranges {
+            let n = delete
+                .execute(params![r.stream, r.first_seq, r.last_seq])
+                .map_err(&sql)?;
+            if n as i64 != r.count {
+                // The range was read in this same transaction; a mismatch
+                // means the index and the table disagree.
+                return Err(BufferError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "evicting seq {}..={} of {}/{}: expected {} rows, deleted {n}",
+                        r.first_seq, r.last_seq, r.connection, r.kind, r.count
+                    ),
+                });
+            }
+            shrink
+                .execute(params![r.stream, r.count, r.bytes])
+                .map_err(&sql)?;
+        }
+    }
+    // After the deletes, so the events can reuse the pages just freed even
+    // when the file is at its cap.
+    insert_encoded(tx, path, "evict", &events, &encoded)?;
+    Ok(Some(evictions))
+}
+
+/// Streams with pending rows, optionally only tag streams or only the others,
+/// in `StreamKey` order.
+fn pending_streams(
+    tx: &Transaction,
+    path: &Path,
+    tags: Option<bool>,
+) -> Result<Vec<(i64, String, Kind)>, BufferError> {
+    let sql = sql_err("evict", path);
+    let mut stmt = tx
+        .prepare_cached("SELECT id, connection, kind FROM streams WHERE records > 0")
+        .map_err(&sql)?;
+    let rows = stmt
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+            ))
+        })
+        .map_err(&sql)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, connection, kind) = row.map_err(&sql)?;
+        let kind = Kind::parse(&kind).ok_or_else(|| BufferError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("unknown record kind {kind:?}"),
+        })?;
+        let wanted = match tags {
+            Some(t) => t == (kind == Kind::Tag),
+            None => true,
+        };
+        if wanted {
+            out.push((id, connection, kind));
+        }
+    }
+    out.sort_unstable_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
+    Ok(out)
+}
+
+/// Picks head rows oldest-first (lowest row id) across `streams` until
+/// `want` accounted bytes or `max_rows` rows are reached, walking each
+/// stream's `(stream, seq)` index lazily: memory is O(streams), not O(rows).
+/// Adds the picks to `ranges`; returns (bytes, rows) picked.
+fn pick_oldest(
+    tx: &Transaction,
+    path: &Path,
+    streams: &[(i64, String, Kind)],
+    want: u64,
+    max_rows: usize,
+    ranges: &mut Vec<Range>,
+) -> Result<(u64, usize), BufferError> {
+    let sql = sql_err("evict", path);
+    let mut stmts = Vec::with_capacity(streams.len());
+    for _ in streams {
+        stmts.push(
+            tx.prepare("SELECT id, seq, size FROM records WHERE stream = ?1 ORDER BY seq")
+                .map_err(&sql)?,
+        );
+    }
+    let mut cursors = Vec::with_capacity(streams.len());
+    for (stmt, s) in stmts.iter_mut().zip(streams) {
+        cursors.push(stmt.query(params![s.0]).map_err(&sql)?);
+    }
+    let step = |rows: &mut rusqlite::Rows| -> Result<Option<(i64, i64, i64)>, BufferError> {
+        match rows.next().map_err(&sql)? {
+            Some(row) => Ok(Some((
+                row.get(0).map_err(&sql)?,
+                row.get(1).map_err(&sql)?,
+                row.get(2).map_err(&sql)?,
+            ))),
+            None => Ok(None),
+        }
+    };
+    let mut heads = Vec::with_capacity(cursors.len());
+    for c in cursors.iter_mut() {
+        heads.push(step(c)?);
+    }
+    let mut picked: Vec<Option<Range>> = streams.iter().map(|_| None).collect();
+    let (mut bytes, mut rows) = (0u64, 0usize);
+    while bytes < want && rows < max_rows {
+        let Some(i) = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.map(|(id, _, _)| (id, i)))
+            .min()
+            .map(|(_, i)| i)
+        else {
+            break;
+        };
+        let Some((_, seq, size)) = heads[i] else {
+            break;
+        };
+        let (stream, connection, kind) = &streams[i];
+        match &mut picked[i] {
+            Some(r) => {
+                r.last_seq = seq;
+                r.count += 1;
+                r.bytes += size;
+            }
+            slot @ None => {
+                *slot = Some(Range {
+                    stream: *stream,
+                    connection: connection.clone(),
+                    kind: *kind,
+                    first_seq: seq,
+                    last_seq: seq,
+                    count: 1,
+                    bytes: size,
+                })
+            }
+        }
+        bytes = bytes.saturating_add(size.max(0) as u64);
+        rows += 1;
+        heads[i] = step(&mut cursors[i])?;
+    }
+    ranges.extend(picked.into_iter().flatten());
+    Ok((bytes, rows))
+}
+
 impl Store {
-    /// Opens or creates the buffer at `path`. Creating the file also creates
-    /// its epoch, in the same transaction as the schema, so a database can
-    /// never be observed without one.
+    /// Opens or creates the buffer at `path` without limits and without
+    /// quarantine: for `plantgate buffer ...` and tests, which must never move
+    /// a file the service may be using. Creating the file also creates its
+    /// epoch, in the same transaction as the schema, so a database can never
+    /// be observed without one. A corrupt file is reported as
+    /// [`BufferError::Corrupt`] (or the SQLite error that revealed it).
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, BufferError> {
+        match Self::open_inner(path, synchronous, Limits::NONE, Check::Light) {
+            Ok(store) => Ok(store),
+            Err(OpenError::Fatal(e)) => Err(e),
+            Err(OpenError::Corrupt(detail)) => Err(BufferError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("cannot open it: {detail}"),
+            }),
+        }
+    }
+
+    /// The service's open: applies `limits`, verifies the whole file with
+    /// `PRAGMA quick_check` (reads every page: seconds for a GiB on slow
+    /// flash), and quarantines a corrupt file (invariant 11) instead of
+    /// failing. Errors that are not corruption (permissions, I/O, a newer
+    /// schema, a lock held too long) are returned and nothing is moved.
+    pub fn open_with(
+        path: &Path,
+        synchronous: Synchronous,
+        limits: Limits,
+    ) -> Result<OpenOutcome, BufferError> {
+        let mut first = Self::open_inner(path, synchronous, limits, Check::Quick);
+        if let Err(OpenError::Fatal(e)) = &first {
+            // A restart on a full disk: the reserve is what lets it start,
+            // instead of failing (and being restarted) forever.
+            if e.is_disk_full() && std::fs::remove_file(sidecar(path, ".reserve")).is_ok() {
+                tracing::warn!(path = %path.display(), "disk full at start: released the buffer's disk reserve");
+                first = Self::open_inner(path, synchronous, limits, Check::Quick);
+            }
+        }
+        let reason = match first {
+            Ok(store) => {
+                return Ok(OpenOutcome {
+                    store,
+                    quarantined: None,
+                })
+            }
+            Err(OpenError::Fatal(e)) => return Err(e),
+            Err(OpenError::Corrupt(reason)) => reason,
+        };
+        let moved_to = quarantine(path)?;
+        tracing::error!(path = %path.display(), moved_to = %moved_to.display(), %reason,
+            "buffer database was corrupt and has been moved aside; starting a new one");
+        let mut store = match Self::open_inner(path, synchronous, limits, Check::Quick) {
+            Ok(store) => store,
+            Err(OpenError::Fatal(e)) => return Err(e),
+            Err(OpenError::Corrupt(detail)) => {
+                return Err(BufferError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: format!("fresh database after quarantine: {detail}"),
+                })
+            }
+        };
+        let event = agent_event(
+            "system.error",
+            now_ms(),
+            serde_json::json!({
+                "message": "buffer database was corrupt and has been moved aside",
+                "moved_to": moved_to.display().to_string(),
+                "reason": reason,
+            }),
+        );
+        store.append(std::slice::from_ref(&event))?;
+        Ok(OpenOutcome {
+            store,
+            quarantined: Some(Quarantined { moved_to, reason }),
+        })
+    }
+
+    fn open_inner(
+        path: &Path,
+        synchronous: Synchronous,
+        limits: Limits,
+        check: Check,
+    ) -> Result<Store, OpenError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| BufferError::CreateDir {
-                path: dir.to_path_buf(),
-                source,
+            std::fs::create_dir_all(dir).map_err(|source| {
+                OpenError::Fatal(BufferError::CreateDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })
             })?;
         }
         let path = path.to_path_buf();
-        let sql = |source| BufferError::Sqlite {
-            op: "open",
-            path: path.clone(),
-            source,
+        // SQLITE_NOTADB / SQLITE_CORRUPT are the file's fault; anything else
+        // (EACCES, EIO, a lock) is the environment's, and must not cost the
+        // file its place.
+        let classify = |op: &'static str| {
+            let path = path.clone();
+            move |source: rusqlite::Error| match source.sqlite_error_code() {
+                Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => {
+                    OpenError::Corrupt(source.to_string())
+                }
+                _ => OpenError::Fatal(BufferError::Sqlite {
+                    op,
+                    path: path.clone(),
+                    source,
+                }),
+            }
         };
-
-        let mut conn = Connection::open(&path).map_err(sql)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+        let conn = Connection::open(&path).map_err(classify("open"))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(classify("open"))?;
+        // Until the file is known good, closing must not checkpoint a WAL
+        // into it: a quarantined file keeps the bytes it was found with.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map_err(classify("open"))?;
+        match check {
+            Check::Light => {
+                conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(classify("open"))?;
+            }
+            Check::Quick => {
+                let mut stmt = conn
+                    .prepare("PRAGMA quick_check(20)")
+                    .map_err(classify("quick check"))?;
+                let problems = stmt
+                    .query_map([], |row| row.get::<_, String>(0))
+                    .map_err(classify("quick check"))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(classify("quick check"))?;
+                if !(problems.len() == 1 && problems[0] == "ok") {
+                    return Err(OpenError::Corrupt(format!(
+                        "quick_check: {}",
+                        problems.join("; ")
+                    )));
+                }
+            }
+        }
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(sql)?;
+            .map_err(classify("open"))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(BufferError::Corrupt {
+            return Err(OpenError::Fatal(BufferError::Corrupt {
                 path,
                 detail: format!("cannot switch to WAL journal mode (got {mode:?})"),
-            });
+            }));
         }
         let sync = match synchronous {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
         };
-        conn.pragma_update(None, "synchronous", sync).map_err(sql)?;
+        conn.pragma_update(None, "synchronous", sync)
+            .map_err(classify("open"))?;
+        let epoch = Self::init_schema(conn, &path)?;
+        let (conn, epoch) = epoch;
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
+            .map_err(classify("open"))?;
+        let page_size: i64 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .map_err(classify("open"))?;
+        let mut store = Store {
+            conn,
+            path,
+            epoch,
+            limits,
+            page_size: page_size.max(512) as u64,
+            size_cap_pages: None,
+            disk_cap_pages: None,
+            keep_reserve: check == Check::Quick,
+            reserve_bytes: 0,
+        };
+        store.apply_limits().map_err(OpenError::Fatal)?;
+        store.ensure_reserve();
+        tracing::debug!(path = %store.path.display(), epoch = %store.epoch, "buffer opened");
+        Ok(store)
+    }
 
-        // IMMEDIATE: two processes opening a fresh file at once must not both
-        // create an epoch.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let version: i64 = tx
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .map_err(sql)?;
-        if version > SCHEMA_VERSION {
-            return Err(BufferError::Corrupt {
-                path,
-                detail: format!(
-                    "schema version {version} is newer than this plantgate understands \
-                     ({SCHEMA_VERSION}); refusing to touch it"
-                ),
-            });
-        }
-        tx.execute_batch(SCHEMA).map_err(sql)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(sql)?;
-        let existing: Option<String> = tx
-            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |row| {
-                row.get(0)
-            })
-            .optional()
-            .map_err(sql)?;
-        let epoch = match existing {
-            Some(epoch) => epoch,
-            None => {
-                // Seqs already handed out under a lost epoch would be
-                // re-announced under a new one as if they started fresh.
-                let streams: i64 = tx
-                    .query_row("SELECT count(*) FROM streams", [], |row| row.get(0))
-                    .map_err(sql)?;
-                if streams > 0 {
-                    return Err(BufferError::Corrupt {
-                        path,
-                        detail: "streams exist but the epoch is missing".into(),
-                    });
+    /// Creates or upgrades the schema and reads (or creates) the epoch, in
+    /// one IMMEDIATE transaction: two processes opening a fresh file at once
+    /// must not both create an epoch.
+    fn init_schema(mut conn: Connection, path: &Path) -> Result<(Connection, String), OpenError> {
+        // In here a generic SQLITE_ERROR ("no such column", "table already
+        // exists" with other columns) means the schema is not ours.
+        let classify = |op: &'static str| {
+            move |source: rusqlite::Error| match source.sqlite_error_code() {
+                Some(ErrorCode::NotADatabase)
+                | Some(ErrorCode::DatabaseCorrupt)
+                | Some(ErrorCode::Unknown) => {
+                    OpenError::Corrupt(format!("broken schema: {source}"))
                 }
-                let epoch = uuid::Uuid::new_v4().simple().to_string();
-                tx.execute(
-                    "INSERT INTO meta (key, value) VALUES ('epoch', ?1)",
-                    params![epoch],
-                )
-                .map_err(sql)?;
-                epoch
+                _ => OpenError::Fatal(BufferError::Sqlite {
+                    op,
+                    path: path.to_path_buf(),
+                    source,
+                }),
             }
         };
-        tx.commit().map_err(sql)?;
-        tracing::debug!(path = %path.display(), %epoch, "buffer opened");
-        Ok(Store { conn, path, epoch })
+        let epoch = {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(classify("open"))?;
+            let version: i64 = tx
+                .pragma_query_value(None, "user_version", |row| row.get(0))
+                .map_err(classify("open"))?;
+            if version > SCHEMA_VERSION {
+                return Err(OpenError::Fatal(BufferError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "schema version {version} is newer than this plantgate understands \
+                         ({SCHEMA_VERSION}); refusing to touch it"
+                    ),
+                }));
+            }
+            // Write only when something changes: reopening after a crash
+            // on a full disk must not need a single new page.
+            if version < SCHEMA_VERSION {
+                if version == 1 {
+                    tx.execute_batch(
+                        "ALTER TABLE streams ADD COLUMN evicted_total INTEGER NOT NULL DEFAULT 0",
+                    )
+                    .map_err(classify("upgrade"))?;
+                }
+                tx.execute_batch(SCHEMA).map_err(classify("open"))?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(classify("open"))?;
+            }
+            for probe in SCHEMA_PROBES {
+                tx.prepare(probe).map_err(classify("open"))?;
+            }
+            let existing: Option<String> = tx
+                .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |row| {
+                    row.get(0)
+                })
+                .optional()
+                .map_err(classify("open"))?;
+            let epoch = match existing {
+                Some(epoch) => epoch,
+                None => {
+                    // Seqs already handed out under a lost epoch would be
+                    // re-announced under a new one as if they started fresh.
+                    let streams: i64 = tx
+                        .query_row("SELECT count(*) FROM streams", [], |row| row.get(0))
+                        .map_err(classify("open"))?;
+                    if streams > 0 {
+                        return Err(OpenError::Corrupt(
+                            "streams exist but the epoch is missing".into(),
+                        ));
+                    }
+                    let epoch = uuid::Uuid::new_v4().simple().to_string();
+                    tx.execute(
+                        "INSERT INTO meta (key, value) VALUES ('epoch', ?1)",
+                        params![epoch],
+                    )
+                    .map_err(classify("open"))?;
+                    epoch
+                }
+            };
+            tx.commit().map_err(classify("open"))?;
+            epoch
+        };
+        Ok((conn, epoch))
     }
 
     pub fn epoch(&self) -> &str {
@@ -162,12 +804,21 @@ impl Store {
         &self.path
     }
 
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Changes the limits of this connection. A smaller `max_size` takes
+    /// effect through eviction at the next append; the file itself does not
+    /// shrink (free pages are reused).
+    pub fn set_limits(&mut self, limits: Limits) -> Result<(), BufferError> {
+        self.limits = limits;
+        self.disk_cap_pages = None;
+        self.apply_limits()
+    }
+
     fn err(&self, op: &'static str) -> impl Fn(rusqlite::Error) -> BufferError + '_ {
-        move |source| BufferError::Sqlite {
-            op,
-            path: self.path.clone(),
-            source,
-        }
+        sql_err(op, &self.path)
     }
 
     fn corrupt(&self, detail: String) -> BufferError {
@@ -177,110 +828,434 @@ impl Store {
         }
     }
 
-    /// Accepts `records` in one transaction and returns their seqs in input
-    /// order. Either all of them are committed or none is.
-    pub fn append(&mut self, records: &[NewRecord]) -> Result<Vec<u64>, BufferError> {
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
-        let path = &self.path;
-        let sql = |source| BufferError::Sqlite {
-            op: "append",
-            path: path.clone(),
-            source,
+    /// Translates `limits.max_size` into pragmas (invariant 9): a quarter of
+    /// the budget (at most 64 MiB) for the WAL, the rest for the main file.
+    fn apply_limits(&mut self) -> Result<(), BufferError> {
+        let ps = self.page_size;
+        let (cap, autocheckpoint, journal_limit) = if self.limits.max_size == u64::MAX {
+            (None, 1000, 64 * 1024 * 1024)
+        } else {
+            let total = self.limits.max_size / ps;
+            let wal = (total / 4).clamp(16, 16_384);
+            let db = total.saturating_sub(wal).max(MIN_DB_PAGES);
+            // Checkpoint early and truncate the WAL to half its share, so
+            // the frames since the last reset plus one transaction fit.
+            (Some(db), (wal / 4).max(2), (wal / 2) * ps)
         };
+        self.size_cap_pages = cap;
+        // Room for one checkpoint of a full WAL share plus an eviction
+        // transaction: what it takes to get out of a full disk.
+        self.reserve_bytes = 2 * autocheckpoint * ps + 256 * 1024;
+        let pages = self.cap_pages().unwrap_or(UNLIMITED_PAGES);
+        let e = self.err("apply limits");
+        self.conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(&e)?;
+        self.conn
+            .query_row(
+                &format!("PRAGMA wal_autocheckpoint = {autocheckpoint}"),
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(&e)?;
+        self.conn
+            .query_row(
+                &format!("PRAGMA journal_size_limit = {journal_limit}"),
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(&e)?;
+        Ok(())
+    }
+
+    /// Makes sure `buffer.db.reserve` exists with [`Store::reserve_bytes`]
+    /// of real (not sparse) blocks. In WAL mode a full disk is a trap: the
+    /// checkpoint cannot grow the main file, so the WAL cannot restart, so
+    /// not even a DELETE can commit. Releasing the reserve on the first
+    /// `SQLITE_FULL` gives the checkpoint and the eviction the room they
+    /// need. Best effort: a disk too full to hold it simply has none.
+    fn ensure_reserve(&self) {
+        if !self.keep_reserve {
+            return;
+        }
+        let path = sidecar(&self.path, ".reserve");
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() >= self.reserve_bytes) {
+            return;
+        }
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&path)?;
+            let zeros = vec![0u8; 64 * 1024];
+            let mut left = self.reserve_bytes;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                file.write_all(&zeros[..n])?;
+                left -= n as u64;
+            }
+            file.sync_all()
+        })();
+        if let Err(e) = written {
+            // A partial reserve would compete with the database for the
+            // last free blocks.
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(path = %path.display(), error = %e, "cannot create the buffer's disk reserve");
+        }
+    }
+
+    /// Deletes the reserve file; true if there was one.
+    fn release_reserve(&self) -> bool {
+        let path = sidecar(&self.path, ".reserve");
+        let released = std::fs::remove_file(&path).is_ok();
+        if released {
+            tracing::warn!(path = %path.display(), "disk full: released the buffer's disk reserve");
+        }
+        released
+    }
+
+    /// The binding page cap: the configured size or, after the disk filled,
+    /// the size the file had then.
+    fn cap_pages(&self) -> Option<u64> {
+        match (self.size_cap_pages, self.disk_cap_pages) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Reason to give for evictions forced by the current cap.
+    fn cap_reason(&self) -> EvictionReason {
+        match (self.size_cap_pages, self.disk_cap_pages) {
+            (Some(size), Some(disk)) if disk < size => EvictionReason::DiskFull,
+            (None, Some(_)) => EvictionReason::DiskFull,
+            _ => EvictionReason::MaxSize,
+        }
+    }
+
+    /// Pages an append of `bytes` accounted bytes may need. Rows cost more
+    /// than their accounted size on pages (fill factor, index, interior
+    /// pages, overflow chains): assume half again, plus two.
+    fn pages_for(&self, bytes: u64) -> u64 {
+        bytes.saturating_mul(3) / 2 / self.page_size + 2
+    }
+
+    /// (page_count, freelist_count): pages of the database and how many of
+    /// them are free for reuse. Both read page 1 only.
+    fn page_usage(&self) -> Result<(u64, u64), BufferError> {
+        let e = self.err("page usage");
+        let pages: i64 = self
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .map_err(&e)?;
+        let free: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))
+            .map_err(&e)?;
+        Ok((pages.max(0) as u64, free.max(0) as u64))
+    }
+
+    /// Accepts `records` in one transaction and returns their seqs in input
+    /// order. Either all of them are committed or none is. May evict first
+    /// (see [`Store::append_with_report`]).
+    pub fn append(&mut self, records: &[NewRecord]) -> Result<Vec<u64>, BufferError> {
+        self.append_with_report(records).map(|r| r.seqs)
+    }
+
+    /// [`Store::append`], also returning the evictions made to fit the
+    /// records (each already committed with its `buffer.evicted` event, even
+    /// when the append itself then fails with [`BufferError::Full`]).
+    pub fn append_with_report(
+        &mut self,
+        records: &[NewRecord],
+    ) -> Result<AppendReport, BufferError> {
+        let mut report = AppendReport::default();
+        if records.is_empty() {
+            return Ok(report);
+        }
+        // Encode first: a record that cannot be stored must not cost an
+        // eviction.
+        let encoded = encode(records, "append")?;
+        let incoming: u64 = encoded.iter().map(|d| accounted(d) as u64).sum();
+        if let Err(e) = self.relieve_pressure(incoming, &mut report.evicted) {
+            if !e.is_disk_full() {
+                return Err(e);
+            }
+            // The hard wall below still holds; relief is only an early start.
+            tracing::debug!(error = %e, "proactive eviction hit the wall");
+        }
+        let mut want = incoming.saturating_mul(2).max(CHUNK_MIN_BYTES);
+        let mut last_reason = EvictionReason::MaxSize;
+        for _ in 0..=MAX_FULL_RETRIES {
+            match self.insert(records, &encoded) {
+                Ok(seqs) => {
+                    report.seqs = seqs;
+                    return Ok(report);
+                }
+                Err(e) if is_sqlite_full(&e) => {
+                    let reason = self.on_full(incoming)?;
+                    last_reason = reason;
+                    let freed = match self.evict(Lane::Any, want, reason, &mut report.evicted) {
+                        Ok(freed) => freed,
+                        Err(e) if e.is_disk_full() => 0,
+                        Err(e) => return Err(e),
+                    };
+                    if freed == 0 {
+                        break;
+                    }
+                    want = want.saturating_mul(2);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(BufferError::Full {
+            path: self.path.clone(),
+            reason: last_reason,
+            records: records.len(),
+        })
+    }
+
+    fn insert(
+        &mut self,
+        records: &[NewRecord],
+        encoded: &[String],
+    ) -> Result<Vec<u64>, BufferError> {
+        let path = &self.path;
+        let sql = sql_err("append", path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let mut seqs = Vec::with_capacity(records.len());
-        // A batch touches few streams; a linear scan beats hashing owned keys.
-        let mut touched: Vec<Pending> = Vec::new();
-        {
-            let mut find = tx
-                .prepare_cached(
-                    "SELECT id, next_seq FROM streams WHERE connection = ?1 AND kind = ?2",
-                )
-                .map_err(sql)?;
-            let mut create = tx
-                .prepare_cached(
-                    "INSERT INTO streams (connection, kind, next_seq) VALUES (?1, ?2, 1) RETURNING id",
-                )
-                .map_err(sql)?;
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO records (stream, seq, ts_ms, data, size) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(sql)?;
-            for record in records {
-                let slot = match touched
-                    .iter()
-                    .position(|p| p.kind == record.kind && p.connection == record.connection)
-                {
-                    Some(slot) => slot,
-                    None => {
-                        let kind = record.kind.as_str();
-                        let found: Option<(i64, i64)> = find
-                            .query_row(params![record.connection, kind], |row| {
-                                Ok((row.get(0)?, row.get(1)?))
-                            })
-                            .optional()
-                            .map_err(sql)?;
-                        let (id, next_seq) = match found {
-                            Some(found) => found,
-                            None => (
-                                create
-                                    .query_row(params![record.connection, kind], |row| row.get(0))
-                                    .map_err(sql)?,
-                                1,
-                            ),
-                        };
-                        touched.push(Pending {
-                            id,
-                            connection: &record.connection,
-                            kind: record.kind,
-                            next_seq,
-                            records: 0,
-                            bytes: 0,
-                        });
-                        touched.len() - 1
-                    }
-                };
-                let data =
-                    serde_json::to_string(&record.data).map_err(|source| BufferError::Encode {
-                        op: "append",
-                        source,
-                    })?;
-                let size = data.len() as i64 + ROW_OVERHEAD_BYTES as i64;
-                let stream = &mut touched[slot];
-                insert
-                    .execute(params![
-                        stream.id,
-                        stream.next_seq,
-                        record.ts_ms,
-                        data,
-                        size
-                    ])
-                    .map_err(sql)?;
-                seqs.push(stream.next_seq as u64);
-                stream.next_seq += 1;
-                stream.records += 1;
-                stream.bytes += size;
-            }
-            let mut advance = tx
-                .prepare_cached(
-                    "UPDATE streams SET next_seq = ?2, records = records + ?3, bytes = bytes + ?4 \
-                     WHERE id = ?1",
-                )
-                .map_err(sql)?;
-            for s in &touched {
-                advance
-                    .execute(params![s.id, s.next_seq, s.records, s.bytes])
-                    .map_err(sql)?;
+            .map_err(&sql)?;
+        let seqs = insert_encoded(&tx, path, "append", records, encoded)?;
+        tx.commit().map_err(&sql)?;
+        Ok(seqs)
+    }
+
+    /// An insert hit SQLITE_FULL: decides whether that was `max_page_count`
+    /// or the filesystem, and in the latter case holds the file at its
+    /// current size so freed pages get reused (invariant 10).
+    fn on_full(&mut self, incoming: u64) -> Result<EvictionReason, BufferError> {
+        let (pages, _) = self.page_usage()?;
+        if let Some(cap) = self.cap_pages() {
+            // The failed transaction was rolled back, so the count is what
+            // it was before: if the append could have needed the pages up to
+            // the cap, the cap refused it. (Counted generously: calling a
+            // full disk "max_size" only mislabels the eviction, while the
+            // other way round would freeze the file below its limit.)
+            if pages + self.pages_for(incoming) >= cap {
+                return Ok(self.cap_reason());
             }
         }
-        tx.commit().map_err(sql)?;
-        Ok(seqs)
+        tracing::warn!(path = %self.path.display(), pages,
+            "filesystem full below buffer.max_size; holding the buffer at its current size");
+        self.release_reserve();
+        self.disk_cap_pages = Some(pages.max(MIN_DB_PAGES));
+        self.apply_limits()?;
+        // Let the WAL restart from its beginning, reusing the space it has.
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+        Ok(EvictionReason::DiskFull)
+    }
+
+    /// Proactive, tags-only eviction when the pages in use approach the cap
+    /// (invariant 9). Other kinds are left to the hard wall, so they are
+    /// kept as long as the file can physically hold them.
+    fn relieve_pressure(
+        &mut self,
+        incoming: u64,
+        out: &mut Vec<Eviction>,
+    ) -> Result<(), BufferError> {
+        let Some(cap) = self.cap_pages() else {
+            return Ok(());
+        };
+        let ps = self.page_size;
+        let incoming_pages = self.pages_for(incoming);
+        let (pages, free) = self.page_usage()?;
+        let mut used = pages.saturating_sub(free) + incoming_pages;
+        if used * 100 <= cap * SOFT_HIGH_PERCENT {
+            return Ok(());
+        }
+        let target = cap * SOFT_LOW_PERCENT / 100;
+        let reason = self.cap_reason();
+        for _ in 0..MAX_RELIEF_ROUNDS {
+            if used <= target {
+                break;
+            }
+            let want = ((used - target) * ps).max(CHUNK_MIN_BYTES);
+            if self.evict(Lane::Tags, want, reason, out)? == 0 {
+                break;
+            }
+            let (pages, free) = self.page_usage()?;
+            used = pages.saturating_sub(free) + incoming_pages;
+        }
+        Ok(())
+    }
+
+    /// Evicts along `lane` until `want` accounted bytes are freed or nothing
+    /// is left, in transactions of at most [`CHUNK_MAX_ROWS`] rows. Returns
+    /// the bytes freed.
+    fn evict(
+        &mut self,
+        lane: Lane,
+        want: u64,
+        reason: EvictionReason,
+        out: &mut Vec<Eviction>,
+    ) -> Result<u64, BufferError> {
+        let mut freed = 0u64;
+        while freed < want {
+            let chunk = self.evict_chunk(lane, want - freed, reason)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for e in &chunk {
+                tracing::warn!(connection = %e.connection, kind = %e.kind,
+                    first_seq = e.first_seq, last_seq = e.last_seq, count = e.count,
+                    reason = %e.reason, "buffer evicted records");
+                freed = freed.saturating_add(e.bytes);
+            }
+            out.extend(chunk);
+        }
+        Ok(freed)
+    }
+
+    /// One eviction transaction (invariants 6-8). Empty when nothing (useful)
+    /// is evictable.
+    fn evict_chunk(
+        &mut self,
+        lane: Lane,
+        want: u64,
+        reason: EvictionReason,
+    ) -> Result<Vec<Eviction>, BufferError> {
+        let path = &self.path;
+        let sql = sql_err("evict", path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&sql)?;
+        let mut ranges = Vec::new();
+        let tags = pending_streams(&tx, path, Some(true))?;
+        let (mut bytes, mut rows) =
+            pick_oldest(&tx, path, &tags, want, CHUNK_MAX_ROWS, &mut ranges)?;
+        // Other kinds only in a transaction that has taken every tag row:
+        // the tag walk stopped short of `want` and of the row cap only
+        // because it ran out of rows.
+        if lane == Lane::Any && bytes < want && rows < CHUNK_MAX_ROWS {
+            let others = pending_streams(&tx, path, Some(false))?;
+            let (b, r) = pick_oldest(
+                &tx,
+                path,
+                &others,
+                want - bytes,
+                CHUNK_MAX_ROWS - rows,
+                &mut ranges,
+            )?;
+            bytes += b;
+            rows += r;
+        }
+        if rows == 0 || bytes == 0 {
+            return Ok(Vec::new());
+        }
+        match delete_and_announce(&tx, path, ranges, reason, now_ms(), true)? {
+            Some(evictions) => {
+                tx.commit().map_err(&sql)?;
+                Ok(evictions)
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Evicts every stream's head rows whose `ts_ms` is older than
+    /// `now_ms - max_age` (all kinds; see the module doc on why `ts_ms` and
+    /// why heads), announcing each range with a `buffer.evicted` event dated
+    /// `now_ms`. Also lifts a disk-full cap (invariant 10) so that space the
+    /// disk got back is used again. Call it periodically (e.g. every minute).
+    pub fn evict_expired(&mut self, now_ms: i64) -> Result<Vec<Eviction>, BufferError> {
+        if self.disk_cap_pages.take().is_some() {
+            tracing::info!(path = %self.path.display(), "retrying to grow the buffer after a full disk");
+            self.apply_limits()?;
+            self.ensure_reserve();
+        }
+        let mut out = Vec::new();
+        let Some(age) = self.limits.max_age_ms() else {
+            return Ok(out);
+        };
+        let cutoff = now_ms.saturating_sub(age);
+        let path = &self.path;
+        let sql = sql_err("evict expired", path);
+        let streams = {
+            let tx = self.conn.unchecked_transaction().map_err(&sql)?;
+            pending_streams(&tx, path, None)?
+        };
+        for (id, connection, kind) in streams {
+            loop {
+                let tx = self
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(&sql)?;
+                let mut range: Option<Range> = None;
+                {
+                    let mut stmt = tx
+                        .prepare_cached(
+                            "SELECT seq, size, ts_ms FROM records WHERE stream = ?1 ORDER BY seq",
+                        )
+                        .map_err(&sql)?;
+                    let mut rows = stmt.query(params![id]).map_err(&sql)?;
+                    let mut n = 0;
+                    while n < CHUNK_MAX_ROWS {
+                        let Some(row) = rows.next().map_err(&sql)? else {
+                            break;
+                        };
+                        let ts: i64 = row.get(2).map_err(&sql)?;
+                        if ts >= cutoff {
+                            break;
+                        }
+                        let seq: i64 = row.get(0).map_err(&sql)?;
+                        let size: i64 = row.get(1).map_err(&sql)?;
+                        match &mut range {
+                            Some(r) => {
+                                r.last_seq = seq;
+                                r.count += 1;
+                                r.bytes += size;
+                            }
+                            None => {
+                                range = Some(Range {
+                                    stream: id,
+                                    connection: connection.clone(),
+                                    kind,
+                                    first_seq: seq,
+                                    last_seq: seq,
+                                    count: 1,
+                                    bytes: size,
+                                })
+                            }
+                        }
+                        n += 1;
+                    }
+                }
+                let Some(range) = range else {
+                    break;
+                };
+                let full_chunk = range.count as usize >= CHUNK_MAX_ROWS;
+                let rows = vec![range];
+                // Age eviction must happen whatever it costs: the cost check
+                // of size eviction does not apply (an expired row is gone
+                // even if its announcement is larger than it was).
+                let evictions =
+                    delete_and_announce(&tx, path, rows, EvictionReason::MaxAge, now_ms, false)?
+                        .unwrap_or_default();
+                tx.commit().map_err(&sql)?;
+                for e in &evictions {
+                    tracing::warn!(connection = %e.connection, kind = %e.kind,
+                        first_seq = e.first_seq, last_seq = e.last_seq, count = e.count,
+                        "buffer evicted expired records");
+                }
+                out.extend(evictions);
+                if !full_chunk {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Streams that have pending rows, in `StreamKey` order.
@@ -375,27 +1350,23 @@ impl Store {
             return Ok(0);
         }
         let path = &self.path;
-        let sql = |source| BufferError::Sqlite {
-            op: "ack",
-            path: path.clone(),
-            source,
-        };
+        let sql = sql_err("ack", path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
+            .map_err(&sql)?;
         let mut deleted = 0usize;
         // (stream id, rows, bytes); acks usually cover one stream.
         let mut per_stream: Vec<(i64, i64, i64)> = Vec::new();
         {
             let mut delete = tx
                 .prepare_cached("DELETE FROM records WHERE id = ?1 RETURNING stream, size")
-                .map_err(sql)?;
+                .map_err(&sql)?;
             for id in ids {
                 let gone: Option<(i64, i64)> = delete
                     .query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))
                     .optional()
-                    .map_err(sql)?;
+                    .map_err(&sql)?;
                 if let Some((stream, size)) = gone {
                     deleted += 1;
                     match per_stream.iter_mut().find(|(s, _, _)| *s == stream) {
@@ -411,18 +1382,276 @@ impl Store {
                 .prepare_cached(
                     "UPDATE streams SET records = records - ?2, bytes = bytes - ?3 WHERE id = ?1",
                 )
-                .map_err(sql)?;
+                .map_err(&sql)?;
             for (stream, rows, bytes) in &per_stream {
-                shrink.execute(params![stream, rows, bytes]).map_err(sql)?;
+                shrink.execute(params![stream, rows, bytes]).map_err(&sql)?;
             }
         }
-        tx.commit().map_err(sql)?;
+        tx.commit().map_err(&sql)?;
         Ok(deleted)
     }
 
+    /// Moves the rows with these ids (the records of a message the broker
+    /// rejected repeatedly) into the dead-letter table, keeping stream, seq,
+    /// timestamp, data and row id, and in the same transaction appends one
+    /// agent-level `system.error` event per affected stream naming them.
+    /// Rows of the agent's own event stream are moved without such an event:
+    /// announcing a rejected event with another event the broker may reject
+    /// the same way could go on forever; they still show in
+    /// [`Stats::dead_letters`](super::Stats) and [`Store::dead_letters`].
+    /// Unknown ids are ignored. Returns the number of rows moved. At the
+    /// size cap or on a full disk this fails with [`BufferError::Full`] and
+    /// moves nothing (the rows stay pending; the next append's eviction
+    /// makes room).
+    pub fn dead_letter(&mut self, ids: &[i64], reason: &str) -> Result<usize, BufferError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let result = self.dead_letter_inner(ids, reason);
+        self.full_to_error(result, ids.len())
+    }
+
+    /// Maps SQLITE_FULL of a maintenance operation to [`BufferError::Full`].
+    fn full_to_error<T>(
+        &self,
+        result: Result<T, BufferError>,
+        records: usize,
+    ) -> Result<T, BufferError> {
+        result.map_err(|e| {
+            if is_sqlite_full(&e) {
+                BufferError::Full {
+                    path: self.path.clone(),
+                    reason: self.cap_reason(),
+                    records,
+                }
+            } else {
+                e
+            }
+        })
+    }
+
+    fn dead_letter_inner(&mut self, ids: &[i64], reason: &str) -> Result<usize, BufferError> {
+        let now = now_ms();
+        let path = &self.path;
+        let sql = sql_err("dead letter", path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&sql)?;
+        // (stream id, first seq, last seq, rows, bytes)
+        let mut per_stream: Vec<(i64, i64, i64, i64, i64)> = Vec::new();
+        {
+            let mut take = tx
+                .prepare_cached(
+                    "DELETE FROM records WHERE id = ?1 RETURNING stream, seq, ts_ms, data, size",
+                )
+                .map_err(&sql)?;
+            let mut keep = tx
+                .prepare_cached(
+                    "INSERT INTO dead_letters (id, stream, seq, ts_ms, data, size, reason, dead_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(&sql)?;
+            for id in ids {
+                let row: Option<(i64, i64, i64, String, i64)> = take
+                    .query_row(params![id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .optional()
+                    .map_err(&sql)?;
+                let Some((stream, seq, ts_ms, data, size)) = row else {
+                    continue;
+                };
+                keep.execute(params![id, stream, seq, ts_ms, data, size, reason, now])
+                    .map_err(&sql)?;
+                match per_stream.iter_mut().find(|s| s.0 == stream) {
+                    Some(s) => {
+                        s.1 = s.1.min(seq);
+                        s.2 = s.2.max(seq);
+                        s.3 += 1;
+                        s.4 += size;
+                    }
+                    None => per_stream.push((stream, seq, seq, 1, size)),
+                }
+            }
+        }
+        let mut events = Vec::new();
+        let mut keyed = Vec::new();
+        {
+            let mut shrink = tx
+                .prepare_cached(
+                    "UPDATE streams SET records = records - ?2, bytes = bytes - ?3 WHERE id = ?1 \
+                     RETURNING connection, kind",
+                )
+                .map_err(&sql)?;
+            for &(stream, first, last, rows, bytes) in &per_stream {
+                let (connection, kind): (String, String) = shrink
+                    .query_row(params![stream, rows, bytes], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(&sql)?;
+                let kind = Kind::parse(&kind).ok_or_else(|| BufferError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: format!("unknown record kind {kind:?}"),
+                })?;
+                keyed.push((StreamKey::new(connection, kind), first, last, rows));
+            }
+        }
+        keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, first, last, rows) in keyed {
+            tracing::error!(connection = %key.connection, kind = %key.kind, first_seq = first,
+                last_seq = last, count = rows, %reason, "records moved to dead letters");
+            if key.connection.is_empty() && key.kind == Kind::Event {
+                continue;
+            }
+            events.push(dead_letter_event(
+                &key.connection,
+                key.kind,
+                first as u64,
+                last as u64,
+                rows as u64,
+                reason,
+                now,
+            ));
+        }
+        insert_new(&tx, path, "dead letter", &events)?;
+        tx.commit().map_err(&sql)?;
+        Ok(per_stream.iter().map(|s| s.3 as usize).sum())
+    }
+
+    /// The dead-letter table as runs (rows of one stream moved together for
+    /// the same reason), ordered by stream and seq. Holds one entry per run,
+    /// not per row.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, BufferError> {
+        let e = self.err("dead letters");
+        let tx = self.conn.unchecked_transaction().map_err(&e)?;
+        let mut names: Vec<(i64, String, Kind)> = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare_cached("SELECT id, connection, kind FROM streams")
+                .map_err(&e)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .map_err(&e)?;
+            for row in rows {
+                let (id, connection, kind) = row.map_err(&e)?;
+                names.push((id, connection, self.parse_kind(&kind)?));
+            }
+        }
+        let mut out: Vec<DeadLetter> = Vec::new();
+        let mut last_stream = None;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT stream, seq, size, reason, dead_ms FROM dead_letters \
+                     ORDER BY stream, seq",
+                )
+                .map_err(&e)?;
+            let mut rows = stmt.query([]).map_err(&e)?;
+            while let Some(row) = rows.next().map_err(&e)? {
+                let stream: i64 = row.get(0).map_err(&e)?;
+                let seq = row.get::<_, i64>(1).map_err(&e)? as u64;
+                let size = row.get::<_, i64>(2).map_err(&e)?.max(0) as u64;
+                let reason: String = row.get(3).map_err(&e)?;
+                let dead_ms: i64 = row.get(4).map_err(&e)?;
+                if let Some(run) = out.last_mut().filter(|run| {
+                    last_stream == Some(stream) && run.reason == reason && run.dead_at_ms == dead_ms
+                }) {
+                    run.last_seq = seq;
+                    run.count += 1;
+                    run.bytes += size;
+                    continue;
+                }
+                let Some((_, connection, kind)) = names.iter().find(|n| n.0 == stream) else {
+                    return Err(self.corrupt(format!("dead letter of unknown stream {stream}")));
+                };
+                last_stream = Some(stream);
+                out.push(DeadLetter {
+                    connection: connection.clone(),
+                    kind: *kind,
+                    first_seq: seq,
+                    last_seq: seq,
+                    count: 1,
+                    bytes: size,
+                    reason,
+                    dead_at_ms: dead_ms,
+                });
+            }
+        }
+        tx.finish().map_err(&e)?;
+        out.sort_by(|a, b| {
+            (&a.connection, a.kind, a.first_seq).cmp(&(&b.connection, b.kind, b.first_seq))
+        });
+        Ok(out)
+    }
+
+    /// Moves every dead letter back into the pending records with its
+    /// original seq and row id: they will be published again, and consumers
+    /// drop duplicates by seq. One transaction; SQLite moves the rows without
+    /// loading them into memory. Returns the number of rows re-queued. A
+    /// running uplink has already passed those seqs: it must restart its
+    /// cursors for the streams whose `first_seq` went down. Re-queueing
+    /// never evicts: with no room (size cap or full disk) it fails with
+    /// [`BufferError::Full`] and moves nothing; retry once the backlog has
+    /// drained.
+    pub fn retry_dead_letters(&mut self) -> Result<usize, BufferError> {
+        let result = self.retry_dead_letters_inner();
+        self.full_to_error(result, 0)
+    }
+
+    fn retry_dead_letters_inner(&mut self) -> Result<usize, BufferError> {
+        let path = &self.path;
+        let sql = sql_err("retry dead letters", path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&sql)?;
+        let mut per_stream: Vec<(i64, i64, i64)> = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT stream, count(*), sum(size) FROM dead_letters GROUP BY stream",
+                )
+                .map_err(&sql)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(&sql)?;
+            for row in rows {
+                per_stream.push(row.map_err(&sql)?);
+            }
+        }
+        if per_stream.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "INSERT INTO records (id, stream, seq, ts_ms, data, size) \
+             SELECT id, stream, seq, ts_ms, data, size FROM dead_letters",
+            [],
+        )
+        .map_err(&sql)?;
+        let moved = tx.execute("DELETE FROM dead_letters", []).map_err(&sql)?;
+        {
+            let mut grow = tx
+                .prepare_cached(
+                    "UPDATE streams SET records = records + ?2, bytes = bytes + ?3 WHERE id = ?1",
+                )
+                .map_err(&sql)?;
+            for (stream, rows, bytes) in &per_stream {
+                grow.execute(params![stream, rows, bytes]).map_err(&sql)?;
+            }
+        }
+        tx.commit().map_err(&sql)?;
+        tracing::info!(records = moved, "dead letters re-queued");
+        Ok(moved)
+    }
+
     /// Totals and per-stream figures from one consistent snapshot. Cost is
-    /// O(streams · log rows): counters come from `streams`, first/last seq
-    /// from the ends of the `(stream, seq)` index.
+    /// O(streams · log rows + dead letters): counters come from `streams`,
+    /// first/last seq from the ends of the `(stream, seq)` index.
     pub fn stats(&self) -> Result<Stats, BufferError> {
         let e = self.err("stats");
         let tx = self.conn.unchecked_transaction().map_err(&e)?;
@@ -430,7 +1659,8 @@ impl Store {
         {
             let mut list = tx
                 .prepare_cached(
-                    "SELECT id, connection, kind, next_seq, records, bytes FROM streams",
+                    "SELECT id, connection, kind, next_seq, records, bytes, evicted_total \
+                     FROM streams",
                 )
                 .map_err(&e)?;
             let mut first = tx
@@ -450,6 +1680,7 @@ impl Store {
                 let next_seq: i64 = row.get(3).map_err(&e)?;
                 let records: i64 = row.get(4).map_err(&e)?;
                 let bytes: i64 = row.get(5).map_err(&e)?;
+                let evicted: i64 = row.get(6).map_err(&e)?;
                 let head: Option<(i64, i64)> = first
                     .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
@@ -467,9 +1698,11 @@ impl Store {
                     last_seq: tail.map(|seq| seq as u64),
                     next_seq: next_seq as u64,
                     oldest_ts_ms: head.map(|(_, ts)| ts),
+                    evicted_total: evicted.max(0) as u64,
                 };
                 out.records += s.records;
                 out.bytes += s.bytes;
+                out.evicted_total += s.evicted_total;
                 out.oldest_ts_ms = match (out.oldest_ts_ms, s.oldest_ts_ms) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -479,14 +1712,18 @@ impl Store {
         }
         out.streams
             .sort_unstable_by(|a, b| (&a.connection, a.kind).cmp(&(&b.connection, b.kind)));
+        let dead: i64 = tx
+            .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))
+            .map_err(&e)?;
+        out.dead_letters = dead.max(0) as u64;
         let pages: i64 = tx
             .pragma_query_value(None, "page_count", |r| r.get(0))
             .map_err(&e)?;
-        let page_size: i64 = tx
-            .pragma_query_value(None, "page_size", |r| r.get(0))
-            .map_err(&e)?;
-        out.file_bytes = (pages.max(0) as u64).saturating_mul(page_size.max(0) as u64);
+        out.file_bytes = (pages.max(0) as u64).saturating_mul(self.page_size);
         tx.finish().map_err(&e)?;
+        out.wal_bytes = std::fs::metadata(sidecar(&self.path, "-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
         Ok(out)
     }
 
@@ -506,6 +1743,42 @@ impl Store {
             Err(self.corrupt(format!("integrity check: {}", problems.join("; "))))
         }
     }
+}
+
+/// `path` with `suffix` appended to its file name (`buffer.db` → `buffer.db-wal`).
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Renames a corrupt database and its `-wal`/`-shm` to
+/// `<name>.corrupt-<UTC timestamp>[-n]` (invariant 11). The WAL must move
+/// with it: left behind, it would be replayed into the fresh file.
+fn quarantine(path: &Path) -> Result<PathBuf, BufferError> {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let base = sidecar(path, &format!(".corrupt-{stamp}"));
+    let mut target = base.clone();
+    let mut n = 1;
+    while target.exists() || sidecar(&target, "-wal").exists() {
+        target = sidecar(&base, &format!("-{n}"));
+        n += 1;
+    }
+    let moved = |from: &Path, to: &Path| {
+        std::fs::rename(from, to).map_err(|source| BufferError::Quarantine {
+            path: from.to_path_buf(),
+            moved_to: to.to_path_buf(),
+            source,
+        })
+    };
+    moved(path, &target)?;
+    for suffix in ["-wal", "-shm"] {
+        let from = sidecar(path, suffix);
+        if from.exists() {
+            moved(&from, &sidecar(&target, suffix))?;
+        }
+    }
+    Ok(target)
 }
 
 #[cfg(test)]
@@ -838,6 +2111,7 @@ mod tests {
                         last_seq: Some(3),
                         next_seq: 5,
                         oldest_ts_ms: Some(1_700_000_000_002),
+                        evicted_total: 0,
                     },
                     StreamStats {
                         connection: "line1".into(),
@@ -848,6 +2122,7 @@ mod tests {
                         last_seq: Some(1),
                         next_seq: 2,
                         oldest_ts_ms: Some(1_700_000_000_000 - 5),
+                        evicted_total: 0,
                     },
                 ]
             );

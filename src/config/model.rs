@@ -90,6 +90,16 @@ pub enum ConnectionKind {
     Generic,
 }
 
+impl ConnectionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionKind::Deltav => "deltav",
+            ConnectionKind::Optomes => "optomes",
+            ConnectionKind::Generic => "generic",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum SecurityPolicy {
     None,

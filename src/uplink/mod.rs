@@ -36,6 +36,10 @@ use topics::Topics;
 const WINDOW: usize = 64;
 /// Records read per stream per round; bounds memory together with WINDOW.
 const MAX_RECORDS_PER_MESSAGE: usize = 2_000;
+/// A message the broker rejects (MQTT 5 reason code >= 0x80) is retried this
+/// many times in a session, then its records go to the dead letters so the
+/// stream moves on (SPEC 1, issue "poison messages").
+const MAX_REJECTIONS: u32 = 3;
 /// How long a clean shutdown waits for outstanding acknowledgements.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 
@@ -63,6 +67,7 @@ enum Pending {
     Records {
         ids: Vec<i64>,
         stream: StreamKey,
+        first_seq: u64,
         last_seq: u64,
     },
     /// Status and heartbeat messages: nothing to delete.
@@ -107,9 +112,15 @@ impl Uplink {
                     } else {
                         tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "mqtt connect failed");
                     }
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                    // Sleep in short steps so /healthz sees this loop alive.
+                    let until = tokio::time::Instant::now() + delay;
+                    while tokio::time::Instant::now() < until {
+                        self.board.beat("uplink");
+                        let step = until.min(tokio::time::Instant::now() + Duration::from_secs(1));
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep_until(step) => {}
+                        }
                     }
                 }
             }
@@ -141,6 +152,7 @@ impl Uplink {
     }
 
     async fn session(&self, cancel: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+        self.board.beat("uplink");
         let mut session = Session::start(&self.session_options());
         let first = tokio::select! {
             _ = cancel.cancelled() => return SessionEnd::Shutdown,
@@ -204,6 +216,8 @@ impl Uplink {
         // A slow safety net in case a wake-up is missed; the notify does the real work.
         let mut rescan = tokio::time::interval(Duration::from_secs(1));
         loop {
+            self.board.beat("uplink");
+            self.board.set_inflight(s.outstanding());
             // Register interest before reading, so an append that lands
             // between our read and the select still wakes us.
             let notified = appended.notified();
@@ -235,7 +249,41 @@ impl Uplink {
                     }
                 }
                 _ = &mut notified, if s.outstanding() < WINDOW => {}
-                _ = rescan.tick() => {}
+                _ = rescan.tick() => self.rewind_requeued(s).await,
+            }
+        }
+    }
+
+    /// Rows put back below a stream's cursor (dead letters re-queued by
+    /// `plantgate buffer retry`, possibly from another process) would never
+    /// be read again in this session; move the cursor back to them. Rows
+    /// below the cursor that are merely in flight don't count.
+    async fn rewind_requeued(&self, s: &mut SessionState) {
+        let Ok(stats) = self.buffer.stats().await else {
+            return;
+        };
+        for st in stats.streams {
+            let Some(first) = st.first_seq else { continue };
+            let stream = st.stream();
+            let Some(cursor) = s.cursors.get(&stream).copied() else {
+                continue;
+            };
+            let in_flight_min = s
+                .fifo
+                .iter()
+                .chain(s.inflight.values())
+                .filter_map(|p| match p {
+                    Pending::Records {
+                        stream: ps,
+                        first_seq,
+                        ..
+                    } if *ps == stream => Some(*first_seq),
+                    _ => None,
+                })
+                .min();
+            if first <= cursor && in_flight_min.map_or(true, |m| first < m) {
+                tracing::info!(connection = %stream.connection, kind = %stream.kind, from_seq = first, "re-queued records found; sending them again");
+                s.cursors.insert(stream, first - 1);
             }
         }
     }
@@ -300,13 +348,25 @@ impl Uplink {
         let n = topics::fit(&records, max, envelope);
         records.truncate(n);
         let payload = topics::encode_batch(&self.settings.agent_id, &epoch, &records);
-        if payload.len() > max {
-            // Only a single record larger than the limit gets here; it is
-            // sent alone rather than blocking its stream (dead-lettering is
-            // the broker-rejection path).
-            tracing::warn!(connection = %stream.connection, kind = %stream.kind, bytes = payload.len(), "record larger than mqtt.max_message_bytes");
-        }
+        let first_seq = records.first().map(|r| r.seq).unwrap_or(0);
         let last_seq = records.last().map(|r| r.seq).unwrap_or(0);
+        if payload.len() > max {
+            // Only a single record larger than the limit gets here. It can
+            // never be sent within the contract, so it goes to the dead
+            // letters (announced by a system.error event) instead of
+            // blocking its stream.
+            let reason = format!(
+                "record of {} bytes exceeds mqtt.max_message_bytes ({max})",
+                payload.len()
+            );
+            tracing::error!(connection = %stream.connection, kind = %stream.kind, seq = first_seq, %reason, "record moved to dead letters");
+            let ids = records.iter().map(|r| r.id).collect();
+            if let Err(e) = self.buffer.dead_letter(ids, reason).await {
+                tracing::error!(error = %e, "could not move an oversized record to dead letters");
+            }
+            s.cursors.insert(stream.clone(), last_seq);
+            return Ok(());
+        }
         let ids = records.iter().map(|r| r.id).collect();
         let topic = self.topics.data(&stream.connection, stream.kind);
         session.publish(topic, false, false, payload).await?;
@@ -314,6 +374,7 @@ impl Uplink {
         s.fifo.push_back(Pending::Records {
             ids,
             stream: stream.clone(),
+            first_seq,
             last_seq,
         });
         Ok(())
@@ -335,6 +396,7 @@ impl Uplink {
         s.fifo.push_back(Pending::Records {
             ids: vec![record.id],
             stream,
+            first_seq: record.seq,
             last_seq: record.seq,
         });
         Ok(())
@@ -372,16 +434,14 @@ impl Uplink {
                 let Pending::Records {
                     ids,
                     stream,
+                    first_seq,
                     last_seq,
                 } = p
                 else {
                     return;
                 };
                 if let Some(reason) = rejected {
-                    // The rows stay in the buffer and are retried by the next
-                    // session; dead-lettering after repeated rejection is
-                    // tracked in the delivery-guarantees work.
-                    tracing::error!(connection = %stream.connection, kind = %stream.kind, %reason, "broker rejected a message");
+                    self.on_rejected(s, ids, stream, first_seq, reason).await;
                     return;
                 }
                 let n = ids.len() as u64;
@@ -395,6 +455,33 @@ impl Uplink {
                 self.check_sync(s, &stream, last_seq).await;
             }
             MqttEvent::Connected { .. } | MqttEvent::Other => {}
+        }
+    }
+
+    /// A message the broker refused: resend it (and what followed it in its
+    /// stream, to keep order) a bounded number of times, then dead-letter it.
+    async fn on_rejected(
+        &self,
+        s: &mut SessionState,
+        ids: Vec<i64>,
+        stream: StreamKey,
+        first_seq: u64,
+        reason: String,
+    ) {
+        let key = ids.first().copied().unwrap_or(0);
+        let attempts = s.rejections.entry(key).or_insert(0);
+        *attempts += 1;
+        if *attempts < MAX_REJECTIONS {
+            tracing::warn!(connection = %stream.connection, kind = %stream.kind, seq = first_seq, %reason, attempt = *attempts, "broker rejected a message; retrying");
+            let cursor = s.cursors.entry(stream).or_insert(0);
+            *cursor = (*cursor).min(first_seq.saturating_sub(1));
+            return;
+        }
+        s.rejections.remove(&key);
+        let reason = format!("broker rejected the message {MAX_REJECTIONS} times: {reason}");
+        tracing::error!(connection = %stream.connection, kind = %stream.kind, seq = first_seq, count = ids.len(), %reason, "records moved to dead letters");
+        if let Err(e) = self.buffer.dead_letter(ids, reason).await {
+            tracing::error!(error = %e, "could not move rejected records to dead letters; they will be resent");
         }
     }
 
@@ -536,6 +623,8 @@ struct SessionState {
     sync_targets: HashMap<StreamKey, u64>,
     sync_started: Option<Instant>,
     acked_records: u64,
+    /// Rejections per message (keyed by its first row id) in this session.
+    rejections: HashMap<i64, u32>,
 }
 
 impl SessionState {

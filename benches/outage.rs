@@ -1,0 +1,214 @@
+//! Outage benchmark (issue 3): a real agent process under load loses its
+//! broker for a while; prints a table of what was buffered, how long the
+//! backlog took to drain, duplicates, gaps and the agent's peak memory.
+//!
+//! `cargo bench --bench outage -- [--rate 5000] [--outage 60] [--runs 1]`
+//!
+//! Parts: in-process simulator (load tags), embedded rumqttd over TLS behind a
+//! cuttable proxy, and `plantgate run` as a child process (its RSS is read
+//! from /proc). Not a pass/fail test: figures vary with the machine.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use plantgate::buffer::Store;
+use plantgate::config::Synchronous;
+use plantgate::demo::{SeqTracker, Watcher};
+use plantgate::record::Kind;
+use plantgate::sim::broker::EmbeddedBroker;
+use plantgate::sim::proxy::CutProxy;
+use serde_json::Value;
+
+const TAGS: usize = 250;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn pending(data_dir: &Path) -> (u64, u64) {
+    match Store::open(&data_dir.join("buffer.db"), Synchronous::Normal).and_then(|s| s.stats()) {
+        Ok(st) => {
+            let last = st
+                .streams
+                .iter()
+                .filter(|s| s.kind == Kind::Tag)
+                .map(|s| s.next_seq - 1)
+                .sum();
+            (st.records, last)
+        }
+        Err(_) => (0, 0),
+    }
+}
+
+struct Row {
+    rate: u64,
+    outage_s: u64,
+    buffered: u64,
+    drain_ms: u64,
+    records: u64,
+    duplicates: u64,
+    gaps: u64,
+    rss_before_kib: u64,
+    peak_rss_kib: u64,
+}
+
+async fn run_once(rate: u64, outage: Duration) -> Row {
+    let broker = tokio::task::spawn_blocking(EmbeddedBroker::start)
+        .await
+        .expect("thread")
+        .expect("broker");
+    let proxy = CutProxy::start(broker.v5_addr).await.expect("proxy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = plantgate::sim::SimOptions::new(dir.path().join("sim-pki"));
+    opts.speed = 0.0;
+    opts.tags = TAGS;
+    opts.rate_hz = rate as f64 / TAGS as f64;
+    let sim = plantgate::sim::start_deltav(opts).await.expect("sim");
+    let data_dir = dir.path().join("agent");
+    let mut toml = format!(
+        "[agent]\nid = \"bench-gw\"\nsite = \"bench\"\ndata_dir = {:?}\n\n[health]\nlisten = \"127.0.0.1:0\"\n\n\
+         [mqtt]\nurl = \"mqtts://127.0.0.1:{}\"\nca_file = {:?}\nreconnect_initial = \"200ms\"\nreconnect_max = \"1s\"\n\n\
+         [[connections]]\nid = \"sim1\"\nkind = \"generic\"\nendpoint = \"{}\"\nsecurity_policy = \"None\"\n\
+         publishing_interval = \"100ms\"\nsampling_interval = \"50ms\"\n",
+        data_dir.display().to_string(),
+        proxy.addr().port(),
+        broker.pki.ca_file.display().to_string(),
+        sim.endpoint()
+    );
+    for i in 0..TAGS {
+        toml.push_str(&format!(
+            "\n[[connections.tags]]\nname = \"L{i:04}\"\nnode = \"nsu={};s={}\"\n",
+            sim.namespace_uri(),
+            plantgate::sim::deltav::load_tag(i)
+        ));
+    }
+    let config = dir.path().join("plantgate.toml");
+    std::fs::write(&config, toml).expect("config");
+    let mut watcher = Watcher::connect(broker.v4_addr, &broker.pki.ca_file, "plantgate/#")
+        .await
+        .expect("watcher");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plantgate"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent");
+    let pid = child.id();
+    let mut tracker = SeqTracker::default();
+    let mut drain_ms = 0;
+    let mut phase_end = Instant::now() + Duration::from_secs(10);
+    let mut phase = 0; // 0 warm-up, 1 outage, 2 recovering, 3 final drain
+    let mut buffered = 0;
+    let mut rss_before = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            msg = watcher.rx.recv() => {
+                let Some((topic, payload)) = msg else { break };
+                let Ok(v) = serde_json::from_slice::<Value>(&payload) else { continue };
+                if topic.contains("/data/") || topic.contains("/events/") {
+                    tracker.see_payload(&v);
+                }
+                if topic.ends_with("/events/sync.completed") && phase == 2 {
+                    drain_ms = v["details"]["duration_ms"].as_u64().unwrap_or(0);
+                    phase = 3;
+                    sim.handle().token().cancel();
+                }
+            }
+            _ = tick.tick() => {
+                match phase {
+                    0 if Instant::now() >= phase_end => {
+                        rss_before = rss_kib(pid, "VmRSS:");
+                        proxy.cut();
+                        phase = 1;
+                        phase_end = Instant::now() + outage;
+                    }
+                    1 if Instant::now() >= phase_end => {
+                        buffered = pending(&data_dir).0;
+                        proxy.restore();
+                        phase = 2;
+                    }
+                    3 => {
+                        let (records, last) = pending(&data_dir);
+                        let seen: u64 = tracker.last_seq("sim1", "tag").unwrap_or(0);
+                        if records == 0 && seen >= last {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let peak = rss_kib(pid, "VmHWM:");
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    Row {
+        rate,
+        outage_s: outage.as_secs(),
+        buffered,
+        drain_ms,
+        records: tracker.received,
+        duplicates: tracker.duplicates,
+        gaps: tracker.gaps,
+        rss_before_kib: rss_before,
+        peak_rss_kib: peak,
+    }
+}
+
+fn main() {
+    let rate = arg("--rate", 5000);
+    let outage = Duration::from_secs(arg("--outage", 60));
+    let runs = arg("--runs", 1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "{:>8} {:>8} {:>10} {:>10} {:>10} {:>6} {:>6} {:>10} {:>10}",
+        "values/s",
+        "outage",
+        "buffered",
+        "drain ms",
+        "records",
+        "dups",
+        "gaps",
+        "RSS before",
+        "peak RSS"
+    );
+    for _ in 0..runs {
+        let r = rt.block_on(run_once(rate, outage));
+        println!(
+            "{:>8} {:>7}s {:>10} {:>10} {:>10} {:>6} {:>6} {:>8}MB {:>8}MB",
+            r.rate,
+            r.outage_s,
+            r.buffered,
+            r.drain_ms,
+            r.records,
+            r.duplicates,
+            r.gaps,
+            r.rss_before_kib / 1024,
+            r.peak_rss_kib / 1024
+        );
+    }
+}

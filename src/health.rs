@@ -1,0 +1,316 @@
+//! The local health endpoint (SPEC 7): `/healthz`, `/readyz`, `/status`,
+//! `/metrics`. Read-only views of the status board and the buffer; it never
+//! shows a secret because nothing it reads holds one.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::{BufferHandle, Stats};
+use crate::record::{format_ts, now_ms};
+use crate::status::StatusBoard;
+
+/// A loop silent for longer than this counts as dead for /healthz.
+pub const LOOP_SILENCE: Duration = Duration::from_secs(15);
+/// The buffer thread must answer within this to count as alive/writable.
+const BUFFER_PROBE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+#[error("health.listen {addr}: cannot listen: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+pub struct HealthState {
+    pub agent_id: String,
+    pub version: &'static str,
+    pub started: Instant,
+    pub board: Arc<StatusBoard>,
+    pub buffer: BufferHandle,
+    /// (id, kind) of every configured connection, in config order.
+    pub connections: Vec<(String, String)>,
+}
+
+/// Binds `addr` now (so a bad address is a clear start-up error) and serves
+/// until `cancel`. Returns the bound address (port 0 picks one).
+pub async fn serve(
+    addr: SocketAddr,
+    state: Arc<HealthState>,
+    cancel: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), BindError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| BindError { addr, source })?;
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    let task = tokio::spawn(async move {
+        let shutdown = async move { cancel.cancelled().await };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "health endpoint stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn buffer_stats(state: &HealthState) -> Result<Stats, String> {
+    match tokio::time::timeout(BUFFER_PROBE, state.buffer.stats()).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("buffer: {e}")),
+        Err(_) => Err("buffer: not answering".into()),
+    }
+}
+
+fn problem(code: StatusCode, reason: String) -> Response {
+    (code, Json(json!({"status": "fail", "reason": reason}))).into_response()
+}
+
+async fn healthz(State(state): State<Arc<HealthState>>) -> Response {
+    let stale = state.board.stale_loops(LOOP_SILENCE);
+    if !stale.is_empty() {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("loops not alive: {}", stale.join(", ")),
+        );
+    }
+    if let Err(e) = buffer_stats(&state).await {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, e);
+    }
+    (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+}
+
+async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
+    if let Err(e) = buffer_stats(&state).await {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, e);
+    }
+    let mqtt = state.board.mqtt();
+    if !mqtt.connected {
+        let why = if mqtt.reason.is_empty() {
+            "not connected yet".to_string()
+        } else {
+            mqtt.reason
+        };
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("mqtt not connected: {why}"),
+        );
+    }
+    (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+}
+
+fn ts_or_null(ms: Option<i64>) -> Value {
+    ms.map(|m| Value::String(format_ts(m)))
+        .unwrap_or(Value::Null)
+}
+
+async fn status(State(state): State<Arc<HealthState>>) -> Response {
+    let mqtt = state.board.mqtt();
+    let buffer = match buffer_stats(&state).await {
+        Ok(st) => json!({
+            "records": st.records,
+            "bytes": st.bytes,
+            "oldest_ts": ts_or_null(st.oldest_ts_ms),
+            "evicted_total": st.evicted_total,
+            "dead_letters": st.dead_letters,
+        }),
+        Err(e) => json!({"error": e}),
+    };
+    let board = state.board.connections();
+    let connections: Vec<Value> = state
+        .connections
+        .iter()
+        .map(|(id, kind)| {
+            let st = board.iter().find(|(c, _)| c == id).map(|(_, s)| s);
+            json!({
+                "id": id,
+                "kind": kind,
+                "state": st.map(|s| s.state.as_str()).unwrap_or("connecting"),
+                "since": ts_or_null(st.map(|s| s.since_ms)),
+                "reason": st.map(|s| s.reason.as_str()).unwrap_or(""),
+                "records_total": st.map(|s| s.records_total).unwrap_or(0),
+                "last_value_ts": ts_or_null(st.and_then(|s| s.last_value_ts_ms)),
+            })
+        })
+        .collect();
+    Json(json!({
+        "agent": state.agent_id,
+        "version": state.version,
+        "uptime_s": state.started.elapsed().as_secs(),
+        "mqtt": {
+            "state": if mqtt.connected { "connected" } else { "disconnected" },
+            "since": ts_or_null((mqtt.since_ms > 0).then_some(mqtt.since_ms)),
+            "reason": mqtt.reason,
+        },
+        "buffer": buffer,
+        "connections": connections,
+    }))
+    .into_response()
+}
+
+/// Prometheus label value escaping (backslash, quote, newline).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
+    let mut out = String::with_capacity(4096);
+    let mqtt = state.board.mqtt();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP plantgate_{name} {help}");
+        let _ = writeln!(out, "# TYPE plantgate_{name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "plantgate_{name}{labels} {v}");
+        }
+    };
+    let one = |v: f64| vec![(String::new(), v)];
+    metric("up", "gauge", "The agent process is running.", &one(1.0));
+    metric(
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the agent started.",
+        &one(state.started.elapsed().as_secs_f64()),
+    );
+    metric(
+        "mqtt_connected",
+        "gauge",
+        "1 while the MQTT session is up.",
+        &one(if mqtt.connected { 1.0 } else { 0.0 }),
+    );
+    metric(
+        "mqtt_connects_total",
+        "counter",
+        "MQTT sessions established.",
+        &one(mqtt.reconnects_total as f64),
+    );
+    metric(
+        "mqtt_inflight_messages",
+        "gauge",
+        "MQTT messages submitted and not yet acknowledged.",
+        &one(mqtt.inflight as f64),
+    );
+    metric(
+        "published_records_total",
+        "counter",
+        "Records acknowledged by the broker and deleted from the buffer.",
+        &one(mqtt.published_records_total as f64),
+    );
+    let board = state.board.connections();
+    let states = [
+        "connecting",
+        "online",
+        "offline",
+        "auth_required",
+        "untrusted",
+    ];
+    let mut conn_state = Vec::new();
+    let mut conn_records = Vec::new();
+    for (id, st) in &board {
+        for s in states {
+            conn_state.push((
+                format!("{{connection=\"{}\",state=\"{s}\"}}", label(id)),
+                if st.state.as_str() == s { 1.0 } else { 0.0 },
+            ));
+        }
+        conn_records.push((
+            format!("{{connection=\"{}\"}}", label(id)),
+            st.records_total as f64,
+        ));
+    }
+    metric(
+        "connection_state",
+        "gauge",
+        "1 for the current state of each plant connection.",
+        &conn_state,
+    );
+    metric(
+        "connection_records_total",
+        "counter",
+        "Records produced by each plant connection.",
+        &conn_records,
+    );
+    if let Ok(st) = buffer_stats(&state).await {
+        metric(
+            "buffer_records",
+            "gauge",
+            "Records waiting in the buffer.",
+            &one(st.records as f64),
+        );
+        metric(
+            "buffer_bytes",
+            "gauge",
+            "Bytes of records waiting in the buffer.",
+            &one(st.bytes as f64),
+        );
+        let age = st
+            .oldest_ts_ms
+            .map(|t| ((now_ms() - t).max(0) as f64) / 1000.0)
+            .unwrap_or(0.0);
+        metric(
+            "buffer_oldest_age_seconds",
+            "gauge",
+            "Age of the oldest waiting record.",
+            &one(age),
+        );
+        metric(
+            "buffer_dead_letters",
+            "gauge",
+            "Records moved to dead letters after repeated broker rejection.",
+            &one(st.dead_letters as f64),
+        );
+        let per = |f: &dyn Fn(&crate::buffer::StreamStats) -> f64| -> Vec<(String, f64)> {
+            st.streams
+                .iter()
+                .map(|s| {
+                    (
+                        format!(
+                            "{{connection=\"{}\",kind=\"{}\"}}",
+                            label(&s.connection),
+                            s.kind
+                        ),
+                        f(s),
+                    )
+                })
+                .collect()
+        };
+        metric(
+            "buffer_stream_records",
+            "gauge",
+            "Records waiting, per stream.",
+            &per(&|s| s.records as f64),
+        );
+        metric(
+            "records_accepted_total",
+            "counter",
+            "Records committed to the buffer, per stream (next seq - 1).",
+            &per(&|s| s.next_seq.saturating_sub(1) as f64),
+        );
+        metric(
+            "records_evicted_total",
+            "counter",
+            "Records dropped by the buffer limits, per stream.",
+            &per(&|s| s.evicted_total as f64),
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

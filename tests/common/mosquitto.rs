@@ -1,0 +1,117 @@
+//! A real mosquitto broker for interop and fault tests: TLS listener, mutual
+//! TLS listener, optional persistence and ACL. Killed when dropped.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use plantgate::sim::broker::{free_port, wait_listening, TestPki};
+
+#[derive(Default, Clone)]
+pub struct MosquittoOptions {
+    /// Keep sessions and queued messages across restarts (persistence file).
+    pub persistence: bool,
+    /// ACL file lines (anonymous clients); None = everything allowed.
+    pub acl: Option<String>,
+}
+
+pub struct Mosquitto {
+    child: Option<Child>,
+    pub tls: SocketAddr,
+    pub mtls: SocketAddr,
+    conf: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Mosquitto {
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).expect("log file");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto binary (apt-get install mosquitto)");
+        self.child = Some(child);
+        for a in [self.tls, self.mtls] {
+            wait_listening(a, Duration::from_secs(20)).expect("mosquitto listens");
+        }
+    }
+
+    /// Stops the broker process with `signal` ("TERM" or "KILL") and waits
+    /// for it to be gone.
+    pub fn stop(&mut self, signal: &str) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args([format!("-{signal}"), c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again on the same ports (and persistence file).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+pub fn start_mosquitto(pki: &TestPki, opts: MosquittoOptions) -> Mosquitto {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().expect("port")));
+    let mtls = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().expect("port")));
+    let files = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\n",
+        pki.ca_file.display(),
+        pki.server_cert_file.display(),
+        pki.server_key_file.display()
+    );
+    let mut conf = String::from(
+        "user root\nper_listener_settings false\nallow_anonymous true\nlog_dest stderr\n\
+         max_inflight_messages 0\nmax_queued_messages 1000000\nmax_queued_bytes 0\n",
+    );
+    if opts.persistence {
+        conf.push_str(&format!(
+            "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+            dir.path().display()
+        ));
+    } else {
+        conf.push_str("persistence false\n");
+    }
+    if let Some(acl) = &opts.acl {
+        let acl_path = dir.path().join("acl");
+        std::fs::write(&acl_path, acl).expect("acl file");
+        conf.push_str(&format!("acl_file {}\n", acl_path.display()));
+    }
+    conf.push_str(&format!(
+        "listener {} 127.0.0.1\n{files}listener {} 127.0.0.1\n{files}require_certificate true\n",
+        tls.port(),
+        mtls.port()
+    ));
+    let conf_path = dir.path().join("mosquitto.conf");
+    std::fs::write(&conf_path, conf).expect("mosquitto.conf");
+    let mut m = Mosquitto {
+        child: None,
+        tls,
+        mtls,
+        conf: conf_path,
+        dir,
+    };
+    m.spawn();
+    m
+}

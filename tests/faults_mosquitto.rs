@@ -1,0 +1,384 @@
+//! Faults against a real mosquitto under load (thousands of values per
+//! second from the simulator): the broker restarted mid-stream, the agent
+//! process killed with SIGKILL again and again, and a poison message the
+//! broker keeps rejecting. The consumer must see zero seq gaps throughout.
+//! Needs the `mosquitto` binary; `.ci/run` installs it and runs these.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::mosquitto::{start_mosquitto, MosquittoOptions};
+use common::*;
+use plantgate::buffer::Store;
+use plantgate::config::Synchronous;
+use plantgate::demo::{Watcher, WatcherOptions};
+use plantgate::record::Kind;
+use plantgate::sim::broker::TestPki;
+use tokio_util::sync::CancellationToken;
+
+/// Load tags × rate: 300 × 10 Hz = 3 000 values/s offered.
+const LOAD_TAGS: usize = 300;
+const LOAD_HZ: f64 = 10.0;
+
+async fn start_load_sim(dir: &Path) -> plantgate::sim::SimServer {
+    init_tracing();
+    let mut opts = plantgate::sim::SimOptions::new(dir.join("sim-pki"));
+    opts.speed = 0.0;
+    opts.tags = LOAD_TAGS;
+    opts.rate_hz = LOAD_HZ;
+    plantgate::sim::start_deltav(opts).await.expect("simulator")
+}
+
+fn load_toml(
+    dir: &Path,
+    mqtt: std::net::SocketAddr,
+    ca: &Path,
+    protocol: &str,
+    sim: &plantgate::sim::SimServer,
+) -> String {
+    let tags: Vec<(String, String)> = (0..LOAD_TAGS)
+        .map(|i| (format!("L{i:05}"), plantgate::sim::deltav::load_tag(i)))
+        .collect();
+    let refs: Vec<(&str, &str)> = tags.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    agent_toml(
+        &dir.join("agent"),
+        mqtt,
+        ca,
+        protocol,
+        &sim.endpoint(),
+        sim.namespace_uri(),
+        &refs,
+    )
+}
+
+/// Pending records and the last assigned tag seq, read from the agent's
+/// buffer file (WAL: readable while the agent writes).
+fn buffer_state(data_dir: &Path) -> (u64, u64) {
+    let store = Store::open(&data_dir.join("buffer.db"), Synchronous::Normal).expect("open buffer");
+    let st = store.stats().expect("stats");
+    let last = st
+        .streams
+        .iter()
+        .find(|s| s.connection == "sim1" && s.kind == Kind::Tag)
+        .map(|s| s.next_seq - 1)
+        .unwrap_or(0);
+    (st.records, last)
+}
+
+/// Waits until the buffer is empty and the watcher has every tag record up
+/// to the last seq ever assigned.
+async fn drained_and_seen(seen: &mut Seen, data_dir: &Path) -> u64 {
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    let last = loop {
+        let (pending, last) = buffer_state(data_dir);
+        if pending == 0 && last > 0 {
+            break last;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "buffer never drained: {pending} pending"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    seen.until(&format!("tag seq {last}"), |s| {
+        s.tracker.last_seq("sim1", "tag") >= Some(last)
+    })
+    .await;
+    last
+}
+
+async fn broker_restart_under_load(protocol: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::generate().expect("pki");
+    let mut mosq = start_mosquitto(
+        &pki,
+        MosquittoOptions {
+            persistence: true,
+            ..Default::default()
+        },
+    );
+    let sim = start_load_sim(dir.path()).await;
+    let toml = load_toml(dir.path(), mosq.tls, &pki.ca_file, protocol, &sim);
+    let watcher = Watcher::connect_with(
+        mosq.tls,
+        &pki.ca_file,
+        "plantgate/#",
+        WatcherOptions {
+            persistent_id: Some(format!("watcher-{protocol}")),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("watcher");
+    let mut seen = Seen::new(watcher);
+    let cancel = CancellationToken::new();
+    let (agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
+        .await
+        .expect("agent");
+    seen.until("load flowing", |s| {
+        s.tracker.last_seq("sim1", "tag") >= Some(3_000)
+    })
+    .await;
+
+    for round in 0..2 {
+        mosq.stop("TERM");
+        // The backlog grows on disk while the broker is gone.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let st = agent.buffer.stats().await.expect("stats");
+            if st.records >= 2_000 && !agent.board.mqtt().connected {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: no backlog: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        mosq.restart();
+        let before = seen.tracker.received;
+        seen.until("data after restart", |s| {
+            s.tracker.received > before + 3_000
+        })
+        .await;
+    }
+
+    sim.shutdown().await;
+    let last = drained_and_seen(&mut seen, &dir.path().join("agent")).await;
+    eprintln!(
+        "broker restarts ({protocol}): {last} records, {} duplicates, {} gaps",
+        seen.tracker.duplicates, seen.tracker.gaps
+    );
+    assert_eq!(seen.tracker.gaps, 0, "gaps: {:?}", seen.tracker.gap_details);
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), join).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto"]
+async fn broker_restarts_under_load_lose_nothing_mqtt5() {
+    broker_restart_under_load("v5").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto"]
+async fn broker_restarts_under_load_lose_nothing_mqtt311() {
+    broker_restart_under_load("v311").await;
+}
+
+struct AgentProcess(Option<Child>);
+
+impl AgentProcess {
+    fn start(config: &Path, log: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_plantgate"))
+            .args(["run", "-c"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn plantgate");
+        AgentProcess(Some(child))
+    }
+
+    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        let mut c = self.0.take().expect("running");
+        let _ = Command::new("kill")
+            .args([format!("-{sig}"), c.id().to_string()])
+            .status();
+        c.wait().expect("wait")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto"]
+async fn agent_sigkill_under_load_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::generate().expect("pki");
+    let mosq = start_mosquitto(&pki, MosquittoOptions::default());
+    let sim = start_load_sim(dir.path()).await;
+    let toml = load_toml(dir.path(), mosq.tls, &pki.ca_file, "v5", &sim);
+    let config = write_file(dir.path(), "plantgate.toml", &toml);
+    let log = dir.path().join("agent.log");
+    let watcher = Watcher::connect(mosq.tls, &pki.ca_file, "plantgate/#")
+        .await
+        .expect("watcher");
+    let mut seen = Seen::new(watcher);
+
+    let mut agent = AgentProcess::start(&config, &log);
+    for round in 0..3 {
+        let before = seen.tracker.received;
+        seen.until(&format!("round {round}: data flowing"), |s| {
+            s.tracker.received > before + 2_000
+        })
+        .await;
+        let status = agent.signal("KILL");
+        assert!(!status.success());
+        agent = AgentProcess::start(&config, &log);
+    }
+    let before = seen.tracker.received;
+    seen.until("data after the last restart", |s| {
+        s.tracker.received > before + 2_000
+    })
+    .await;
+    sim.shutdown().await;
+    let last = drained_and_seen(&mut seen, &dir.path().join("agent")).await;
+    let status = agent.signal("TERM");
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        status.success(),
+        "clean exit after SIGTERM; log:\n{log_text}"
+    );
+    assert!(!log_text.contains("panicked"), "{log_text}");
+    eprintln!(
+        "agent SIGKILL x3: {last} records, {} duplicates, {} gaps",
+        seen.tracker.duplicates, seen.tracker.gaps
+    );
+    assert_eq!(seen.tracker.gaps, 0, "gaps: {:?}", seen.tracker.gap_details);
+    // One epoch throughout: the buffer survived every kill.
+    let epochs: std::collections::BTreeSet<String> = seen
+        .messages
+        .iter()
+        .filter(|m| m.topic.contains("/data/"))
+        .filter_map(|m| m.payload["epoch"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(epochs.len(), 1, "{epochs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto"]
+async fn poison_messages_go_to_dead_letters_and_others_flow() {
+    let plant = start_plant().await;
+    let pki = TestPki::generate().expect("pki");
+    // The broker refuses one stream's topic: MQTT 5 PUBACK 0x87 not authorized.
+    let mosq = start_mosquitto(
+        &pki,
+        MosquittoOptions {
+            acl: Some("topic deny plantgate/+/+/data/poison/#\ntopic readwrite #\n".into()),
+            ..Default::default()
+        },
+    );
+    let mut toml = agent_toml(
+        &plant.dir.path().join("agent"),
+        mosq.tls,
+        &pki.ca_file,
+        "v5",
+        &plant.sim.endpoint(),
+        plant.sim.namespace_uri(),
+        &[("FLOW", "FIC-101/PV.CV")],
+    );
+    toml.push_str(&format!(
+        r#"
+[[connections]]
+id = "poison"
+kind = "generic"
+endpoint = "{}"
+security_policy = "None"
+publishing_interval = "100ms"
+sampling_interval = "100ms"
+
+[[connections.tags]]
+name = "TEMP"
+node = "nsu={};s=TIC-201/PV.CV"
+"#,
+        plant.sim.endpoint(),
+        plant.sim.namespace_uri()
+    ));
+    let config_path = write_file(plant.dir.path(), "plantgate.toml", &toml);
+    let watcher = Watcher::connect(mosq.tls, &pki.ca_file, "plantgate/#")
+        .await
+        .expect("watcher");
+    let mut seen = Seen::new(watcher);
+    let cancel = CancellationToken::new();
+    let (_agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
+        .await
+        .expect("agent");
+
+    plant.sim.set_value("TIC-201/PV.CV", 1.5);
+    seen.until("system.error naming the poison stream", |s| {
+        s.messages.iter().any(|m| {
+            m.topic.ends_with("/events/system.error")
+                && m.payload["details"]["connection"] == "poison"
+        })
+    })
+    .await;
+    // The other stream keeps flowing.
+    for i in 1..=5 {
+        let v = 500.0 + f64::from(i);
+        plant.sim.set_value("FIC-101/PV.CV", v);
+        seen.until(&format!("FLOW {v}"), |s| {
+            s.tag_values("FLOW").iter().any(|x| x.as_f64() == Some(v))
+        })
+        .await;
+    }
+    assert_eq!(seen.tracker.gaps, 0, "{:?}", seen.tracker.gap_details);
+    assert!(
+        !seen
+            .messages
+            .iter()
+            .any(|m| m.topic.contains("/data/poison/")),
+        "the broker let a denied message through"
+    );
+
+    // The CLI sees them while the service runs, and can re-queue them.
+    let out = Command::new(env!("CARGO_BIN_EXE_plantgate"))
+        .args(["buffer", "dead-letters", "-c"])
+        .arg(&config_path)
+        .output()
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("poison") && text.contains("tag"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_plantgate"))
+        .args(["buffer", "retry", "-c"])
+        .arg(&config_path)
+        .output()
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("re-queued"), "{text}");
+    // The running service notices the re-queued rows and sends them again;
+    // the broker still refuses them, so they come back as dead letters.
+    let poison_errors = |s: &Seen| {
+        s.messages
+            .iter()
+            .filter(|m| {
+                m.topic.ends_with("/events/system.error")
+                    && m.payload["details"]["connection"] == "poison"
+            })
+            .count()
+    };
+    let before = poison_errors(&seen);
+    seen.until("the re-queued records rejected again", |s| {
+        poison_errors(s) > before
+    })
+    .await;
+
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), join).await;
+    plant.sim.shutdown().await;
+}

@@ -1,0 +1,137 @@
+//! The health endpoint of a running agent, read with a real HTTP client:
+//! /healthz, /readyz flipping with the broker, /status fields, /metrics.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use plantgate::demo::Watcher;
+use plantgate::sim::proxy::CutProxy;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+async fn wait_http(addr: std::net::SocketAddr, path: &str, want: u16) -> String {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (code, body) = http_get(addr, path).await;
+        if code == want {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} stayed {code}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_endpoint_tracks_the_broker() {
+    let plant = start_plant().await;
+    let proxy = CutProxy::start(plant.broker.v5_addr).await.expect("proxy");
+    let toml = agent_toml(
+        &plant.dir.path().join("agent"),
+        proxy.addr(),
+        &plant.broker.pki.ca_file,
+        "v5",
+        &plant.sim.endpoint(),
+        plant.sim.namespace_uri(),
+        &[("FLOW", "FIC-101/PV.CV")],
+    )
+    .replace(
+        "[mqtt]\n",
+        "[mqtt]\nusername = \"gw\"\npassword = \"hunter2-secret\"\n",
+    );
+    let watcher = Watcher::connect(
+        plant.broker.v4_addr,
+        &plant.broker.pki.ca_file,
+        "plantgate/#",
+    )
+    .await
+    .expect("watcher");
+    let mut seen = Seen::new(watcher);
+    let cancel = CancellationToken::new();
+    let (agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
+        .await
+        .expect("agent");
+    let addr = agent.health_addr;
+    assert!(addr.ip().is_loopback());
+
+    wait_http(addr, "/readyz", 200).await;
+    let (code, _) = http_get(addr, "/healthz").await;
+    assert_eq!(code, 200);
+    plant.sim.set_value("FIC-101/PV.CV", 12.5);
+    seen.until("value", |s| {
+        s.tag_values("FLOW")
+            .iter()
+            .any(|v| v.as_f64() == Some(12.5))
+    })
+    .await;
+
+    let (code, body) = http_get(addr, "/status").await;
+    assert_eq!(code, 200);
+    assert!(!body.contains("hunter2"), "secret in /status");
+    let st: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(st["agent"], "test-gw");
+    assert_eq!(st["version"], plantgate::VERSION);
+    assert!(st["uptime_s"].is_u64());
+    assert_eq!(st["mqtt"]["state"], "connected");
+    for k in [
+        "records",
+        "bytes",
+        "oldest_ts",
+        "evicted_total",
+        "dead_letters",
+    ] {
+        assert!(st["buffer"].get(k).is_some(), "buffer.{k}: {body}");
+    }
+    let c = &st["connections"][0];
+    assert_eq!(c["id"], "sim1");
+    assert_eq!(c["kind"], "generic");
+    assert_eq!(c["state"], "online");
+    assert!(c["records_total"].as_u64().unwrap_or(0) >= 1);
+    assert!(c["last_value_ts"].as_str().is_some(), "{c}");
+    for k in ["since", "reason"] {
+        assert!(c.get(k).is_some());
+    }
+
+    // Broker gone: not ready, with a reason; still alive.
+    proxy.cut();
+    let body = wait_http(addr, "/readyz", 503).await;
+    let why: Value = serde_json::from_str(&body).expect("json reason");
+    assert!(
+        why["reason"].as_str().is_some_and(|r| r.contains("mqtt")),
+        "{why}"
+    );
+    let (code, _) = http_get(addr, "/healthz").await;
+    assert_eq!(code, 200);
+    proxy.restore();
+    wait_http(addr, "/readyz", 200).await;
+
+    let (code, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(!metrics.contains("hunter2"));
+    for name in [
+        "plantgate_mqtt_connected 1",
+        "plantgate_buffer_records ",
+        "plantgate_published_records_total ",
+        "plantgate_connection_state{connection=\"sim1\",state=\"online\"} 1",
+        "plantgate_records_accepted_total{connection=\"sim1\",kind=\"tag\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} missing in:\n{metrics}");
+    }
+    // Every sample line is `name{labels} value` with a numeric value.
+    for line in metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let value = line.rsplit(' ').next().unwrap_or("");
+        assert!(value.parse::<f64>().is_ok(), "bad sample line {line:?}");
+        assert!(line.starts_with("plantgate_"), "{line}");
+    }
+
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), join).await;
+    plant.sim.shutdown().await;
+}
