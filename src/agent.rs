@@ -110,6 +110,22 @@ pub async fn start(
 
     let sources_cancel = CancellationToken::new();
     let pki_dir = data_dir.join("pki");
+    if !config.connections.is_empty() {
+        // One OPC UA application certificate for all connections, named after the agent.
+        let (dir, id) = (pki_dir.clone(), config.agent.id.clone());
+        match tokio::task::spawn_blocking(move || {
+            crate::source::pki::ensure_own_certificate(&dir, Some(&id))
+        })
+        .await
+        {
+            Ok(Ok(own)) => {
+                tracing::info!(application_uri = %own.application_uri, not_after = %own.not_after, "OPC UA application certificate")
+            }
+            // The connections report it as their offline reason and retry.
+            Ok(Err(e)) => tracing::error!(error = %e, "OPC UA application certificate"),
+            Err(e) => tracing::error!(error = %e, "OPC UA certificate setup failed"),
+        }
+    }
     let mut sources = Vec::new();
     for conn in &config.connections {
         let reporter =

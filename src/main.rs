@@ -72,6 +72,14 @@ enum Command {
         /// Directory for the simulator's PKI (default: a temporary one).
         #[arg(long)]
         pki_dir: Option<PathBuf>,
+        /// Offer only these endpoints, as POLICY:MODE (repeatable), e.g.
+        /// `--security None:None --security Basic256Sha256:SignAndEncrypt`.
+        /// Default: every pair of SPEC 3.
+        #[arg(long = "security", value_name = "POLICY:MODE", value_parser = parse_sim_security)]
+        security: Vec<(
+            opcua::crypto::SecurityPolicy,
+            opcua::types::MessageSecurityMode,
+        )>,
     },
     /// Validate the config and print the effective config (secrets as ***).
     Check {
@@ -102,6 +110,36 @@ enum BufferAction {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+}
+
+fn parse_sim_security(
+    s: &str,
+) -> Result<
+    (
+        opcua::crypto::SecurityPolicy,
+        opcua::types::MessageSecurityMode,
+    ),
+    String,
+> {
+    use opcua::crypto::SecurityPolicy as P;
+    use opcua::types::MessageSecurityMode as M;
+    let (p, m) = s
+        .split_once(':')
+        .ok_or("expected POLICY:MODE, e.g. Basic256Sha256:SignAndEncrypt")?;
+    let policy = match p {
+        "None" => P::None,
+        "Basic256Sha256" => P::Basic256Sha256,
+        "Aes128Sha256RsaOaep" => P::Aes128Sha256RsaOaep,
+        "Aes256Sha256RsaPss" => P::Aes256Sha256RsaPss,
+        other => return Err(format!("unknown security policy {other:?}")),
+    };
+    let mode = match m {
+        "None" => M::None,
+        "Sign" => M::Sign,
+        "SignAndEncrypt" => M::SignAndEncrypt,
+        other => return Err(format!("unknown security mode {other:?}")),
+    };
+    Ok((policy, mode))
 }
 
 fn config_path(arg: Option<PathBuf>) -> PathBuf {
@@ -265,6 +303,7 @@ async fn dispatch(command: Command) -> ExitCode {
             user,
             password,
             pki_dir,
+            security,
         } => {
             let cancel = CancellationToken::new();
             cancel_on_signals(cancel.clone());
@@ -291,7 +330,11 @@ async fn dispatch(command: Command) -> ExitCode {
                 user: user.zip(password),
                 pki_dir,
             };
-            match plantgate::sim::run_simulator(&kind, opts, cancel).await {
+            let extras = plantgate::sim::SimExtras {
+                endpoints: (!security.is_empty()).then_some(security),
+                ..Default::default()
+            };
+            match plantgate::sim::run_simulator_with(&kind, opts, extras, cancel).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("plantgate simulate: {e}");

@@ -434,6 +434,18 @@ fn check_after_disk_full(path: &Path, run: &ChildRun, evicts: bool) {
     }
     let mut store = Store::open(path, Synchronous::Normal).expect("reopen");
     store.integrity_check().expect("integrity after disk full");
+    if evicts {
+        // Operators are told: one system.error about the full disk.
+        let told = all(&store, &agent_events()).iter().any(|r| {
+            serde_json::from_str::<Value>(&r.data).is_ok_and(|v| {
+                v["type"] == "system.error"
+                    && v["details"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("disk full"))
+            })
+        });
+        assert!(told, "no system.error about the full disk");
+    }
     let batch = StreamKey::new("line1", Kind::Batch);
     let kept: Vec<u64> = all(&store, &batch).iter().map(|r| r.seq).collect();
     let evicted: Vec<Eviction> = announced(&store)

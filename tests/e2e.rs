@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-use plantgate::demo::Watcher;
-use tokio_util::sync::CancellationToken;
 
 async fn every_value_arrives(protocol: &str) {
     let plant = start_plant().await;
@@ -27,16 +23,9 @@ async fn every_value_arrives(protocol: &str) {
         plant.sim.namespace_uri(),
         &tags,
     );
-    let config = load(&toml);
-    let watcher = Watcher::connect(watch_addr, &plant.broker.pki.ca_file, "plantgate/#")
-        .await
-        .expect("watcher connects");
-    let mut seen = Seen::new(watcher);
+    let mut seen = watch(watch_addr, &plant.broker.pki.ca_file).await;
 
-    let cancel = CancellationToken::new();
-    let (_agent, join) = plantgate::agent::start(config, cancel.clone())
-        .await
-        .expect("agent starts");
+    let agent = run_agent(&toml).await;
 
     seen.until("agent online", |s| {
         s.last_on("test-site/test-gw/status")
@@ -93,11 +82,7 @@ async fn every_value_arrives(protocol: &str) {
     assert!(hb["uptime_s"].is_u64());
 
     // Clean stop: offline/shutdown for the connection and the agent.
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), join)
-        .await
-        .expect("agent stops within 10 s")
-        .expect("shutdown task");
+    agent.stop().await;
     seen.until("offline shutdown status", |s| {
         s.last_on("test-site/test-gw/status")
             .is_some_and(|p| p["state"] == "offline" && p["reason"] == "shutdown")

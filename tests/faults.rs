@@ -8,10 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
-use plantgate::demo::Watcher;
-use plantgate::record::Kind;
 use plantgate::sim::proxy::CutProxy;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tiny_buffer_evicts_oldest_tags_and_announces_exact_ranges() {
@@ -45,14 +42,8 @@ async fn tiny_buffer_evicts_oldest_tags_and_announces_exact_ranges() {
         &refs,
     )
     .replace("[mqtt]\n", "[buffer]\nmax_size = \"512KiB\"\n\n[mqtt]\n");
-    let watcher = Watcher::connect(broker.v4_addr, &broker.pki.ca_file, "plantgate/#")
-        .await
-        .expect("watcher");
-    let mut seen = Seen::new(watcher);
-    let cancel = CancellationToken::new();
-    let (agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
-        .await
-        .expect("agent");
+    let mut seen = watch(broker.v4_addr, &broker.pki.ca_file).await;
+    let agent = run_agent(&toml).await;
 
     // Broker unreachable: the buffer fills and must evict.
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -80,25 +71,7 @@ async fn tiny_buffer_evicts_oldest_tags_and_announces_exact_ranges() {
 
     sim.shutdown().await;
     proxy.restore();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let last = loop {
-        let st = agent.buffer.stats().await.expect("stats");
-        let tag = st
-            .streams
-            .iter()
-            .find(|s| s.connection == "sim1" && s.kind == Kind::Tag)
-            .map(|s| s.next_seq - 1);
-        if st.records == 0 {
-            if let Some(last) = tag {
-                break last;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never drained: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let last = wait_drained(&agent.buffer, "sim1").await;
     seen.until("the last tag record", |s| {
         s.tracker.last_seq("sim1", "tag") >= Some(last)
     })
@@ -155,8 +128,7 @@ async fn tiny_buffer_evicts_oldest_tags_and_announces_exact_ranges() {
         "{newest_evicted} vs {oldest_delivered}"
     );
 
-    cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), join).await;
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -177,18 +149,8 @@ async fn corrupt_database_is_moved_aside_and_agent_carries_on() {
         plant.sim.namespace_uri(),
         &[("FLOW", "FIC-101/PV.CV")],
     );
-    let watcher = Watcher::connect(
-        plant.broker.v4_addr,
-        &plant.broker.pki.ca_file,
-        "plantgate/#",
-    )
-    .await
-    .expect("watcher");
-    let mut seen = Seen::new(watcher);
-    let cancel = CancellationToken::new();
-    let (_agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
-        .await
-        .expect("agent starts despite the corrupt file");
+    let mut seen = watch(plant.broker.v4_addr, &plant.broker.pki.ca_file).await;
+    let agent = run_agent(&toml).await;
     seen.until("system.error about the corrupt database", |s| {
         s.messages.iter().any(|m| {
             m.topic.ends_with("/events/system.error")
@@ -220,7 +182,6 @@ async fn corrupt_database_is_moved_aside_and_agent_carries_on() {
         garbage,
         "original bytes kept"
     );
-    cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), join).await;
+    agent.stop().await;
     plant.sim.shutdown().await;
 }

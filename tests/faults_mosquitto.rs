@@ -17,7 +17,6 @@ use plantgate::config::Synchronous;
 use plantgate::demo::{Watcher, WatcherOptions};
 use plantgate::record::Kind;
 use plantgate::sim::broker::TestPki;
-use tokio_util::sync::CancellationToken;
 
 /// Load tags × rate: 300 × 10 Hz = 3 000 values/s offered.
 const LOAD_TAGS: usize = 300;
@@ -114,10 +113,7 @@ async fn broker_restart_under_load(protocol: &str) {
     .await
     .expect("watcher");
     let mut seen = Seen::new(watcher);
-    let cancel = CancellationToken::new();
-    let (agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
-        .await
-        .expect("agent");
+    let agent = run_agent(&toml).await;
     seen.until("load flowing", |s| {
         s.tracker.last_seq("sim1", "tag") >= Some(3_000)
     })
@@ -153,8 +149,7 @@ async fn broker_restart_under_load(protocol: &str) {
         seen.tracker.duplicates, seen.tracker.gaps
     );
     assert_eq!(seen.tracker.gaps, 0, "gaps: {:?}", seen.tracker.gap_details);
-    cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), join).await;
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -216,10 +211,7 @@ async fn agent_sigkill_under_load_loses_nothing() {
     let toml = load_toml(dir.path(), mosq.tls, &pki.ca_file, "v5", &sim);
     let config = write_file(dir.path(), "plantgate.toml", &toml);
     let log = dir.path().join("agent.log");
-    let watcher = Watcher::connect(mosq.tls, &pki.ca_file, "plantgate/#")
-        .await
-        .expect("watcher");
-    let mut seen = Seen::new(watcher);
+    let mut seen = watch(mosq.tls, &pki.ca_file).await;
 
     let mut agent = AgentProcess::start(&config, &log);
     for round in 0..3 {
@@ -301,14 +293,8 @@ node = "nsu={};s=TIC-201/PV.CV"
         plant.sim.namespace_uri()
     ));
     let config_path = write_file(plant.dir.path(), "plantgate.toml", &toml);
-    let watcher = Watcher::connect(mosq.tls, &pki.ca_file, "plantgate/#")
-        .await
-        .expect("watcher");
-    let mut seen = Seen::new(watcher);
-    let cancel = CancellationToken::new();
-    let (_agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
-        .await
-        .expect("agent");
+    let mut seen = watch(mosq.tls, &pki.ca_file).await;
+    let agent = run_agent(&toml).await;
 
     plant.sim.set_value("TIC-201/PV.CV", 1.5);
     seen.until("system.error naming the poison stream", |s| {
@@ -378,7 +364,6 @@ node = "nsu={};s=TIC-201/PV.CV"
     })
     .await;
 
-    cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), join).await;
+    agent.stop().await;
     plant.sim.shutdown().await;
 }

@@ -6,10 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use plantgate::demo::Watcher;
 use plantgate::sim::proxy::CutProxy;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 async fn wait_http(addr: std::net::SocketAddr, path: &str, want: u16) -> String {
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -43,18 +41,8 @@ async fn health_endpoint_tracks_the_broker() {
         "[mqtt]\n",
         "[mqtt]\nusername = \"gw\"\npassword = \"hunter2-secret\"\n",
     );
-    let watcher = Watcher::connect(
-        plant.broker.v4_addr,
-        &plant.broker.pki.ca_file,
-        "plantgate/#",
-    )
-    .await
-    .expect("watcher");
-    let mut seen = Seen::new(watcher);
-    let cancel = CancellationToken::new();
-    let (agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
-        .await
-        .expect("agent");
+    let mut seen = watch(plant.broker.v4_addr, &plant.broker.pki.ca_file).await;
+    let agent = run_agent(&toml).await;
     let addr = agent.health_addr;
     assert!(addr.ip().is_loopback());
 
@@ -131,7 +119,6 @@ async fn health_endpoint_tracks_the_broker() {
         assert!(line.starts_with("plantgate_"), "{line}");
     }
 
-    cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), join).await;
+    agent.stop().await;
     plant.sim.shutdown().await;
 }

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use common::mosquitto::start_mosquitto;
 use common::*;
-use plantgate::demo::Watcher;
 use plantgate::sim::broker::TestPki;
-use tokio_util::sync::CancellationToken;
 
 async fn flows_through_mosquitto(protocol: &str, mutual: bool) {
     let plant = start_plant().await;
@@ -36,14 +34,8 @@ async fn flows_through_mosquitto(protocol: &str, mutual: bool) {
             ),
         );
     }
-    let watcher = Watcher::connect(mosq.tls, &pki.ca_file, "plantgate/#")
-        .await
-        .expect("watcher");
-    let mut seen = Seen::new(watcher);
-    let cancel = CancellationToken::new();
-    let (_agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
-        .await
-        .expect("agent");
+    let mut seen = watch(mosq.tls, &pki.ca_file).await;
+    let agent = run_agent(&toml).await;
     for i in 1..=10 {
         let v = f64::from(i) * 3.5;
         plant.sim.set_value("FIC-101/PV.CV", v);
@@ -54,11 +46,7 @@ async fn flows_through_mosquitto(protocol: &str, mutual: bool) {
     }
     assert_eq!(seen.tracker.gaps, 0, "{:?}", seen.tracker.gap_details);
     assert!(seen.tracker.last_seq("sim1", "tag") >= Some(10));
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), join)
-        .await
-        .expect("stops")
-        .expect("shutdown");
+    agent.stop().await;
     seen.until("offline shutdown", |s| {
         s.last_on("test-gw/status")
             .is_some_and(|p| p["reason"] == "shutdown")
@@ -102,10 +90,7 @@ async fn mosquitto_refuses_agent_without_client_cert() {
         plant.sim.namespace_uri(),
         &[("FLOW", "FIC-101/PV.CV")],
     );
-    let cancel = CancellationToken::new();
-    let (agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
-        .await
-        .expect("agent");
+    let agent = run_agent(&toml).await;
     // Records are accepted into the buffer although the broker refuses us.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let mut v = 0.0;
@@ -120,10 +105,6 @@ async fn mosquitto_refuses_agent_without_client_cert() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!agent.board.mqtt().connected);
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), join)
-        .await
-        .expect("stops even with the broker refusing")
-        .expect("shutdown");
+    agent.stop().await;
     plant.sim.shutdown().await;
 }

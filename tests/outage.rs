@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use plantgate::demo::Watcher;
-use plantgate::record::Kind;
 use plantgate::sim::proxy::CutProxy;
 use tokio_util::sync::CancellationToken;
 
@@ -27,18 +25,8 @@ async fn outage_is_ridden_out_on_disk() {
         plant.sim.namespace_uri(),
         &[("FLOW", "FIC-101/PV.CV")],
     );
-    let watcher = Watcher::connect(
-        plant.broker.v4_addr,
-        &plant.broker.pki.ca_file,
-        "plantgate/#",
-    )
-    .await
-    .expect("watcher");
-    let mut seen = Seen::new(watcher);
-    let cancel = CancellationToken::new();
-    let (agent, join) = plantgate::agent::start(load(&toml), cancel.clone())
-        .await
-        .expect("agent starts");
+    let mut seen = watch(plant.broker.v4_addr, &plant.broker.pki.ca_file).await;
+    let agent = run_agent(&toml).await;
 
     // Values change continuously from here on.
     let sim = Arc::new(plant.sim);
@@ -81,25 +69,7 @@ async fn outage_is_ridden_out_on_disk() {
 
     // Everything accepted arrives: wait until the buffer is empty, then until
     // the subscriber has the last seq the buffer ever assigned.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let last = loop {
-        let st = agent.buffer.stats().await.expect("stats");
-        if st.records == 0 {
-            let tag = st
-                .streams
-                .iter()
-                .find(|s| s.connection == "sim1" && s.kind == Kind::Tag)
-                .map(|s| s.next_seq - 1);
-            if let Some(last) = tag {
-                break last;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "backlog never drained: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let last = wait_drained(&agent.buffer, "sim1").await;
     seen.until("every record up to the last", |s| {
         s.tracker.last_seq("sim1", "tag") >= Some(last)
     })
@@ -119,9 +89,5 @@ async fn outage_is_ridden_out_on_disk() {
     );
     assert_eq!(sync["connection"], serde_json::Value::Null);
 
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), join)
-        .await
-        .expect("stops in time")
-        .expect("shutdown");
+    agent.stop().await;
 }

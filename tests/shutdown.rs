@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use plantgate::demo::Watcher;
 use plantgate::record::{Kind, StreamKey};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -26,14 +25,7 @@ async fn sigterm_exits_zero_quickly_and_loses_nothing() {
         &[("FLOW", "FIC-101/PV.CV")],
     );
     let config_path = write_file(plant.dir.path(), "plantgate.toml", &toml);
-    let watcher = Watcher::connect(
-        plant.broker.v4_addr,
-        &plant.broker.pki.ca_file,
-        "plantgate/#",
-    )
-    .await
-    .expect("watcher");
-    let mut seen = Seen::new(watcher);
+    let mut seen = watch(plant.broker.v4_addr, &plant.broker.pki.ca_file).await;
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_plantgate"))
         .args(["run", "-c"])

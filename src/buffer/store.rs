@@ -116,6 +116,10 @@ pub struct Store {
     keep_reserve: bool,
     /// Size the reserve file should have.
     reserve_bytes: u64,
+    /// A `system.error` about a full disk that could not be stored yet; it
+    /// goes in right after the next append that fits (operators must hear
+    /// about a full disk, and the event must survive outages like any other).
+    pending_disk_error: Option<NewRecord>,
 }
 
 /// Per-stream bookkeeping while one append transaction is open.
@@ -703,6 +707,7 @@ impl Store {
             disk_cap_pages: None,
             keep_reserve: check == Check::Quick,
             reserve_bytes: 0,
+            pending_disk_error: None,
         };
         store.apply_limits().map_err(OpenError::Fatal)?;
         store.ensure_reserve();
@@ -989,6 +994,7 @@ impl Store {
             match self.insert(records, &encoded) {
                 Ok(seqs) => {
                     report.seqs = seqs;
+                    self.flush_disk_error();
                     return Ok(report);
                 }
                 Err(e) if is_sqlite_full(&e) => {
@@ -1030,6 +1036,21 @@ impl Store {
         Ok(seqs)
     }
 
+    /// Stores the pending disk-full `system.error`, if any; keeps it pending
+    /// while even that small insert does not fit.
+    fn flush_disk_error(&mut self) {
+        if let Some(ev) = self.pending_disk_error.take() {
+            match encode(std::slice::from_ref(&ev), "append") {
+                Ok(encoded) => {
+                    if self.insert(std::slice::from_ref(&ev), &encoded).is_err() {
+                        self.pending_disk_error = Some(ev);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "could not encode the disk-full event"),
+            }
+        }
+    }
+
     /// An insert hit SQLITE_FULL: decides whether that was `max_page_count`
     /// or the filesystem, and in the latter case holds the file at its
     /// current size so freed pages get reused (invariant 10).
@@ -1047,6 +1068,19 @@ impl Store {
         }
         tracing::warn!(path = %self.path.display(), pages,
             "filesystem full below buffer.max_size; holding the buffer at its current size");
+        if self.disk_cap_pages.is_none() {
+            let max_size = self.limits.max_size;
+            self.pending_disk_error = Some(agent_event(
+                "system.error",
+                now_ms(),
+                serde_json::json!({
+                    "message": "disk full: the buffer is held at its current size and evicts per the priority lanes",
+                    "path": self.path.display().to_string(),
+                    "buffer_bytes": pages.saturating_mul(self.page_size),
+                    "max_size": max_size,
+                }),
+            ));
+        }
         self.release_reserve();
         self.disk_cap_pages = Some(pages.max(MIN_DB_PAGES));
         self.apply_limits()?;

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use super::server::{SimBuilder, SimNamespace, SimServer, SimSpec, SimValue};
-use super::{SimError, SimOptions};
+use super::{SimError, SimExtras, SimOptions};
 
 pub const NAMESPACE_URI: &str = "urn:plantgate:sim:deltav";
 
@@ -96,8 +96,14 @@ pub fn load_tag(i: usize) -> String {
 
 /// Starts the DeltaV simulator (see module doc).
 pub async fn start_deltav(opts: SimOptions) -> Result<SimServer, SimError> {
-    let builder = SimBuilder::new(
+    start_deltav_with(opts, SimExtras::default()).await
+}
+
+/// [`start_deltav`] with options beyond `SimOptions`.
+pub async fn start_deltav_with(opts: SimOptions, extras: SimExtras) -> Result<SimServer, SimError> {
+    let builder = SimBuilder::new_with(
         &opts,
+        &extras,
         SimSpec {
             name: "deltav".into(),
             namespace_uri: NAMESPACE_URI.into(),

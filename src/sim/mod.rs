@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
 
-pub use deltav::start_deltav;
+pub use deltav::{start_deltav, start_deltav_with};
 pub use server::{SimBuilder, SimNamespace, SimServer, SimSpec, SimValue};
 
 #[derive(Clone)]
@@ -61,6 +61,23 @@ impl std::fmt::Debug for SimOptions {
     }
 }
 
+/// Options beyond [`SimOptions`], for tests and `plantgate simulate`
+/// switches. Kept apart so that `SimOptions` literals elsewhere stay valid.
+#[derive(Clone, Debug, Default)]
+pub struct SimExtras {
+    /// Offer only these (policy, mode) endpoints; None = all of SPEC 3
+    /// (None/None and the three RSA policies with Sign and SignAndEncrypt).
+    pub endpoints: Option<
+        Vec<(
+            opcua::crypto::SecurityPolicy,
+            opcua::types::MessageSecurityMode,
+        )>,
+    >,
+    /// Namespace URIs registered before the simulator's own: each shifts its
+    /// index by one (`urn:plantgate:sim:deltav` is ns=2 without any).
+    pub namespaces_before: Vec<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
     #[error("cannot listen on {0}: {1}")]
@@ -82,8 +99,18 @@ pub async fn run_simulator(
     opts: SimOptions,
     cancel: CancellationToken,
 ) -> Result<(), SimError> {
+    run_simulator_with(kind, opts, SimExtras::default(), cancel).await
+}
+
+/// [`run_simulator`] with [`SimExtras`] (e.g. `--security` switches).
+pub async fn run_simulator_with(
+    kind: &str,
+    opts: SimOptions,
+    extras: SimExtras,
+    cancel: CancellationToken,
+) -> Result<(), SimError> {
     let server = match kind {
-        "deltav" => start_deltav(opts).await?,
+        "deltav" => start_deltav_with(opts, extras).await?,
         other => return Err(SimError::UnknownKind(other.to_string())),
     };
     println!(

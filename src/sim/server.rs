@@ -17,27 +17,39 @@ use opcua::server::{
     ANONYMOUS_USER_TOKEN_ID,
 };
 use opcua::types::{
-    DataValue, DateTime, MessageSecurityMode, NodeId, StatusCode, UAString, Variant,
+    ByteString, DataValue, DateTime, MessageSecurityMode, NodeId, StatusCode, UAString, Variant,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{SimError, SimOptions};
+use super::{SimError, SimExtras, SimOptions};
 
 /// User token id of the single configured user (`SimOptions::user`).
 const USER_TOKEN_ID: &str = "plantgate_sim_user";
 
-/// A value a simulator can put into a variable. Only the types the plant
-/// profiles use; the OPC UA data type of a variable is fixed by its first value.
+/// A value a simulator can put into a variable. The data type a variable
+/// announces is fixed by its first value, but like a misconfigured plant
+/// server the simulator lets a test set any other type later (`Raw` takes
+/// any Variant: arrays, ByteStrings, nested Variants, ...).
 #[derive(Clone, Debug, PartialEq)]
 pub enum SimValue {
     Double(f64),
+    Float(f32),
     Int32(i32),
+    Int64(i64),
     UInt32(u32),
     UInt64(u64),
     Bool(bool),
     String(String),
+    DoubleArray(Vec<f64>),
+    StringArray(Vec<String>),
+    Bytes(Vec<u8>),
+    /// Milliseconds since the Unix epoch.
+    DateTime(i64),
+    /// No value (Variant::Empty).
+    Empty,
+    Raw(Variant),
 }
 
 impl From<f64> for SimValue {
@@ -80,11 +92,21 @@ impl From<SimValue> for Variant {
     fn from(v: SimValue) -> Variant {
         match v {
             SimValue::Double(v) => Variant::Double(v),
+            SimValue::Float(v) => Variant::Float(v),
             SimValue::Int32(v) => Variant::Int32(v),
+            SimValue::Int64(v) => Variant::Int64(v),
             SimValue::UInt32(v) => Variant::UInt32(v),
             SimValue::UInt64(v) => Variant::UInt64(v),
             SimValue::Bool(v) => Variant::Boolean(v),
             SimValue::String(v) => Variant::String(UAString::from(v)),
+            SimValue::DoubleArray(v) => Variant::from(v),
+            SimValue::StringArray(v) => {
+                Variant::from(v.into_iter().map(UAString::from).collect::<Vec<UAString>>())
+            }
+            SimValue::Bytes(v) => Variant::ByteString(ByteString::from(v)),
+            SimValue::DateTime(ms) => Variant::DateTime(Box::new(datetime_from_ms(ms))),
+            SimValue::Empty => Variant::Empty,
+            SimValue::Raw(v) => v,
         }
     }
 }
@@ -181,6 +203,65 @@ impl SimNamespace {
             .map_err(|status| SimError::SetValue(status.to_string()))
     }
 
+    /// Sets a variable to `value` (None: no value) with `status` (Bad or
+    /// Uncertain, for quality tests), source timestamp now.
+    pub fn set_with_status(
+        &self,
+        id: &str,
+        value: Option<SimValue>,
+        status: StatusCode,
+    ) -> Result<(), SimError> {
+        let now = DateTime::now();
+        let dv = DataValue {
+            // async-opcua reports a stored status only together with a value
+            // (Empty stands for "none"), and its default change filter looks
+            // at the value alone: a status change needs a value change too.
+            value: Some(value.map(Variant::from).unwrap_or(Variant::Empty)),
+            status: Some(status),
+            source_timestamp: Some(now),
+            source_picoseconds: None,
+            server_timestamp: Some(now),
+            server_picoseconds: None,
+        };
+        let node = self.node_id(id);
+        self.manager
+            .set_values(&self.subscriptions, [(&node, None, dv)].into_iter())
+            .map_err(|status| SimError::SetValue(status.to_string()))
+    }
+
+    /// Deletes a variable at runtime, like a configuration download that
+    /// drops a tag. Subscribers first get a `BadNodeIdUnknown` notification
+    /// for it (what servers report for a monitored node that went away; the
+    /// in-memory node manager would otherwise just go quiet). False if the
+    /// node did not exist.
+    pub fn delete_variable(&self, id: &str) -> bool {
+        let node = self.node_id(id);
+        if !self.manager.address_space().read().node_exists(&node) {
+            return false;
+        }
+        let now = DateTime::now();
+        let gone = DataValue {
+            // See `set_with_status` for why not None.
+            value: Some(Variant::Empty),
+            status: Some(StatusCode::BadNodeIdUnknown),
+            source_timestamp: Some(now),
+            source_picoseconds: None,
+            server_timestamp: Some(now),
+            server_picoseconds: None,
+        };
+        if let Err(e) = self
+            .manager
+            .set_values(&self.subscriptions, [(&node, None, gone)].into_iter())
+        {
+            tracing::debug!(node = id, error = %e, "simulator: notifying the deletion failed");
+        }
+        self.manager
+            .address_space()
+            .write()
+            .delete(&node, true)
+            .is_some()
+    }
+
     /// Sets values with source timestamp now.
     pub fn set_many(&self, values: Vec<(String, SimValue)>) -> Result<(), SimError> {
         self.set_many_at(values, crate::record::now_ms())
@@ -212,6 +293,14 @@ pub struct SimBuilder {
 
 impl SimBuilder {
     pub async fn new(opts: &SimOptions, spec: SimSpec) -> Result<SimBuilder, SimError> {
+        Self::new_with(opts, &SimExtras::default(), spec).await
+    }
+
+    pub async fn new_with(
+        opts: &SimOptions,
+        extras: &SimExtras,
+        spec: SimSpec,
+    ) -> Result<SimBuilder, SimError> {
         let listener = TcpListener::bind(opts.listen)
             .await
             .map_err(|e| SimError::Bind(opts.listen, e))?;
@@ -253,18 +342,33 @@ impl SimBuilder {
             .subscription_poll_interval_ms(10)
             .max_array_length(1_000_000)
             .max_message_size(256 * 1024 * 1024)
-            .max_chunk_count(4096)
-            .with_node_manager(simple_node_manager(
+            .max_chunk_count(4096);
+        // Registered first, these push the simulator's namespace to a higher
+        // index: what a server restart with a changed configuration does.
+        for (i, uri) in extras.namespaces_before.iter().enumerate() {
+            builder = builder.with_node_manager(simple_node_manager(
                 NamespaceMetadata {
-                    namespace_uri: spec.namespace_uri.clone(),
+                    namespace_uri: uri.clone(),
                     ..Default::default()
                 },
-                &spec.name,
+                &format!("{}-extra-{i}", spec.name),
             ));
-        for (id, endpoint) in sim_endpoints(&token_ids) {
+        }
+        builder = builder.with_node_manager(simple_node_manager(
+            NamespaceMetadata {
+                namespace_uri: spec.namespace_uri.clone(),
+                ..Default::default()
+            },
+            &spec.name,
+        ));
+        let endpoints = sim_endpoints(&token_ids, extras.endpoints.as_deref());
+        let Some((default_endpoint, _)) = endpoints.first().cloned() else {
+            return Err(SimError::Build("no endpoint left to offer".into()));
+        };
+        for (id, endpoint) in endpoints {
             builder = builder.add_endpoint(id, endpoint);
         }
-        builder = builder.default_endpoint("none");
+        builder = builder.default_endpoint(default_endpoint);
         if let Some((user, pass)) = &opts.user {
             builder = builder.add_user_token(
                 USER_TOKEN_ID,
@@ -287,7 +391,7 @@ impl SimBuilder {
         let (server, handle) = builder.build().map_err(SimError::Build)?;
         let manager = handle
             .node_managers()
-            .get_of_type::<SimpleNodeManager>()
+            .get_by_name::<SimpleNodeManager>(&spec.name)
             .ok_or_else(|| SimError::Build("simple node manager missing".into()))?;
         let index = handle
             .get_namespace_index(&spec.namespace_uri)
@@ -345,20 +449,31 @@ impl SimBuilder {
     }
 }
 
-/// All policies the product supports, with every mode each allows.
-fn sim_endpoints(token_ids: &[String]) -> Vec<(String, ServerEndpoint)> {
+/// All policies the product supports, with every mode each allows, or only
+/// the `only` pairs.
+fn sim_endpoints(
+    token_ids: &[String],
+    only: Option<&[(SecurityPolicy, MessageSecurityMode)]>,
+) -> Vec<(String, ServerEndpoint)> {
+    let wanted = |p: SecurityPolicy, m: MessageSecurityMode| {
+        only.map_or(true, |pairs| {
+            pairs.iter().any(|(op, om)| *op == p && *om == m)
+        })
+    };
     let mut out = Vec::new();
     // Note: async-opcua 0.19 advertises no token security policy for
     // username/password, so on this endpoint passwords travel in clear.
-    out.push((
-        "none".to_string(),
-        ServerEndpoint::new(
-            "/",
-            SecurityPolicy::None,
-            MessageSecurityMode::None,
-            token_ids,
-        ),
-    ));
+    if wanted(SecurityPolicy::None, MessageSecurityMode::None) {
+        out.push((
+            "none".to_string(),
+            ServerEndpoint::new(
+                "/",
+                SecurityPolicy::None,
+                MessageSecurityMode::None,
+                token_ids,
+            ),
+        ));
+    }
     for policy in [
         SecurityPolicy::Basic256Sha256,
         SecurityPolicy::Aes128Sha256RsaOaep,
@@ -368,6 +483,9 @@ fn sim_endpoints(token_ids: &[String]) -> Vec<(String, ServerEndpoint)> {
             MessageSecurityMode::Sign,
             MessageSecurityMode::SignAndEncrypt,
         ] {
+            if !wanted(policy, mode) {
+                continue;
+            }
             out.push((
                 format!("{policy}_{mode}").to_lowercase(),
                 ServerEndpoint::new("/", policy, mode, token_ids),
@@ -426,6 +544,17 @@ impl SimServer {
         if let Err(e) = self.namespace.set(node, value) {
             tracing::warn!(node, error = %e, "simulator set_value failed");
         }
+    }
+
+    /// Deletes a variable at runtime (see `SimNamespace::delete_variable`).
+    /// It stays pinned, so the simulation does not try to update it; add it
+    /// again with `namespace().add_variables` and `set_value`.
+    pub fn delete_variable(&self, node: &str) -> bool {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string());
+        self.namespace.delete_variable(node)
     }
 
     /// Stops listening, closes all sessions and waits until the port is free.

@@ -17,9 +17,11 @@
 //!   status code name as reason. Retries while not online do not flap through
 //!   `connecting` (one state change, one log line, one event per outage).
 
+pub mod pki;
 mod session;
 pub mod value;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +37,7 @@ use crate::record::NewRecord;
 use crate::status::{ConnState, ConnectionReporter};
 
 pub use session::SourceError;
-use session::{LoopEvent, PublishClock, TagPlan};
+use session::{LoopEvent, Monitored, PublishClock, TagPlan};
 use value::TagMeta;
 
 /// How long a fresh session may take from TCP connect to activated.
@@ -60,23 +62,43 @@ pub async fn run_connection(
     let mut backoff = Backoff::new(conn.reconnect_initial, conn.reconnect_max);
     let mut client: Option<Client> = None;
     let mut state = ConnState::Connecting;
+    // Tags reported bad (system.error) and still bad: one event per tag and
+    // status, not one per reconnect.
+    let mut reported_bad: HashMap<usize, StatusCode> = HashMap::new();
+    let mut expiry_watch: Option<AbortOnDrop> = None;
 
     reporter
         .set_state(ConnState::Connecting, "connecting")
         .await;
     loop {
-        let ctx = SessionCtx {
-            conn: &conn,
-            pki_dir: &pki_dir,
-            plans: &plans,
-            metas: &metas,
-            records: &records_tx,
-            reporter: &reporter,
-            cancel: &cancel,
-        };
-        let failure = match run_session(ctx, &mut client, &mut state).await {
-            Ok(()) => break,
-            Err(f) => f,
+        let failure = match ensure_client(&mut client, &conn, &pki_dir, &cancel).await {
+            Err(e) => Failure::from(e),
+            Ok(None) if cancel.is_cancelled() => break,
+            Ok(new_own) => {
+                if let (Some(own), None) = (new_own, &expiry_watch) {
+                    expiry_watch = Some(AbortOnDrop(tokio::spawn(watch_expiry(
+                        own,
+                        reporter.clone(),
+                    ))));
+                }
+                let ctx = SessionCtx {
+                    conn: &conn,
+                    plans: &plans,
+                    metas: &metas,
+                    records: &records_tx,
+                    reporter: &reporter,
+                    cancel: &cancel,
+                };
+                match client.as_mut() {
+                    Some(client) => {
+                        match run_session(ctx, client, &mut state, &mut reported_bad).await {
+                            Ok(()) => break,
+                            Err(f) => f,
+                        }
+                    }
+                    None => Failure::from(SourceError::Client("client missing".into())),
+                }
+            }
         };
         if cancel.is_cancelled() {
             break;
@@ -108,6 +130,7 @@ pub async fn run_connection(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+    drop(expiry_watch);
     drop(records_tx);
     drop(client);
     // Values already received are still delivered (the sessions, and with
@@ -129,9 +152,58 @@ async fn forward(mut rx: mpsc::UnboundedReceiver<Vec<NewRecord>>, reporter: Conn
     }
 }
 
+/// Builds the client if there is none yet (first attempt, or after a PKI
+/// error). Returns the own certificate when it built one; None when a client
+/// existed or the task was cancelled meanwhile.
+async fn ensure_client(
+    slot: &mut Option<Client>,
+    conn: &ConnectionConfig,
+    pki_dir: &std::path::Path,
+    cancel: &CancellationToken,
+) -> Result<Option<pki::OwnCertificate>, SourceError> {
+    if slot.is_some() {
+        return Ok(None);
+    }
+    let (conn, pki_dir) = (conn.clone(), pki_dir.to_path_buf());
+    // Creating the certificate generates an RSA key: seconds on a small box.
+    let build = tokio::task::spawn_blocking(move || session::build_client(&conn, &pki_dir));
+    let built = tokio::select! {
+        _ = cancel.cancelled() => return Ok(None),
+        r = build => r.map_err(|e| SourceError::Client(format!("client setup task failed: {e}")))??,
+    };
+    let (client, own) = built;
+    *slot = Some(client);
+    Ok(Some(own))
+}
+
+/// Warns (agent-level `system.error`) at start and daily while the own
+/// certificate expires within 30 days. The certificate is shared by all
+/// connections of the process: `claim_expiry_warning` lets one speak.
+async fn watch_expiry(own: pki::OwnCertificate, reporter: ConnectionReporter) {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let pki_dir = own
+        .cert_path
+        .parent()
+        .and_then(|p| p.parent())
+        .map(std::path::Path::to_path_buf);
+    let mut own = own;
+    loop {
+        // Re-read: an operator may have replaced the certificate meanwhile.
+        if let Some(Ok(current)) = pki_dir.as_deref().map(pki::read_own) {
+            own = current;
+        }
+        if let Some(details) = pki::expiry_warning(&own, chrono::Utc::now()) {
+            if pki::claim_expiry_warning(&own.cert_path) {
+                tracing::warn!(certificate = %own.cert_path.display(), not_after = %own.not_after, "OPC UA application certificate expires soon");
+                reporter.agent_event("system.error", details).await;
+            }
+        }
+        tokio::time::sleep(DAY).await;
+    }
+}
+
 struct SessionCtx<'a> {
     conn: &'a ConnectionConfig,
-    pki_dir: &'a PathBuf,
     plans: &'a Arc<Vec<TagPlan>>,
     metas: &'a Arc<Vec<TagMeta>>,
     records: &'a mpsc::UnboundedSender<Vec<NewRecord>>,
@@ -166,17 +238,13 @@ impl Drop for AbortOnDrop {
 /// Runs until the cancel token fires (Ok) or the session fails (Err).
 async fn run_session(
     ctx: SessionCtx<'_>,
-    client_slot: &mut Option<Client>,
+    client: &mut Client,
     state: &mut ConnState,
+    reported_bad: &mut HashMap<usize, StatusCode>,
 ) -> Result<(), Failure> {
     let conn = ctx.conn;
-    if client_slot.is_none() {
-        *client_slot = Some(session::build_client(conn, ctx.pki_dir)?);
-    }
-    let Some(client) = client_slot.as_mut() else {
-        return Err(SourceError::Client("client missing".into()).into());
-    };
     let identity = session::identity(conn);
+    let attempt_started = tokio::time::Instant::now();
 
     // Until online, cancellation simply drops whatever is in flight.
     let setup = async {
@@ -193,8 +261,12 @@ async fn run_session(
         ));
         match tokio::time::timeout(CONNECT_TIMEOUT, events_rx.recv()).await {
             Ok(Some(LoopEvent::Connected)) => {}
-            Ok(Some(LoopEvent::ConnectFailed(code) | LoopEvent::Lost(code)))
-            | Ok(Some(LoopEvent::SubscriptionStatus(code))) => {
+            Ok(Some(
+                LoopEvent::ConnectFailed(code)
+                | LoopEvent::Lost(code)
+                | LoopEvent::SubscriptionStatus(code)
+                | LoopEvent::NodeGone(_, code),
+            )) => {
                 return Err(SourceError::ua(code, "connect"));
             }
             Ok(None) => {
@@ -206,6 +278,8 @@ async fn run_session(
             Err(_) => return Err(SourceError::ua(StatusCode::BadTimeout, "connect timed out")),
         }
 
+        // Namespace indexes may differ after every server restart: `nsu=`
+        // tags are resolved against the array of this session.
         let namespaces = session::read_namespaces(&session).await?;
         let (ok, mut bad) = resolve_all(ctx.plans, &namespaces);
         let subscription_id = session::create_subscription(
@@ -219,7 +293,7 @@ async fn run_session(
             },
         )
         .await?;
-        let refused = session::monitor_tags(
+        let Monitored { created, refused } = session::monitor_tags(
             &session,
             subscription_id,
             ctx.plans,
@@ -228,18 +302,32 @@ async fn run_session(
         )
         .await?;
         bad.extend(refused);
-        Ok::<_, SourceError>((session, events_rx, clock, guard, subscription_id, bad))
+        bad.sort_by_key(|(i, _)| *i);
+        let items: HashMap<usize, u32> = created.into_iter().collect();
+        Ok::<_, SourceError>((
+            session,
+            events_rx,
+            clock,
+            guard,
+            subscription_id,
+            bad,
+            items,
+        ))
     };
-    let (session, mut events_rx, clock, _guard, subscription_id, mut bad) = tokio::select! {
+    let (session, mut events_rx, clock, _guard, subscription_id, mut bad, mut items) = tokio::select! {
         _ = ctx.cancel.cancelled() => return Ok(()),
         r = setup => r?,
     };
 
+    let retry_every = conn
+        .reconnect_max
+        .clamp(Duration::from_secs(5), Duration::from_secs(60));
     if !bad.is_empty() {
         let _ = ctx
             .records
             .send(session::bad_records(&conn.id, ctx.plans, &bad));
     }
+    report_bad(&ctx, reported_bad, &bad, &items, retry_every).await;
     // Without this the client may not send Publish requests on a new session.
     session.trigger_publish_now();
     clock.touch();
@@ -247,6 +335,13 @@ async fn run_session(
         .set_state(ConnState::Online, "subscribed")
         .await;
     *state = ConnState::Online;
+    tracing::info!(
+        connection = %conn.id,
+        setup_ms = attempt_started.elapsed().as_millis() as u64,
+        tags = items.len(),
+        bad = bad.len(),
+        "OPC UA session subscribed"
+    );
     let online = |error: SourceError| Failure {
         error,
         was_online: true,
@@ -263,9 +358,6 @@ async fn run_session(
     let silent_limit = keep_alive * 3 + Duration::from_secs(1);
     let mut watchdog = tokio::time::interval((keep_alive / 2).max(Duration::from_millis(200)));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let retry_every = conn
-        .reconnect_max
-        .clamp(Duration::from_secs(5), Duration::from_secs(60));
     let mut retry =
         tokio::time::interval_at(tokio::time::Instant::now() + retry_every, retry_every);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -285,6 +377,21 @@ async fn run_session(
                     let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, session.disconnect()).await;
                     return Err(online(SourceError::ua(code, "subscription ended by the server")));
                 }
+                Some(LoopEvent::NodeGone(i, status)) => {
+                    // The bad tag record itself came with the notification.
+                    // Drop the dead item and let the retry timer re-create it
+                    // once the node exists again.
+                    if let Some(item) = items.remove(&i) {
+                        session::unmonitor(&session, subscription_id, &[item]).await;
+                    }
+                    if !bad.iter().any(|(j, _)| *j == i) {
+                        bad.push((i, status));
+                        bad.sort_by_key(|(i, _)| *i);
+                        // Not sooner than a full interval from now.
+                        retry.reset();
+                    }
+                    report_bad(&ctx, reported_bad, &bad, &items, retry_every).await;
+                }
                 None => {
                     return Err(online(SourceError::ua(StatusCode::BadConnectionClosed, "event loop ended")));
                 }
@@ -299,7 +406,7 @@ async fn run_session(
             _ = retry.tick(), if !bad.is_empty() => {
                 // A node missing now may exist after a server download/restart.
                 match retry_bad(&session, subscription_id, &ctx, &bad).await {
-                    Ok(still_bad) => {
+                    Ok((still_bad, created)) => {
                         let changed: Vec<(usize, StatusCode)> = still_bad
                             .iter()
                             .filter(|(i, s)| !bad.iter().any(|(j, t)| i == j && s == t))
@@ -308,11 +415,52 @@ async fn run_session(
                         if !changed.is_empty() {
                             let _ = ctx.records.send(session::bad_records(&conn.id, ctx.plans, &changed));
                         }
+                        items.extend(created);
                         bad = still_bad;
+                        report_bad(&ctx, reported_bad, &bad, &items, retry_every).await;
                     }
                     Err(e) => return Err(online(e)),
                 }
             }
+        }
+    }
+}
+
+/// Emits one `system.error` per tag that became bad (or bad with another
+/// status) and forgets tags that are monitored again, so an outage of a node
+/// is one event, not one per reconnect or retry.
+async fn report_bad(
+    ctx: &SessionCtx<'_>,
+    reported: &mut HashMap<usize, StatusCode>,
+    bad: &[(usize, StatusCode)],
+    monitored: &HashMap<usize, u32>,
+    retry_every: Duration,
+) {
+    for (i, status) in bad {
+        if reported.get(i) == Some(status) {
+            continue;
+        }
+        reported.insert(*i, *status);
+        let tag = &ctx.plans[*i].meta;
+        let status = value::status_name(*status);
+        tracing::warn!(connection = %ctx.conn.id, tag = %tag.name, node = %tag.node, %status, "tag unavailable");
+        ctx.reporter
+            .system_error(serde_json::json!({
+                "error": "tag_unavailable",
+                "tag": tag.name,
+                "node": tag.node,
+                "status": status,
+                "message": format!(
+                    "tag {} (node {}) is unavailable: {status}; retried every {}s, the other tags are not affected",
+                    tag.name, tag.node, retry_every.as_secs()
+                ),
+            }))
+            .await;
+    }
+    for i in monitored.keys() {
+        if reported.remove(i).is_some() {
+            let tag = &ctx.plans[*i].meta;
+            tracing::info!(connection = %ctx.conn.id, tag = %tag.name, node = %tag.node, "tag available again");
         }
     }
 }
@@ -340,12 +488,14 @@ fn resolve_all(
     (ok, bad)
 }
 
+/// Tries the bad tags again: returns those still bad and the monitored items
+/// created for the others.
 async fn retry_bad(
     session: &opcua::client::Session,
     subscription_id: u32,
     ctx: &SessionCtx<'_>,
     bad: &[(usize, StatusCode)],
-) -> Result<BadTags, SourceError> {
+) -> Result<(BadTags, Vec<(usize, u32)>), SourceError> {
     let namespaces = session::read_namespaces(session).await?;
     let mut still_bad = Vec::new();
     let mut retry = Vec::new();
@@ -358,8 +508,9 @@ async fn retry_bad(
             },
         }
     }
+    let mut created = Vec::new();
     if !retry.is_empty() {
-        let refused = session::monitor_tags(
+        let monitored = session::monitor_tags(
             session,
             subscription_id,
             ctx.plans,
@@ -367,10 +518,11 @@ async fn retry_bad(
             ctx.conn.publishing_interval,
         )
         .await?;
-        still_bad.extend(refused);
+        still_bad.extend(monitored.refused);
+        created = monitored.created;
     }
     still_bad.sort_by_key(|(i, _)| *i);
-    Ok(still_bad)
+    Ok((still_bad, created))
 }
 
 /// Which state a failure puts the connection in.

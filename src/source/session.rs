@@ -22,6 +22,7 @@ use opcua::types::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::pki::OwnCertificate;
 use super::value::{bad_tag_record, tag_record, TagMeta};
 use crate::config::{ConnectionConfig, SecurityMode, SecurityPolicy, TagConfig};
 use crate::nodeid::{Identifier, Namespace, NodeRef};
@@ -41,10 +42,16 @@ pub enum SourceError {
     Client(String),
     #[error("{}: {context}", super::value::status_name(*status))]
     Ua { status: StatusCode, context: String },
-    #[error("server offers no endpoint with security policy {policy:?} and mode {mode:?}")]
+    #[error("{0}")]
+    Pki(#[from] super::pki::PkiError),
+    #[error(
+        "server offers no endpoint with security policy {policy:?} and mode {mode:?} (it offers {offered})"
+    )]
     NoEndpoint {
         policy: SecurityPolicy,
         mode: SecurityMode,
+        /// `Policy/Mode` pairs the server advertises, for the operator.
+        offered: String,
     },
     #[error("subscription silent for {0:?} (no publish response or keep-alive)")]
     Silent(Duration),
@@ -83,21 +90,21 @@ impl SourceError {
     }
 }
 
-/// Serialises client creation: the first client creates the application
-/// certificate, and several connections starting together must not race to
-/// write it.
-static CLIENT_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
+/// Builds the client of one connection. Blocking (may create the
+/// application certificate, see `pki`): call it from `spawn_blocking`.
 pub(crate) fn build_client(
     conn: &ConnectionConfig,
     pki_dir: &std::path::Path,
-) -> Result<Client, SourceError> {
-    let _guard = CLIENT_INIT.lock().unwrap_or_else(|e| e.into_inner());
-    ClientBuilder::new()
+) -> Result<(Client, OwnCertificate), SourceError> {
+    let own = super::pki::ensure_own_certificate(pki_dir, None)?;
+    let client = ClientBuilder::new()
         .application_name("plantgate")
-        .application_uri("urn:plantgate:client")
+        // Must equal the certificate's URI SAN or servers reject the session.
+        .application_uri(own.application_uri.as_str())
         .product_uri("urn:plantgate")
-        .create_sample_keypair(true)
+        .create_sample_keypair(false)
+        .certificate_path(super::pki::OWN_CERT)
+        .private_key_path(super::pki::OWN_KEY)
         .pki_dir(pki_dir)
         .trust_server_certs(conn.trust_unknown_server_cert)
         .verify_server_certs(true)
@@ -114,7 +121,8 @@ pub(crate) fn build_client(
         .max_message_size(256 * 1024 * 1024)
         .max_chunk_count(4096)
         .client()
-        .map_err(|errs| SourceError::Client(errs.join("; ")))
+        .map_err(|errs| SourceError::Client(errs.join("; ")))?;
+    Ok((client, own))
 }
 
 fn ua_policy(p: SecurityPolicy) -> UaPolicy {
@@ -183,13 +191,44 @@ pub(crate) async fn discover_endpoint(
         })
         .or(matching.first())
         .copied()
-        .ok_or(SourceError::NoEndpoint {
+        .ok_or_else(|| SourceError::NoEndpoint {
             policy: conn.security_policy,
             mode: conn.security_mode,
+            offered: offered(&endpoints),
         })?;
     let mut chosen = chosen.clone();
     chosen.endpoint_url = conn.endpoint.as_str().into();
     Ok(chosen)
+}
+
+/// `None/None, Basic256Sha256/Sign, ...`: what a server advertises.
+fn offered(endpoints: &[EndpointDescription]) -> String {
+    let mut pairs: Vec<String> = Vec::new();
+    for e in endpoints {
+        let uri = e.security_policy_uri.as_ref();
+        // Policy URIs end in `#Name` (http://opcfoundation.org/UA/SecurityPolicy#None).
+        let policy = uri.rsplit('#').next().unwrap_or(uri);
+        let pair = format!("{policy}/{:?}", e.security_mode);
+        if !pairs.contains(&pair) {
+            pairs.push(pair);
+        }
+    }
+    if pairs.is_empty() {
+        "no endpoints".to_string()
+    } else {
+        pairs.join(", ")
+    }
+}
+
+/// Statuses in a data change that mean the node itself is gone (deleted,
+/// renamed by a configuration download): the tag is dropped from the
+/// subscription and retried like a tag that failed at subscribe time.
+pub(crate) fn node_gone(status: StatusCode) -> bool {
+    status.is_bad()
+        && matches!(
+            super::value::status_name(status).as_str(),
+            "BadNodeIdUnknown" | "BadNodeIdInvalid"
+        )
 }
 
 /// What the session's event loop reports to the connection task.
@@ -200,6 +239,8 @@ pub(crate) enum LoopEvent {
     Lost(StatusCode),
     /// The server ended our subscription (StatusChangeNotification).
     SubscriptionStatus(StatusCode),
+    /// A monitored node reported that it no longer exists: (tag index, why).
+    NodeGone(usize, StatusCode),
 }
 
 /// Drives the session event loop on its own task. It stops at the first
@@ -335,13 +376,17 @@ impl OnSubscriptionNotificationCore for Notifier {
                 };
                 for item in change.monitored_items.into_iter().flatten() {
                     // Client handles are tag index + 1 (see `monitor_tags`).
-                    let Some(tag) = (item.client_handle as usize)
+                    let Some((index, tag)) = (item.client_handle as usize)
                         .checked_sub(1)
-                        .and_then(|i| self.tags.get(i))
+                        .and_then(|i| self.tags.get(i).map(|t| (i, t)))
                     else {
                         continue;
                     };
                     out.push(tag_record(&self.connection, tag, &item.value));
+                    let status = item.value.status();
+                    if node_gone(status) {
+                        let _ = self.events.send(LoopEvent::NodeGone(index, status));
+                    }
                 }
             } else if let Some(status) = obj.into_inner_as::<StatusChangeNotification>() {
                 let _ = self
@@ -406,16 +451,23 @@ fn item_request(
     }
 }
 
-/// Creates monitored items for `which` (indexes into `plans`). Returns the
-/// tags the server refused, with its status, for bad records and retry.
+/// Result of `monitor_tags`: the monitored item ids of the created items and
+/// the tags the server refused, with its status (for bad records and retry).
+#[derive(Default)]
+pub(crate) struct Monitored {
+    pub created: Vec<(usize, u32)>,
+    pub refused: Vec<(usize, StatusCode)>,
+}
+
+/// Creates monitored items for `which` (indexes into `plans`).
 pub(crate) async fn monitor_tags(
     session: &Session,
     subscription_id: u32,
     plans: &[TagPlan],
     which: &[(usize, NodeId)],
     publishing_interval: Duration,
-) -> Result<Vec<(usize, StatusCode)>, SourceError> {
-    let mut refused = Vec::new();
+) -> Result<Monitored, SourceError> {
+    let mut out = Monitored::default();
     for chunk in which.chunks(MONITORED_ITEMS_CHUNK) {
         let requests = chunk
             .iter()
@@ -428,16 +480,36 @@ pub(crate) async fn monitor_tags(
         for ((i, _), created) in chunk.iter().zip(results.iter()) {
             let status = created.result.status_code;
             if status.is_bad() {
-                refused.push((*i, status));
+                out.refused.push((*i, status));
+            } else {
+                out.created.push((*i, created.result.monitored_item_id));
             }
         }
         if results.len() < chunk.len() {
             for (i, _) in &chunk[results.len()..] {
-                refused.push((*i, StatusCode::BadUnexpectedError));
+                out.refused.push((*i, StatusCode::BadUnexpectedError));
             }
         }
     }
-    Ok(refused)
+    Ok(out)
+}
+
+/// Removes the monitored items of tags whose node went away. Best effort:
+/// the server may already have dropped them.
+pub(crate) async fn unmonitor(session: &Session, subscription_id: u32, item_ids: &[u32]) {
+    if item_ids.is_empty() {
+        return;
+    }
+    match tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        session.delete_monitored_items(subscription_id, item_ids),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "DeleteMonitoredItems failed"),
+        Err(_) => tracing::debug!("DeleteMonitoredItems timed out"),
+    }
 }
 
 pub(crate) async fn read_namespaces(session: &Session) -> Result<NamespaceMap, SourceError> {

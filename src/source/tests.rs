@@ -44,6 +44,7 @@ fn conn_config(id: &str, endpoint: &str, tags: Vec<TagConfig>) -> ConnectionConf
         events: vec![
             "connection.status_changed".into(),
             "connection.auth_required".into(),
+            "system.error".into(),
         ],
         node_template: None,
         oee_window: Duration::from_secs(60),
@@ -83,7 +84,12 @@ async fn keys() -> &'static std::path::Path {
 
 async fn copy_keys(which: &str, to: &std::path::Path) {
     let from = keys().await.join(which);
+    // The client keeps its key in own/, the simulator (library default) in
+    // private/.
     for sub in ["own", "private"] {
+        if !from.join(sub).exists() {
+            continue;
+        }
         std::fs::create_dir_all(to.join(sub)).unwrap();
         for entry in std::fs::read_dir(from.join(sub)).unwrap() {
             let entry = entry.unwrap();
@@ -168,7 +174,30 @@ impl Harness {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> NewRecord {
-        if let Some(r) = seen.iter().find(|r| r.kind == Kind::Tag && pred(&r.data)) {
+        self.wait_record(seen, what, Kind::Tag, pred).await
+    }
+
+    /// Waits for an event record of `event_type` whose details match `pred`.
+    async fn wait_event(
+        &mut self,
+        seen: &mut Vec<NewRecord>,
+        event_type: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> NewRecord {
+        self.wait_record(seen, event_type, Kind::Event, |d| {
+            d["type"] == event_type && pred(&d["details"])
+        })
+        .await
+    }
+
+    async fn wait_record(
+        &mut self,
+        seen: &mut Vec<NewRecord>,
+        what: &str,
+        kind: Kind,
+        pred: impl Fn(&Value) -> bool,
+    ) -> NewRecord {
+        if let Some(r) = seen.iter().find(|r| r.kind == kind && pred(&r.data)) {
             return r.clone();
         }
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -181,7 +210,7 @@ impl Harness {
                 .expect("record channel open");
             let hit = batch
                 .iter()
-                .find(|r| r.kind == Kind::Tag && pred(&r.data))
+                .find(|r| r.kind == kind && pred(&r.data))
                 .cloned();
             seen.extend(batch);
             if let Some(r) = hit {
@@ -351,49 +380,101 @@ async fn wrong_password_is_auth_required_right_one_works() {
     server.shutdown().await;
 }
 
-async fn secure_round_trip(policy: SecurityPolicy, mode: SecurityMode) {
+/// Every policy/mode pair of SPEC 3 against the simulator, with a
+/// username/password identity (the token travels inside the secured channel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_policy_and_mode_pair_with_password() {
+    let pairs = [
+        (SecurityPolicy::None, SecurityMode::None),
+        (SecurityPolicy::Basic256Sha256, SecurityMode::Sign),
+        (SecurityPolicy::Basic256Sha256, SecurityMode::SignAndEncrypt),
+        (SecurityPolicy::Aes128Sha256RsaOaep, SecurityMode::Sign),
+        (
+            SecurityPolicy::Aes128Sha256RsaOaep,
+            SecurityMode::SignAndEncrypt,
+        ),
+        (SecurityPolicy::Aes256Sha256RsaPss, SecurityMode::Sign),
+        (
+            SecurityPolicy::Aes256Sha256RsaPss,
+            SecurityMode::SignAndEncrypt,
+        ),
+    ];
     let dir = tempfile::tempdir().unwrap();
-    let server = sim(dir.path(), |_| {}).await;
+    let server = sim(dir.path(), |o| {
+        o.user = Some(("operator".into(), "s3cret".into()))
+    })
+    .await;
+    let pki = client_pki(dir.path()).await;
+    for (n, (policy, mode)) in pairs.into_iter().enumerate() {
+        let mut conn = conn_config(
+            &format!("pair{n}"),
+            &server.endpoint(),
+            vec![tag("FIC-101.PV", &format!("nsu={NS};s=FIC-101/PV.CV"))],
+        );
+        conn.security_policy = policy;
+        conn.security_mode = mode;
+        conn.username = Some("operator".into());
+        conn.password = Some(Secret::new("s3cret"));
+        // Trust on first use: the first secured pair stores the certificate.
+        conn.trust_unknown_server_cert = true;
+        let mut h = Harness::start(conn, pki.clone());
+        let mut seen = Vec::new();
+        h.wait_state(ConnState::Online, &mut seen).await;
+        let v = 100.0 + n as f64;
+        server.set_value("FIC-101/PV.CV", v);
+        h.wait_tag(
+            &mut seen,
+            &format!("{policy:?}/{mode:?}"),
+            is_value("FIC-101.PV", v),
+        )
+        .await;
+        h.stop().await;
+        eprintln!("verified {policy:?}/{mode:?} with username/password");
+    }
+    server.shutdown().await;
+    let trusted = std::fs::read_dir(pki.join("trusted")).unwrap().count();
+    assert_eq!(trusted, 1, "the server certificate was trusted once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_endpoint_names_policy_mode_and_offer() {
+    use opcua::crypto::SecurityPolicy as P;
+    use opcua::types::MessageSecurityMode as M;
+    let dir = tempfile::tempdir().unwrap();
+    copy_keys("server", &dir.path().join("server-pki")).await;
+    let mut opts = SimOptions::new(dir.path().join("server-pki"));
+    opts.speed = 0.0;
+    let extras = crate::sim::SimExtras {
+        endpoints: Some(vec![(P::None, M::None), (P::Basic256Sha256, M::Sign)]),
+        ..Default::default()
+    };
+    let server = crate::sim::start_deltav_with(opts, extras).await.unwrap();
     let mut conn = conn_config(
-        "dv5",
+        "noep",
         &server.endpoint(),
         vec![tag("FIC-101.PV", &format!("nsu={NS};s=FIC-101/PV.CV"))],
     );
-    conn.security_policy = policy;
-    conn.security_mode = mode;
-    conn.trust_unknown_server_cert = true;
+    conn.security_policy = SecurityPolicy::Aes256Sha256RsaPss;
+    conn.security_mode = SecurityMode::SignAndEncrypt;
     let mut h = Harness::start(conn, client_pki(dir.path()).await);
     let mut seen = Vec::new();
-    h.wait_state(ConnState::Online, &mut seen).await;
-    server.set_value("FIC-101/PV.CV", 5.5);
-    h.wait_tag(&mut seen, "secure value", is_value("FIC-101.PV", 5.5))
+    h.wait_state(ConnState::Offline, &mut seen).await;
+    let (_, reason) = h.state();
+    assert!(
+        reason.contains("Aes256Sha256RsaPss")
+            && reason.contains("SignAndEncrypt")
+            && reason.contains("None/None")
+            && reason.contains("Basic256Sha256/Sign"),
+        "{reason}"
+    );
+    let ev = h
+        .wait_event(&mut seen, "connection.status_changed", |d| {
+            d["state"] == "offline"
+        })
         .await;
+    assert_eq!(ev.data["details"]["reason"], reason.as_str());
     h.stop().await;
     server.shutdown().await;
-    // Trust on first use stored the server certificate.
-    let trusted = std::fs::read_dir(dir.path().join("pki/trusted"))
-        .unwrap()
-        .count();
-    assert_eq!(trusted, 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn basic256sha256_sign_and_encrypt() {
-    secure_round_trip(SecurityPolicy::Basic256Sha256, SecurityMode::SignAndEncrypt).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aes256_sha256_rsapss_sign() {
-    secure_round_trip(SecurityPolicy::Aes256Sha256RsaPss, SecurityMode::Sign).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aes128_sha256_rsaoaep_sign_and_encrypt() {
-    secure_round_trip(
-        SecurityPolicy::Aes128Sha256RsaOaep,
-        SecurityMode::SignAndEncrypt,
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,13 +488,28 @@ async fn unknown_server_cert_is_untrusted_and_rejected() {
     );
     conn.security_policy = SecurityPolicy::Basic256Sha256;
     conn.security_mode = SecurityMode::SignAndEncrypt;
-    let mut h = Harness::start(conn, client_pki(dir.path()).await);
+    let pki = client_pki(dir.path()).await;
+    let mut h = Harness::start(conn, pki.clone());
     let mut seen = Vec::new();
     h.wait_state(ConnState::Untrusted, &mut seen).await;
-    let rejected = std::fs::read_dir(dir.path().join("pki/rejected"))
+    h.wait_event(&mut seen, "connection.status_changed", |d| {
+        d["state"] == "untrusted" && d["previous"] == "connecting"
+    })
+    .await;
+    let rejected: Vec<_> = std::fs::read_dir(pki.join("rejected"))
         .unwrap()
-        .count();
-    assert_eq!(rejected, 1);
+        .map(|e| e.unwrap())
+        .collect();
+    assert_eq!(rejected.len(), 1);
+
+    // The operator's fix: move the certificate to trusted/. The running
+    // connection picks it up at its next attempt.
+    let file = &rejected[0];
+    std::fs::rename(file.path(), pki.join("trusted").join(file.file_name())).unwrap();
+    h.wait_state(ConnState::Online, &mut seen).await;
+    server.set_value("FIC-101/PV.CV", 8.5);
+    h.wait_tag(&mut seen, "value once trusted", is_value("FIC-101.PV", 8.5))
+        .await;
     h.stop().await;
     server.shutdown().await;
 }
@@ -638,4 +734,578 @@ async fn silent_subscription_is_rebuilt() {
     .await;
     h.stop().await;
     server.shutdown().await;
+}
+
+// ---------------------------------------------------------------- PKI
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_certificate_created_on_first_start() {
+    // `keys()` started a client on an empty PKI directory: that is a first
+    // start. Check what it left behind.
+    let pki = keys().await.join("client");
+    let own = pki::read_own(&pki).unwrap();
+    assert_eq!(own.cert_path, pki.join("own/cert.der"));
+    assert!(pki.join("own/private.pem").is_file());
+    assert!(!pki.join("private").exists(), "key lives in own/");
+    assert!(pki.join("trusted").is_dir() && pki.join("rejected").is_dir());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(pki.join("own/private.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "key mode {mode:o}");
+    }
+    let host = opcua::crypto::X509Data::computer_hostnames()
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| "localhost".into());
+    assert_eq!(own.application_uri, pki::application_uri(&host));
+    let days = (own.not_after - chrono::Utc::now()).num_days();
+    assert!((3640..=3650).contains(&days), "valid {days} days");
+
+    // Second start: same certificate, nothing regenerated.
+    let again = pki::ensure_own_certificate(&pki, Some("other-name")).unwrap();
+    assert_eq!(again.application_uri, own.application_uri);
+    assert_eq!(again.not_after, own.not_after);
+}
+
+#[test]
+fn legacy_key_location_is_migrated_and_loose_mode_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(keys()).join("client");
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(pki.join("own")).unwrap();
+    std::fs::create_dir_all(pki.join("private")).unwrap();
+    std::fs::copy(client.join("own/cert.der"), pki.join("own/cert.der")).unwrap();
+    let legacy = pki.join("private/private.pem");
+    std::fs::copy(client.join("own/private.pem"), &legacy).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&legacy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let own = pki::ensure_own_certificate(&pki, None).unwrap();
+    assert!(!legacy.exists());
+    assert!(own.key_path.is_file());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&own.key_path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Half a PKI is an error for the operator, not silently regenerated.
+    std::fs::remove_file(&own.key_path).unwrap();
+    let err = pki::ensure_own_certificate(&pki, None).unwrap_err();
+    assert!(err.to_string().contains("private key is missing"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_own_certificate_raises_one_system_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = sim(dir.path(), |_| {}).await;
+    let pki = client_pki(dir.path()).await;
+    // Same key, a new certificate valid for 10 days only.
+    let key = opcua::crypto::CertificateStore::read_pkey(&pki.join(pki::OWN_KEY)).unwrap();
+    std::fs::remove_file(pki.join(pki::OWN_CERT)).unwrap();
+    pki::create(&pki, "urn:plantgate:short-lived", 10, Some(&key)).unwrap();
+
+    // Two connections share the certificate: one warning between them.
+    let tags = vec![tag("FIC-101.PV", &format!("nsu={NS};s=FIC-101/PV.CV"))];
+    let mut h = Harness::start(
+        conn_config("exp1", &server.endpoint(), tags.clone()),
+        pki.clone(),
+    );
+    let mut h2 = Harness::start(conn_config("exp2", &server.endpoint(), tags), pki.clone());
+    let mut seen = Vec::new();
+    let mut seen2 = Vec::new();
+    h.wait_state(ConnState::Online, &mut seen).await;
+    h2.wait_state(ConnState::Online, &mut seen2).await;
+    let is_expiry = |r: &NewRecord| {
+        r.kind == Kind::Event
+            && r.data["type"] == "system.error"
+            && r.data["details"]["error"] == "opcua_certificate_expiring"
+    };
+    // Both are online, so both expiry watchers have run their first check.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !seen.iter().chain(seen2.iter()).any(is_expiry) {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => panic!("no expiry warning"),
+            Some(b) = h.rx.recv() => seen.extend(b),
+            Some(b) = h2.rx.recv() => seen2.extend(b),
+        }
+    }
+    let warnings: Vec<&NewRecord> = seen
+        .iter()
+        .chain(seen2.iter())
+        .filter(|r| is_expiry(r))
+        .collect();
+    assert_eq!(warnings.len(), 1);
+    let ev = warnings[0];
+    assert_eq!(ev.connection, "", "agent-level event");
+    assert_eq!(
+        ev.data["details"]["application_uri"],
+        "urn:plantgate:short-lived"
+    );
+    let days = ev.data["details"]["days_left"].as_i64().unwrap();
+    assert!((9..=10).contains(&days), "{days}");
+    h.stop().await;
+    h2.stop().await;
+    server.shutdown().await;
+}
+
+// ------------------------------------------------------- identity, backoff
+
+/// A TCP relay that counts the connections it accepts.
+async fn counting_relay(
+    target: std::net::SocketAddr,
+    count: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn sim_addr(server: &SimServer) -> std::net::SocketAddr {
+    server
+        .endpoint()
+        .trim_start_matches("opc.tcp://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_password_backs_off_slowly_with_one_event() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let server = sim(dir.path(), |o| {
+        o.user = Some(("operator".into(), "s3cret".into()))
+    })
+    .await;
+    let count = Arc::new(AtomicUsize::new(0));
+    let relay = counting_relay(sim_addr(&server), count.clone()).await;
+    let mut conn = conn_config(
+        "auth",
+        &format!("opc.tcp://{relay}/"),
+        vec![tag("FIC-101.PV", &format!("nsu={NS};s=FIC-101/PV.CV"))],
+    );
+    conn.username = Some("operator".into());
+    conn.password = Some(Secret::new("rotated-away"));
+    // A fast initial backoff: only the slow path keeps attempts rare.
+    conn.reconnect_initial = Duration::from_millis(50);
+    conn.reconnect_max = Duration::from_secs(2);
+    let mut h = Harness::start(conn, client_pki(dir.path()).await);
+    let mut seen = Vec::new();
+    h.wait_state(ConnState::AuthRequired, &mut seen).await;
+    let ev = h
+        .wait_event(&mut seen, "connection.auth_required", |_| true)
+        .await;
+    let status = ev.data["details"]["status"].as_str().unwrap().to_string();
+    assert!(
+        status == "BadIdentityTokenRejected" || status == "BadUserAccessDenied",
+        "{status}"
+    );
+
+    // Each attempt is two TCP connections (GetEndpoints, session). Over 8 s
+    // with 1.6..2 s between attempts: at most 6 attempts; the initial 50 ms
+    // backoff would make ~100.
+    let before = count.load(Ordering::SeqCst);
+    let window = Duration::from_secs(8);
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < window {
+        if let Ok(Some(b)) = tokio::time::timeout(Duration::from_millis(200), h.rx.recv()).await {
+            seen.extend(b);
+        }
+    }
+    let attempts = (count.load(Ordering::SeqCst) - before) as f64 / 2.0;
+    eprintln!("auth retries: {attempts} attempts in {window:?}");
+    assert!((2.0..=6.0).contains(&attempts), "{attempts} attempts");
+    assert_eq!(h.state().0, ConnState::AuthRequired);
+    let auth_events = seen
+        .iter()
+        .filter(|r| r.kind == Kind::Event && r.data["type"] == "connection.auth_required")
+        .count();
+    assert_eq!(auth_events, 1, "one event per outage, not per retry");
+    h.stop().await;
+    server.shutdown().await;
+}
+
+// ------------------------------------------------------------ self-healing
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_moved_namespace_re_resolves_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = sim(dir.path(), |_| {}).await;
+    let listen = sim_addr(&server);
+    let old_ns = server.namespace_index();
+    let mut conn = conn_config(
+        "restart",
+        &server.endpoint(),
+        vec![
+            tag("FIC-101.PV", &format!("nsu={NS};s=FIC-101/PV.CV")),
+            tag("TIC-201.PV", &format!("nsu={NS};s=TIC-201/PV.CV")),
+        ],
+    );
+    // The product defaults: what an operator would see.
+    conn.reconnect_initial = Duration::from_secs(1);
+    conn.reconnect_max = Duration::from_secs(60);
+    let mut h = Harness::start(conn, client_pki(dir.path()).await);
+    let mut seen = Vec::new();
+    h.wait_state(ConnState::Online, &mut seen).await;
+    server.set_value("FIC-101/PV.CV", 1.5);
+    h.wait_tag(&mut seen, "before restart", is_value("FIC-101.PV", 1.5))
+        .await;
+
+    server.shutdown().await;
+    h.wait_state(ConnState::Offline, &mut seen).await;
+
+    copy_keys("server", &dir.path().join("server-pki")).await;
+    let mut opts = SimOptions::new(dir.path().join("server-pki"));
+    opts.speed = 0.0;
+    opts.listen = listen;
+    let extras = crate::sim::SimExtras {
+        namespaces_before: vec!["urn:plantgate:test:inserted".into()],
+        ..Default::default()
+    };
+    let server = crate::sim::start_deltav_with(opts, extras).await.unwrap();
+    let restarted = tokio::time::Instant::now();
+    assert_eq!(server.namespace_index(), old_ns + 1);
+    // Initial values of the new subscription are the first data.
+    let mut after = Vec::new();
+    h.wait_tag(&mut after, "first value after restart", |d| {
+        d["name"] == "FIC-101.PV" && d["quality"] == "good"
+    })
+    .await;
+    let to_data = restarted.elapsed();
+    eprintln!("server restart -> first value: {} ms", to_data.as_millis());
+    assert_eq!(h.state().0, ConnState::Online);
+    server.set_value("TIC-201/PV.CV", 2.5);
+    h.wait_tag(
+        &mut after,
+        "value after restart",
+        is_value("TIC-201.PV", 2.5),
+    )
+    .await;
+    seen.extend(after);
+    // offline, then online again: both as events.
+    let states: Vec<&str> = seen
+        .iter()
+        .filter(|r| r.kind == Kind::Event && r.data["type"] == "connection.status_changed")
+        .filter_map(|r| r.data["details"]["state"].as_str())
+        .collect();
+    assert_eq!(states, ["online", "offline", "online"]);
+    // No tag went bad on the way (the nsu= ids were re-resolved).
+    assert!(!seen
+        .iter()
+        .any(|r| r.kind == Kind::Tag && r.data["quality"] == "bad"));
+    h.stop().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_node_goes_bad_others_flow_and_it_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = sim(dir.path(), |_| {}).await;
+    let conn = conn_config(
+        "del",
+        &server.endpoint(),
+        vec![
+            tag("FIC-101.PV", &format!("nsu={NS};s=FIC-101/PV.CV")),
+            tag("TIC-201.PV", &format!("nsu={NS};s=TIC-201/PV.CV")),
+        ],
+    );
+    let mut h = Harness::start(conn, client_pki(dir.path()).await);
+    let mut seen = Vec::new();
+    h.wait_state(ConnState::Online, &mut seen).await;
+    server.set_value("TIC-201/PV.CV", 70.5);
+    h.wait_tag(&mut seen, "TIC before", is_value("TIC-201.PV", 70.5))
+        .await;
+
+    assert!(server.delete_variable("TIC-201/PV.CV"));
+    let bad = h
+        .wait_tag(&mut seen, "TIC bad", |d| {
+            d["name"] == "TIC-201.PV" && d["quality"] == "bad"
+        })
+        .await;
+    assert_eq!(bad.data["status"], "BadNodeIdUnknown");
+    let ev = h
+        .wait_event(&mut seen, "system.error", |d| d["tag"] == "TIC-201.PV")
+        .await;
+    assert_eq!(ev.connection, "del");
+    assert_eq!(
+        ev.data["details"]["node"],
+        format!("nsu={NS};s=TIC-201/PV.CV")
+    );
+    assert_eq!(ev.data["details"]["status"], "BadNodeIdUnknown");
+
+    // The others keep flowing, the connection stays up.
+    server.set_value("FIC-101/PV.CV", 3.25);
+    h.wait_tag(
+        &mut seen,
+        "FIC while TIC is gone",
+        is_value("FIC-101.PV", 3.25),
+    )
+    .await;
+    assert_eq!(h.state().0, ConnState::Online);
+
+    // The node is back (configuration download finished): retried, good again.
+    server.namespace().add_variables(
+        "DeltaV",
+        vec![(
+            "TIC-201/PV.CV".into(),
+            "TIC-201/PV.CV".into(),
+            crate::sim::SimValue::Double(71.5),
+        )],
+    );
+    server.set_value("TIC-201/PV.CV", 72.5);
+    h.wait_tag(&mut seen, "TIC back", |d| {
+        d["name"] == "TIC-201.PV" && d["quality"] == "good"
+    })
+    .await;
+    let errors = seen
+        .iter()
+        .filter(|r| r.kind == Kind::Event && r.data["type"] == "system.error")
+        .count();
+    assert_eq!(errors, 1, "one system.error for the outage of one node");
+    assert_eq!(h.state().0, ConnState::Online);
+    h.stop().await;
+    server.shutdown().await;
+}
+
+// ------------------------------------------------------------------ values
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_values_statuses_and_types_become_records() {
+    use crate::sim::SimValue as V;
+    use opcua::types::{LocalizedText, Variant};
+    let dir = tempfile::tempdir().unwrap();
+    let server = sim(dir.path(), |_| {}).await;
+    let node = format!("nsu={NS};s=FIC-101/PV.CV");
+    let conn = conn_config("odd", &server.endpoint(), vec![tag("X", &node)]);
+    let mut h = Harness::start(conn, client_pki(dir.path()).await);
+    let mut seen = Vec::new();
+    h.wait_state(ConnState::Online, &mut seen).await;
+    let ns = server.namespace();
+
+    ns.set_with_status(
+        "FIC-101/PV.CV",
+        Some(V::Double(1.25)),
+        StatusCode::UncertainLastUsableValue,
+    )
+    .unwrap();
+    let r = h
+        .wait_tag(&mut seen, "uncertain", |d| d["quality"] == "uncertain")
+        .await;
+    assert_eq!(r.data["status"], "UncertainLastUsableValue");
+    assert_eq!(r.data["value"], 1.25);
+    ns.set_with_status("FIC-101/PV.CV", None, StatusCode::BadSensorFailure)
+        .unwrap();
+    let r = h
+        .wait_tag(&mut seen, "bad", |d| d["quality"] == "bad")
+        .await;
+    assert_eq!(r.data["status"], "BadSensorFailure");
+    assert_eq!(r.data["value"], Value::Null);
+
+    let long = "ä".repeat(value::MAX_STRING_BYTES);
+    type Check = Box<dyn Fn(&Value) -> bool>;
+    let cases: Vec<(V, Check)> = vec![
+        (
+            V::String("text instead of a number".into()),
+            Box::new(|v| v == "text instead of a number"),
+        ),
+        (
+            V::String(long),
+            Box::new(|v| {
+                v.as_str().is_some_and(|s| {
+                    s.ends_with(value::TRUNCATED_MARKER) && s.len() <= value::MAX_STRING_BYTES
+                })
+            }),
+        ),
+        (
+            V::DoubleArray(vec![1.0, f64::NAN, 3.0]),
+            Box::new(|v| *v == serde_json::json!([1.0, null, 3.0])),
+        ),
+        (
+            V::StringArray(vec!["a".into(), "b".into()]),
+            Box::new(|v| *v == serde_json::json!(["a", "b"])),
+        ),
+        (
+            V::DoubleArray((0..20_000).map(f64::from).collect()),
+            Box::new(|v| {
+                v.as_array()
+                    .is_some_and(|a| a.last().is_some_and(|l| l == value::TRUNCATED_MARKER))
+            }),
+        ),
+        (V::Bytes(vec![0, 255, 7]), Box::new(|v| v == "AP8H")),
+        (
+            V::DateTime(1_795_860_000_123),
+            Box::new(|v| v == "2026-11-28T10:00:00.123Z"),
+        ),
+        (
+            V::Int64(i64::MIN),
+            Box::new(|v| v.as_i64() == Some(i64::MIN)),
+        ),
+        (V::Float(f32::INFINITY), Box::new(|v| v.is_null())),
+        (V::Bool(true), Box::new(|v| *v == Value::Bool(true))),
+        (
+            V::Raw(Variant::LocalizedText(Box::new(LocalizedText::new(
+                "de", "Störung",
+            )))),
+            Box::new(|v| v == "Störung"),
+        ),
+        (
+            V::Raw(Variant::Variant(Box::new(Variant::Int32(-7)))),
+            Box::new(|v| v.as_i64() == Some(-7)),
+        ),
+        (
+            V::Raw(Variant::StatusCode(StatusCode::BadOutOfService)),
+            Box::new(|v| v == "BadOutOfService"),
+        ),
+        (V::Empty, Box::new(|v| v.is_null())),
+        (V::Double(4.5), Box::new(|v| v.as_f64() == Some(4.5))),
+    ];
+    for (i, (value, check)) in cases.into_iter().enumerate() {
+        let shown = format!("{value:?}").chars().take(60).collect::<String>();
+        ns.set("FIC-101/PV.CV", value).unwrap();
+        // Only records after this set count.
+        seen.clear();
+        let r = h
+            .wait_tag(&mut seen, &format!("case {i}: {shown}"), |d| {
+                check(&d["value"])
+            })
+            .await;
+        assert_eq!(r.data["quality"], "good", "case {i}");
+        assert_eq!(h.state().0, ConnState::Online, "case {i}");
+    }
+    h.stop().await;
+    server.shutdown().await;
+}
+
+// ------------------------------------------------------- many connections
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_connections_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = sim(&dir.path().join("a"), |_| {}).await;
+    let b = sim(&dir.path().join("b"), |_| {}).await;
+    let c = sim(&dir.path().join("c"), |o| {
+        o.user = Some(("operator".into(), "s3cret".into()))
+    })
+    .await;
+    // One PKI for all, as in the agent.
+    let pki = client_pki(dir.path()).await;
+    let board = StatusBoard::new();
+    let (tx, mut rx) = mpsc::channel::<Vec<NewRecord>>(4096);
+    let cancel = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut expected: Vec<(String, &SimServer)> = Vec::new();
+    for i in 0..20 {
+        let (server, name) = match i % 3 {
+            0 => (&a, "a"),
+            1 => (&b, "b"),
+            _ => (&c, "c"),
+        };
+        let id = format!("conn{i:02}-{name}");
+        let mut conn = conn_config(
+            &id,
+            &server.endpoint(),
+            vec![tag("FIC-101.PV", &format!("nsu={NS};s=FIC-101/PV.CV"))],
+        );
+        if i % 2 == 1 {
+            conn.security_policy = SecurityPolicy::Basic256Sha256;
+            conn.security_mode = SecurityMode::SignAndEncrypt;
+            conn.trust_unknown_server_cert = true;
+        }
+        if name == "c" {
+            conn.username = Some("operator".into());
+            conn.password = Some(Secret::new(if i == 2 { "wrong" } else { "s3cret" }));
+        }
+        if i != 2 {
+            expected.push((id.clone(), server));
+        }
+        let reporter = ConnectionReporter::new(&id, board.clone(), tx.clone(), conn.events.clone());
+        tasks.push(tokio::spawn(run_connection(
+            conn,
+            pki.clone(),
+            reporter,
+            cancel.clone(),
+        )));
+    }
+    drop(tx);
+
+    let state_of = |id: &str| {
+        board
+            .connections()
+            .into_iter()
+            .find(|(c, _)| c == id)
+            .map(|(_, s)| s.state)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut changes = board.subscribe();
+    loop {
+        let online = expected
+            .iter()
+            .filter(|(id, _)| state_of(id) == Some(ConnState::Online))
+            .count();
+        if online == expected.len() && state_of("conn02-c") == Some(ConnState::AuthRequired) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => panic!("{online}/19 online: {:?}", board.connections()),
+            _ = changes.changed() => {}
+            _ = rx.recv() => {}
+        }
+    }
+    for (v, server) in [(11.0, &a), (22.0, &b), (33.0, &c)] {
+        server.set_value("FIC-101/PV.CV", v);
+    }
+    let mut waiting: std::collections::HashSet<String> =
+        expected.iter().map(|(id, _)| id.clone()).collect();
+    let want = |id: &str| {
+        if id.ends_with("-a") {
+            11.0
+        } else if id.ends_with("-b") {
+            22.0
+        } else {
+            33.0
+        }
+    };
+    while !waiting.is_empty() {
+        let batch = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no value for {waiting:?}"))
+            .expect("sink open");
+        for r in batch {
+            if r.kind == Kind::Tag && r.data["value"].as_f64() == Some(want(&r.connection)) {
+                waiting.remove(&r.connection);
+            }
+        }
+    }
+    assert_eq!(state_of("conn02-c"), Some(ConnState::AuthRequired));
+    cancel.cancel();
+    for t in tasks {
+        tokio::time::timeout(WAIT, t)
+            .await
+            .expect("task stops")
+            .expect("no panic");
+    }
+    for s in [a, b, c] {
+        s.shutdown().await;
+    }
 }

@@ -6,9 +6,23 @@ use serde_json::{json, Value};
 
 use crate::record::{now_ms, Kind, NewRecord};
 
-/// Strings longer than this are cut (at a char boundary): one record must fit
-/// an MQTT message, and a runaway string must not stop the other tags.
-pub const MAX_STRING_BYTES: usize = 64 * 1024;
+/// Limit of one string in a tag value, in UTF-8 bytes. A longer string is
+/// cut at a char boundary and ends with [`TRUNCATED_MARKER`], the whole being
+/// at most this long: one record must fit an MQTT message (`max_message_bytes`,
+/// 128 KiB by default), and a runaway string must not stop the other tags.
+/// ByteStrings count by their base64 text.
+pub const MAX_STRING_BYTES: usize = 16 * 1024;
+
+/// Limit of a whole tag value as JSON (about: escapes are not counted).
+/// Arrays past it keep their first elements and end with a
+/// [`TRUNCATED_MARKER`] string element.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+/// Ends every truncated string, and closes every truncated array.
+pub const TRUNCATED_MARKER: &str = "…[truncated]";
+
+/// What a number, bool or null is charged against the value budget.
+const SCALAR_COST: usize = 24;
 
 /// Nesting guard for Variant-in-Variant / DataValue-in-Variant.
 const MAX_DEPTH: usize = 8;
@@ -43,15 +57,22 @@ fn rfc3339(dt: &DateTime) -> Value {
     }
 }
 
-fn cut(s: &str) -> String {
-    if s.len() <= MAX_STRING_BYTES {
-        return s.to_string();
-    }
-    let mut end = MAX_STRING_BYTES;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
+/// `s` within the string limit and what is left of the value budget.
+fn cut(s: &str, budget: &mut usize) -> String {
+    let limit = MAX_STRING_BYTES
+        .min(budget.saturating_sub(2))
+        .max(TRUNCATED_MARKER.len());
+    let out = if s.len() <= limit {
+        s.to_string()
+    } else {
+        let mut end = limit - TRUNCATED_MARKER.len();
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}{TRUNCATED_MARKER}", &s[..end])
+    };
+    *budget = budget.saturating_sub(out.len() + 2);
+    out
 }
 
 fn float(v: f64) -> Value {
@@ -61,53 +82,71 @@ fn float(v: f64) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// Any Variant as JSON, within [`MAX_VALUE_BYTES`] (see the limits above).
 pub fn variant_to_json(v: &Variant) -> Value {
-    to_json(v, 0)
+    let mut budget = MAX_VALUE_BYTES;
+    to_json(v, 0, &mut budget)
 }
 
-fn to_json(v: &Variant, depth: usize) -> Value {
+fn to_json(v: &Variant, depth: usize, budget: &mut usize) -> Value {
     if depth > MAX_DEPTH {
         return Value::Null;
     }
+    let scalar = |budget: &mut usize, value: Value| {
+        *budget = budget.saturating_sub(SCALAR_COST);
+        value
+    };
     match v {
-        Variant::Empty => Value::Null,
-        Variant::Boolean(b) => Value::Bool(*b),
-        Variant::SByte(n) => json!(n),
-        Variant::Byte(n) => json!(n),
-        Variant::Int16(n) => json!(n),
-        Variant::UInt16(n) => json!(n),
-        Variant::Int32(n) => json!(n),
-        Variant::UInt32(n) => json!(n),
-        Variant::Int64(n) => json!(n),
-        Variant::UInt64(n) => json!(n),
-        Variant::Float(f) => float(f64::from(*f)),
-        Variant::Double(f) => float(*f),
+        Variant::Empty => scalar(budget, Value::Null),
+        Variant::Boolean(b) => scalar(budget, Value::Bool(*b)),
+        Variant::SByte(n) => scalar(budget, json!(n)),
+        Variant::Byte(n) => scalar(budget, json!(n)),
+        Variant::Int16(n) => scalar(budget, json!(n)),
+        Variant::UInt16(n) => scalar(budget, json!(n)),
+        Variant::Int32(n) => scalar(budget, json!(n)),
+        Variant::UInt32(n) => scalar(budget, json!(n)),
+        Variant::Int64(n) => scalar(budget, json!(n)),
+        Variant::UInt64(n) => scalar(budget, json!(n)),
+        Variant::Float(f) => scalar(budget, float(f64::from(*f))),
+        Variant::Double(f) => scalar(budget, float(*f)),
         Variant::String(s) => match s.value() {
-            Some(s) => Value::String(cut(s)),
-            None => Value::Null,
+            Some(s) => Value::String(cut(s, budget)),
+            None => scalar(budget, Value::Null),
         },
-        Variant::DateTime(dt) => rfc3339(dt),
-        Variant::Guid(g) => Value::String(g.to_string()),
-        Variant::StatusCode(s) => Value::String(status_name(*s)),
+        Variant::DateTime(dt) => scalar(budget, rfc3339(dt)),
+        Variant::Guid(g) => Value::String(cut(&g.to_string(), budget)),
+        Variant::StatusCode(s) => Value::String(cut(&status_name(*s), budget)),
         Variant::ByteString(b) => {
             if b.is_null() {
-                Value::Null
+                scalar(budget, Value::Null)
             } else {
-                Value::String(cut(&b.as_base64()))
+                Value::String(cut(&b.as_base64(), budget))
             }
         }
-        Variant::LocalizedText(t) => Value::String(cut(t.text.as_ref())),
-        Variant::QualifiedName(q) => Value::String(cut(&q.to_string())),
-        Variant::NodeId(n) => Value::String(n.to_string()),
-        Variant::ExpandedNodeId(n) => Value::String(n.to_string()),
-        Variant::Variant(inner) => to_json(inner, depth + 1),
+        Variant::LocalizedText(t) => Value::String(cut(t.text.as_ref(), budget)),
+        Variant::QualifiedName(q) => Value::String(cut(&q.to_string(), budget)),
+        Variant::NodeId(n) => Value::String(cut(&n.to_string(), budget)),
+        Variant::ExpandedNodeId(n) => Value::String(cut(&n.to_string(), budget)),
+        Variant::Variant(inner) => to_json(inner, depth + 1, budget),
         Variant::DataValue(dv) => match &dv.value {
-            Some(inner) => to_json(inner, depth + 1),
-            None => Value::Null,
+            Some(inner) => to_json(inner, depth + 1, budget),
+            None => scalar(budget, Value::Null),
         },
-        Variant::Array(a) => Value::Array(a.values.iter().map(|v| to_json(v, depth + 1)).collect()),
+        // Flattened (dimensions of a matrix are not kept).
+        Variant::Array(a) => {
+            let mut out = Vec::new();
+            for v in a.values.iter() {
+                // Room for at least one more element and the marker.
+                if *budget < SCALAR_COST + TRUNCATED_MARKER.len() + 2 {
+                    out.push(Value::String(TRUNCATED_MARKER.to_string()));
+                    break;
+                }
+                out.push(to_json(v, depth + 1, budget));
+            }
+            Value::Array(out)
+        }
         // XmlElement, ExtensionObject, DiagnosticInfo: no natural JSON form.
-        other => Value::String(cut(&format!("{other}"))),
+        other => Value::String(cut(&format!("{other}"), budget)),
     }
 }
 
@@ -224,7 +263,45 @@ mod tests {
         );
         let huge = "é".repeat(MAX_STRING_BYTES);
         let v = variant_to_json(&Variant::String(UAString::from(huge)));
-        assert!(v.as_str().unwrap().len() <= MAX_STRING_BYTES);
+        let v = v.as_str().unwrap();
+        assert!(v.len() <= MAX_STRING_BYTES);
+        assert!(v.ends_with(TRUNCATED_MARKER));
+        assert!(v.starts_with("éé"));
+        // Exactly at the limit: untouched.
+        let exact = "x".repeat(MAX_STRING_BYTES);
+        let v = variant_to_json(&Variant::String(UAString::from(exact.clone())));
+        assert_eq!(v.as_str().unwrap(), exact);
+    }
+
+    #[test]
+    fn huge_arrays_are_cut_with_a_marker() {
+        let n = 100_000;
+        let a = Array::new(
+            VariantScalarTypeId::Double,
+            (0..n)
+                .map(|i| Variant::Double(i as f64))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let v = variant_to_json(&Variant::Array(Box::new(a)));
+        let items = v.as_array().unwrap();
+        assert!(items.len() > 100 && items.len() < n);
+        assert_eq!(items.last().unwrap(), TRUNCATED_MARKER);
+        assert_eq!(items[0], json!(0.0));
+        assert!(serde_json::to_string(&v).unwrap().len() <= MAX_VALUE_BYTES);
+
+        // An array of long strings: the budget covers the whole value.
+        let big = "s".repeat(MAX_STRING_BYTES * 2);
+        let a = Array::new(
+            VariantScalarTypeId::String,
+            (0..20)
+                .map(|_| Variant::String(UAString::from(big.as_str())))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let v = variant_to_json(&Variant::Array(Box::new(a)));
+        assert!(serde_json::to_string(&v).unwrap().len() <= MAX_VALUE_BYTES + 64);
+        assert_eq!(v.as_array().unwrap().last().unwrap(), TRUNCATED_MARKER);
     }
 
     #[test]

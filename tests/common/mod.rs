@@ -204,3 +204,70 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or(0);
     (code, body.to_string())
 }
+
+/// A subscriber to everything under `plantgate/#`.
+pub async fn watch(addr: SocketAddr, ca_file: &Path) -> Seen {
+    let watcher = Watcher::connect(addr, ca_file, "plantgate/#")
+        .await
+        .expect("watcher connects");
+    Seen::new(watcher)
+}
+
+/// An agent running in this process; derefs to its [`plantgate::agent::Agent`].
+pub struct Running {
+    agent: plantgate::agent::Agent,
+    cancel: tokio_util::sync::CancellationToken,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl std::ops::Deref for Running {
+    type Target = plantgate::agent::Agent;
+    fn deref(&self) -> &Self::Target {
+        &self.agent
+    }
+}
+
+impl Running {
+    /// Clean stop; SPEC 2 allows 10 s for it.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.join)
+            .await
+            .expect("agent stops within 10 s")
+            .expect("shutdown task");
+    }
+}
+
+pub async fn run_agent(toml: &str) -> Running {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (agent, join) = plantgate::agent::start(load(toml), cancel.clone())
+        .await
+        .expect("agent starts");
+    Running {
+        agent,
+        cancel,
+        join,
+    }
+}
+
+/// Waits until the buffer holds nothing; returns the last seq ever assigned
+/// to `connection`'s tag stream.
+pub async fn wait_drained(buffer: &plantgate::buffer::BufferHandle, connection: &str) -> u64 {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let st = buffer.stats().await.expect("stats");
+        let last = st
+            .streams
+            .iter()
+            .find(|s| s.connection == connection && s.kind == plantgate::record::Kind::Tag)
+            .map(|s| s.next_seq - 1);
+        if let (0, Some(last)) = (st.records, last) {
+            return last;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "buffer never drained: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,353 @@
+//! Interop with an independent OPC UA server: python `asyncua` from PyPI
+//! (`pip install asyncua`), running tests/asyncua_server.py. Our simulator
+//! shares its stack with the client (async-opcua); this one does not.
+//!
+//! Ignored in plain `cargo test` (needs python3 with asyncua); `.ci/run`
+//! installs it and runs them with `--include-ignored`. `PYTHON` selects the
+//! interpreter (default `python3`).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use plantgate::config::{
+    ConnectionConfig, ConnectionKind, SecurityMode, SecurityPolicy, TagConfig,
+};
+use plantgate::record::{Kind, NewRecord};
+use plantgate::secret::Secret;
+use plantgate::source::run_connection;
+use plantgate::status::{ConnState, ConnectionReporter, StatusBoard};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+const NS: &str = "urn:plantgate:interop";
+
+/// The python server; killed when dropped (stdin closing stops it too).
+struct PyServer {
+    child: tokio::process::Child,
+    endpoint: String,
+    port: u16,
+    _pki: tempfile::TempDir,
+}
+
+impl PyServer {
+    async fn start(port: u16, extra: &[&str]) -> PyServer {
+        let pki = tempfile::tempdir().expect("temp dir");
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/asyncua_server.py");
+        let mut child = tokio::process::Command::new(python)
+            .arg(script)
+            .arg("--pki")
+            .arg(pki.path())
+            .arg("--port")
+            .arg(port.to_string())
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 starts (is asyncua installed? pip install asyncua)");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(WAIT, async {
+            while let Some(line) = lines.next_line().await.expect("read server stdout") {
+                if let Some(rest) = line.strip_prefix("READY ") {
+                    return rest.to_string();
+                }
+            }
+            panic!("asyncua server exited before READY");
+        })
+        .await
+        .expect("asyncua server ready in time");
+        let endpoint = ready
+            .split_whitespace()
+            .next()
+            .expect("endpoint")
+            .to_string();
+        let port = endpoint
+            .trim_end_matches('/')
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in endpoint");
+        PyServer {
+            child,
+            endpoint,
+            port,
+            _pki: pki,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn conn_config(id: &str, endpoint: &str) -> ConnectionConfig {
+    let tag = |name: &str, node: &str| TagConfig {
+        name: name.into(),
+        node: node.into(),
+        sampling_interval: None,
+        deadband: None,
+    };
+    ConnectionConfig {
+        id: id.into(),
+        kind: ConnectionKind::Generic,
+        endpoint: endpoint.into(),
+        security_policy: SecurityPolicy::None,
+        security_mode: SecurityMode::None,
+        username: None,
+        password: None,
+        trust_unknown_server_cert: false,
+        publishing_interval: Duration::from_millis(200),
+        sampling_interval: Duration::from_millis(100),
+        reconnect_initial: Duration::from_millis(200),
+        reconnect_max: Duration::from_secs(1),
+        events: vec![
+            "connection.status_changed".into(),
+            "connection.auth_required".into(),
+            "system.error".into(),
+        ],
+        node_template: None,
+        oee_window: Duration::from_secs(60),
+        units: vec![],
+        work_centers: vec![],
+        tags: vec![
+            tag("Counter", &format!("nsu={NS};s=Line1/Counter")),
+            tag("Temp", &format!("nsu={NS};s=Line1/Temp")),
+            tag("State", &format!("nsu={NS};s=Line1/State")),
+        ],
+    }
+}
+
+struct Conn {
+    id: String,
+    board: Arc<StatusBoard>,
+    rx: mpsc::Receiver<Vec<NewRecord>>,
+    seen: Vec<NewRecord>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Conn {
+    fn start(conn: ConnectionConfig, pki: PathBuf) -> Conn {
+        let board = StatusBoard::new();
+        let (tx, rx) = mpsc::channel(1024);
+        let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
+        let cancel = CancellationToken::new();
+        let id = conn.id.clone();
+        let task = tokio::spawn(run_connection(conn, pki, reporter, cancel.clone()));
+        Conn {
+            id,
+            board,
+            rx,
+            seen: Vec::new(),
+            cancel,
+            task,
+        }
+    }
+
+    fn state(&self) -> (ConnState, String) {
+        self.board
+            .connections()
+            .into_iter()
+            .find(|(id, _)| *id == self.id)
+            .map(|(_, s)| (s.state, s.reason))
+            .expect("registered")
+    }
+
+    async fn wait_state(&mut self, want: ConnState) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut changes = self.board.subscribe();
+        while self.state().0 != want {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => panic!("no {want:?}; state {:?}", self.state()),
+                _ = changes.changed() => {}
+                Some(b) = self.rx.recv() => self.seen.extend(b),
+            }
+        }
+    }
+
+    /// The states of the `connection.status_changed` events seen so far.
+    fn status_events(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter(|r| r.kind == Kind::Event && r.data["type"] == "connection.status_changed")
+            .filter_map(|r| r.data["details"]["state"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Waits until `n` `connection.status_changed` events arrived (they may
+    /// trail the first values of a new session: separate hand-overs).
+    async fn wait_status_events(&mut self, n: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.status_events().len() < n {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(b)) => self.seen.extend(b),
+                _ => panic!("only {:?} status events", self.status_events()),
+            }
+        }
+    }
+
+    /// Waits until `n` distinct good values of the changing Counter arrived
+    /// after this call (data flowing, not just the initial value).
+    async fn wait_counter_values(&mut self, n: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut values = std::collections::BTreeSet::new();
+        while values.len() < n {
+            let batch = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no data; state {:?}", self.state()))
+                .expect("sink open");
+            for r in &batch {
+                if r.kind == Kind::Tag && r.data["name"] == "Counter" {
+                    assert_eq!(r.data["quality"], "good", "{}", r.data);
+                    if let Some(v) = r.data["value"].as_i64() {
+                        values.insert(v);
+                    }
+                }
+            }
+            self.seen.extend(batch);
+        }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("stops")
+            .expect("no panic");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs python asyncua"]
+async fn asyncua_every_policy_and_mode_with_password() {
+    let server = PyServer::start(0, &["--user", "operator", "--password", "s3cret"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let pairs = [
+        (SecurityPolicy::None, SecurityMode::None),
+        (SecurityPolicy::Basic256Sha256, SecurityMode::Sign),
+        (SecurityPolicy::Basic256Sha256, SecurityMode::SignAndEncrypt),
+        (SecurityPolicy::Aes128Sha256RsaOaep, SecurityMode::Sign),
+        (
+            SecurityPolicy::Aes128Sha256RsaOaep,
+            SecurityMode::SignAndEncrypt,
+        ),
+        (SecurityPolicy::Aes256Sha256RsaPss, SecurityMode::Sign),
+        (
+            SecurityPolicy::Aes256Sha256RsaPss,
+            SecurityMode::SignAndEncrypt,
+        ),
+    ];
+    for (n, (policy, mode)) in pairs.into_iter().enumerate() {
+        let mut conn = conn_config(&format!("py{n}"), &server.endpoint);
+        conn.security_policy = policy;
+        conn.security_mode = mode;
+        conn.username = Some("operator".into());
+        conn.password = Some(Secret::new("s3cret"));
+        conn.trust_unknown_server_cert = true;
+        let mut c = Conn::start(conn, pki.clone());
+        c.wait_state(ConnState::Online).await;
+        c.wait_counter_values(3).await;
+        c.stop().await;
+        eprintln!("asyncua: verified {policy:?}/{mode:?} with username/password");
+    }
+    // Anonymous as well (the server allows it here).
+    let mut c = Conn::start(conn_config("py-anon", &server.endpoint), pki.clone());
+    c.wait_state(ConnState::Online).await;
+    c.wait_counter_values(3).await;
+    c.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs python asyncua"]
+async fn asyncua_wrong_password_and_unknown_certificate() {
+    let server = PyServer::start(
+        0,
+        &[
+            "--user",
+            "operator",
+            "--password",
+            "s3cret",
+            "--no-anonymous",
+        ],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+
+    let mut conn = conn_config("py-auth", &server.endpoint);
+    conn.security_policy = SecurityPolicy::Basic256Sha256;
+    conn.security_mode = SecurityMode::SignAndEncrypt;
+    conn.trust_unknown_server_cert = true;
+    conn.username = Some("operator".into());
+    conn.password = Some(Secret::new("wrong"));
+    let mut c = Conn::start(conn, pki.clone());
+    c.wait_state(ConnState::AuthRequired).await;
+    let reason = c.state().1;
+    eprintln!("asyncua: wrong password -> auth_required ({reason})");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !c.seen.iter().any(|r| {
+        r.kind == Kind::Event
+            && r.data["type"] == "connection.auth_required"
+            && r.data["details"]["status"] == reason.as_str()
+    }) {
+        let b = tokio::time::timeout_at(deadline, c.rx.recv())
+            .await
+            .expect("auth_required event")
+            .expect("sink open");
+        c.seen.extend(b);
+    }
+    c.stop().await;
+
+    // A fresh PKI that does not know the server: untrusted, cert in rejected/.
+    let other = dir.path().join("pki-strict");
+    let mut conn = conn_config("py-untrusted", &server.endpoint);
+    conn.security_policy = SecurityPolicy::Basic256Sha256;
+    conn.security_mode = SecurityMode::SignAndEncrypt;
+    conn.username = Some("operator".into());
+    conn.password = Some(Secret::new("s3cret"));
+    let mut c = Conn::start(conn, other.clone());
+    c.wait_state(ConnState::Untrusted).await;
+    let rejected = std::fs::read_dir(other.join("rejected")).unwrap().count();
+    assert_eq!(rejected, 1);
+    c.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs python asyncua"]
+async fn asyncua_restart_offline_then_online_and_data_resumes() {
+    let server = PyServer::start(0, &[]).await;
+    let port = server.port;
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = conn_config("py-restart", &server.endpoint);
+    conn.reconnect_initial = Duration::from_secs(1);
+    conn.reconnect_max = Duration::from_secs(60);
+    let endpoint = server.endpoint.clone();
+    let mut c = Conn::start(conn, dir.path().join("pki"));
+    c.wait_state(ConnState::Online).await;
+    c.wait_counter_values(2).await;
+
+    server.stop().await;
+    c.wait_state(ConnState::Offline).await;
+    let server = PyServer::start(port, &[]).await;
+    assert_eq!(server.endpoint, endpoint);
+    let restarted = tokio::time::Instant::now();
+    c.wait_counter_values(1).await;
+    eprintln!(
+        "asyncua: server ready -> first value {} ms",
+        restarted.elapsed().as_millis()
+    );
+    c.wait_status_events(3).await;
+    assert_eq!(c.status_events(), ["online", "offline", "online"]);
+    c.stop().await;
+    server.stop().await;
+}
