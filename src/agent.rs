@@ -106,7 +106,7 @@ pub async fn start(
     tracing::info!(addr = %health_addr, "health endpoint listening");
 
     let (sink, sink_rx) = mpsc::channel::<Vec<NewRecord>>(SINK_CAPACITY);
-    let ingest = tokio::spawn(ingest(sink_rx, buffer.clone()));
+    let ingest = tokio::spawn(ingest(sink_rx, buffer.clone(), board.clone()));
 
     let sources_cancel = CancellationToken::new();
     let pki_dir = data_dir.join("pki");
@@ -195,8 +195,21 @@ pub async fn start(
 
 /// Commits what sources hand over. While one commit runs, further batches
 /// queue up and go into the next transaction together (few, large commits).
-async fn ingest(mut rx: mpsc::Receiver<Vec<NewRecord>>, buffer: BufferHandle) {
-    while let Some(mut batch) = rx.recv().await {
+async fn ingest(
+    mut rx: mpsc::Receiver<Vec<NewRecord>>,
+    buffer: BufferHandle,
+    board: Arc<StatusBoard>,
+) {
+    loop {
+        // Beat while idle too: a silent ingest then means a commit that
+        // hangs (a wedged disk or a locked database), which the watchdog
+        // and /healthz must see.
+        board.beat("ingest");
+        let mut batch = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Some(batch)) => batch,
+            Ok(None) => break,
+            Err(_) => continue,
+        };
         while batch.len() < 10_000 {
             match rx.try_recv() {
                 Ok(more) => batch.extend(more),

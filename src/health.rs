@@ -84,18 +84,30 @@ fn problem(code: StatusCode, reason: String) -> Response {
     (code, Json(json!({"status": "fail", "reason": reason}))).into_response()
 }
 
-async fn healthz(State(state): State<Arc<HealthState>>) -> Response {
-    let stale = state.board.stale_loops(LOOP_SILENCE);
+/// Why the pipeline is not alive, if it is not: a long-lived loop that
+/// stopped beating, or a buffer thread that does not answer. Shared by
+/// `/healthz` and the systemd watchdog.
+pub async fn pipeline_fault(
+    board: &StatusBoard,
+    buffer: &BufferHandle,
+    max_silence: Duration,
+) -> Option<String> {
+    let stale = board.stale_loops(max_silence);
     if !stale.is_empty() {
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("loops not alive: {}", stale.join(", ")),
-        );
+        return Some(format!("loops not alive: {}", stale.join(", ")));
     }
-    if let Err(e) = buffer_stats(&state).await {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, e);
+    match tokio::time::timeout(BUFFER_PROBE, buffer.stats()).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!("buffer: {e}")),
+        Err(_) => Some("buffer: not answering".into()),
     }
-    (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+}
+
+async fn healthz(State(state): State<Arc<HealthState>>) -> Response {
+    match pipeline_fault(&state.board, &state.buffer, LOOP_SILENCE).await {
+        Some(why) => problem(StatusCode::SERVICE_UNAVAILABLE, why),
+        None => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+    }
 }
 
 async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
@@ -215,6 +227,26 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         "Records acknowledged by the broker and deleted from the buffer.",
         &one(mqtt.published_records_total as f64),
     );
+    {
+        // Histogram series: the suffix (_bucket, _sum, _count) travels in
+        // the sample's label part, which `metric` prints right after the name.
+        let h = &mqtt.publish_latency;
+        let mut samples = Vec::new();
+        let mut cumulative = 0;
+        for (i, bound) in crate::status::LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += h.counts[i];
+            samples.push((format!("_bucket{{le=\"{bound}\"}}"), cumulative as f64));
+        }
+        samples.push(("_bucket{le=\"+Inf\"}".to_string(), h.count as f64));
+        samples.push(("_sum".to_string(), h.sum));
+        samples.push(("_count".to_string(), h.count as f64));
+        metric(
+            "publish_latency_seconds",
+            "histogram",
+            "Time from submitting a record message to its PUBACK.",
+            &samples,
+        );
+    }
     let board = state.board.connections();
     let states = [
         "connecting",

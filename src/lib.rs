@@ -19,6 +19,7 @@ pub mod secret;
 pub mod sim;
 pub mod source;
 pub mod status;
+pub mod systemd;
 pub mod uplink;
 
 /// The version published in status messages.

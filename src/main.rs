@@ -188,26 +188,6 @@ fn load_config(path: &std::path::Path) -> Result<config::Config, ExitCode> {
     }
 }
 
-/// Tells systemd (Type=notify) that the buffer is open, and pings its
-/// watchdog while the runtime is alive. Outside systemd both are no-ops.
-fn systemd_ready(cancel: CancellationToken) {
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    if let Some(timeout) = sd_notify::watchdog_enabled() {
-        let every = (timeout / 2).max(std::time::Duration::from_millis(100));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tick.tick() => {
-                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                    }
-                }
-            }
-        });
-    }
-}
-
 /// Cancels on SIGTERM or SIGINT.
 fn cancel_on_signals(cancel: CancellationToken) {
     tokio::spawn(async move {
@@ -253,14 +233,26 @@ async fn dispatch(command: Command) -> ExitCode {
             };
             let cancel = CancellationToken::new();
             cancel_on_signals(cancel.clone());
-            let (_agent, join) = match plantgate::agent::start(config, cancel.clone()).await {
+            let (agent, join) = match plantgate::agent::start(config, cancel.clone()).await {
                 Ok(started) => started,
                 Err(e) => {
                     tracing::error!("{e}");
                     return ExitCode::FAILURE;
                 }
             };
-            systemd_ready(cancel.clone());
+            plantgate::systemd::notify_ready();
+            plantgate::systemd::spawn_watchdog(
+                agent.board.clone(),
+                agent.buffer.clone(),
+                cancel.clone(),
+            );
+            tokio::spawn({
+                let cancel = cancel.clone();
+                async move {
+                    cancel.cancelled().await;
+                    plantgate::systemd::notify_stopping();
+                }
+            });
             if let Err(e) = join.await {
                 tracing::error!(error = %e, "shutdown failed");
                 return ExitCode::FAILURE;

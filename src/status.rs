@@ -50,6 +50,34 @@ pub struct MqttStatus {
     pub reconnects_total: u64,
     /// MQTT messages submitted and not yet acknowledged.
     pub inflight: usize,
+    /// Submit-to-PUBACK time of record messages.
+    pub publish_latency: Histogram,
+}
+
+/// Upper bounds (seconds) of the publish-latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A Prometheus-style cumulative histogram.
+#[derive(Clone, Debug, Default)]
+pub struct Histogram {
+    /// Count per bucket of `LATENCY_BUCKETS` (not cumulative), then +Inf.
+    pub counts: [u64; LATENCY_BUCKETS.len() + 1],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += seconds;
+        self.count += 1;
+    }
 }
 
 #[derive(Default)]
@@ -181,8 +209,10 @@ impl StatusBoard {
         self.bump();
     }
 
-    pub fn add_published(&self, records: u64) {
-        self.write().mqtt.published_records_total += records;
+    pub fn add_published(&self, records: u64, latency: std::time::Duration) {
+        let mut inner = self.write();
+        inner.mqtt.published_records_total += records;
+        inner.mqtt.publish_latency.observe(latency.as_secs_f64());
     }
 
     pub fn mqtt(&self) -> MqttStatus {

@@ -114,3 +114,31 @@ fn missing_config_file_is_a_config_error() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(78));
 }
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("mqtt-password"), "from-credential-mqtt\n").expect("cred");
+    std::fs::write(
+        dir.path().join("deltav-password"),
+        "from-credential-deltav\n",
+    )
+    .expect("cred");
+    let out = plantgate()
+        .args(["check", "-c"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/systemd/plantgate.toml"
+        ))
+        .env("CREDENTIALS_DIRECTORY", dir.path())
+        // The example's CA path does not exist here; the override is the
+        // documented way to change a key without editing the file.
+        .env("PLANTGATE__MQTT__CA_FILE", dir.path().join("mqtt-password"))
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(stdout.contains("REACTOR_101") && stdout.contains("LINE_A_FILLER"));
+    assert!(!stdout.contains("from-credential") && !stderr.contains("from-credential"));
+}

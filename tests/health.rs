@@ -109,6 +109,38 @@ async fn health_endpoint_tracks_the_broker() {
     ] {
         assert!(metrics.contains(name), "{name} missing in:\n{metrics}");
     }
+    // Parsed as Prometheus would: types, labels and the latency histogram.
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string())))
+        .expect("valid exposition format");
+    let find = |name: &str| scrape.samples.iter().find(|s| s.metric == name);
+    assert!(matches!(
+        find("plantgate_mqtt_connected").map(|s| &s.value),
+        Some(prometheus_parse::Value::Gauge(v)) if *v == 1.0
+    ));
+    assert!(matches!(
+        find("plantgate_published_records_total").map(|s| &s.value),
+        Some(prometheus_parse::Value::Counter(v)) if *v >= 1.0
+    ));
+    match find("plantgate_publish_latency_seconds").map(|s| &s.value) {
+        Some(prometheus_parse::Value::Histogram(buckets)) => {
+            assert_eq!(buckets.len(), 12, "{buckets:?}");
+            assert!(
+                buckets.last().is_some_and(|b| b.count >= 1.0),
+                "{buckets:?}"
+            );
+        }
+        other => panic!("no latency histogram: {other:?}"),
+    }
+    let state = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "plantgate_connection_state"
+                && s.labels.get("connection") == Some("sim1")
+                && s.labels.get("state") == Some("online")
+        })
+        .expect("connection state sample");
+    assert!(matches!(state.value, prometheus_parse::Value::Gauge(v) if v == 1.0));
     // Every sample line is `name{labels} value` with a numeric value.
     for line in metrics
         .lines()

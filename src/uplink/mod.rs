@@ -69,6 +69,7 @@ enum Pending {
         stream: StreamKey,
         first_seq: u64,
         last_seq: u64,
+        submitted: Instant,
     },
     /// Status and heartbeat messages: nothing to delete.
     Control,
@@ -376,6 +377,7 @@ impl Uplink {
             stream: stream.clone(),
             first_seq,
             last_seq,
+            submitted: Instant::now(),
         });
         Ok(())
     }
@@ -398,6 +400,7 @@ impl Uplink {
             stream,
             first_seq: record.seq,
             last_seq: record.seq,
+            submitted: Instant::now(),
         });
         Ok(())
     }
@@ -436,6 +439,7 @@ impl Uplink {
                     stream,
                     first_seq,
                     last_seq,
+                    submitted,
                 } = p
                 else {
                     return;
@@ -447,7 +451,7 @@ impl Uplink {
                 let n = ids.len() as u64;
                 match self.buffer.ack(ids).await {
                     Ok(_) => {
-                        self.board.add_published(n);
+                        self.board.add_published(n, submitted.elapsed());
                         s.acked_records += n;
                     }
                     Err(e) => tracing::error!(error = %e, "buffer ack failed; rows will be resent"),
