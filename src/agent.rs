@@ -200,6 +200,7 @@ async fn ingest(
     buffer: BufferHandle,
     board: Arc<StatusBoard>,
 ) {
+    let mut quiet = crate::throttle::Throttle::new(Duration::from_secs(60));
     loop {
         // Beat while idle too: a silent ingest then means a commit that
         // hangs (a wedged disk or a locked database), which the watchdog
@@ -216,10 +217,16 @@ async fn ingest(
                 Err(_) => break,
             }
         }
-        if let Err(e) = buffer.append(batch).await {
-            // The buffer reports and handles its own faults (eviction, disk
-            // full); what reaches here could not be stored at all.
-            tracing::error!(error = %e, "records could not be stored");
+        let n = batch.len();
+        match buffer.append(batch).await {
+            Ok(_) => quiet.reset(),
+            Err(e) => {
+                // The buffer handles its own faults (eviction, disk full);
+                // what reaches here could not be stored at all.
+                if let Some(repeats) = quiet.check(&e.to_string()) {
+                    tracing::error!(error = %e, records = n, repeats, "records could not be stored");
+                }
+            }
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod sim;
 pub mod source;
 pub mod status;
 pub mod systemd;
+pub mod throttle;
 pub mod uplink;
 
 /// The version published in status messages.

@@ -100,6 +100,7 @@ impl Uplink {
     pub async fn run(self, cancel: CancellationToken) {
         let m = &self.settings.mqtt;
         let mut backoff = Backoff::new(m.reconnect_initial, m.reconnect_max);
+        let mut quiet = crate::throttle::Throttle::new(Duration::from_secs(300));
         loop {
             let end = self.session(&cancel, &mut backoff).await;
             match end {
@@ -109,9 +110,10 @@ impl Uplink {
                     self.board.set_mqtt(false, &reason);
                     let delay = backoff.next_delay();
                     if was {
+                        quiet.reset();
                         tracing::warn!(%reason, "mqtt connection lost; reconnecting");
-                    } else {
-                        tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "mqtt connect failed");
+                    } else if let Some(repeats) = quiet.check(&reason) {
+                        tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, repeats, "mqtt connect failed");
                     }
                     // Sleep in short steps so /healthz sees this loop alive.
                     let until = tokio::time::Instant::now() + delay;
