@@ -247,6 +247,22 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
             &samples,
         );
     }
+    let published: Vec<(String, f64)> = mqtt
+        .published_by_stream
+        .iter()
+        .map(|((c, k), n)| {
+            (
+                format!("{{connection=\"{}\",kind=\"{k}\"}}", label(c)),
+                *n as f64,
+            )
+        })
+        .collect();
+    metric(
+        "records_published_total",
+        "counter",
+        "Records acknowledged by the broker, per stream.",
+        &published,
+    );
     let board = state.board.connections();
     let states = [
         "connecting",
@@ -276,9 +292,9 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         &conn_state,
     );
     metric(
-        "connection_records_total",
+        "opcua_notifications_total",
         "counter",
-        "Records produced by each plant connection.",
+        "Values and events received from each plant connection (records handed to the buffer).",
         &conn_records,
     );
     if let Ok(st) = buffer_stats(&state).await {

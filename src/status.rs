@@ -52,6 +52,8 @@ pub struct MqttStatus {
     pub inflight: usize,
     /// Submit-to-PUBACK time of record messages.
     pub publish_latency: Histogram,
+    /// Records acknowledged by the broker, per stream (connection, kind).
+    pub published_by_stream: BTreeMap<(String, &'static str), u64>,
 }
 
 /// Upper bounds (seconds) of the publish-latency histogram buckets.
@@ -209,9 +211,19 @@ impl StatusBoard {
         self.bump();
     }
 
-    pub fn add_published(&self, records: u64, latency: std::time::Duration) {
+    pub fn add_published(
+        &self,
+        stream: &crate::record::StreamKey,
+        records: u64,
+        latency: std::time::Duration,
+    ) {
         let mut inner = self.write();
         inner.mqtt.published_records_total += records;
+        *inner
+            .mqtt
+            .published_by_stream
+            .entry((stream.connection.clone(), stream.kind.as_str()))
+            .or_insert(0) += records;
         inner.mqtt.publish_latency.observe(latency.as_secs_f64());
     }
 

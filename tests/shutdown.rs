@@ -116,3 +116,104 @@ async fn sigterm_exits_zero_quickly_and_loses_nothing() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     plant.sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_the_broker_down_still_exits_zero_within_10s() {
+    let plant = start_plant().await;
+    let proxy = plantgate::sim::proxy::CutProxy::start(plant.broker.v5_addr)
+        .await
+        .expect("proxy");
+    proxy.cut();
+    let data_dir = plant.dir.path().join("agent");
+    let toml = agent_toml(
+        &data_dir,
+        proxy.addr(),
+        &plant.broker.pki.ca_file,
+        "v5",
+        &plant.sim.endpoint(),
+        plant.sim.namespace_uri(),
+        &[("FLOW", "FIC-101/PV.CV")],
+    );
+    let config_path = write_file(plant.dir.path(), "plantgate.toml", &toml);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plantgate"))
+        .args(["run", "-c"])
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn plantgate run");
+    // Wait until records are being accepted (the buffer file has rows).
+    let deadline = Instant::now() + PATIENCE;
+    let mut v = 0.0;
+    loop {
+        v += 1.0;
+        plant.sim.set_value("FIC-101/PV.CV", v);
+        let pending = plantgate::buffer::Store::open(
+            &data_dir.join("buffer.db"),
+            plantgate::config::Synchronous::Normal,
+        )
+        .and_then(|s| s.stats())
+        .map(|s| s.records)
+        .unwrap_or(0);
+        if pending >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing buffered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t0 = Instant::now();
+    let pid = child.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("thread")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    plant.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_health_port_is_a_clear_error() {
+    let plant = start_plant().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let toml = agent_toml(
+        &plant.dir.path().join("agent"),
+        plant.broker.v5_addr,
+        &plant.broker.pki.ca_file,
+        "v5",
+        &plant.sim.endpoint(),
+        plant.sim.namespace_uri(),
+        &[("FLOW", "FIC-101/PV.CV")],
+    )
+    .replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let config_path = write_file(plant.dir.path(), "plantgate.toml", &toml);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_plantgate"))
+            .args(["run", "-c"])
+            .arg(&config_path)
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("thread");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("health.listen 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    drop(taken);
+    plant.sim.shutdown().await;
+}

@@ -453,7 +453,7 @@ impl Uplink {
                 let n = ids.len() as u64;
                 match self.buffer.ack(ids).await {
                     Ok(_) => {
-                        self.board.add_published(n, submitted.elapsed());
+                        self.board.add_published(&stream, n, submitted.elapsed());
                         s.acked_records += n;
                     }
                     Err(e) => tracing::error!(error = %e, "buffer ack failed; rows will be resent"),
