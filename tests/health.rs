@@ -61,6 +61,13 @@ async fn health_endpoint_tracks_the_broker() {
     assert_eq!(code, 200);
     assert!(!body.contains("hunter2"), "secret in /status");
     let st: Value = serde_json::from_str(&body).expect("json");
+    eprintln!("sample /status: {body}");
+    seen.until("a heartbeat", |s| s.last_on("/heartbeat").is_some())
+        .await;
+    eprintln!(
+        "sample heartbeat: {}",
+        seen.last_on("/heartbeat").cloned().unwrap_or_default()
+    );
     assert_eq!(st["agent"], "test-gw");
     assert_eq!(st["version"], plantgate::VERSION);
     assert!(st["uptime_s"].is_u64());
