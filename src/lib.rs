@@ -3,7 +3,7 @@
 //! forwards it over TLS MQTT.
 //!
 //! Data path (one direction, one durable hand-off):
-//! `source` (OPC UA) → `status::RecordSink` → `buffer` (SQLite, the only place
+//! `source` (OPC UA, driving a `profile`) → `status::RecordSink` → `buffer` (SQLite, the only place
 //! a record is accepted) → `uplink` (MQTT, deletes on PUBACK). `agent::run`
 //! wires it; `status` is the shared board the uplink and health read.
 
@@ -14,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod health;
 pub mod nodeid;
+pub mod profile;
 pub mod record;
 pub mod secret;
 pub mod sim;

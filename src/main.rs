@@ -48,7 +48,7 @@ enum Command {
     },
     /// A standalone simulator OPC UA server.
     Simulate {
-        #[arg(value_parser = ["deltav"])]
+        #[arg(value_parser = ["deltav", "optomes"])]
         kind: String,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:4840")]

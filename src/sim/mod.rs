@@ -2,17 +2,23 @@
 //! and the tests. `server` is the generic layer (endpoints, security, users,
 //! PKI, a namespace of string-id variables); each plant simulator builds on it.
 
+pub mod batch;
 pub mod broker;
 pub mod deltav;
+pub mod optomes;
 pub mod proxy;
 pub mod server;
+#[cfg(test)]
+mod test_client;
+pub mod timeline;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
 
-pub use deltav::{start_deltav, start_deltav_with};
+pub use deltav::{start_deltav, start_deltav_with, DeltavUnits};
+pub use optomes::{start_optomes, start_optomes_with, OptomesWorkCenters};
 pub use server::{SimBuilder, SimNamespace, SimServer, SimSpec, SimValue};
 
 #[derive(Clone)]
@@ -88,8 +94,12 @@ pub enum SimError {
     Build(String),
     #[error("cannot set simulator value: {0}")]
     SetValue(String),
-    #[error("unknown simulator {0:?} (expected deltav)")]
+    #[error("unknown simulator {0:?} (expected deltav or optomes)")]
     UnknownKind(String),
+    #[error("unknown simulated unit or work center {0:?}")]
+    UnknownObject(String),
+    #[error("invalid simulator script step: {0}")]
+    Script(String),
 }
 
 /// Runs a simulator until `cancel` (`plantgate simulate`). Prints the endpoint
@@ -111,6 +121,7 @@ pub async fn run_simulator_with(
 ) -> Result<(), SimError> {
     let server = match kind {
         "deltav" => start_deltav_with(opts, extras).await?,
+        "optomes" => start_optomes_with(opts, extras).await?,
         other => return Err(SimError::UnknownKind(other.to_string())),
     };
     println!(
@@ -122,4 +133,24 @@ pub async fn run_simulator_with(
     cancel.cancelled().await;
     server.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_simulator_knows_both_kinds_and_refuses_others() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for kind in ["deltav", "optomes"] {
+            let cancel = CancellationToken::new();
+            // Cancelled up front: starts, prints its endpoint, stops.
+            cancel.cancel();
+            let opts = SimOptions::new(dir.path().join(kind));
+            run_simulator(kind, opts, cancel).await.expect(kind);
+        }
+        let opts = SimOptions::new(dir.path().join("x"));
+        let err = run_simulator("scada", opts, CancellationToken::new()).await;
+        assert!(matches!(err, Err(SimError::UnknownKind(k)) if k == "scada"));
+    }
 }

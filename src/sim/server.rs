@@ -445,6 +445,7 @@ impl SimBuilder {
             cancel,
             task,
             pinned: Arc::default(),
+            extensions: Vec::new(),
         }
     }
 }
@@ -505,9 +506,25 @@ pub struct SimServer {
     /// Nodes a test has set by hand: the simulation leaves them alone so the
     /// value a test drives is the value a client sees.
     pinned: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Simulator-specific handles (e.g. the scripted-mode controls of the
+    /// DeltaV units), found by type: the generic layer need not know them.
+    extensions: Vec<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl SimServer {
+    /// Attaches a simulator-specific handle (see [`SimServer::extension`]).
+    pub(crate) fn add_extension<T: std::any::Any + Send + Sync>(&mut self, ext: T) {
+        self.extensions.push(Arc::new(ext));
+    }
+
+    /// The attached handle of type `T`, if this simulator has one.
+    pub fn extension<T: std::any::Any + Send + Sync + Clone>(&self) -> Option<T> {
+        self.extensions
+            .iter()
+            .find_map(|e| e.downcast_ref::<T>())
+            .cloned()
+    }
+
     /// `opc.tcp://HOST:PORT/`, directly usable by a client.
     pub fn endpoint(&self) -> String {
         self.endpoint.clone()
