@@ -12,10 +12,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{BufferHandle, Limits, Store};
+use crate::buffer::{BufferHandle, Limits, ProfileState, Store};
 use crate::config::Config;
-use crate::record::NewRecord;
-use crate::status::{ConnectionReporter, StatusBoard};
+use crate::status::{Batch, ConnectionReporter, StatusBoard};
 use crate::uplink::{Uplink, UplinkSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +104,7 @@ pub async fn start(
         };
     tracing::info!(addr = %health_addr, "health endpoint listening");
 
-    let (sink, sink_rx) = mpsc::channel::<Vec<NewRecord>>(SINK_CAPACITY);
+    let (sink, sink_rx) = mpsc::channel::<Batch>(SINK_CAPACITY);
     let ingest = tokio::spawn(ingest(sink_rx, buffer.clone(), board.clone()));
 
     let sources_cancel = CancellationToken::new();
@@ -130,10 +129,20 @@ pub async fn start(
     for conn in &config.connections {
         let reporter =
             ConnectionReporter::new(&conn.id, board.clone(), sink.clone(), conn.events.clone());
-        sources.push(tokio::spawn(crate::source::run_connection(
+        // The profile continues from what was committed with its last
+        // records; an unreadable state only risks a repeated event.
+        let saved = match buffer.profile_state(&conn.id).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::error!(connection = %conn.id, error = %e, "reading the saved profile state failed; starting fresh");
+                None
+            }
+        };
+        sources.push(tokio::spawn(crate::source::run_connection_restored(
             conn.clone(),
             pki_dir.clone(),
             reporter,
+            saved,
             sources_cancel.clone(),
         )));
     }
@@ -195,30 +204,38 @@ pub async fn start(
 
 /// Commits what sources hand over. While one commit runs, further batches
 /// queue up and go into the next transaction together (few, large commits).
-async fn ingest(
-    mut rx: mpsc::Receiver<Vec<NewRecord>>,
-    buffer: BufferHandle,
-    board: Arc<StatusBoard>,
-) {
+async fn ingest(mut rx: mpsc::Receiver<Batch>, buffer: BufferHandle, board: Arc<StatusBoard>) {
     let mut quiet = crate::throttle::Throttle::new(Duration::from_secs(60));
     loop {
         // Beat while idle too: a silent ingest then means a commit that
         // hangs (a wedged disk or a locked database), which the watchdog
         // and /healthz must see.
         board.beat("ingest");
-        let mut batch = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+        let first = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
             Ok(Some(batch)) => batch,
             Ok(None) => break,
             Err(_) => continue,
         };
-        while batch.len() < 10_000 {
+        let mut records = first.records;
+        let mut states: Vec<ProfileState> = first.state.into_iter().collect();
+        while records.len() < 10_000 {
             match rx.try_recv() {
-                Ok(more) => batch.extend(more),
+                Ok(more) => {
+                    records.extend(more.records);
+                    // Later snapshots of a connection supersede earlier
+                    // ones; all their records commit together anyway.
+                    if let Some(state) = more.state {
+                        match states.iter_mut().find(|s| s.connection == state.connection) {
+                            Some(slot) => *slot = state,
+                            None => states.push(state),
+                        }
+                    }
+                }
                 Err(_) => break,
             }
         }
-        let n = batch.len();
-        match buffer.append(batch).await {
+        let n = records.len();
+        match buffer.append_with_states(records, states).await {
             Ok(_) => quiet.reset(),
             Err(e) => {
                 // The buffer handles its own faults (eviction, disk full);

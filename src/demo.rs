@@ -218,13 +218,18 @@ const DEMO_TAGS: [(&str, &str); 4] = [
     ("LIC-301.PV", "LIC-301/PV.CV"),
 ];
 
+/// Recipe parameters of the simulated DeltaV units (SPEC 6).
+const DEMO_RECIPE_PARAMETERS: &str = r#"["CHARGE_AMT", "REACT_TEMP_SP", "REACT_TIME"]"#;
+
 fn demo_config_toml(
     data_dir: &std::path::Path,
     broker: std::net::SocketAddr,
     ca_file: &std::path::Path,
-    endpoint: &str,
-    ns_uri: &str,
+    deltav: (&str, &str),
+    optomes: (&str, &str),
 ) -> String {
+    let (endpoint, ns_uri) = deltav;
+    let (om_endpoint, om_ns) = optomes;
     let mut t = format!(
         r#"
 [agent]
@@ -244,23 +249,114 @@ max_size = "64MiB"
 
 [[connections]]
 id = "deltav-sim"
-kind = "generic"
+kind = "deltav"
 endpoint = "{endpoint}"
 security_policy = "None"
 security_mode = "None"
 publishing_interval = "500ms"
 sampling_interval = "250ms"
+node_template = "nsu={ns_uri};s={{unit}}/{{param}}.CV"
 "#,
         data_dir = data_dir.display().to_string(),
         port = broker.port(),
         ca = ca_file.display().to_string(),
     );
+    for unit in crate::sim::batch::UNITS {
+        t.push_str(&format!(
+            "\n[[connections.units]]\nname = \"{unit}\"\nrecipe_parameters = {DEMO_RECIPE_PARAMETERS}\n"
+        ));
+    }
     for (name, id) in DEMO_TAGS {
         t.push_str(&format!(
             "\n[[connections.tags]]\nname = \"{name}\"\nnode = \"nsu={ns_uri};s={id}\"\n"
         ));
     }
+    // Short OEE windows so that a demo of a minute shows several.
+    t.push_str(&format!(
+        r#"
+[[connections]]
+id = "optomes-sim"
+kind = "optomes"
+endpoint = "{om_endpoint}"
+security_policy = "None"
+security_mode = "None"
+publishing_interval = "500ms"
+sampling_interval = "250ms"
+oee_window = "15s"
+node_template = "nsu={om_ns};s={{work_center}}.{{param}}"
+"#
+    ));
+    for wc in crate::sim::optomes::WORK_CENTERS {
+        t.push_str(&format!(
+            "\n[[connections.work_centers]]\nname = \"{wc}\"\n"
+        ));
+    }
     t
+}
+
+/// One batch / recipe / OEE / downtime record as a compact table row.
+fn derived_line(conn: &str, kind: &str, seq: u64, d: &Value) -> String {
+    let text = |k: &str| d[k].as_str().unwrap_or("-").to_string();
+    let ratio = |k: &str| match d[k].as_f64() {
+        Some(f) => format!("{:>5.1}%", f * 100.0),
+        None => "    - ".to_string(),
+    };
+    let row = match kind {
+        "batch" => format!(
+            "{:<12} {:<14} {:<14} phase {:<10} state {:<10} fail {}",
+            text("unit"),
+            text("batch_id"),
+            text("event"),
+            text("phase"),
+            text("state"),
+            d["fail_index"]
+        ),
+        "recipe" => {
+            let params: Vec<String> = d["parameters"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                .unwrap_or_default();
+            format!(
+                "{:<12} {:<14} {:<14} {}",
+                text("unit"),
+                text("batch_id"),
+                text("recipe"),
+                params.join(" ")
+            )
+        }
+        "oee" => {
+            // Window as HH:MM:SS-HH:MM:SS (the date adds nothing live).
+            let hms = |k: &str| {
+                let t = text(k);
+                t.get(11..19).map(str::to_string).unwrap_or(t)
+            };
+            format!(
+                "{:<14} {}-{} {:<12} good {:>5} rej {:>4} A {} P {} Q {} OEE {}{}",
+                text("work_center"),
+                hms("window_start"),
+                hms("window_end"),
+                text("state"),
+                d["good_count"],
+                d["reject_count"],
+                ratio("availability"),
+                ratio("performance"),
+                ratio("quality"),
+                ratio("oee"),
+                if d["complete"] == Value::Bool(false) {
+                    "  (partial)"
+                } else {
+                    ""
+                }
+            )
+        }
+        _ => format!(
+            "{:<14} reason {:<12} {:.1} s",
+            text("work_center"),
+            text("reason"),
+            d["duration_s"].as_f64().unwrap_or(0.0)
+        ),
+    };
+    format!("{kind:<8} {conn} #{seq} {row}")
 }
 
 fn clock() -> String {
@@ -290,6 +386,15 @@ fn describe(topic: &str, payload: &Value) -> String {
             "event    {ty} seq {} {}",
             payload["seq"], payload["details"]
         ),
+        ["data", conn, kind @ ("batch" | "recipe" | "oee" | "downtime")] => {
+            let records = payload["records"].as_array().cloned().unwrap_or_default();
+            let lines: Vec<String> = records
+                .iter()
+                .map(|r| derived_line(conn, kind, r["seq"].as_u64().unwrap_or(0), &r["data"]))
+                .collect();
+            // Continuation lines align under the first (after the clock).
+            lines.join("\n              ")
+        }
         ["data", conn, kind] => {
             let records = payload["records"].as_array().cloned().unwrap_or_default();
             let first = records.first().and_then(|r| r["seq"].as_u64()).unwrap_or(0);
@@ -335,7 +440,9 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
     let sim = crate::sim::start_deltav(crate::sim::SimOptions {
         listen: "127.0.0.1:0".parse().map_err(setup("listen"))?,
         seed: 7,
-        speed: 1.0,
+        // Batches take hours of plant time; ten-fold shows several phases
+        // within a minute.
+        speed: 10.0,
         tags: 0,
         rate_hz: 1.0,
         user: None,
@@ -343,12 +450,23 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
     })
     .await
     .map_err(setup("simulator"))?;
+    let optomes = crate::sim::start_optomes(crate::sim::SimOptions {
+        listen: "127.0.0.1:0".parse().map_err(setup("listen"))?,
+        seed: 7,
+        speed: 1.0,
+        tags: 0,
+        rate_hz: 1.0,
+        user: None,
+        pki_dir: work.path().join("optomes-pki"),
+    })
+    .await
+    .map_err(setup("OptoMES simulator"))?;
     let toml = demo_config_toml(
         &work.path().join("agent"),
         proxy.addr(),
         &broker.pki.ca_file,
-        &sim.endpoint(),
-        sim.namespace_uri(),
+        (&sim.endpoint(), sim.namespace_uri()),
+        (&optomes.endpoint(), optomes.namespace_uri()),
     );
     let config = crate::config::load_from(&toml, &HashMap::new())
         .map_err(|e| DemoError::Setup(format!("demo config: {e}")))?
@@ -356,9 +474,14 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
 
     println!("plantgate demo");
     println!(
-        "  OPC UA simulator  {}  (namespace {})",
+        "  DeltaV simulator  {}  (namespace {})",
         sim.endpoint(),
         sim.namespace_uri()
+    );
+    println!(
+        "  OptoMES simulator {}  (namespace {})",
+        optomes.endpoint(),
+        optomes.namespace_uri()
     );
     println!("  MQTT broker       mqtts://{} (embedded, TLS, fresh CA); agent connects through a cuttable proxy at {}", broker.v5_addr, proxy.addr());
     println!(
@@ -452,6 +575,7 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
         }
     }
     sim.shutdown().await;
+    optomes.shutdown().await;
     println!();
     println!(
         "summary: {} records received, {} duplicates dropped, {} seq gaps{}",
@@ -498,6 +622,30 @@ mod tests {
         let line = describe("plantgate/site/gw/data/conn/tag", &v);
         assert!(
             line.contains("conn/tag seq 3..4 (2 records) A=2.00!"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn describes_derived_records_as_rows() {
+        let v: Value = serde_json::json!({"records":[
+            {"seq":7,"data":{"unit":"REACTOR_101","batch_id":"B1","recipe":"R","phase":"HEAT",
+             "state":"RUNNING","fail_index":0,"event":"phase_changed"}}]});
+        let line = describe("plantgate/site/gw/data/dv/batch", &v);
+        assert!(line.contains("batch    dv #7 REACTOR_101"), "{line}");
+        assert!(
+            line.contains("phase_changed") && line.contains("HEAT"),
+            "{line}"
+        );
+        let v: Value = serde_json::json!({"records":[
+            {"seq":2,"data":{"work_center":"LINE_A_FILLER","window_start":"2026-11-22T10:00:00.000Z",
+             "window_end":"2026-11-22T10:00:15.000Z","state":"RUNNING","good_count":40,
+             "reject_count":2,"availability":1.0,"performance":0.5,"quality":null,"oee":null,
+             "complete":false}}]});
+        let line = describe("plantgate/site/gw/data/om/oee", &v);
+        assert!(line.contains("10:00:00-10:00:15"), "{line}");
+        assert!(
+            line.contains("100.0%") && line.contains("(partial)"),
             "{line}"
         );
     }

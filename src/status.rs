@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
+use crate::buffer::ProfileState;
 use crate::record::{now_ms, Kind, NewRecord};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -251,9 +252,37 @@ impl StatusBoard {
     }
 }
 
+/// What a connection hands to the ingest in one go: records and, when a
+/// profile produced them, the profile snapshot that must commit in the same
+/// transaction (SPEC 5: no duplicate batch events across restarts).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub records: Vec<NewRecord>,
+    pub state: Option<ProfileState>,
+}
+
+impl Batch {
+    pub fn records(records: Vec<NewRecord>) -> Self {
+        Batch {
+            records,
+            state: None,
+        }
+    }
+}
+
+/// Receivers that only care about records can `extend` with a batch.
+impl IntoIterator for Batch {
+    type Item = NewRecord;
+    type IntoIter = std::vec::IntoIter<NewRecord>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.records.into_iter()
+    }
+}
+
 /// Where sources and profiles hand their records; the ingest task commits
 /// them to the buffer.
-pub type RecordSink = mpsc::Sender<Vec<NewRecord>>;
+pub type RecordSink = mpsc::Sender<Batch>;
 
 /// Builds an event record (SPEC 4). `connection` is "" for agent events.
 pub fn event_record(connection: &str, event_type: &str, details: serde_json::Value) -> NewRecord {
@@ -348,8 +377,29 @@ impl ConnectionReporter {
         self.send(records).await;
     }
 
+    /// Hands records together with this connection's profile snapshot (JSON
+    /// text); both commit in one transaction. Sent even without records (a
+    /// snapshot at shutdown).
+    pub async fn records_with_state(&self, records: Vec<NewRecord>, snapshot: String) {
+        if !records.is_empty() {
+            let last_ts = records.iter().map(|r| r.ts_ms).max();
+            self.board
+                .add_records(&self.id, records.len() as u64, last_ts);
+        }
+        let batch = Batch {
+            records,
+            state: Some(ProfileState {
+                connection: self.id.clone(),
+                snapshot,
+            }),
+        };
+        if self.sink.send(batch).await.is_err() {
+            tracing::debug!(connection = %self.id, "record sink closed");
+        }
+    }
+
     async fn send(&self, records: Vec<NewRecord>) {
-        if self.sink.send(records).await.is_err() {
+        if self.sink.send(Batch::records(records)).await.is_err() {
             // Only during shutdown: the ingest task is gone.
             tracing::debug!(connection = %self.id, "record sink closed");
         }

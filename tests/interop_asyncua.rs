@@ -127,7 +127,7 @@ fn conn_config(id: &str, endpoint: &str) -> ConnectionConfig {
 struct Conn {
     id: String,
     board: Arc<StatusBoard>,
-    rx: mpsc::Receiver<Vec<NewRecord>>,
+    rx: mpsc::Receiver<plantgate::status::Batch>,
     seen: Vec<NewRecord>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -203,7 +203,7 @@ impl Conn {
                 .await
                 .unwrap_or_else(|_| panic!("no data; state {:?}", self.state()))
                 .expect("sink open");
-            for r in &batch {
+            for r in &batch.records {
                 if r.kind == Kind::Tag && r.data["name"] == "Counter" {
                     assert_eq!(r.data["quality"], "good", "{}", r.data);
                     if let Some(v) = r.data["value"].as_i64() {

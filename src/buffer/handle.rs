@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::{BufferError, DeadLetter, Eviction, Limits, Stats, Store};
+use super::{BufferError, DeadLetter, Eviction, Limits, ProfileState, Stats, Store};
 use crate::record::{NewRecord, StoredRecord, StreamKey};
 
 /// Upper bound on records merged into one coalesced transaction, so a burst
@@ -21,10 +21,19 @@ const QUEUE_DEPTH: usize = 1024;
 
 type Reply<T> = oneshot::Sender<Result<T, BufferError>>;
 
+/// One queued append: its records, the profile states that go with them, and
+/// where to send the seqs.
+type AppendJob = (Vec<NewRecord>, Vec<ProfileState>, Reply<Vec<u64>>);
+
 enum Command {
     Append {
         records: Vec<NewRecord>,
+        states: Vec<ProfileState>,
         reply: Reply<Vec<u64>>,
+    },
+    ProfileState {
+        connection: String,
+        reply: Reply<Option<String>>,
     },
     Streams {
         reply: Reply<Vec<StreamKey>>,
@@ -145,7 +154,29 @@ impl BufferHandle {
     /// one transaction. Dropping the future after it was queued does not
     /// withdraw the records: they are still committed.
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<u64>, BufferError> {
-        self.request(|reply| Command::Append { records, reply })
+        self.append_with_states(records, Vec::new()).await
+    }
+
+    /// [`BufferHandle::append`] with profile snapshots committed in the same
+    /// transaction (see [`Store::append_with_states`]). When appends are
+    /// coalesced, the last state of each connection wins.
+    pub async fn append_with_states(
+        &self,
+        records: Vec<NewRecord>,
+        states: Vec<ProfileState>,
+    ) -> Result<Vec<u64>, BufferError> {
+        self.request(|reply| Command::Append {
+            records,
+            states,
+            reply,
+        })
+        .await
+    }
+
+    /// See [`Store::profile_state`].
+    pub async fn profile_state(&self, connection: &str) -> Result<Option<String>, BufferError> {
+        let connection = connection.to_string();
+        self.request(|reply| Command::ProfileState { connection, reply })
             .await
     }
 
@@ -251,10 +282,17 @@ impl Worker {
                 },
             };
             match command {
-                Command::Append { records, reply } => {
-                    let mut group = vec![(records, reply)];
+                Command::Append {
+                    records,
+                    states,
+                    reply,
+                } => {
+                    let mut group = vec![(records, states, reply)];
                     held = self.gather_appends(&mut group);
                     self.commit_group(group);
+                }
+                Command::ProfileState { connection, reply } => {
+                    let _ = reply.send(self.store.profile_state(&connection));
                 }
                 Command::Streams { reply } => {
                     let _ = reply.send(self.store.streams());
@@ -327,18 +365,17 @@ impl Worker {
     /// Pulls the appends that are already queued into `group`, up to
     /// [`MAX_COALESCED_RECORDS`]. Returns the first command that could not
     /// join, to be processed next so the queue order is kept.
-    fn gather_appends(
-        &mut self,
-        group: &mut Vec<(Vec<NewRecord>, Reply<Vec<u64>>)>,
-    ) -> Option<Command> {
-        let mut total: usize = group.iter().map(|(r, _)| r.len()).sum();
+    fn gather_appends(&mut self, group: &mut Vec<AppendJob>) -> Option<Command> {
+        let mut total: usize = group.iter().map(|(r, _, _)| r.len()).sum();
         while total < MAX_COALESCED_RECORDS {
             match self.rx.try_recv() {
-                Ok(Command::Append { records, reply })
-                    if total + records.len() <= MAX_COALESCED_RECORDS =>
-                {
+                Ok(Command::Append {
+                    records,
+                    states,
+                    reply,
+                }) if total + records.len() <= MAX_COALESCED_RECORDS => {
                     total += records.len();
-                    group.push((records, reply));
+                    group.push((records, states, reply));
                 }
                 Ok(other) => return Some(other),
                 Err(_) => return None,
@@ -347,16 +384,29 @@ impl Worker {
         None
     }
 
-    fn commit_group(&mut self, group: Vec<(Vec<NewRecord>, Reply<Vec<u64>>)>) {
+    fn commit_group(&mut self, group: Vec<AppendJob>) {
         let mut lens = Vec::with_capacity(group.len());
         let mut replies: Vec<Reply<Vec<u64>>> = Vec::with_capacity(group.len());
         let mut all = Vec::new();
-        for (records, reply) in group {
+        // Kept per append for the one-by-one retry below.
+        let mut states_per_append: Vec<Vec<ProfileState>> = Vec::with_capacity(group.len());
+        for (records, states, reply) in group {
             lens.push(records.len());
             replies.push(reply);
             all.extend(records);
+            states_per_append.push(states);
         }
-        match self.store.append(&all) {
+        // Queue order is production order: a later snapshot of a connection
+        // supersedes an earlier one, and committing only the last is exact
+        // because all the records of the group commit with it.
+        let mut merged: Vec<ProfileState> = Vec::new();
+        for state in states_per_append.iter().flatten() {
+            match merged.iter_mut().find(|s| s.connection == state.connection) {
+                Some(slot) => *slot = state.clone(),
+                None => merged.push(state.clone()),
+            }
+        }
+        match self.store.append_with_states(&all, &merged) {
             Ok(seqs) => {
                 self.committed(all.len());
                 let mut seqs = seqs.into_iter();
@@ -375,10 +425,10 @@ impl Worker {
                 tracing::warn!(error = %e, appends = replies.len(),
                     "coalesced buffer append failed; retrying individually");
                 let mut start = 0;
-                for (len, reply) in lens.into_iter().zip(replies) {
+                for ((len, reply), states) in lens.into_iter().zip(replies).zip(states_per_append) {
                     let part = all.get(start..start + len).unwrap_or_default();
                     start += len;
-                    let result = self.store.append(part);
+                    let result = self.store.append_with_states(part, &states);
                     if result.is_ok() {
                         self.committed(part.len());
                     }
@@ -483,6 +533,55 @@ mod tests {
         thread
             .join()
             .expect("thread ends when all handles are dropped");
+    }
+
+    #[tokio::test]
+    async fn coalesced_appends_keep_the_last_state_per_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (buffer, worker) = BufferHandle::unstarted(open(&dir));
+        let state = |c: &str, n: i64| ProfileState {
+            connection: c.into(),
+            snapshot: format!("{{\"n\":{n}}}"),
+        };
+        // Queued in order before the thread runs: one transaction.
+        let mut tasks = Vec::new();
+        for n in 1..=3 {
+            let b = buffer.clone();
+            tasks.push(tokio::spawn(async move {
+                b.append_with_states(vec![rec("a", n)], vec![state("a", n)])
+                    .await
+            }));
+            while buffer_len(&buffer) < n as usize {
+                tokio::task::yield_now().await;
+            }
+        }
+        let b = buffer.clone();
+        tasks.push(tokio::spawn(async move {
+            b.append_with_states(Vec::new(), vec![state("b", 9)]).await
+        }));
+        while buffer_len(&buffer) < 4 {
+            tokio::task::yield_now().await;
+        }
+        let thread = std::thread::spawn(move || worker.run());
+        for task in tasks {
+            task.await.expect("task").expect("append");
+        }
+        assert_eq!(buffer.commits(), 1, "one transaction for the group");
+        assert_eq!(
+            buffer.profile_state("a").await.expect("state").as_deref(),
+            Some("{\"n\":3}")
+        );
+        assert_eq!(
+            buffer.profile_state("b").await.expect("state").as_deref(),
+            Some("{\"n\":9}")
+        );
+        assert_eq!(buffer.profile_state("c").await.expect("state"), None);
+        buffer.close().await;
+        thread.join().expect("thread");
+    }
+
+    fn buffer_len(buffer: &BufferHandle) -> usize {
+        buffer.tx.max_capacity() - buffer.tx.capacity()
     }
 
     #[tokio::test]

@@ -110,11 +110,13 @@
 //!           stream, seq, ts_ms, data, size,           -- as in records
 //!           reason TEXT, dead_ms INTEGER)             -- why and when
 //! INDEX dead_letters_stream_seq ON dead_letters (stream, seq)
+//! profile_state (connection TEXT PRIMARY KEY,         -- (v3) a connection's profile
+//!           snapshot TEXT, updated_ms INTEGER)        -- snapshot, written with its records
 //! ```
 //!
 //! Rows reference their stream by a small integer instead of repeating the
 //! connection name, which keeps both the table and the `(stream, seq)` index
-//! compact at millions of rows. Version 1 files are upgraded in place.
+//! compact at millions of rows. Version 1 and 2 files are upgraded in place.
 
 mod handle;
 mod store;
@@ -128,6 +130,13 @@ use crate::record::{Kind, StreamKey};
 
 pub use handle::{BufferHandle, MAX_COALESCED_RECORDS};
 pub use store::{Store, ROW_OVERHEAD_BYTES};
+
+/// A profile snapshot (JSON text) to store with the records it goes with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileState {
+    pub connection: String,
+    pub snapshot: String,
+}
 
 /// File name of the buffer database inside `agent.data_dir`.
 pub const DB_FILE_NAME: &str = "buffer.db";

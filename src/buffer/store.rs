@@ -11,7 +11,7 @@ use rusqlite::{
 
 use super::{
     AppendReport, BufferError, DeadLetter, Eviction, EvictionReason, Limits, OpenOutcome,
-    Quarantined, Stats, StreamStats,
+    ProfileState, Quarantined, Stats, StreamStats,
 };
 use crate::config::Synchronous;
 use crate::record::{now_ms, Kind, NewRecord, StoredRecord, StreamKey};
@@ -21,7 +21,7 @@ use crate::record::{now_ms, Kind, NewRecord, StoredRecord, StreamKey};
 /// free when the size limit is enforced.
 pub const ROW_OVERHEAD_BYTES: u64 = 48;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Long enough to ride out a `plantgate buffer ...` command or a checkpoint
 /// holding the write lock; short enough that a wedged peer surfaces as an
@@ -86,16 +86,22 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     dead_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_stream_seq ON dead_letters (stream, seq);
+CREATE TABLE IF NOT EXISTS profile_state (
+    connection TEXT PRIMARY KEY,
+    snapshot   TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
 
 /// Every column the code reads, per table: preparing these proves the schema
 /// is what this version expects (a file with our table names but other
 /// columns is as unusable as garbage).
-const SCHEMA_PROBES: [&str; 4] = [
+const SCHEMA_PROBES: [&str; 5] = [
     "SELECT key, value FROM meta LIMIT 0",
     "SELECT id, connection, kind, next_seq, records, bytes, evicted_total FROM streams LIMIT 0",
     "SELECT id, stream, seq, ts_ms, data, size FROM records LIMIT 0",
     "SELECT id, stream, seq, ts_ms, data, size, reason, dead_ms FROM dead_letters LIMIT 0",
+    "SELECT connection, snapshot, updated_ms FROM profile_state LIMIT 0",
 ];
 
 /// The buffer database. Not `Sync`: one owner (the buffer thread, or a CLI
@@ -966,6 +972,30 @@ impl Store {
         self.append_with_report(records).map(|r| r.seqs)
     }
 
+    /// [`Store::append`] that also stores profile snapshots in the same
+    /// transaction: the records a profile produced and the state saying it
+    /// produced them commit together or not at all, so a restart neither
+    /// repeats nor loses a derived record. With no records, only the states
+    /// are written (shutdown snapshot).
+    pub fn append_with_states(
+        &mut self,
+        records: &[NewRecord],
+        states: &[ProfileState],
+    ) -> Result<Vec<u64>, BufferError> {
+        self.append_inner(records, states).map(|r| r.seqs)
+    }
+
+    /// The last stored profile snapshot of `connection`, if any.
+    pub fn profile_state(&self, connection: &str) -> Result<Option<String>, BufferError> {
+        self.conn
+            .prepare_cached("SELECT snapshot FROM profile_state WHERE connection = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![connection], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(self.err("profile state"))
+    }
+
     /// [`Store::append`], also returning the evictions made to fit the
     /// records (each already committed with its `buffer.evicted` event, even
     /// when the append itself then fails with [`BufferError::Full`]).
@@ -973,8 +1003,16 @@ impl Store {
         &mut self,
         records: &[NewRecord],
     ) -> Result<AppendReport, BufferError> {
+        self.append_inner(records, &[])
+    }
+
+    fn append_inner(
+        &mut self,
+        records: &[NewRecord],
+        states: &[ProfileState],
+    ) -> Result<AppendReport, BufferError> {
         let mut report = AppendReport::default();
-        if records.is_empty() {
+        if records.is_empty() && states.is_empty() {
             return Ok(report);
         }
         // Encode first: a record that cannot be stored must not cost an
@@ -991,7 +1029,7 @@ impl Store {
         let mut want = incoming.saturating_mul(2).max(CHUNK_MIN_BYTES);
         let mut last_reason = EvictionReason::MaxSize;
         for _ in 0..=MAX_FULL_RETRIES {
-            match self.insert(records, &encoded) {
+            match self.insert(records, &encoded, states) {
                 Ok(seqs) => {
                     report.seqs = seqs;
                     self.flush_disk_error();
@@ -1024,6 +1062,7 @@ impl Store {
         &mut self,
         records: &[NewRecord],
         encoded: &[String],
+        states: &[ProfileState],
     ) -> Result<Vec<u64>, BufferError> {
         let path = &self.path;
         let sql = sql_err("append", path);
@@ -1032,6 +1071,21 @@ impl Store {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&sql)?;
         let seqs = insert_encoded(&tx, path, "append", records, encoded)?;
+        if !states.is_empty() {
+            let now = now_ms();
+            let mut upsert = tx
+                .prepare_cached(
+                    "INSERT INTO profile_state (connection, snapshot, updated_ms) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (connection) DO UPDATE SET snapshot = excluded.snapshot, \
+                     updated_ms = excluded.updated_ms",
+                )
+                .map_err(&sql)?;
+            for state in states {
+                upsert
+                    .execute(params![state.connection, state.snapshot, now])
+                    .map_err(&sql)?;
+            }
+        }
         tx.commit().map_err(&sql)?;
         Ok(seqs)
     }
@@ -1042,7 +1096,10 @@ impl Store {
         if let Some(ev) = self.pending_disk_error.take() {
             match encode(std::slice::from_ref(&ev), "append") {
                 Ok(encoded) => {
-                    if self.insert(std::slice::from_ref(&ev), &encoded).is_err() {
+                    if self
+                        .insert(std::slice::from_ref(&ev), &encoded, &[])
+                        .is_err()
+                    {
                         self.pending_disk_error = Some(ev);
                     }
                 }
@@ -1835,6 +1892,69 @@ mod tests {
 
     fn line1_tag() -> StreamKey {
         StreamKey::new("line1", Kind::Tag)
+    }
+
+    fn state(connection: &str, snapshot: &str) -> ProfileState {
+        ProfileState {
+            connection: connection.into(),
+            snapshot: snapshot.into(),
+        }
+    }
+
+    #[test]
+    fn profile_state_commits_with_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        assert_eq!(store.profile_state("dv").unwrap(), None);
+        let seqs = store
+            .append_with_states(&[rec("dv", Kind::Batch, 1)], &[state("dv", r#"{"v":1}"#)])
+            .unwrap();
+        assert_eq!(seqs, vec![1]);
+        assert_eq!(
+            store.profile_state("dv").unwrap().as_deref(),
+            Some(r#"{"v":1}"#)
+        );
+        // A state alone (shutdown) replaces it; other connections untouched.
+        store
+            .append_with_states(&[], &[state("dv", r#"{"v":2}"#), state("om", "{}")])
+            .unwrap();
+        assert_eq!(
+            store.profile_state("dv").unwrap().as_deref(),
+            Some(r#"{"v":2}"#)
+        );
+        assert_eq!(store.profile_state("om").unwrap().as_deref(), Some("{}"));
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(
+            store.profile_state("dv").unwrap().as_deref(),
+            Some(r#"{"v":2}"#)
+        );
+    }
+
+    #[test]
+    fn version_2_database_gains_profile_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        {
+            let mut store = open(&dir);
+            store.append(&[rec("line1", Kind::Tag, 1)]).unwrap();
+            // What a version 2 file looks like: no profile_state table.
+            store
+                .conn
+                .execute_batch("DROP TABLE profile_state; PRAGMA user_version = 2;")
+                .unwrap();
+        }
+        let mut store = Store::open(&path, Synchronous::Normal).expect("upgrade");
+        assert_eq!(all(&store, &line1_tag()).len(), 1);
+        store
+            .append_with_states(&[rec("line1", Kind::Tag, 2)], &[state("line1", "{}")])
+            .unwrap();
+        assert_eq!(store.profile_state("line1").unwrap().as_deref(), Some("{}"));
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     fn all(store: &Store, stream: &StreamKey) -> Vec<StoredRecord> {

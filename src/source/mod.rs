@@ -21,23 +21,24 @@ pub mod pki;
 mod session;
 pub mod value;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use opcua::client::Client;
-use opcua::types::{NodeId, StatusCode};
+use opcua::client::{Client, Session};
+use opcua::types::{NodeId, ReadValueId, StatusCode, TimestampsToReturn};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ConnectionConfig;
-use crate::record::NewRecord;
+use crate::config::{ConnectionConfig, ConnectionKind};
+use crate::profile::{NodeKey, Output, Profile, ReadRequest};
+use crate::record::{now_ms, NewRecord};
 use crate::status::{ConnState, ConnectionReporter};
 
 pub use session::SourceError;
-use session::{LoopEvent, Monitored, PublishClock, TagPlan};
+use session::{Feed, LoopEvent, Monitored, PublishClock, TagPlan};
 use value::TagMeta;
 
 /// How long a fresh session may take from TCP connect to activated.
@@ -47,17 +48,45 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Records handed to the reporter in one go when the forwarder is behind.
 const FORWARD_BATCH: usize = 5_000;
 
+/// How often the profile gets a clock tick (OEE windows close on ticks).
+const TICK: Duration = Duration::from_secs(1);
+
 /// Runs one plant connection until `cancel`: connect, subscribe, report,
-/// reconnect with backoff forever.
+/// reconnect with backoff forever. The profile starts fresh.
 pub async fn run_connection(
     conn: ConnectionConfig,
     pki_dir: PathBuf,
     reporter: ConnectionReporter,
     cancel: CancellationToken,
 ) {
-    let (records_tx, records_rx) = mpsc::unbounded_channel::<Vec<NewRecord>>();
-    let forwarder = tokio::spawn(forward(records_rx, reporter.clone()));
-    let plans = Arc::new(session::plan_tags(&conn));
+    run_connection_restored(conn, pki_dir, reporter, None, cancel).await
+}
+
+/// [`run_connection`] whose profile continues from `saved`, the snapshot
+/// last committed for this connection (`Store::profile_state`).
+pub async fn run_connection_restored(
+    conn: ConnectionConfig,
+    pki_dir: PathBuf,
+    reporter: ConnectionReporter,
+    saved: Option<String>,
+    cancel: CancellationToken,
+) {
+    let profile = match conn.kind {
+        // Tags only: nothing to derive, nothing to persist.
+        ConnectionKind::Generic => None,
+        ConnectionKind::Deltav | ConnectionKind::Optomes => {
+            Some(restored_profile(&conn, saved.as_deref()))
+        }
+    };
+    let mut all_plans = session::plan_tags(&conn);
+    if let Some(p) = &profile {
+        all_plans.extend(session::plan_profile_nodes(&conn, &p.nodes()));
+    }
+    let profile_keys: Arc<Vec<Option<NodeKey>>> =
+        Arc::new(all_plans.iter().map(|p| p.profile).collect());
+    let (records_tx, records_rx) = mpsc::unbounded_channel::<Feed>();
+    let forwarder = tokio::spawn(drive(records_rx, reporter.clone(), profile));
+    let plans = Arc::new(all_plans);
     let metas: Arc<Vec<TagMeta>> = Arc::new(plans.iter().map(|p| p.meta.clone()).collect());
     let mut backoff = Backoff::new(conn.reconnect_initial, conn.reconnect_max);
     let mut client: Option<Client> = None;
@@ -85,15 +114,33 @@ pub async fn run_connection(
                     conn: &conn,
                     plans: &plans,
                     metas: &metas,
+                    profile_keys: &profile_keys,
                     records: &records_tx,
                     reporter: &reporter,
                     cancel: &cancel,
                 };
                 match client.as_mut() {
                     Some(client) => {
-                        match run_session(ctx, client, &mut state, &mut reported_bad).await {
+                        let mut told_connected = false;
+                        let result = run_session(
+                            ctx,
+                            client,
+                            &mut state,
+                            &mut reported_bad,
+                            &mut told_connected,
+                        )
+                        .await;
+                        match result {
                             Ok(()) => break,
-                            Err(f) => f,
+                            Err(f) => {
+                                if told_connected {
+                                    // Every `Connected` is paired with one
+                                    // `Disconnected`, whether the session
+                                    // failed during setup or later.
+                                    let _ = records_tx.send(Feed::Disconnected { at_ms: now_ms() });
+                                }
+                                f
+                            }
                         }
                     }
                     None => Failure::from(SourceError::Client("client missing".into())),
@@ -131,6 +178,7 @@ pub async fn run_connection(
         }
     }
     drop(expiry_watch);
+    let _ = records_tx.send(Feed::Stop);
     drop(records_tx);
     drop(client);
     // Values already received are still delivered (the sessions, and with
@@ -138,18 +186,240 @@ pub async fn run_connection(
     let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
 }
 
-async fn forward(mut rx: mpsc::UnboundedReceiver<Vec<NewRecord>>, reporter: ConnectionReporter) {
-    while let Some(mut batch) = rx.recv().await {
-        // Coalesce what queued up while the buffer was busy: fewer, larger
-        // commits.
-        while batch.len() < FORWARD_BATCH {
-            match rx.try_recv() {
-                Ok(more) => batch.extend(more),
-                Err(_) => break,
+/// Builds the connection's profile and restores its saved snapshot. A
+/// snapshot that cannot be used is logged and ignored: the profile starts
+/// fresh, which at worst repeats an event already reported (at-least-once).
+fn restored_profile(conn: &ConnectionConfig, saved: Option<&str>) -> Profile {
+    let mut profile = Profile::new(conn);
+    if let Some(text) = saved {
+        let result = serde_json::from_str::<serde_json::Value>(text)
+            .map_err(|e| crate::profile::SnapshotError::Malformed(e.to_string()))
+            .and_then(|snapshot| profile.restore(&snapshot));
+        if let Err(e) = result {
+            tracing::warn!(connection = %conn.id, error = %e, "saved profile state not usable; starting fresh");
+            profile = Profile::new(conn);
+        }
+    }
+    profile
+}
+
+/// The live session the profile's reads go to.
+struct ReadTarget {
+    session: Arc<Session>,
+    nodes: HashMap<NodeKey, NodeId>,
+}
+
+/// The connection's driver: hands tag records to the reporter and runs the
+/// profile (publishes, ticks, connection changes, reads). One task owns the
+/// profile, so its inputs are applied in the order the session produced
+/// them. Records and the snapshot after them go out together, so they
+/// commit in one transaction.
+async fn drive(
+    mut rx: mpsc::UnboundedReceiver<Feed>,
+    reporter: ConnectionReporter,
+    mut profile: Option<Profile>,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut target: Option<ReadTarget> = None;
+    let mut pending: Vec<NewRecord> = Vec::new();
+    let mut stop = false;
+    while !stop {
+        // Whether the profile produced something since the last hand-over.
+        let mut dirty = false;
+        tokio::select! {
+            feed = rx.recv() => {
+                let mut next = feed;
+                loop {
+                    match next {
+                        None | Some(Feed::Stop) => {
+                            stop = true;
+                            break;
+                        }
+                        Some(feed) => {
+                            apply(feed, &mut profile, &mut target, &mut pending, &mut dirty, &reporter)
+                                .await
+                        }
+                    }
+                    // Coalesce what queued up while the buffer was busy:
+                    // fewer, larger commits.
+                    if pending.len() >= FORWARD_BATCH {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(feed) => next = Some(feed),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tick.tick(), if profile.is_some() => {
+                if let Some(p) = profile.as_mut() {
+                    let out = p.on_tick(now_ms());
+                    run_output(out, p, &target, &mut pending, &mut dirty, reporter.id()).await;
+                }
             }
         }
-        reporter.records(batch).await;
+        // At the stop, the snapshot goes out even when nothing changed: a
+        // restart continues exactly where this run stopped.
+        hand_over(&reporter, &profile, &mut pending, dirty || stop).await;
     }
+    // Dropping the session here lets its subscription (and the senders it
+    // holds) go.
+    drop(target);
+}
+
+/// Sends the pending records, with the profile's snapshot when the profile
+/// changed (or at shutdown).
+async fn hand_over(
+    reporter: &ConnectionReporter,
+    profile: &Option<Profile>,
+    pending: &mut Vec<NewRecord>,
+    with_state: bool,
+) {
+    let records = std::mem::take(pending);
+    match profile {
+        Some(p) if with_state => {
+            reporter
+                .records_with_state(records, p.snapshot().to_string())
+                .await
+        }
+        _ => reporter.records(records).await,
+    }
+}
+
+async fn apply(
+    feed: Feed,
+    profile: &mut Option<Profile>,
+    target: &mut Option<ReadTarget>,
+    pending: &mut Vec<NewRecord>,
+    dirty: &mut bool,
+    reporter: &ConnectionReporter,
+) {
+    let id = reporter.id();
+    match feed {
+        Feed::Publish { records, samples } => {
+            pending.extend(records);
+            if let (Some(p), false) = (profile.as_mut(), samples.is_empty()) {
+                let out = p.on_values(&samples);
+                run_output(out, p, target, pending, dirty, id).await;
+            }
+        }
+        Feed::Connected {
+            session,
+            nodes,
+            at_ms,
+        } => {
+            *target = Some(ReadTarget { session, nodes });
+            if let Some(p) = profile.as_mut() {
+                let out = p.on_connected(at_ms);
+                run_output(out, p, target, pending, dirty, id).await;
+            }
+        }
+        // Handled by the caller (`drive`), which ends on it.
+        Feed::Stop => {}
+        Feed::Resolved(nodes) => {
+            if let Some(t) = target.as_mut() {
+                t.nodes.extend(nodes);
+            }
+        }
+        Feed::Disconnected { at_ms } => {
+            // Reads not yet performed are dropped with the session; the
+            // profile asks again after the next `on_connected`.
+            *target = None;
+            if let Some(p) = profile.as_mut() {
+                let out = p.on_disconnected(at_ms);
+                run_output(out, p, target, pending, dirty, id).await;
+            }
+        }
+    }
+}
+
+/// Takes an output's records and performs its reads (and the reads their
+/// answers ask for), feeding the answers back to the profile.
+async fn run_output(
+    out: Output,
+    profile: &mut Profile,
+    target: &Option<ReadTarget>,
+    pending: &mut Vec<NewRecord>,
+    dirty: &mut bool,
+    connection: &str,
+) {
+    let mut queue: VecDeque<Output> = VecDeque::from([out]);
+    while let Some(out) = queue.pop_front() {
+        if out.is_empty() {
+            continue;
+        }
+        *dirty = true;
+        pending.extend(out.records);
+        for request in out.reads {
+            let Some(target) = target else {
+                tracing::debug!(
+                    connection,
+                    request = request.id,
+                    "profile read dropped: no session"
+                );
+                continue;
+            };
+            match read(target, &request).await {
+                Ok(results) => queue.push_back(profile.on_read(request.id, &results)),
+                Err(e) => {
+                    // The session is failing; the profile asks again after
+                    // the next `on_connected`.
+                    tracing::warn!(connection, error = %e, "profile read failed; dropped");
+                }
+            }
+        }
+    }
+}
+
+/// Performs one profile Read on the live session: one result per key, `good`
+/// false for a Bad status or a node that does not resolve on this server.
+async fn read(
+    target: &ReadTarget,
+    request: &ReadRequest,
+) -> Result<Vec<(NodeKey, serde_json::Value, bool)>, SourceError> {
+    let resolved: Vec<(NodeKey, NodeId)> = request
+        .keys
+        .iter()
+        .filter_map(|k| target.nodes.get(k).map(|n| (*k, n.clone())))
+        .collect();
+    let ids: Vec<ReadValueId> = resolved
+        .iter()
+        .map(|(_, n)| ReadValueId::from(n.clone()))
+        .collect();
+    let values = if ids.is_empty() {
+        Vec::new()
+    } else {
+        tokio::time::timeout(
+            session::REQUEST_TIMEOUT,
+            target.session.read(&ids, TimestampsToReturn::Both, 0.0),
+        )
+        .await
+        .map_err(|_| SourceError::ua(StatusCode::BadTimeout, "Read timed out"))?
+        .map_err(|e| SourceError::ua(e.status(), format!("Read: {e}")))?
+    };
+    Ok(request
+        .keys
+        .iter()
+        .map(|key| {
+            let value = resolved
+                .iter()
+                .position(|(k, _)| k == key)
+                .and_then(|i| values.get(i));
+            match value {
+                Some(dv) => {
+                    let good = dv.status().is_good();
+                    let v = dv
+                        .value
+                        .as_ref()
+                        .map(value::variant_to_json)
+                        .unwrap_or(serde_json::Value::Null);
+                    (*key, v, good)
+                }
+                None => (*key, serde_json::Value::Null, false),
+            }
+        })
+        .collect())
 }
 
 /// Builds the client if there is none yet (first attempt, or after a PKI
@@ -206,7 +476,8 @@ struct SessionCtx<'a> {
     conn: &'a ConnectionConfig,
     plans: &'a Arc<Vec<TagPlan>>,
     metas: &'a Arc<Vec<TagMeta>>,
-    records: &'a mpsc::UnboundedSender<Vec<NewRecord>>,
+    profile_keys: &'a Arc<Vec<Option<NodeKey>>>,
+    records: &'a mpsc::UnboundedSender<Feed>,
     reporter: &'a ConnectionReporter,
     cancel: &'a CancellationToken,
 }
@@ -241,6 +512,7 @@ async fn run_session(
     client: &mut Client,
     state: &mut ConnState,
     reported_bad: &mut HashMap<usize, StatusCode>,
+    told_connected: &mut bool,
 ) -> Result<(), Failure> {
     let conn = ctx.conn;
     let identity = session::identity(conn);
@@ -282,12 +554,27 @@ async fn run_session(
         // tags are resolved against the array of this session.
         let namespaces = session::read_namespaces(&session).await?;
         let (ok, mut bad) = resolve_all(ctx.plans, &namespaces);
+        if ctx.profile_keys.iter().any(Option::is_some) {
+            // Before any monitored item exists, so the profile hears of the
+            // session before its first values.
+            let nodes: HashMap<NodeKey, NodeId> = ok
+                .iter()
+                .filter_map(|(i, id)| ctx.plans[*i].profile.map(|k| (k, id.clone())))
+                .collect();
+            let _ = ctx.records.send(Feed::Connected {
+                session: session.clone(),
+                nodes,
+                at_ms: now_ms(),
+            });
+            *told_connected = true;
+        }
         let subscription_id = session::create_subscription(
             &session,
             conn.publishing_interval,
             session::Notifier {
                 connection: Arc::from(conn.id.as_str()),
                 tags: ctx.metas.clone(),
+                profile: ctx.profile_keys.clone(),
                 records: ctx.records.clone(),
                 events: events_tx,
             },
@@ -323,9 +610,9 @@ async fn run_session(
         .reconnect_max
         .clamp(Duration::from_secs(5), Duration::from_secs(60));
     if !bad.is_empty() {
-        let _ = ctx
-            .records
-            .send(session::bad_records(&conn.id, ctx.plans, &bad));
+        let _ = ctx.records.send(Feed::records(session::bad_records(
+            &conn.id, ctx.plans, &bad,
+        )));
     }
     report_bad(&ctx, reported_bad, &bad, &items, retry_every).await;
     // Without this the client may not send Publish requests on a new session.
@@ -406,14 +693,23 @@ async fn run_session(
             _ = retry.tick(), if !bad.is_empty() => {
                 // A node missing now may exist after a server download/restart.
                 match retry_bad(&session, subscription_id, &ctx, &bad).await {
-                    Ok((still_bad, created)) => {
+                    Ok((still_bad, created, resolved_ids)) => {
                         let changed: Vec<(usize, StatusCode)> = still_bad
                             .iter()
                             .filter(|(i, s)| !bad.iter().any(|(j, t)| i == j && s == t))
                             .copied()
                             .collect();
                         if !changed.is_empty() {
-                            let _ = ctx.records.send(session::bad_records(&conn.id, ctx.plans, &changed));
+                            let _ = ctx.records.send(Feed::records(session::bad_records(&conn.id, ctx.plans, &changed)));
+                        }
+                        // Profile nodes that resolve now become readable too
+                        // (a namespace that appeared after a server download).
+                        let resolved: Vec<(NodeKey, NodeId)> = created
+                            .iter()
+                            .filter_map(|(i, _)| ctx.plans[*i].profile.zip(resolved_ids.get(i).cloned()))
+                            .collect();
+                        if !resolved.is_empty() {
+                            let _ = ctx.records.send(Feed::Resolved(resolved));
                         }
                         items.extend(created);
                         bad = still_bad;
@@ -495,7 +791,7 @@ async fn retry_bad(
     subscription_id: u32,
     ctx: &SessionCtx<'_>,
     bad: &[(usize, StatusCode)],
-) -> Result<(BadTags, Vec<(usize, u32)>), SourceError> {
+) -> Result<(BadTags, Vec<(usize, u32)>, HashMap<usize, NodeId>), SourceError> {
     let namespaces = session::read_namespaces(session).await?;
     let mut still_bad = Vec::new();
     let mut retry = Vec::new();
@@ -522,7 +818,8 @@ async fn retry_bad(
         created = monitored.created;
     }
     still_bad.sort_by_key(|(i, _)| *i);
-    Ok((still_bad, created))
+    let resolved = retry.into_iter().collect();
+    Ok((still_bad, created, resolved))
 }
 
 /// Which state a failure puts the connection in.

@@ -23,9 +23,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::pki::OwnCertificate;
-use super::value::{bad_tag_record, tag_record, TagMeta};
+use super::value::{bad_tag_record, tag_record, value_ts_ms, variant_to_json, TagMeta};
 use crate::config::{ConnectionConfig, SecurityMode, SecurityPolicy, TagConfig};
 use crate::nodeid::{Identifier, Namespace, NodeRef};
+use crate::profile::{NodeKey, Sample};
 use crate::record::NewRecord;
 
 /// Per-request timeout; also bounds endpoint discovery and connecting.
@@ -304,12 +305,39 @@ impl PublishClock {
     }
 }
 
-/// A configured tag with its parsed node reference (None: unparseable).
+/// A configured tag, or a node the profile needs, with its parsed node
+/// reference (None: unparseable). Both kinds share resolution, monitoring,
+/// and the bad-node retry; only where their values go differs.
 pub(crate) struct TagPlan {
     pub meta: TagMeta,
     pub node: Option<NodeRef>,
     pub sampling: Duration,
     pub deadband: Option<f64>,
+    /// Set for a profile node: its values go to the profile as samples, not
+    /// into `tag` records.
+    pub profile: Option<NodeKey>,
+}
+
+/// Plans for the profile's nodes, to be appended after the tags' plans.
+/// Named by their node text in logs and `system.error` events.
+pub(crate) fn plan_profile_nodes(
+    conn: &ConnectionConfig,
+    nodes: &[crate::profile::NodeSpec],
+) -> Vec<TagPlan> {
+    nodes
+        .iter()
+        .filter(|n| n.subscribe)
+        .map(|n| TagPlan {
+            meta: TagMeta {
+                name: n.node.clone(),
+                node: n.node.clone(),
+            },
+            node: NodeRef::parse(&n.node).ok(),
+            sampling: conn.sampling_interval,
+            deadband: None,
+            profile: Some(n.key),
+        })
+        .collect()
 }
 
 pub(crate) fn plan_tags(conn: &ConnectionConfig) -> Vec<TagPlan> {
@@ -323,6 +351,7 @@ pub(crate) fn plan_tags(conn: &ConnectionConfig) -> Vec<TagPlan> {
             node: NodeRef::parse(&t.node).ok(),
             sampling: t.sampling_interval.unwrap_or(conn.sampling_interval),
             deadband: t.deadband,
+            profile: None,
         })
         .collect()
 }
@@ -349,13 +378,49 @@ pub(crate) fn resolve(node: &NodeRef, namespaces: &NamespaceMap) -> Result<NodeI
     })
 }
 
+/// What the session side hands to the connection's driver task, in order.
+pub(crate) enum Feed {
+    /// One publish response: tag records and the profile's samples.
+    Publish {
+        records: Vec<NewRecord>,
+        samples: Vec<Sample>,
+    },
+    /// A session is up; reads for the profile go to it. Sent before any
+    /// monitored item exists, so it precedes the session's first publish.
+    Connected {
+        session: Arc<Session>,
+        /// The profile's nodes as resolved on this session.
+        nodes: std::collections::HashMap<NodeKey, NodeId>,
+        at_ms: i64,
+    },
+    /// Profile nodes that resolved on a later retry of this session.
+    Resolved(Vec<(NodeKey, NodeId)>),
+    /// The session was lost (not sent on shutdown).
+    Disconnected { at_ms: i64 },
+    /// The connection task is stopping: the driver saves and ends. Needed
+    /// because the driver may hold the session, whose subscription holds a
+    /// sender of this very channel, so the channel alone never closes.
+    Stop,
+}
+
+impl Feed {
+    pub(crate) fn records(records: Vec<NewRecord>) -> Feed {
+        Feed::Publish {
+            records,
+            samples: Vec::new(),
+        }
+    }
+}
+
 /// The subscription callback. Runs on the OPC UA event loop, so it only
-/// converts and hands over: one Vec per publish response, unbounded channel
-/// (never blocks the loop, never drops a value).
+/// converts and hands over: one message per publish response, unbounded
+/// channel (never blocks the loop, never drops a value).
 pub(crate) struct Notifier {
     pub connection: Arc<str>,
     pub tags: Arc<Vec<TagMeta>>,
-    pub records: mpsc::UnboundedSender<Vec<NewRecord>>,
+    /// Per plan index: the profile node it is, if any.
+    pub profile: Arc<Vec<Option<NodeKey>>>,
+    pub records: mpsc::UnboundedSender<Feed>,
     pub events: mpsc::UnboundedSender<LoopEvent>,
 }
 
@@ -369,6 +434,7 @@ impl OnSubscriptionNotificationCore for Notifier {
             return;
         };
         let mut out = Vec::new();
+        let mut samples = Vec::new();
         for obj in data {
             if obj.inner_is::<DataChangeNotification>() {
                 let Some(change) = obj.into_inner_as::<DataChangeNotification>() else {
@@ -382,8 +448,21 @@ impl OnSubscriptionNotificationCore for Notifier {
                     else {
                         continue;
                     };
-                    out.push(tag_record(&self.connection, tag, &item.value));
                     let status = item.value.status();
+                    match self.profile.get(index).copied().flatten() {
+                        Some(key) => samples.push(Sample {
+                            key,
+                            value: item
+                                .value
+                                .value
+                                .as_ref()
+                                .map(variant_to_json)
+                                .unwrap_or(serde_json::Value::Null),
+                            good: status.is_good(),
+                            ts_ms: value_ts_ms(&item.value),
+                        }),
+                        None => out.push(tag_record(&self.connection, tag, &item.value)),
+                    }
                     if node_gone(status) {
                         let _ = self.events.send(LoopEvent::NodeGone(index, status));
                     }
@@ -394,8 +473,11 @@ impl OnSubscriptionNotificationCore for Notifier {
                     .send(LoopEvent::SubscriptionStatus(status.status));
             }
         }
-        if !out.is_empty() {
-            let _ = self.records.send(out);
+        if !out.is_empty() || !samples.is_empty() {
+            let _ = self.records.send(Feed::Publish {
+                records: out,
+                samples,
+            });
         }
     }
 }
@@ -524,7 +606,10 @@ pub(crate) fn bad_records(
     plans: &[TagPlan],
     bad: &[(usize, StatusCode)],
 ) -> Vec<NewRecord> {
+    // A profile node is not a tag: its outage shows in the system.error
+    // event and in the profile's own records, not as a `tag` record.
     bad.iter()
+        .filter(|(i, _)| plans[*i].profile.is_none())
         .map(|(i, status)| bad_tag_record(connection, &plans[*i].meta, *status))
         .collect()
 }

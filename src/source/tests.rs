@@ -118,7 +118,7 @@ async fn sim(dir: &std::path::Path, f: impl FnOnce(&mut SimOptions)) -> SimServe
 struct Harness {
     id: String,
     board: Arc<StatusBoard>,
-    rx: mpsc::Receiver<Vec<NewRecord>>,
+    rx: mpsc::Receiver<crate::status::Batch>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -209,6 +209,7 @@ impl Harness {
                 })
                 .expect("record channel open");
             let hit = batch
+                .records
                 .iter()
                 .find(|r| r.kind == kind && pred(&r.data))
                 .cloned();
@@ -647,7 +648,7 @@ async fn thousand_tags_at_ten_hz() {
     while start.elapsed() < Duration::from_secs(3) {
         if let Ok(Some(batch)) = tokio::time::timeout(Duration::from_millis(200), h.rx.recv()).await
         {
-            count += batch.iter().filter(|r| r.kind == Kind::Tag).count();
+            count += batch.records.iter().filter(|r| r.kind == Kind::Tag).count();
         }
     }
     let rate = count as f64 / start.elapsed().as_secs_f64();
@@ -1211,7 +1212,7 @@ async fn twenty_connections_in_one_process() {
     // One PKI for all, as in the agent.
     let pki = client_pki(dir.path()).await;
     let board = StatusBoard::new();
-    let (tx, mut rx) = mpsc::channel::<Vec<NewRecord>>(4096);
+    let (tx, mut rx) = mpsc::channel::<crate::status::Batch>(4096);
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
     let mut expected: Vec<(String, &SimServer)> = Vec::new();
@@ -1309,3 +1310,6 @@ async fn twenty_connections_in_one_process() {
         s.shutdown().await;
     }
 }
+
+#[path = "tests/profiles.rs"]
+mod profiles;
