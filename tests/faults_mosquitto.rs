@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::mosquitto::{start_mosquitto, MosquittoOptions};
@@ -162,43 +162,6 @@ async fn broker_restarts_under_load_lose_nothing_mqtt5() {
 #[ignore = "needs mosquitto"]
 async fn broker_restarts_under_load_lose_nothing_mqtt311() {
     broker_restart_under_load("v311").await;
-}
-
-struct AgentProcess(Option<Child>);
-
-impl AgentProcess {
-    fn start(config: &Path, log: &Path) -> Self {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_plantgate"))
-            .args(["run", "-c"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn plantgate");
-        AgentProcess(Some(child))
-    }
-
-    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
-        let mut c = self.0.take().expect("running");
-        let _ = Command::new("kill")
-            .args([format!("-{sig}"), c.id().to_string()])
-            .status();
-        c.wait().expect("wait")
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

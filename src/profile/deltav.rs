@@ -34,6 +34,14 @@
 //!   the old batch, newer ones to the new batch. (This relies on one unit's
 //!   values having consistent source timestamps, as they come from one
 //!   controller module.)
+//! - The end of a batch is held for one to two ticks (1–2 s): a server may
+//!   sample BSTATUS and BATCH_ID apart, so the final state written just
+//!   before the clear can arrive in a later publish than the clear itself.
+//!   While held, PHASE/BSTATUS/FAIL_INDEX values stamped at or before the
+//!   clear still belong to the ending batch (with their `phase_changed` /
+//!   `state_changed`); later ones are the values in force after it. A new
+//!   batch id ends the held batch at once, so `batch_ended` always comes
+//!   before the next `batch_started`.
 //! - Non-Good values are ignored: an unknown value is not a change (a Bad
 //!   BATCH_ID must not end a batch).
 //! - Record `ts`: the source timestamp of the value that caused it; the
@@ -91,7 +99,21 @@ struct UnitState {
     fail_index: Option<i64>,
     /// The reported batch: batch_started emitted, batch_ended not yet.
     active: Option<ActiveBatch>,
+    /// A batch whose id was cleared; batch_ended held (see the rules).
+    ending: Option<EndingBatch>,
     recipe_due: Vec<RecipeDue>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct EndingBatch {
+    batch: ActiveBatch,
+    /// Source timestamp of the BATCH_ID clear: the batch_ended `ts`.
+    ts_ms: i64,
+    phase: Option<String>,
+    state: Option<String>,
+    fail_index: Option<i64>,
+    /// Ticks seen since; released at the second.
+    ticks: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -208,6 +230,12 @@ impl DeltaV {
             UnitParam::RecipeParameter(_) => {}
             UnitParam::Phase => {
                 let v = as_text(&s.value);
+                if let Some(e) = self.late_for_ending(u, ts) {
+                    if e.phase != v {
+                        e.phase = v.clone();
+                        self.emit_ending(u, Event::PhaseChanged, ts, out);
+                    }
+                }
                 let st = &mut self.state[u];
                 if st.phase != v {
                     st.phase = v;
@@ -216,33 +244,60 @@ impl DeltaV {
             }
             UnitParam::Bstatus => {
                 let v = as_text(&s.value);
+                if let Some(e) = self.late_for_ending(u, ts) {
+                    if e.state != v {
+                        e.state = v.clone();
+                        self.emit_ending(u, Event::StateChanged, ts, out);
+                    }
+                }
                 let st = &mut self.state[u];
                 if st.state != v {
                     st.state = v;
                     self.emit_batch(u, Event::StateChanged, ts, out);
                 }
             }
-            UnitParam::FailIndex => match (&s.value, as_int(&s.value)) {
-                (Value::Null, _) => self.state[u].fail_index = None,
-                (_, Some(n)) => self.state[u].fail_index = Some(n),
-                (other, None) => tracing::warn!(
-                    connection = %self.connection,
-                    unit = %self.units[u].name,
-                    value = %other,
-                    "FAIL_INDEX is not an integer; ignored"
-                ),
-            },
+            UnitParam::FailIndex => {
+                let v = match (&s.value, as_int(&s.value)) {
+                    (Value::Null, _) => None,
+                    (_, Some(n)) => Some(n),
+                    (other, None) => {
+                        tracing::warn!(
+                            connection = %self.connection,
+                            unit = %self.units[u].name,
+                            value = %other,
+                            "FAIL_INDEX is not an integer; ignored"
+                        );
+                        return;
+                    }
+                };
+                if let Some(e) = self.late_for_ending(u, ts) {
+                    if e.fail_index != v {
+                        e.fail_index = v;
+                        out.state_changed = true;
+                    }
+                }
+                self.state[u].fail_index = v;
+            }
             UnitParam::BatchId => {
                 let id = as_text(&s.value).filter(|t| !t.trim().is_empty());
                 let reported = self.state[u].active.as_ref().map(|a| &a.batch_id);
                 if reported == id.as_ref() {
                     return;
                 }
-                if self.state[u].active.is_some() {
-                    self.emit_batch(u, Event::Ended, ts, out);
-                    self.state[u].active = None;
+                if let Some(batch) = self.state[u].active.take() {
+                    out.state_changed = true;
+                    let st = &mut self.state[u];
+                    st.ending = Some(EndingBatch {
+                        batch,
+                        ts_ms: ts,
+                        phase: st.phase.clone(),
+                        state: st.state.clone(),
+                        fail_index: st.fail_index,
+                        ticks: 0,
+                    });
                 }
                 if let Some(id) = id {
+                    self.release_ending(u, out);
                     self.start(u, id, ts, out);
                 }
             }
@@ -296,23 +351,65 @@ impl DeltaV {
     /// Nothing when no batch is reported (changes with no batch are silent).
     fn emit_batch(&self, u: usize, event: Event, ts: i64, out: &mut Output) {
         let st = &self.state[u];
-        let Some(active) = &st.active else {
-            return;
-        };
-        out.records.push(NewRecord {
+        if let Some(active) = &st.active {
+            out.records.push(self.batch_record(
+                u,
+                active,
+                (&st.phase, &st.state, st.fail_index),
+                event,
+                ts,
+            ));
+        }
+    }
+
+    /// A batch record for the held ending batch, with its own values.
+    fn emit_ending(&self, u: usize, event: Event, ts: i64, out: &mut Output) {
+        if let Some(e) = &self.state[u].ending {
+            out.records.push(self.batch_record(
+                u,
+                &e.batch,
+                (&e.phase, &e.state, e.fail_index),
+                event,
+                ts,
+            ));
+        }
+    }
+
+    fn batch_record(
+        &self,
+        u: usize,
+        batch: &ActiveBatch,
+        (phase, state, fail_index): (&Option<String>, &Option<String>, Option<i64>),
+        event: Event,
+        ts: i64,
+    ) -> NewRecord {
+        NewRecord {
             connection: self.connection.clone(),
             kind: Kind::Batch,
             ts_ms: ts,
             data: json!({
                 "unit": self.units[u].name,
-                "batch_id": active.batch_id,
-                "recipe": active.recipe,
-                "phase": st.phase,
-                "state": st.state,
-                "fail_index": st.fail_index,
+                "batch_id": batch.batch_id,
+                "recipe": batch.recipe,
+                "phase": phase,
+                "state": state,
+                "fail_index": fail_index,
                 "event": event.as_str(),
             }),
-        });
+        }
+    }
+
+    /// The held ending batch if a value stamped `ts` still belongs to it.
+    fn late_for_ending(&mut self, u: usize, ts: i64) -> Option<&mut EndingBatch> {
+        self.state[u].ending.as_mut().filter(|e| ts <= e.ts_ms)
+    }
+
+    /// Emits the held `batch_ended`, if any.
+    fn release_ending(&mut self, u: usize, out: &mut Output) {
+        if let Some(e) = &self.state[u].ending {
+            self.emit_ending(u, Event::Ended, e.ts_ms, out);
+            self.state[u].ending = None;
+        }
     }
 
     fn recipe_record(
@@ -334,8 +431,18 @@ impl DeltaV {
         }
     }
 
+    /// Releases the batch ends held since the previous tick (so each is
+    /// held one to two tick periods).
     pub fn on_tick(&mut self, _now_ms: i64) -> Output {
-        Output::default()
+        let mut out = Output::default();
+        for u in 0..self.units.len() {
+            match self.state[u].ending.as_mut() {
+                Some(e) if e.ticks == 0 => e.ticks = 1,
+                Some(_) => self.release_ending(u, &mut out),
+                None => {}
+            }
+        }
+        out
     }
 
     pub fn on_read(&mut self, request_id: u64, results: &[(NodeKey, Value, bool)]) -> Output {

@@ -175,16 +175,21 @@ pub struct Output {
     pub records: Vec<NewRecord>,
     /// To be performed by the source.
     pub reads: Vec<ReadRequest>,
+    /// The persisted state changed although no record came of it (a held
+    /// batch end keeps values the server may overwrite before a restart):
+    /// the snapshot must be saved anyway.
+    pub state_changed: bool,
 }
 
 impl Output {
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.reads.is_empty()
+        self.records.is_empty() && self.reads.is_empty() && !self.state_changed
     }
 
     pub fn append(&mut self, mut other: Output) {
         self.records.append(&mut other.records);
         self.reads.append(&mut other.reads);
+        self.state_changed |= other.state_changed;
     }
 }
 

@@ -262,7 +262,7 @@ impl Agent {
     }
 
     fn commit(&mut self, out: Output) {
-        if !out.records.is_empty() {
+        if !out.records.is_empty() || out.state_changed {
             // Same transaction as the records.
             self.saved = self.profile.snapshot();
         }
@@ -347,6 +347,12 @@ impl Agent {
         let mut current = current;
         current.sort_by_key(|w| (w.unit, w.param));
         self.deliver(c, current);
+    }
+
+    /// The source's 1 s tick (releases held batch ends).
+    fn tick(&mut self) {
+        let out = self.profile.on_tick(self.now);
+        self.commit(out);
     }
 
     fn reconnect(&mut self, c: &mut Choices) {
@@ -435,6 +441,9 @@ fn check_script(choices: Vec<u32>) {
         }
         agent.deliver(&mut c, publish.to_vec());
         agent.answer_reads(&mut c, false);
+        if c.chance(3) {
+            agent.tick();
+        }
         if first {
             first = false;
             continue;
@@ -446,6 +455,8 @@ fn check_script(choices: Vec<u32>) {
         }
     }
     agent.answer_reads(&mut c, true);
+    agent.tick();
+    agent.tick();
 
     for s in &scripts {
         let unit = UNITS[s.unit];

@@ -205,8 +205,12 @@ pub struct BatchPlan {
     pub writes: Vec<(f64, Write)>,
 }
 
-fn round_to(v: f64, step: f64) -> f64 {
-    (v / step).round() * step
+/// `v` rounded to `decimals` places, as the nearest double to the decimal
+/// (dividing by 10^d, not multiplying by 0.1, so 54.4 prints as 54.4 and
+/// not 54.400000000000006 in the recipe records).
+fn round_dp(v: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (v * scale).round() / scale
 }
 
 /// Plans one batch starting at `t0` (simulated seconds): recipe write,
@@ -218,15 +222,15 @@ pub fn plan_batch(rng: &mut impl Rng, t0: f64, batch_id: String) -> BatchPlan {
     let params = vec![
         (
             "CHARGE_AMT".to_string(),
-            round_to(charge * rng.gen_range(0.95..1.05), 0.1),
+            round_dp(charge * rng.gen_range(0.95..1.05), 1),
         ),
         (
             "REACT_TEMP_SP".to_string(),
-            round_to(temp + rng.gen_range(-1.5..1.5), 0.1),
+            round_dp(temp + rng.gen_range(-1.5..1.5), 1),
         ),
         (
             "REACT_TIME".to_string(),
-            round_to(time * rng.gen_range(0.9..1.1), 1.0),
+            round_dp(time * rng.gen_range(0.9..1.1), 0),
         ),
     ];
     // Decide the batch's story up front: where a hold and an abnormal end
@@ -474,6 +478,19 @@ mod tests {
         assert_eq!(w, vec![vec![pv(BSTATUS, COMPLETE)], vec![pv(BATCH_ID, "")]]);
         v.bstatus = ABORTED.into();
         assert_eq!(end_batch_writes(&v, ABORTED), vec![vec![pv(BATCH_ID, "")]]);
+    }
+
+    #[test]
+    fn recipe_parameters_print_as_the_plant_wrote_them() {
+        for seed in 0..200u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let plan = plan_batch(&mut rng, 0.0, batch_id(2026, seed));
+            for (name, v) in &plan.params {
+                let text = serde_json::json!(v).to_string();
+                let decimals = text.split('.').nth(1).map_or(0, str::len);
+                assert!(decimals <= 1, "seed {seed}: {name} = {text}");
+            }
+        }
     }
 
     #[test]

@@ -102,7 +102,14 @@ pub struct Plant {
     pub dir: tempfile::TempDir,
 }
 
+/// The embedded broker and a frozen DeltaV simulator.
 pub async fn start_plant() -> Plant {
+    start_plant_with("deltav").await
+}
+
+/// The embedded broker and a frozen simulator of `kind` (only the values
+/// the test sets change).
+pub async fn start_plant_with(kind: &str) -> Plant {
     init_tracing();
     let broker = tokio::task::spawn_blocking(plantgate::sim::broker::EmbeddedBroker::start)
         .await
@@ -110,11 +117,13 @@ pub async fn start_plant() -> Plant {
         .expect("embedded broker starts");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut opts = plantgate::sim::SimOptions::new(dir.path().join("sim-pki"));
-    // Frozen process: only the values the test sets change.
     opts.speed = 0.0;
-    let sim = plantgate::sim::start_deltav(opts)
-        .await
-        .expect("simulator starts");
+    let sim = match kind {
+        "deltav" => plantgate::sim::start_deltav(opts).await,
+        "optomes" => plantgate::sim::start_optomes(opts).await,
+        other => panic!("no simulator {other}"),
+    }
+    .expect("simulator starts");
     Plant { broker, sim, dir }
 }
 
@@ -269,5 +278,45 @@ pub async fn wait_drained(buffer: &plantgate::buffer::BufferHandle, connection: 
             "buffer never drained: {st:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The real `plantgate run` binary as a child process, for tests that kill
+/// it (stderr appended to `log`); killed when dropped.
+pub struct AgentProcess(Option<std::process::Child>);
+
+impl AgentProcess {
+    pub fn start(config: &Path, log: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_plantgate"))
+            .args(["run", "-c"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn plantgate");
+        AgentProcess(Some(child))
+    }
+
+    /// Sends `sig` (e.g. "KILL", "TERM") and waits for the exit.
+    pub fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        let mut c = self.0.take().expect("running");
+        let _ = std::process::Command::new("kill")
+            .args([format!("-{sig}"), c.id().to_string()])
+            .status();
+        c.wait().expect("wait")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

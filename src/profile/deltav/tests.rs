@@ -65,6 +65,15 @@ fn ev(
     )
 }
 
+/// `on_values` and then two ticks: everything the source has after ~2 s,
+/// held batch ends released. (Tests of the hold itself call `on_values`.)
+fn settle(p: &mut DeltaV, values: &[Sample]) -> Output {
+    let mut out = p.on_values(values);
+    out.append(p.on_tick(0));
+    out.append(p.on_tick(0));
+    out
+}
+
 /// Values in force before a batch, then RECIPE, then BATCH_ID (plant convention).
 fn start_batch(p: &mut DeltaV, unit: usize, batch: &str, recipe: &str, ts: i64) -> Output {
     let mut out = p.on_values(&[
@@ -168,7 +177,7 @@ fn full_isa88_cycle_with_hold_and_restart() {
     ];
     for (i, (param, value, (event, phase, state))) in steps.into_iter().enumerate() {
         let ts = 2_000 + i as i64 * 1_000;
-        let out = p.on_values(&[s(R1, param, json!(value), ts)]);
+        let out = settle(&mut p, &[s(R1, param, json!(value), ts)]);
         assert_eq!(
             events(&out),
             vec![ev(event, "B-001", phase, state, 0)],
@@ -177,7 +186,7 @@ fn full_isa88_cycle_with_hold_and_restart() {
         assert_eq!(out.records[0].ts_ms, ts);
         assert!(out.reads.is_empty());
     }
-    let out = p.on_values(&[s(R1, BatchId, json!(""), 20_000)]);
+    let out = settle(&mut p, &[s(R1, BatchId, json!(""), 20_000)]);
     assert_eq!(
         events(&out),
         vec![ev("batch_ended", "B-001", "DISCHARGE", "COMPLETE", 0)]
@@ -190,22 +199,20 @@ fn full_isa88_cycle_with_hold_and_restart() {
 fn abort_path_carries_fail_index() {
     let mut p = profile();
     start_batch(&mut p, R1, "B-002", "PVC_STD", 1_000);
-    p.on_values(&[s(R1, Bstatus, json!("RUNNING"), 2_000)]);
+    settle(&mut p, &[s(R1, Bstatus, json!("RUNNING"), 2_000)]);
     // FAIL_INDEX has no record of its own; it is carried by the next ones.
-    assert!(p
-        .on_values(&[s(R1, FailIndex, json!(17), 3_000)])
-        .is_empty());
-    let out = p.on_values(&[s(R1, Bstatus, json!("ABORTING"), 4_000)]);
+    assert!(settle(&mut p, &[s(R1, FailIndex, json!(17), 3_000)]).is_empty());
+    let out = settle(&mut p, &[s(R1, Bstatus, json!("ABORTING"), 4_000)]);
     assert_eq!(
         events(&out),
         vec![ev("state_changed", "B-002", "IDLE_PHASE", "ABORTING", 17)]
     );
-    let out = p.on_values(&[s(R1, Bstatus, json!("ABORTED"), 5_000)]);
+    let out = settle(&mut p, &[s(R1, Bstatus, json!("ABORTED"), 5_000)]);
     assert_eq!(
         events(&out),
         vec![ev("state_changed", "B-002", "IDLE_PHASE", "ABORTED", 17)]
     );
-    let out = p.on_values(&[s(R1, BatchId, json!(""), 6_000)]);
+    let out = settle(&mut p, &[s(R1, BatchId, json!(""), 6_000)]);
     assert_eq!(
         events(&out),
         vec![ev("batch_ended", "B-002", "IDLE_PHASE", "ABORTED", 17)]
@@ -218,14 +225,12 @@ fn stop_path() {
     start_batch(&mut p, R1, "B-003", "R", 1_000);
     let mut got = Vec::new();
     for (i, st) in ["RUNNING", "STOPPING", "STOPPED"].iter().enumerate() {
-        got.extend(events(&p.on_values(&[s(
-            R1,
-            Bstatus,
-            json!(st),
-            2_000 + i as i64,
-        )])));
+        got.extend(events(&settle(
+            &mut p,
+            &[s(R1, Bstatus, json!(st), 2_000 + i as i64)],
+        )));
     }
-    got.extend(events(&p.on_values(&[s(R1, BatchId, json!(""), 3_000)])));
+    got.extend(events(&settle(&mut p, &[s(R1, BatchId, json!(""), 3_000)])));
     assert_eq!(
         got,
         vec![
@@ -267,7 +272,7 @@ fn start_publish_in_any_order() {
     assert_eq!(perms.len(), 120);
     for perm in perms {
         let mut p = profile();
-        let out = p.on_values(&perm);
+        let out = settle(&mut p, &perm);
         assert_eq!(
             events(&out),
             vec![ev("batch_started", "B-1", "CHARGE", "RUNNING", 0)]
@@ -288,11 +293,14 @@ fn end_publish_in_any_order_carries_the_final_state() {
     for perm in permutations(&publish) {
         let mut p = profile();
         start_batch(&mut p, R1, "B-1", "R", 1_000);
-        p.on_values(&[
-            s(R1, Bstatus, json!("RUNNING"), 2_000),
-            s(R1, Phase, json!("COOL"), 2_000),
-        ]);
-        let out = p.on_values(&perm);
+        settle(
+            &mut p,
+            &[
+                s(R1, Bstatus, json!("RUNNING"), 2_000),
+                s(R1, Phase, json!("COOL"), 2_000),
+            ],
+        );
+        let out = settle(&mut p, &perm);
         assert_eq!(
             events(&out),
             vec![
@@ -311,22 +319,28 @@ fn publish_is_applied_in_timestamp_order() {
     // reset listed first: the batch ends with COMPLETE, the reset is silent.
     let mut p = profile();
     start_batch(&mut p, R1, "B-1", "R", 1_000);
-    p.on_values(&[s(R1, Bstatus, json!("COMPLETE"), 2_000)]);
-    let out = p.on_values(&[
-        s(R1, Bstatus, json!("IDLE"), 3_500),
-        s(R1, BatchId, json!(""), 3_000),
-    ]);
+    settle(&mut p, &[s(R1, Bstatus, json!("COMPLETE"), 2_000)]);
+    let out = settle(
+        &mut p,
+        &[
+            s(R1, Bstatus, json!("IDLE"), 3_500),
+            s(R1, BatchId, json!(""), 3_000),
+        ],
+    );
     assert_eq!(
         events(&out),
         vec![ev("batch_ended", "B-1", "IDLE_PHASE", "COMPLETE", 0)]
     );
 
     // Start of a batch and its first phase a little later, in one publish.
-    let out = p.on_values(&[
-        s(R1, Phase, json!("CHARGE"), 5_100),
-        s(R1, Bstatus, json!("RUNNING"), 5_100),
-        s(R1, BatchId, json!("B-2"), 5_000),
-    ]);
+    let out = settle(
+        &mut p,
+        &[
+            s(R1, Phase, json!("CHARGE"), 5_100),
+            s(R1, Bstatus, json!("RUNNING"), 5_100),
+            s(R1, BatchId, json!("B-2"), 5_000),
+        ],
+    );
     assert_eq!(
         events(&out),
         vec![
@@ -343,11 +357,14 @@ fn several_values_of_one_node_in_one_publish() {
     // A queue size > 1 delivers intermediate values; each is a change.
     let mut p = profile();
     start_batch(&mut p, R1, "B-1", "R", 1_000);
-    let out = p.on_values(&[
-        s(R1, Phase, json!("CHARGE"), 2_000),
-        s(R1, Phase, json!("HEAT"), 2_100),
-        s(R1, Phase, json!("REACT"), 2_200),
-    ]);
+    let out = settle(
+        &mut p,
+        &[
+            s(R1, Phase, json!("CHARGE"), 2_000),
+            s(R1, Phase, json!("HEAT"), 2_100),
+            s(R1, Phase, json!("REACT"), 2_200),
+        ],
+    );
     let phases: Vec<Value> = events(&out).into_iter().map(|e| e.2).collect();
     assert_eq!(phases, vec![json!("CHARGE"), json!("HEAT"), json!("REACT")]);
 }
@@ -356,13 +373,11 @@ fn several_values_of_one_node_in_one_publish() {
 fn batch_id_change_without_empty_in_between() {
     let mut p = profile();
     start_batch(&mut p, R1, "A", "RECIPE_A", 1_000);
-    p.on_values(&[s(R1, Bstatus, json!("COMPLETE"), 2_000)]);
+    settle(&mut p, &[s(R1, Bstatus, json!("COMPLETE"), 2_000)]);
     // RECIPE for the next batch is written while A is still shown: it does
     // not relabel A.
-    assert!(p
-        .on_values(&[s(R1, Recipe, json!("RECIPE_B"), 3_000)])
-        .is_empty());
-    let out = p.on_values(&[s(R1, BatchId, json!("B"), 4_000)]);
+    assert!(settle(&mut p, &[s(R1, Recipe, json!("RECIPE_B"), 3_000)]).is_empty());
+    let out = settle(&mut p, &[s(R1, BatchId, json!("B"), 4_000)]);
     assert_eq!(
         events(&out),
         vec![
@@ -382,14 +397,17 @@ fn batch_id_change_without_empty_in_between() {
 #[test]
 fn no_batch_no_records() {
     let mut p = profile();
-    let out = p.on_values(&[
-        s(R1, Phase, json!("CHARGE"), 1_000),
-        s(R1, Bstatus, json!("RUNNING"), 1_000),
-        s(R1, FailIndex, json!(3), 1_000),
-        s(R1, Recipe, json!("X"), 1_000),
-        s(R1, UnitParam::RecipeParameter(0), json!(12.5), 1_000),
-        s(R1, BatchId, json!(""), 1_000),
-    ]);
+    let out = settle(
+        &mut p,
+        &[
+            s(R1, Phase, json!("CHARGE"), 1_000),
+            s(R1, Bstatus, json!("RUNNING"), 1_000),
+            s(R1, FailIndex, json!(3), 1_000),
+            s(R1, Recipe, json!("X"), 1_000),
+            s(R1, UnitParam::RecipeParameter(0), json!(12.5), 1_000),
+            s(R1, BatchId, json!(""), 1_000),
+        ],
+    );
     assert!(out.is_empty());
     for (i, st) in [
         "HOLDING",
@@ -402,23 +420,15 @@ fn no_batch_no_records() {
     .iter()
     .enumerate()
     {
-        assert!(p
-            .on_values(&[s(R1, Bstatus, json!(st), 2_000 + i as i64)])
-            .is_empty());
+        assert!(settle(&mut p, &[s(R1, Bstatus, json!(st), 2_000 + i as i64)]).is_empty());
     }
     // Null and whitespace-only batch ids are "no batch" too.
-    assert!(p
-        .on_values(&[s(R1, BatchId, Value::Null, 3_000)])
-        .is_empty());
-    assert!(p
-        .on_values(&[s(R1, BatchId, json!("  "), 3_100)])
-        .is_empty());
+    assert!(settle(&mut p, &[s(R1, BatchId, Value::Null, 3_000)]).is_empty());
+    assert!(settle(&mut p, &[s(R1, BatchId, json!("  "), 3_100)]).is_empty());
     // And after a batch has ended, changes are silent again.
     start_batch(&mut p, R1, "B", "R", 4_000);
-    p.on_values(&[s(R1, BatchId, json!(""), 5_000)]);
-    assert!(p
-        .on_values(&[s(R1, Phase, json!("CLEAN"), 6_000)])
-        .is_empty());
+    settle(&mut p, &[s(R1, BatchId, json!(""), 5_000)]);
+    assert!(settle(&mut p, &[s(R1, Phase, json!("CLEAN"), 6_000)]).is_empty());
 }
 
 #[test]
@@ -432,14 +442,10 @@ fn bad_values_are_ignored() {
         ts_ms: 2_000,
     };
     // A Bad (e.g. BadCommunicationError) empty BATCH_ID must not end the batch.
-    assert!(p
-        .on_values(&[bad(BatchId, json!("")), bad(Phase, Value::Null)])
-        .is_empty());
+    assert!(settle(&mut p, &[bad(BatchId, json!("")), bad(Phase, Value::Null)]).is_empty());
     // A FAIL_INDEX that is not an integer is ignored (the last one is kept).
-    assert!(p
-        .on_values(&[s(R1, FailIndex, json!("n/a"), 2_100)])
-        .is_empty());
-    let out = p.on_values(&[s(R1, BatchId, json!(""), 3_000)]);
+    assert!(settle(&mut p, &[s(R1, FailIndex, json!("n/a"), 2_100)]).is_empty());
+    let out = settle(&mut p, &[s(R1, BatchId, json!(""), 3_000)]);
     assert_eq!(
         events(&out),
         vec![ev("batch_ended", "B", "IDLE_PHASE", "IDLE", 0)]
@@ -449,30 +455,36 @@ fn bad_values_are_ignored() {
 #[test]
 fn unknown_keys_are_ignored() {
     let mut p = profile();
-    let out = p.on_values(&[
-        s(7, BatchId, json!("X"), 1_000),
-        Sample {
-            key: NodeKey::WorkCenter {
-                work_center: 0,
-                param: crate::profile::WcParam::State,
+    let out = settle(
+        &mut p,
+        &[
+            s(7, BatchId, json!("X"), 1_000),
+            Sample {
+                key: NodeKey::WorkCenter {
+                    work_center: 0,
+                    param: crate::profile::WcParam::State,
+                },
+                value: json!("RUNNING"),
+                good: true,
+                ts_ms: 1_000,
             },
-            value: json!("RUNNING"),
-            good: true,
-            ts_ms: 1_000,
-        },
-    ]);
+        ],
+    );
     assert!(out.is_empty());
 }
 
 #[test]
 fn units_are_independent_in_one_publish() {
     let mut p = profile();
-    let out = p.on_values(&[
-        s(R2, Recipe, json!("R2_RECIPE"), 1_000),
-        s(R1, BatchId, json!("B1"), 1_000),
-        s(R2, BatchId, json!("B2"), 1_000),
-        s(R1, Recipe, json!("R1_RECIPE"), 1_000),
-    ]);
+    let out = settle(
+        &mut p,
+        &[
+            s(R2, Recipe, json!("R2_RECIPE"), 1_000),
+            s(R1, BatchId, json!("B1"), 1_000),
+            s(R2, BatchId, json!("B2"), 1_000),
+            s(R1, Recipe, json!("R1_RECIPE"), 1_000),
+        ],
+    );
     let started: Vec<(Value, Value)> = out
         .records
         .iter()
@@ -532,7 +544,7 @@ fn recipe_missing_results_are_null_and_late_answers_still_count() {
     let out = start_batch(&mut p, R1, "B-8", "R", 1_000);
     let id = out.reads[0].id;
     // The batch ends before the answer: the recipe still belongs to B-8.
-    p.on_values(&[s(R1, BatchId, json!(""), 2_000)]);
+    settle(&mut p, &[s(R1, BatchId, json!(""), 2_000)]);
     let answer = p.on_read(
         id,
         &[(key(R1, UnitParam::RecipeParameter(1)), json!(80), true)],
@@ -589,10 +601,13 @@ fn mid_batch() -> DeltaV {
     let mut p = profile();
     let out = start_batch(&mut p, R1, "B-1", "R", 1_000);
     p.on_read(out.reads[0].id, &[]);
-    p.on_values(&[
-        s(R1, Bstatus, json!("RUNNING"), 2_000),
-        s(R1, Phase, json!("HEAT"), 3_000),
-    ]);
+    settle(
+        &mut p,
+        &[
+            s(R1, Bstatus, json!("RUNNING"), 2_000),
+            s(R1, Phase, json!("HEAT"), 3_000),
+        ],
+    );
     p
 }
 
@@ -601,14 +616,17 @@ fn reconnect_redelivery_is_not_a_change() {
     let mut p = mid_batch();
     assert!(p.on_disconnected(4_000).is_empty());
     assert!(p.on_connected(9_000).is_empty());
-    let out = p.on_values(&redelivery(
-        "B-1",
-        "R",
-        "HEAT",
-        "RUNNING",
-        0,
-        [1_010, 1_000, 3_000, 2_000, 1_000],
-    ));
+    let out = settle(
+        &mut p,
+        &redelivery(
+            "B-1",
+            "R",
+            "HEAT",
+            "RUNNING",
+            0,
+            [1_010, 1_000, 3_000, 2_000, 1_000],
+        ),
+    );
     assert!(out.is_empty(), "{out:?}");
 }
 
@@ -618,14 +636,17 @@ fn reconnect_reports_changes_made_during_the_outage() {
     let mut p = mid_batch();
     p.on_disconnected(4_000);
     p.on_connected(9_000);
-    let out = p.on_values(&redelivery(
-        "B-1",
-        "R",
-        "REACT",
-        "HELD",
-        0,
-        [1_010, 1_000, 5_000, 6_000, 1_000],
-    ));
+    let out = settle(
+        &mut p,
+        &redelivery(
+            "B-1",
+            "R",
+            "REACT",
+            "HELD",
+            0,
+            [1_010, 1_000, 5_000, 6_000, 1_000],
+        ),
+    );
     assert_eq!(
         events(&out),
         vec![
@@ -648,7 +669,7 @@ fn reconnect_reports_changes_made_during_the_outage() {
         [7_000, 1_000, 5_000, 6_000, 1_000],
     );
     publish.reverse();
-    let out = p.on_values(&publish);
+    let out = settle(&mut p, &publish);
     assert_eq!(
         events(&out),
         vec![
@@ -662,14 +683,17 @@ fn reconnect_reports_changes_made_during_the_outage() {
     let mut p = mid_batch();
     p.on_disconnected(4_000);
     p.on_connected(9_000);
-    let out = p.on_values(&redelivery(
-        "B-2",
-        "R2",
-        "CHARGE",
-        "RUNNING",
-        0,
-        [7_000, 6_500, 7_500, 7_500, 1_000],
-    ));
+    let out = settle(
+        &mut p,
+        &redelivery(
+            "B-2",
+            "R2",
+            "CHARGE",
+            "RUNNING",
+            0,
+            [7_000, 6_500, 7_500, 7_500, 1_000],
+        ),
+    );
     assert_eq!(
         events(&out),
         vec![
@@ -696,24 +720,30 @@ fn restart_mid_batch_no_duplicate_start_and_correct_end() {
     let mut q = profile();
     q.restore(&saved).unwrap();
     assert!(q.on_connected(50_000).is_empty(), "no recipe is due");
-    let out = q.on_values(&redelivery(
-        "B-1",
-        "R",
-        "HEAT",
-        "RUNNING",
-        0,
-        [1_010, 1_000, 3_000, 2_000, 1_000],
-    ));
+    let out = settle(
+        &mut q,
+        &redelivery(
+            "B-1",
+            "R",
+            "HEAT",
+            "RUNNING",
+            0,
+            [1_010, 1_000, 3_000, 2_000, 1_000],
+        ),
+    );
     assert!(out.is_empty(), "{out:?}");
-    let out = q.on_values(&[s(R1, Phase, json!("COOL"), 60_000)]);
+    let out = settle(&mut q, &[s(R1, Phase, json!("COOL"), 60_000)]);
     assert_eq!(
         events(&out),
         vec![ev("phase_changed", "B-1", "COOL", "RUNNING", 0)]
     );
-    let out = q.on_values(&[
-        s(R1, Bstatus, json!("COMPLETE"), 61_000),
-        s(R1, BatchId, json!(""), 61_000),
-    ]);
+    let out = settle(
+        &mut q,
+        &[
+            s(R1, Bstatus, json!("COMPLETE"), 61_000),
+            s(R1, BatchId, json!(""), 61_000),
+        ],
+    );
     assert_eq!(
         events(&out),
         vec![
@@ -730,14 +760,17 @@ fn restart_after_the_batch_changed_while_down() {
     let mut q = profile();
     q.restore(&saved).unwrap();
     q.on_connected(50_000);
-    let out = q.on_values(&redelivery(
-        "B-2",
-        "R2",
-        "CHARGE",
-        "RUNNING",
-        0,
-        [40_000, 39_000, 41_000, 30_000, 1_000],
-    ));
+    let out = settle(
+        &mut q,
+        &redelivery(
+            "B-2",
+            "R2",
+            "CHARGE",
+            "RUNNING",
+            0,
+            [40_000, 39_000, 41_000, 30_000, 1_000],
+        ),
+    );
     assert_eq!(
         events(&out),
         vec![
@@ -749,14 +782,17 @@ fn restart_after_the_batch_changed_while_down() {
     // The restored state goes on: no duplicate on a further re-delivery.
     q.on_disconnected(60_000);
     q.on_connected(61_000);
-    let again = q.on_values(&redelivery(
-        "B-2",
-        "R2",
-        "CHARGE",
-        "RUNNING",
-        0,
-        [40_000, 39_000, 41_000, 30_000, 1_000],
-    ));
+    let again = settle(
+        &mut q,
+        &redelivery(
+            "B-2",
+            "R2",
+            "CHARGE",
+            "RUNNING",
+            0,
+            [40_000, 39_000, 41_000, 30_000, 1_000],
+        ),
+    );
     assert!(again.records.is_empty());
 }
 
@@ -786,7 +822,7 @@ fn restart_with_a_recipe_still_due() {
     );
     assert_eq!(answer.records[0].ts_ms, 1_010);
     // And the re-delivered batch id is no new start.
-    let out = q.on_values(&[s(R1, BatchId, json!("B-5"), 1_010)]);
+    let out = settle(&mut q, &[s(R1, BatchId, json!("B-5"), 1_010)]);
     assert!(out.is_empty());
 }
 
@@ -811,7 +847,7 @@ fn snapshot_restore_edge_cases() {
     let snap = p.snapshot();
     assert!(snap["units"].get("OLD_UNIT").is_none());
     assert_eq!(snap["units"]["REACTOR_101"]["active"], Value::Null);
-    let out = p.on_values(&[s(R2, BatchId, json!(""), 5_000)]);
+    let out = settle(&mut p, &[s(R2, BatchId, json!(""), 5_000)]);
     assert_eq!(out.records[0].data["batch_id"], json!("Y"));
     assert_eq!(out.records[0].data["phase"], json!("P"));
     assert_eq!(out.records[0].data["event"], json!("batch_ended"));
@@ -826,7 +862,97 @@ fn snapshot_round_trips() {
 }
 
 #[test]
-fn ticks_do_nothing() {
+fn ticks_do_nothing_without_an_ending_batch() {
     let mut p = mid_batch();
     assert!(p.on_tick(1_000_000).is_empty());
+    assert!(p.on_tick(1_001_000).is_empty());
+}
+
+/// The server sampled BATCH_ID before BSTATUS: the clear arrives first,
+/// the final state (stamped before it) one publish later. The batch still
+/// ends with COMPLETE; a value stamped after the clear is not the batch's.
+#[test]
+fn final_state_arriving_after_the_clear_still_belongs_to_the_batch() {
+    let mut p = mid_batch();
+    let out = p.on_values(&[s(R1, BatchId, json!(""), 9_000)]);
+    assert!(out.records.is_empty(), "batch_ended is held: {out:?}");
+    // ... in the saved state, as the server may overwrite its values.
+    assert!(out.state_changed);
+    let out = p.on_values(&[
+        s(R1, Bstatus, json!("COMPLETE"), 8_999),
+        s(R1, FailIndex, json!(3), 8_999),
+    ]);
+    assert_eq!(
+        events(&out),
+        vec![ev("state_changed", "B-1", "HEAT", "COMPLETE", 3)]
+    );
+    assert!(p
+        .on_values(&[s(R1, Bstatus, json!("IDLE"), 9_500)])
+        .is_empty());
+    // Held for one to two ticks.
+    assert!(p.on_tick(10_000).is_empty());
+    let out = p.on_tick(11_000);
+    assert_eq!(
+        events(&out),
+        vec![ev("batch_ended", "B-1", "HEAT", "COMPLETE", 3)]
+    );
+    assert_eq!(out.records[0].ts_ms, 9_000);
+    assert!(p.on_tick(12_000).is_empty());
+    // The next batch starts with the values in force after the end.
+    let out = settle(&mut p, &[s(R1, BatchId, json!("B-2"), 13_000)]);
+    assert_eq!(
+        events(&out),
+        vec![ev("batch_started", "B-2", "HEAT", "IDLE", 3)]
+    );
+}
+
+/// A new batch id while the previous end is still held: `batch_ended`
+/// comes first, at once.
+#[test]
+fn new_batch_releases_the_held_end_first() {
+    let mut p = mid_batch();
+    assert!(p
+        .on_values(&[s(R1, BatchId, json!(""), 9_000)])
+        .records
+        .is_empty());
+    let out = p.on_values(&[s(R1, BatchId, json!("B-2"), 9_100)]);
+    assert_eq!(
+        events(&out),
+        vec![
+            ev("batch_ended", "B-1", "HEAT", "RUNNING", 0),
+            ev("batch_started", "B-2", "HEAT", "RUNNING", 0),
+        ]
+    );
+    assert!(p.on_tick(10_000).is_empty());
+    assert!(p.on_tick(11_000).is_empty());
+}
+
+/// A held end survives a restart (it is in the snapshot) and is released
+/// after it, once.
+#[test]
+fn held_end_survives_a_restart() {
+    let mut p = mid_batch();
+    let out = p.on_values(&[
+        s(R1, BatchId, json!(""), 9_000),
+        s(R1, Bstatus, json!("COMPLETE"), 8_999),
+    ]);
+    assert_eq!(events(&out).len(), 1);
+    let mut q = profile();
+    q.restore(&p.snapshot()).unwrap();
+    assert!(q.on_connected(20_000).reads.is_empty());
+    let out = settle(
+        &mut q,
+        &redelivery(
+            "",
+            "R",
+            "HEAT",
+            "COMPLETE",
+            0,
+            [9_000, 500, 600, 8_999, 700],
+        ),
+    );
+    assert_eq!(
+        events(&out),
+        vec![ev("batch_ended", "B-1", "HEAT", "COMPLETE", 0)]
+    );
 }
