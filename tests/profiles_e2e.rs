@@ -68,9 +68,9 @@ impl Pace {
     }
 }
 
-/// The agent config: one DeltaV connection to the simulator's `UNIT` with
-/// its three recipe parameters, publishing over MQTT 5.
-fn deltav_toml(plant: &Plant) -> String {
+/// The agent config: one connection of `kind` to the plant's simulator,
+/// publishing over MQTT 5, with `extra` TOML for that connection.
+fn profile_toml(plant: &Plant, kind: &str, extra: &str) -> String {
     agent_toml(
         &plant.dir.path().join("agent"),
         plant.broker.v5_addr,
@@ -80,12 +80,19 @@ fn deltav_toml(plant: &Plant) -> String {
         plant.sim.namespace_uri(),
         &[],
     )
-    .replace(r#"kind = "generic""#, r#"kind = "deltav""#)
-        + &format!(
-            "node_template = \"nsu={ns};s={{unit}}/{{param}}.CV\"\n\
-         [[connections.units]]\nname = \"{UNIT}\"\nrecipe_parameters = [\"CHARGE_AMT\", \"REACT_TEMP_SP\", \"REACT_TIME\"]\n",
-            ns = plant.sim.namespace_uri()
-        )
+    .replace(r#"kind = "generic""#, &format!("kind = \"{kind}\""))
+        + extra
+}
+
+/// DeltaV: the simulator's `UNIT` with its three recipe parameters.
+fn deltav_toml(plant: &Plant) -> String {
+    let extra = format!(
+        "node_template = \"nsu={ns};s={{unit}}/{{param}}.CV\"\n\
+         [[connections.units]]\nname = \"{UNIT}\"\n\
+         recipe_parameters = [\"CHARGE_AMT\", \"REACT_TEMP_SP\", \"REACT_TIME\"]\n",
+        ns = plant.sim.namespace_uri()
+    );
+    profile_toml(plant, "deltav", &extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,22 +318,13 @@ async fn scripted_optomes_run_arrives_as_oee_windows_and_downtime() {
     let plant = start_plant_with("optomes").await;
     let wcs = plant.sim.optomes_work_centers().expect("work centers");
     wcs.take_over(WC).expect("script the work center");
-    let toml = agent_toml(
-        &plant.dir.path().join("agent"),
-        plant.broker.v5_addr,
-        &plant.broker.pki.ca_file,
-        "v5",
-        &plant.sim.endpoint(),
-        plant.sim.namespace_uri(),
-        &[],
-    )
-    .replace(r#"kind = "generic""#, r#"kind = "optomes""#)
-        + &format!(
-            "node_template = \"nsu={ns};s={{work_center}}.{{param}}\"\n\
-             oee_window = \"{WINDOW_MS}ms\"\n\
-             [[connections.work_centers]]\nname = \"{WC}\"\n",
-            ns = plant.sim.namespace_uri()
-        );
+    let extra = format!(
+        "node_template = \"nsu={ns};s={{work_center}}.{{param}}\"\n\
+         oee_window = \"{WINDOW_MS}ms\"\n\
+         [[connections.work_centers]]\nname = \"{WC}\"\n",
+        ns = plant.sim.namespace_uri()
+    );
+    let toml = profile_toml(&plant, "optomes", &extra);
     let mut seen = watch(plant.broker.v4_addr, &plant.broker.pki.ca_file).await;
     let agent = run_agent(&toml).await;
     seen.until("connection online", |s| online_since(s, 0))
