@@ -48,6 +48,10 @@ const MAX_FULL_RETRIES: usize = 8;
 const MAX_RELIEF_ROUNDS: usize = 64;
 /// `max_page_count` accepted by SQLite as "no limit".
 const UNLIMITED_PAGES: u64 = 4_294_967_294;
+/// Extra pages an expiry transaction may take at the cap (see
+/// `Store::evict_expired`); the WAL's share of max_size (at least 16 pages,
+/// truncated to half at checkpoints) leaves that much room.
+const EXPIRY_HEADROOM_PAGES: u64 = 8;
 /// Fewest pages the main file is allowed: the schema alone takes about ten.
 const MIN_DB_PAGES: u64 = 24;
 
@@ -425,16 +429,21 @@ fn delete_and_announce(
     Ok(Some(evictions))
 }
 
-/// Streams with pending rows, optionally only tag streams or only the others,
-/// in `StreamKey` order.
-fn pending_streams(
+/// `(id, connection, kind)` of the streams, all or only those with pending
+/// rows, in table order.
+fn stream_names(
     tx: &Transaction,
     path: &Path,
-    tags: Option<bool>,
+    op: &'static str,
+    pending_only: bool,
 ) -> Result<Vec<(i64, String, Kind)>, BufferError> {
-    let sql = sql_err("evict", path);
+    let sql = sql_err(op, path);
     let mut stmt = tx
-        .prepare_cached("SELECT id, connection, kind FROM streams WHERE records > 0")
+        .prepare_cached(if pending_only {
+            "SELECT id, connection, kind FROM streams WHERE records > 0"
+        } else {
+            "SELECT id, connection, kind FROM streams"
+        })
         .map_err(&sql)?;
     let rows = stmt
         .query_map([], |row| {
@@ -452,14 +461,20 @@ fn pending_streams(
             path: path.to_path_buf(),
             detail: format!("unknown record kind {kind:?}"),
         })?;
-        let wanted = match tags {
-            Some(t) => t == (kind == Kind::Tag),
-            None => true,
-        };
-        if wanted {
-            out.push((id, connection, kind));
-        }
+        out.push((id, connection, kind));
     }
+    Ok(out)
+}
+
+/// Streams with pending rows, optionally only tag streams or only the others,
+/// in `StreamKey` order.
+fn pending_streams(
+    tx: &Transaction,
+    path: &Path,
+    tags: Option<bool>,
+) -> Result<Vec<(i64, String, Kind)>, BufferError> {
+    let mut out = stream_names(tx, path, "evict", true)?;
+    out.retain(|(_, _, kind)| tags.map_or(true, |t| t == (*kind == Kind::Tag)));
     out.sort_unstable_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
     Ok(out)
 }
@@ -857,13 +872,8 @@ impl Store {
         // Room for one checkpoint of a full WAL share plus an eviction
         // transaction: what it takes to get out of a full disk.
         self.reserve_bytes = 2 * autocheckpoint * ps + 256 * 1024;
-        let pages = self.cap_pages().unwrap_or(UNLIMITED_PAGES);
+        self.set_page_cap(self.cap_pages())?;
         let e = self.err("apply limits");
-        self.conn
-            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map_err(&e)?;
         self.conn
             .query_row(
                 &format!("PRAGMA wal_autocheckpoint = {autocheckpoint}"),
@@ -1271,70 +1281,31 @@ impl Store {
             return Ok(out);
         };
         let cutoff = now_ms.saturating_sub(age);
-        let path = &self.path;
-        let sql = sql_err("evict expired", path);
         let streams = {
-            let tx = self.conn.unchecked_transaction().map_err(&sql)?;
-            pending_streams(&tx, path, None)?
+            let tx = self
+                .conn
+                .unchecked_transaction()
+                .map_err(self.err("evict expired"))?;
+            pending_streams(&tx, &self.path, None)?
         };
         for (id, connection, kind) in streams {
             loop {
-                let tx = self
-                    .conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(&sql)?;
-                let mut range: Option<Range> = None;
-                {
-                    let mut stmt = tx
-                        .prepare_cached(
-                            "SELECT seq, size, ts_ms FROM records WHERE stream = ?1 ORDER BY seq",
-                        )
-                        .map_err(&sql)?;
-                    let mut rows = stmt.query(params![id]).map_err(&sql)?;
-                    let mut n = 0;
-                    while n < CHUNK_MAX_ROWS {
-                        let Some(row) = rows.next().map_err(&sql)? else {
-                            break;
-                        };
-                        let ts: i64 = row.get(2).map_err(&sql)?;
-                        if ts >= cutoff {
-                            break;
-                        }
-                        let seq: i64 = row.get(0).map_err(&sql)?;
-                        let size: i64 = row.get(1).map_err(&sql)?;
-                        match &mut range {
-                            Some(r) => {
-                                r.last_seq = seq;
-                                r.count += 1;
-                                r.bytes += size;
-                            }
-                            None => {
-                                range = Some(Range {
-                                    stream: id,
-                                    connection: connection.clone(),
-                                    kind,
-                                    first_seq: seq,
-                                    last_seq: seq,
-                                    count: 1,
-                                    bytes: size,
-                                })
-                            }
-                        }
-                        n += 1;
+                let chunk = match self.expire_chunk(id, &connection, kind, cutoff, now_ms) {
+                    Err(e) if is_sqlite_full(&e) => {
+                        // At the cap, deleting rows need not free a whole
+                        // page for the announcement; expired rows must go
+                        // anyway, so this one transaction may use a few
+                        // pages of the WAL's share of max_size.
+                        self.set_page_cap(self.cap_pages().map(|c| c + EXPIRY_HEADROOM_PAGES))?;
+                        let retry = self.expire_chunk(id, &connection, kind, cutoff, now_ms);
+                        self.set_page_cap(self.cap_pages())?;
+                        self.full_to_error(retry, 0)?
                     }
-                }
-                let Some(range) = range else {
+                    other => other?,
+                };
+                let Some((evictions, full_chunk)) = chunk else {
                     break;
                 };
-                let full_chunk = range.count as usize >= CHUNK_MAX_ROWS;
-                let rows = vec![range];
-                // Age eviction must happen whatever it costs: the cost check
-                // of size eviction does not apply (an expired row is gone
-                // even if its announcement is larger than it was).
-                let evictions =
-                    delete_and_announce(&tx, path, rows, EvictionReason::MaxAge, now_ms, false)?
-                        .unwrap_or_default();
-                tx.commit().map_err(&sql)?;
                 for e in &evictions {
                     tracing::warn!(connection = %e.connection, kind = %e.kind,
                         first_seq = e.first_seq, last_seq = e.last_seq, count = e.count,
@@ -1347,6 +1318,90 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// One expiry transaction over the head of stream `id`: the rows older
+    /// than `cutoff` (at most a chunk) deleted and announced. None when the
+    /// head is not expired; else the evictions and whether the chunk was
+    /// full (more may be expired).
+    fn expire_chunk(
+        &mut self,
+        id: i64,
+        connection: &str,
+        kind: Kind,
+        cutoff: i64,
+        now_ms: i64,
+    ) -> Result<Option<(Vec<Eviction>, bool)>, BufferError> {
+        let path = &self.path;
+        let sql = sql_err("evict expired", path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&sql)?;
+        let mut range: Option<Range> = None;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT seq, size, ts_ms FROM records WHERE stream = ?1 ORDER BY seq",
+                )
+                .map_err(&sql)?;
+            let mut rows = stmt.query(params![id]).map_err(&sql)?;
+            let mut n = 0;
+            while n < CHUNK_MAX_ROWS {
+                let Some(row) = rows.next().map_err(&sql)? else {
+                    break;
+                };
+                let ts: i64 = row.get(2).map_err(&sql)?;
+                if ts >= cutoff {
+                    break;
+                }
+                let seq: i64 = row.get(0).map_err(&sql)?;
+                let size: i64 = row.get(1).map_err(&sql)?;
+                match &mut range {
+                    Some(r) => {
+                        r.last_seq = seq;
+                        r.count += 1;
+                        r.bytes += size;
+                    }
+                    None => {
+                        range = Some(Range {
+                            stream: id,
+                            connection: connection.to_string(),
+                            kind,
+                            first_seq: seq,
+                            last_seq: seq,
+                            count: 1,
+                            bytes: size,
+                        })
+                    }
+                }
+                n += 1;
+            }
+        }
+        let Some(range) = range else {
+            return Ok(None);
+        };
+        let full_chunk = range.count as usize >= CHUNK_MAX_ROWS;
+        let rows = vec![range];
+        // Age eviction must happen whatever it costs: the cost check
+        // of size eviction does not apply (an expired row is gone
+        // even if its announcement is larger than it was).
+        let evictions =
+            delete_and_announce(&tx, path, rows, EvictionReason::MaxAge, now_ms, false)?
+                .unwrap_or_default();
+        tx.commit().map_err(&sql)?;
+        Ok(Some((evictions, full_chunk)))
+    }
+
+    /// Sets SQLite's `max_page_count` (`None` = unlimited).
+    fn set_page_cap(&self, pages: Option<u64>) -> Result<(), BufferError> {
+        let pages = pages.unwrap_or(UNLIMITED_PAGES);
+        self.conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(self.err("apply limits"))?;
+        Ok(())
     }
 
     /// Streams that have pending rows, in `StreamKey` order.
@@ -1614,25 +1669,7 @@ impl Store {
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, BufferError> {
         let e = self.err("dead letters");
         let tx = self.conn.unchecked_transaction().map_err(&e)?;
-        let mut names: Vec<(i64, String, Kind)> = Vec::new();
-        {
-            let mut stmt = tx
-                .prepare_cached("SELECT id, connection, kind FROM streams")
-                .map_err(&e)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                    ))
-                })
-                .map_err(&e)?;
-            for row in rows {
-                let (id, connection, kind) = row.map_err(&e)?;
-                names.push((id, connection, self.parse_kind(&kind)?));
-            }
-        }
+        let names = stream_names(&tx, &self.path, "dead letters", false)?;
         let mut out: Vec<DeadLetter> = Vec::new();
         let mut last_stream = None;
         {
