@@ -41,6 +41,8 @@ fn drain(sock: &UnixDatagram) {
 async fn ready_watchdog_and_wedged_buffer() {
     let plant = start_plant().await;
     let data_dir = plant.dir.path().join("agent");
+    let health_port = plantgate::sim::broker::free_port().expect("free port");
+    let health: std::net::SocketAddr = ([127, 0, 0, 1], health_port).into();
     let toml = agent_toml(
         &data_dir,
         plant.broker.v5_addr,
@@ -49,6 +51,10 @@ async fn ready_watchdog_and_wedged_buffer() {
         &plant.sim.endpoint(),
         plant.sim.namespace_uri(),
         &[("FLOW", "FIC-101/PV.CV")],
+    )
+    .replace(
+        r#"listen = "127.0.0.1:0""#,
+        &format!(r#"listen = "{health}""#),
     );
     let config = write_file(plant.dir.path(), "plantgate.toml", &toml);
     let sock_path = plant.dir.path().join("notify.sock");
@@ -97,19 +103,32 @@ async fn ready_watchdog_and_wedged_buffer() {
             }
         }
     };
-    let check = tokio::task::spawn_blocking(move || {
-        // Pings already in flight may still arrive; after that, silence.
-        std::thread::sleep(Duration::from_secs(3));
-        drain(&sock);
-        assert!(
-            wait_msg(&sock, "WATCHDOG=1", Duration::from_secs(4)).is_none(),
-            "watchdog kept pinging while the buffer was wedged"
-        );
-        sock
-    });
+    let check = async {
+        // The agent notices the wedge: /healthz (the same check that gates
+        // the pings) turns 503.
+        let deadline = Instant::now() + PATIENCE;
+        while http_get(health, "/healthz").await.0 != 503 {
+            assert!(
+                Instant::now() < deadline,
+                "agent never noticed the wedged buffer"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::task::spawn_blocking(move || {
+            // Pings sent before that may still be queued; after it, silence.
+            drain(&sock);
+            assert!(
+                wait_msg(&sock, "WATCHDOG=1", Duration::from_secs(4)).is_none(),
+                "watchdog kept pinging while the buffer was wedged"
+            );
+            sock
+        })
+        .await
+        .expect("thread")
+    };
     let (sock, ()) = tokio::join!(
         async {
-            let r = check.await.expect("thread");
+            let r = check.await;
             driving.cancel();
             r
         },
