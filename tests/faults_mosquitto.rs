@@ -164,6 +164,23 @@ async fn broker_restarts_under_load_lose_nothing_mqtt311() {
     broker_restart_under_load("v311").await;
 }
 
+/// `plantgate buffer <command> -c <config>`: its stdout; panics unless it
+/// succeeds.
+fn buffer_cli(command: &str, config: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_plantgate"))
+        .args(["buffer", command, "-c"])
+        .arg(config)
+        .output()
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs mosquitto"]
 async fn agent_sigkill_under_load_loses_nothing() {
@@ -286,29 +303,9 @@ node = "nsu={};s=TIC-201/PV.CV"
     );
 
     // The CLI sees them while the service runs, and can re-queue them.
-    let out = Command::new(env!("CARGO_BIN_EXE_plantgate"))
-        .args(["buffer", "dead-letters", "-c"])
-        .arg(&config_path)
-        .output()
-        .expect("cli");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = buffer_cli("dead-letters", &config_path);
     assert!(text.contains("poison") && text.contains("tag"), "{text}");
-    let out = Command::new(env!("CARGO_BIN_EXE_plantgate"))
-        .args(["buffer", "retry", "-c"])
-        .arg(&config_path)
-        .output()
-        .expect("cli");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = buffer_cli("retry", &config_path);
     assert!(text.contains("re-queued"), "{text}");
     // The running service notices the re-queued rows and sends them again;
     // the broker still refuses them, so they come back as dead letters.
