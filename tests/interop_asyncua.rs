@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use plantgate::config::{
-    ConnectionConfig, ConnectionKind, SecurityMode, SecurityPolicy, TagConfig,
+    ConnectionConfig, ConnectionKind, SecurityMode, SecurityPolicy, TagConfig, SECURITY_PAIRS,
 };
 use plantgate::record::{Kind, NewRecord};
 use plantgate::secret::Secret;
@@ -230,22 +230,7 @@ async fn asyncua_every_policy_and_mode_with_password() {
     let server = PyServer::start(0, &["--user", "operator", "--password", "s3cret"]).await;
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    let pairs = [
-        (SecurityPolicy::None, SecurityMode::None),
-        (SecurityPolicy::Basic256Sha256, SecurityMode::Sign),
-        (SecurityPolicy::Basic256Sha256, SecurityMode::SignAndEncrypt),
-        (SecurityPolicy::Aes128Sha256RsaOaep, SecurityMode::Sign),
-        (
-            SecurityPolicy::Aes128Sha256RsaOaep,
-            SecurityMode::SignAndEncrypt,
-        ),
-        (SecurityPolicy::Aes256Sha256RsaPss, SecurityMode::Sign),
-        (
-            SecurityPolicy::Aes256Sha256RsaPss,
-            SecurityMode::SignAndEncrypt,
-        ),
-    ];
-    for (n, (policy, mode)) in pairs.into_iter().enumerate() {
+    for (n, (policy, mode)) in SECURITY_PAIRS.into_iter().enumerate() {
         let mut conn = conn_config(&format!("py{n}"), &server.endpoint);
         conn.security_policy = policy;
         conn.security_mode = mode;

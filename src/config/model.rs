@@ -115,6 +115,24 @@ pub enum SecurityMode {
     SignAndEncrypt,
 }
 
+/// Every policy/mode combination a connection may use (SPEC 3): None only
+/// with None, each real policy with Sign or SignAndEncrypt.
+pub const SECURITY_PAIRS: [(SecurityPolicy, SecurityMode); 7] = [
+    (SecurityPolicy::None, SecurityMode::None),
+    (SecurityPolicy::Basic256Sha256, SecurityMode::Sign),
+    (SecurityPolicy::Basic256Sha256, SecurityMode::SignAndEncrypt),
+    (SecurityPolicy::Aes128Sha256RsaOaep, SecurityMode::Sign),
+    (
+        SecurityPolicy::Aes128Sha256RsaOaep,
+        SecurityMode::SignAndEncrypt,
+    ),
+    (SecurityPolicy::Aes256Sha256RsaPss, SecurityMode::Sign),
+    (
+        SecurityPolicy::Aes256Sha256RsaPss,
+        SecurityMode::SignAndEncrypt,
+    ),
+];
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnectionConfig {
     pub id: String,

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::config::{ConnectionKind, SecurityMode, SecurityPolicy, TagConfig};
+use crate::config::{ConnectionKind, SecurityMode, SecurityPolicy, TagConfig, SECURITY_PAIRS};
 use crate::record::Kind;
 use crate::secret::Secret;
 use crate::sim::{start_deltav, SimOptions, SimServer};
@@ -385,28 +385,13 @@ async fn wrong_password_is_auth_required_right_one_works() {
 /// username/password identity (the token travels inside the secured channel).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_policy_and_mode_pair_with_password() {
-    let pairs = [
-        (SecurityPolicy::None, SecurityMode::None),
-        (SecurityPolicy::Basic256Sha256, SecurityMode::Sign),
-        (SecurityPolicy::Basic256Sha256, SecurityMode::SignAndEncrypt),
-        (SecurityPolicy::Aes128Sha256RsaOaep, SecurityMode::Sign),
-        (
-            SecurityPolicy::Aes128Sha256RsaOaep,
-            SecurityMode::SignAndEncrypt,
-        ),
-        (SecurityPolicy::Aes256Sha256RsaPss, SecurityMode::Sign),
-        (
-            SecurityPolicy::Aes256Sha256RsaPss,
-            SecurityMode::SignAndEncrypt,
-        ),
-    ];
     let dir = tempfile::tempdir().unwrap();
     let server = sim(dir.path(), |o| {
         o.user = Some(("operator".into(), "s3cret".into()))
     })
     .await;
     let pki = client_pki(dir.path()).await;
-    for (n, (policy, mode)) in pairs.into_iter().enumerate() {
+    for (n, (policy, mode)) in SECURITY_PAIRS.into_iter().enumerate() {
         let mut conn = conn_config(
             &format!("pair{n}"),
             &server.endpoint(),
