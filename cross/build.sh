@@ -71,7 +71,7 @@ for t in "${targets[@]}"; do
     fi
     bin="${CARGO_TARGET_DIR:-target}/$t/release/plantgate"
     secs=$(( $(date +%s) - start ))
-    [ -z "$together" ] || secs="$together (both together)"
+    if [ -n "$together" ]; then took="${together} s (both targets together)"; else took="${secs} s"; fi
     size=$(stat -c %s "$bin")
     # The highest GLIBC_x.y symbol version the binary references is the
     # oldest glibc it runs on.
@@ -86,6 +86,6 @@ for t in "${targets[@]}"; do
         fi
         glibc=static
     fi
-    printf '%-32s %6.1f MiB (%s bytes)  needs %s  built in %ss\n' "$t" \
-        "$(awk "BEGIN{print $size / 1048576}")" "$size" "${glibc:-no glibc}" "$secs"
+    printf '%-32s %6.1f MiB (%s bytes)  needs %s  built in %s\n' "$t" \
+        "$(awk "BEGIN{print $size / 1048576}")" "$size" "${glibc:-no glibc}" "$took"
 done
