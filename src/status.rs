@@ -40,7 +40,70 @@ pub struct ConnStatus {
     pub reason: String,
     pub records_total: u64,
     pub last_value_ts_ms: Option<i64>,
+    /// Values that reached the agent but were not accepted (SPEC 1.9), by reason.
+    pub dropped: BTreeMap<DropReason, u64>,
 }
+
+impl ConnStatus {
+    fn new(reason: &str) -> Self {
+        ConnStatus {
+            state: ConnState::Connecting,
+            since_ms: now_ms(),
+            reason: reason.to_string(),
+            records_total: 0,
+            last_value_ts_ms: None,
+            dropped: BTreeMap::new(),
+        }
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.values().sum()
+    }
+}
+
+/// Why a value that reached the agent was not accepted (SPEC 1.9): the
+/// `reason` label of `plantgate_intake_dropped_total` and of `source.dropped`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// The OPC UA server discarded values from a full monitored-item queue
+    /// (the `Overflow` info bit): at least one value per flag.
+    ServerOverflow,
+    /// The agent's own queue between the OPC UA session and the buffer was
+    /// full because the buffer did not keep up.
+    QueueFull,
+    /// The buffer refused the records (full of records it may not evict,
+    /// or failing for longer than the agent could hold them).
+    BufferRefused,
+    /// A value too large for the decoder or for a message: the tag got a
+    /// `bad` record instead.
+    ValueTooLarge,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::ServerOverflow => "server_overflow",
+            DropReason::QueueFull => "queue_full",
+            DropReason::BufferRefused => "buffer_refused",
+            DropReason::ValueTooLarge => "value_too_large",
+        }
+    }
+}
+
+/// Drops of one connection and reason not yet announced by a
+/// `source.dropped` event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DropReport {
+    pub connection: String,
+    pub reason: DropReason,
+    pub count: u64,
+    /// A few tag names that lost values, for the operator to look at.
+    pub samples: Vec<String>,
+}
+
+/// Tag names kept per unannounced report.
+const DROP_SAMPLES: usize = 5;
 
 #[derive(Clone, Debug, Default)]
 pub struct MqttStatus {
@@ -89,6 +152,8 @@ struct Inner {
     mqtt: MqttStatus,
     /// Last sign of life of each long-lived loop, for /healthz and the watchdog.
     beats: BTreeMap<&'static str, std::time::Instant>,
+    /// Drops counted but not announced yet, by (connection, reason).
+    unannounced: BTreeMap<(String, DropReason), DropReport>,
 }
 
 /// The board. Writers bump a watch counter so readers (the uplink publishing
@@ -135,13 +200,7 @@ impl StatusBoard {
         self.write()
             .connections
             .entry(id.to_string())
-            .or_insert(ConnStatus {
-                state: ConnState::Connecting,
-                since_ms: now_ms(),
-                reason: "starting".into(),
-                records_total: 0,
-                last_value_ts_ms: None,
-            });
+            .or_insert_with(|| ConnStatus::new("starting"));
         self.bump();
     }
 
@@ -157,13 +216,7 @@ impl StatusBoard {
             let entry = inner
                 .connections
                 .entry(id.to_string())
-                .or_insert(ConnStatus {
-                    state: ConnState::Connecting,
-                    since_ms: now_ms(),
-                    reason: String::new(),
-                    records_total: 0,
-                    last_value_ts_ms: None,
-                });
+                .or_insert_with(|| ConnStatus::new(""));
             if entry.state == state && entry.reason == reason {
                 return None;
             }
@@ -185,6 +238,71 @@ impl StatusBoard {
             c.records_total += count;
             if last_ts_ms.is_some() {
                 c.last_value_ts_ms = last_ts_ms;
+            }
+        }
+    }
+
+    /// Counts values of `connection` that were not accepted (SPEC 1.9) and
+    /// queues them for the next `source.dropped` announcement. Cheap and
+    /// synchronous: callable from the OPC UA callback.
+    pub fn add_dropped(
+        &self,
+        connection: &str,
+        reason: DropReason,
+        count: u64,
+        sample: Option<&str>,
+    ) {
+        if count == 0 {
+            return;
+        }
+        let mut inner = self.write();
+        if let Some(c) = inner.connections.get_mut(connection) {
+            *c.dropped.entry(reason).or_insert(0) += count;
+        }
+        let report = inner
+            .unannounced
+            .entry((connection.to_string(), reason))
+            .or_insert_with(|| DropReport {
+                connection: connection.to_string(),
+                reason,
+                count: 0,
+                samples: Vec::new(),
+            });
+        report.count += count;
+        if let Some(tag) = sample {
+            if report.samples.len() < DROP_SAMPLES && !report.samples.iter().any(|s| s == tag) {
+                report.samples.push(tag.to_string());
+            }
+        }
+    }
+
+    /// Takes the drops counted since the last call, one report per
+    /// connection and reason, for the `source.dropped` announcer.
+    pub fn take_drop_reports(&self) -> Vec<DropReport> {
+        std::mem::take(&mut self.write().unannounced)
+            .into_values()
+            .collect()
+    }
+
+    /// Puts reports back that could not be announced (the buffer refused
+    /// the event), so the next announcement includes them.
+    pub fn restore_drop_reports(&self, reports: Vec<DropReport>) {
+        let mut inner = self.write();
+        for r in reports {
+            let slot = inner
+                .unannounced
+                .entry((r.connection.clone(), r.reason))
+                .or_insert_with(|| DropReport {
+                    connection: r.connection.clone(),
+                    reason: r.reason,
+                    count: 0,
+                    samples: Vec::new(),
+                });
+            slot.count += r.count;
+            for s in r.samples {
+                if slot.samples.len() < DROP_SAMPLES && !slot.samples.contains(&s) {
+                    slot.samples.push(s);
+                }
             }
         }
     }
@@ -320,6 +438,14 @@ impl ConnectionReporter {
         &self.id
     }
 
+    /// A handle the OPC UA callback uses to count values it could not pass on.
+    pub fn intake_loss(&self) -> IntakeLoss {
+        IntakeLoss {
+            board: self.board.clone(),
+            connection: Arc::from(self.id.as_str()),
+        }
+    }
+
     pub fn wants_event(&self, event_type: &str) -> bool {
         self.events.iter().any(|e| e == event_type)
     }
@@ -403,5 +529,60 @@ impl ConnectionReporter {
             // Only during shutdown: the ingest task is gone.
             tracing::debug!(connection = %self.id, "record sink closed");
         }
+    }
+}
+
+/// Counts one connection's intake loss (SPEC 1.9); see
+/// [`StatusBoard::add_dropped`]. Cheap to clone and synchronous.
+#[derive(Clone)]
+pub struct IntakeLoss {
+    board: Arc<StatusBoard>,
+    connection: Arc<str>,
+}
+
+impl IntakeLoss {
+    pub fn record(&self, reason: DropReason, count: u64, sample_tag: Option<&str>) {
+        self.board
+            .add_dropped(&self.connection, reason, count, sample_tag);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_are_counted_per_reason_and_announced_once() {
+        let board = StatusBoard::new();
+        board.register_connection("c1");
+        board.add_dropped("c1", DropReason::QueueFull, 3, Some("T1"));
+        board.add_dropped("c1", DropReason::QueueFull, 2, Some("T2"));
+        board.add_dropped("c1", DropReason::ServerOverflow, 1, Some("T1"));
+        board.add_dropped("c1", DropReason::QueueFull, 0, Some("ignored"));
+        let c1 = &board.connections()[0].1;
+        assert_eq!(c1.dropped_total(), 6);
+        assert_eq!(c1.dropped[&DropReason::QueueFull], 5);
+
+        let reports = board.take_drop_reports();
+        assert_eq!(reports.len(), 2);
+        let q = reports
+            .iter()
+            .find(|r| r.reason == DropReason::QueueFull)
+            .expect("queue_full report");
+        assert_eq!((q.count, q.samples.clone()), (5, vec!["T1".into(), "T2".into()]));
+        assert!(board.take_drop_reports().is_empty(), "announced once");
+
+        // Not announced (buffer refused the event): the next report adds up.
+        board.restore_drop_reports(reports);
+        board.add_dropped("c1", DropReason::QueueFull, 1, Some("T3"));
+        let again = board.take_drop_reports();
+        let q = again
+            .iter()
+            .find(|r| r.reason == DropReason::QueueFull)
+            .expect("queue_full report");
+        assert_eq!(q.count, 6);
+        assert_eq!(q.samples.len(), 3);
+        // The totals are not counted twice by the restore.
+        assert_eq!(board.connections()[0].1.dropped_total(), 7);
     }
 }
