@@ -1,5 +1,7 @@
 //! `plantgate run`: wires the long-lived tasks (one per connection, the
-//! ingest, the uplink) and shuts them down in order on one cancellation token.
+//! ingest, the uplink, buffer expiry, the intake-loss announcer), each under
+//! a supervisor (`supervise`, SPEC 1.10), and shuts them down in order on
+//! one cancellation token.
 //!
 //! Shutdown order matters for SPEC 1.1: sources stop first, the ingest then
 //! commits everything they handed over (nothing accepted is dropped), and
@@ -9,12 +11,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{BufferHandle, Limits, ProfileState, Store};
-use crate::config::Config;
-use crate::status::{Batch, ConnectionReporter, StatusBoard};
+use crate::backoff::Backoff;
+use crate::buffer::{BufferHandle, Limits, ProfileState, Refused, Store};
+use crate::config::{Config, ConnectionConfig};
+use crate::record::NewRecord;
+use crate::status::{event_record, Batch, ConnState, ConnectionReporter, DropReason, StatusBoard};
+use crate::supervise::supervise;
 use crate::uplink::{Uplink, UplinkSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,11 +38,22 @@ pub enum AgentError {
 }
 
 /// Room for batches between sources and the ingest; sources wait when full
-/// (back-pressure) rather than dropping.
-const SINK_CAPACITY: usize = 1024;
+/// (back-pressure) rather than dropping. A batch holds up to a few thousand
+/// records, so this bounds the records in RAM while the buffer is stalled.
+const SINK_CAPACITY: usize = 16;
+/// Records merged into one append by the ingest.
+const INGEST_BATCH: usize = 10_000;
 /// Bound on how long sources get to stop on shutdown.
 const SOURCE_STOP: Duration = Duration::from_secs(3);
+/// Bound on how long the ingest may keep retrying a refusing buffer at
+/// shutdown; what it still holds then is counted as dropped.
+const INGEST_STOP: Duration = Duration::from_secs(3);
 const UPLINK_STOP: Duration = Duration::from_secs(5);
+/// How often intake loss is announced by `source.dropped` (SPEC 1.9).
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
+/// A buffer refusing appends for longer than this is announced by a
+/// `system.error` when it takes them again.
+const BLOCKED_WORTH_AN_EVENT: Duration = Duration::from_secs(2);
 
 /// Everything a running agent exposes to its embedder (demo, tests).
 pub struct Agent {
@@ -105,7 +121,25 @@ pub async fn start(
     tracing::info!(addr = %health_addr, "health endpoint listening");
 
     let (sink, sink_rx) = mpsc::channel::<Batch>(SINK_CAPACITY);
-    let ingest = tokio::spawn(ingest(sink_rx, buffer.clone(), board.clone()));
+    let sink_rx = Arc::new(Mutex::new(sink_rx));
+    let ingest_stop = CancellationToken::new();
+    let ingest_abort = CancellationToken::new();
+    let ingest = {
+        let on_death = agent_error(buffer.clone(), "ingest");
+        let (rx, buffer, board, abort) = (
+            sink_rx.clone(),
+            buffer.clone(),
+            board.clone(),
+            ingest_abort.clone(),
+        );
+        tokio::spawn(supervise(
+            "ingest".into(),
+            board.clone(),
+            ingest_stop.clone(),
+            move || ingest(rx.clone(), buffer.clone(), board.clone(), abort.clone()),
+            on_death,
+        ))
+    };
 
     let sources_cancel = CancellationToken::new();
     let pki_dir = data_dir.join("pki");
@@ -126,30 +160,24 @@ pub async fn start(
         }
     }
     let mut sources = Vec::new();
+    let mut wants_dropped = std::collections::HashMap::new();
     for conn in &config.connections {
         let reporter =
             ConnectionReporter::new(&conn.id, board.clone(), sink.clone(), conn.events.clone());
-        // The profile continues from what was committed with its last
-        // records; an unreadable state only risks a repeated event.
-        let saved = match buffer.profile_state(&conn.id).await {
-            Ok(saved) => saved,
-            Err(e) => {
-                tracing::error!(connection = %conn.id, error = %e, "reading the saved profile state failed; starting fresh");
-                None
-            }
-        };
-        sources.push(tokio::spawn(crate::source::run_connection_restored(
+        wants_dropped.insert(conn.id.clone(), reporter.wants_event("source.dropped"));
+        sources.push(tokio::spawn(supervise_connection(
             conn.clone(),
             pki_dir.clone(),
             reporter,
-            saved,
+            buffer.clone(),
+            board.clone(),
             sources_cancel.clone(),
         )));
     }
     drop(sink);
 
     let uplink_cancel = CancellationToken::new();
-    let uplink = Uplink::new(
+    let uplink = Arc::new(Uplink::new(
         UplinkSettings {
             mqtt: config.mqtt.clone(),
             agent_id: config.agent.id.clone(),
@@ -160,10 +188,51 @@ pub async fn start(
         },
         buffer.clone(),
         board.clone(),
-    );
-    let uplink_task = tokio::spawn(uplink.run(uplink_cancel.clone()));
+    ));
+    let uplink_task = {
+        let cancel = uplink_cancel.clone();
+        tokio::spawn(supervise(
+            "uplink".into(),
+            board.clone(),
+            uplink_cancel.clone(),
+            move || {
+                let (uplink, cancel) = (uplink.clone(), cancel.clone());
+                async move { uplink.run(cancel).await }
+            },
+            agent_error(buffer.clone(), "uplink"),
+        ))
+    };
 
-    let expiry = tokio::spawn(expire_old_records(buffer.clone(), uplink_cancel.clone()));
+    let expiry = {
+        let on_death = agent_error(buffer.clone(), "expiry");
+        let (buffer, cancel) = (buffer.clone(), uplink_cancel.clone());
+        tokio::spawn(supervise(
+            "expiry".into(),
+            board.clone(),
+            uplink_cancel.clone(),
+            move || expire_old_records(buffer.clone(), cancel.clone()),
+            on_death,
+        ))
+    };
+    let announcer = {
+        let on_death = agent_error(buffer.clone(), "announcer");
+        let (buffer, board2, cancel) = (buffer.clone(), board.clone(), uplink_cancel.clone());
+        let wants = Arc::new(wants_dropped);
+        tokio::spawn(supervise(
+            "announcer".into(),
+            board.clone(),
+            uplink_cancel.clone(),
+            move || {
+                announce_drops(
+                    board2.clone(),
+                    buffer.clone(),
+                    wants.clone(),
+                    cancel.clone(),
+                )
+            },
+            on_death,
+        ))
+    };
     let buffer2 = buffer.clone();
     let join = tokio::spawn(async move {
         cancel.cancelled().await;
@@ -174,12 +243,21 @@ pub async fn start(
                 tracing::warn!("a connection did not stop in time");
             }
         }
-        // Every sender is gone now, so the ingest drains and ends.
-        if let Err(e) = ingest.await {
-            tracing::error!(error = %e, "ingest task failed");
+        // Every sender is gone now, so the ingest drains and ends; a buffer
+        // that refuses gets INGEST_STOP, then what is held is counted.
+        ingest_stop.cancel();
+        let mut ingest = ingest;
+        if tokio::time::timeout(INGEST_STOP, &mut ingest)
+            .await
+            .is_err()
+        {
+            ingest_abort.cancel();
+            let _ = ingest.await;
         }
         uplink_cancel.cancel();
         let _ = expiry.await;
+        // The last counts go out with the events the uplink still sends.
+        let _ = announcer.await;
         if tokio::time::timeout(UPLINK_STOP, uplink_task)
             .await
             .is_err()
@@ -202,14 +280,98 @@ pub async fn start(
     ))
 }
 
+/// Runs one connection under its supervisor: a panic or an unexpected end
+/// sets the connection `offline` with the reason, writes a `system.error`
+/// and starts it again; the profile continues from its last committed
+/// snapshot each time.
+async fn supervise_connection(
+    conn: ConnectionConfig,
+    pki_dir: PathBuf,
+    reporter: ConnectionReporter,
+    buffer: BufferHandle,
+    board: Arc<StatusBoard>,
+    cancel: CancellationToken,
+) {
+    let name = format!("connection {}", conn.id);
+    let stop = cancel.clone();
+    let on_death = {
+        let reporter = reporter.clone();
+        move |death: crate::supervise::Death| {
+            let reporter = reporter.clone();
+            async move {
+                let reason = format!("connection task {death}");
+                reporter.set_state(ConnState::Offline, &reason).await;
+                reporter
+                    .system_error(serde_json::json!({
+                        "error": "task_died",
+                        "message": format!("{reason}; restarting it"),
+                    }))
+                    .await;
+            }
+        }
+    };
+    let start = move || {
+        let (conn, pki_dir, reporter, buffer, cancel) = (
+            conn.clone(),
+            pki_dir.clone(),
+            reporter.clone(),
+            buffer.clone(),
+            cancel.clone(),
+        );
+        async move {
+            // The profile continues from what was committed with its last
+            // records; an unreadable state only risks a repeated event.
+            let saved = match buffer.profile_state(&conn.id).await {
+                Ok(saved) => saved,
+                Err(e) => {
+                    tracing::error!(connection = %conn.id, error = %e, "reading the saved profile state failed; starting fresh");
+                    None
+                }
+            };
+            crate::source::run_connection_restored(conn, pki_dir, reporter, saved, cancel).await
+        }
+    };
+    supervise(name, board, stop, start, on_death).await
+}
+
+/// What the supervisor of an agent-level task does on a death: a
+/// `system.error` of the agent.
+fn agent_error(
+    buffer: BufferHandle,
+    task: &'static str,
+) -> impl FnMut(crate::supervise::Death) -> futures::future::BoxFuture<'static, ()> {
+    move |death| {
+        let buffer = buffer.clone();
+        Box::pin(async move {
+            let ev = event_record(
+                "",
+                "system.error",
+                serde_json::json!({
+                    "error": "task_died",
+                    "task": task,
+                    "message": format!("{task} task {death}; restarting it"),
+                }),
+            );
+            if let Err(e) = buffer.append(vec![ev]).await {
+                tracing::error!(error = %e, "could not record the task failure");
+            }
+        })
+    }
+}
+
 /// Commits what sources hand over. While one commit runs, further batches
 /// queue up and go into the next transaction together (few, large commits).
-async fn ingest(mut rx: mpsc::Receiver<Batch>, buffer: BufferHandle, board: Arc<StatusBoard>) {
-    let mut quiet = crate::throttle::Throttle::new(Duration::from_secs(60));
+async fn ingest(
+    rx: Arc<Mutex<mpsc::Receiver<Batch>>>,
+    buffer: BufferHandle,
+    board: Arc<StatusBoard>,
+    abort: CancellationToken,
+) {
+    // Held for the whole run; a restarted ingest takes it over.
+    let mut rx = rx.lock().await;
     loop {
         // Beat while idle too: a silent ingest then means a commit that
-        // hangs (a wedged disk or a locked database), which the watchdog
-        // and /healthz must see.
+        // hangs (a wedged disk), which the watchdog and /healthz must see.
         board.beat("ingest");
         let first = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
             Ok(Some(batch)) => batch,
@@ -218,7 +380,7 @@ async fn ingest(mut rx: mpsc::Receiver<Batch>, buffer: BufferHandle, board: Arc<
         };
         let mut records = first.records;
         let mut states: Vec<ProfileState> = first.state.into_iter().collect();
-        while records.len() < 10_000 {
+        while records.len() < INGEST_BATCH {
             match rx.try_recv() {
                 Ok(more) => {
                     records.extend(more.records);
@@ -234,16 +396,149 @@ async fn ingest(mut rx: mpsc::Receiver<Batch>, buffer: BufferHandle, board: Arc<
                 Err(_) => break,
             }
         }
-        let n = records.len();
-        match buffer.append_with_states(records, states).await {
-            Ok(_) => quiet.reset(),
-            Err(e) => {
-                // The buffer handles its own faults (eviction, disk full);
-                // what reaches here could not be stored at all.
-                if let Some(repeats) = quiet.check(&e.to_string()) {
-                    tracing::error!(error = %e, records = n, repeats, "records could not be stored");
+        commit(&buffer, &board, records, states, &abort).await;
+    }
+}
+
+/// Commits one gathered batch. A buffer that refuses for a reason that
+/// passes (a lock held by another process, a stalled disk) is retried with
+/// backoff while the batch is held: the bounded queues behind it fill and
+/// the sources wait before anything is dropped (SPEC 1.9). What the buffer
+/// can never take (full of records it may not evict), or still holds when
+/// shutdown gives up, is dropped, counted per connection and announced.
+async fn commit(
+    buffer: &BufferHandle,
+    board: &StatusBoard,
+    records: Vec<NewRecord>,
+    states: Vec<ProfileState>,
+    abort: &CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    let mut quiet = crate::throttle::Throttle::new(Duration::from_secs(60));
+    let (mut records, mut states) = (records, states);
+    loop {
+        let refused = match buffer.try_append(records, states).await {
+            Ok(_) => {
+                if let Some(blocked) = board.set_intake_blocked(None) {
+                    tracing::info!(
+                        blocked_ms = blocked.as_millis() as u64,
+                        "buffer accepts records again"
+                    );
+                    if blocked >= BLOCKED_WORTH_AN_EVENT {
+                        let ev = event_record(
+                            "",
+                            "system.error",
+                            serde_json::json!({
+                                "error": "buffer_blocked",
+                                "message": format!(
+                                    "the buffer refused records for {} s; they were held and are now stored",
+                                    blocked.as_secs()
+                                ),
+                                "duration_ms": blocked.as_millis() as u64,
+                            }),
+                        );
+                        let _ = buffer.append(vec![ev]).await;
+                    }
+                }
+                return;
+            }
+            Err(refused) => refused,
+        };
+        let Refused {
+            error,
+            records: back,
+            states: back_states,
+        } = refused;
+        // Full: the buffer already evicted all it may; Encode: the records
+        // can never be stored; Closed: shutting down.
+        let hopeless = matches!(
+            error,
+            crate::buffer::BufferError::Full { .. }
+                | crate::buffer::BufferError::Encode { .. }
+                | crate::buffer::BufferError::Closed
+        );
+        if hopeless || abort.is_cancelled() {
+            count_refused(board, &back);
+            tracing::error!(error = %error, records = back.len(), "records could not be stored; dropped and counted");
+            return;
+        }
+        board.set_intake_blocked(Some(&error.to_string()));
+        if let Some(repeats) = quiet.check(&error.to_string()) {
+            tracing::error!(error = %error, records = back.len(), repeats, "buffer refuses records; holding them and retrying");
+        }
+        board.beat("ingest");
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = abort.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+        records = back;
+        states = back_states;
+    }
+}
+
+/// Counts records the buffer did not take, per connection (SPEC 1.9).
+fn count_refused(board: &StatusBoard, records: &[NewRecord]) {
+    let mut per: std::collections::BTreeMap<&str, (u64, Option<&str>)> = Default::default();
+    for r in records {
+        let e = per.entry(r.connection.as_str()).or_insert((0, None));
+        e.0 += 1;
+        if e.1.is_none() {
+            e.1 = r.data["name"].as_str();
+        }
+    }
+    for (connection, (n, sample)) in per {
+        board.add_dropped(connection, DropReason::BufferRefused, n, sample);
+    }
+}
+
+/// Announces intake loss (SPEC 1.9): every `ANNOUNCE_EVERY`, one
+/// `source.dropped` event per connection and reason that lost values since
+/// the last one, with the count and a sample of tag names. Events are
+/// appended straight to the buffer (not through the sources' queue); when
+/// the buffer refuses them, the counts wait for the next round.
+async fn announce_drops(
+    board: Arc<StatusBoard>,
+    buffer: BufferHandle,
+    wants: Arc<std::collections::HashMap<String, bool>>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = cancel.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        board.beat("announcer");
+        let reports = board.take_drop_reports();
+        if !reports.is_empty() {
+            let mut events = Vec::new();
+            for r in &reports {
+                tracing::warn!(connection = %r.connection, reason = r.reason.as_str(), count = r.count, samples = ?r.samples, "values lost at the intake");
+                // A connection's `events` list filters events about it;
+                // the agent's own records always announce.
+                if r.connection.is_empty() || wants.get(&r.connection).copied().unwrap_or(true) {
+                    events.push(event_record(
+                        &r.connection,
+                        "source.dropped",
+                        serde_json::json!({
+                            "reason": r.reason.as_str(),
+                            "count": r.count,
+                            "samples": r.samples,
+                        }),
+                    ));
                 }
             }
+            if !events.is_empty() {
+                if let Err(e) = buffer.append(events).await {
+                    tracing::warn!(error = %e, "could not record source.dropped; retrying with the next report");
+                    board.restore_drop_reports(reports);
+                }
+            }
+        }
+        if stopping {
+            return;
         }
     }
 }

@@ -92,6 +92,16 @@ pub async fn pipeline_fault(
     buffer: &BufferHandle,
     max_silence: Duration,
 ) -> Option<String> {
+    // A dead supervised task fails the check until it runs again (SPEC
+    // 1.10), so a task that cannot be restarted stops the watchdog pings.
+    let dead = board.dead_tasks();
+    if !dead.is_empty() {
+        let list: Vec<String> = dead
+            .iter()
+            .map(|(n, _, why)| format!("{n} ({why})"))
+            .collect();
+        return Some(format!("tasks dead, restarting: {}", list.join(", ")));
+    }
     let stale = board.stale_loops(max_silence);
     if !stale.is_empty() {
         return Some(format!("loops not alive: {}", stale.join(", ")));
@@ -113,6 +123,15 @@ async fn healthz(State(state): State<Arc<HealthState>>) -> Response {
 async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
     if let Err(e) = buffer_stats(&state).await {
         return problem(StatusCode::SERVICE_UNAVAILABLE, e);
+    }
+    if let Some((since, why)) = state.board.intake_blocked() {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "buffer not accepting records since {}: {why}",
+                format_ts(since)
+            ),
+        );
     }
     let mqtt = state.board.mqtt();
     if !mqtt.connected {
@@ -159,6 +178,8 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
                 "since": ts_or_null(st.map(|s| s.since_ms)),
                 "reason": st.map(|s| s.reason.as_str()).unwrap_or(""),
                 "records_total": st.map(|s| s.records_total).unwrap_or(0),
+                "dropped_total": st.map(|s| s.dropped_total()).unwrap_or(0),
+                "dropped": st.map(|s| json!(s.dropped)).unwrap_or_else(|| json!({})),
                 "last_value_ts": ts_or_null(st.and_then(|s| s.last_value_ts_ms)),
             })
         })
@@ -173,6 +194,17 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
             "reason": mqtt.reason,
         },
         "buffer": buffer,
+        "intake": {
+            "blocked_since": ts_or_null(state.board.intake_blocked().map(|b| b.0)),
+            "blocked_reason": state.board.intake_blocked().map(|b| b.1),
+            "agent_dropped": state.board.agent_dropped(),
+        },
+        "tasks": {
+            "dead": state.board.dead_tasks().into_iter().map(|(n, since, why)| json!({
+                "task": n, "since": format_ts(since), "reason": why,
+            })).collect::<Vec<_>>(),
+            "restarts": state.board.task_restarts(),
+        },
         "connections": connections,
     }))
     .into_response()
@@ -290,6 +322,43 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         "gauge",
         "1 for the current state of each plant connection.",
         &conn_state,
+    );
+    let mut dropped = Vec::new();
+    for (id, st) in &board {
+        for (reason, n) in &st.dropped {
+            dropped.push((
+                format!(
+                    "{{connection=\"{}\",reason=\"{}\"}}",
+                    label(id),
+                    reason.as_str()
+                ),
+                *n as f64,
+            ));
+        }
+    }
+    for (reason, n) in state.board.agent_dropped() {
+        dropped.push((
+            format!("{{connection=\"\",reason=\"{}\"}}", reason.as_str()),
+            n as f64,
+        ));
+    }
+    metric(
+        "intake_dropped_total",
+        "counter",
+        "Values that reached the agent but were not accepted, per connection and reason.",
+        &dropped,
+    );
+    let restarts: Vec<(String, f64)> = state
+        .board
+        .task_restarts()
+        .into_iter()
+        .map(|(t, n)| (format!("{{task=\"{}\"}}", label(&t)), n as f64))
+        .collect();
+    metric(
+        "task_restarts_total",
+        "counter",
+        "Supervised tasks that died (panicked or ended) and were restarted.",
+        &restarts,
     );
     metric(
         "opcua_notifications_total",

@@ -20,6 +20,7 @@ pub mod secret;
 pub mod sim;
 pub mod source;
 pub mod status;
+pub mod supervise;
 pub mod systemd;
 pub mod throttle;
 pub mod uplink;

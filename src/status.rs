@@ -154,6 +154,17 @@ struct Inner {
     beats: BTreeMap<&'static str, std::time::Instant>,
     /// Drops counted but not announced yet, by (connection, reason).
     unannounced: BTreeMap<(String, DropReason), DropReport>,
+    /// Drops of records that belong to no configured connection (the
+    /// agent's own events), by reason.
+    agent_dropped: BTreeMap<DropReason, u64>,
+    /// Supervised tasks that died and are not running again yet: name →
+    /// (since, why). `/healthz` fails while any is listed (SPEC 1.10).
+    dead_tasks: BTreeMap<String, (i64, String)>,
+    /// Task deaths since start, by task name.
+    task_restarts: BTreeMap<String, u64>,
+    /// Set while the buffer refuses appends that the ingest keeps retrying:
+    /// since when, and the buffer's error.
+    intake_blocked: Option<(i64, String)>,
 }
 
 /// The board. Writers bump a watch counter so readers (the uplink publishing
@@ -256,8 +267,9 @@ impl StatusBoard {
             return;
         }
         let mut inner = self.write();
-        if let Some(c) = inner.connections.get_mut(connection) {
-            *c.dropped.entry(reason).or_insert(0) += count;
+        match inner.connections.get_mut(connection) {
+            Some(c) => *c.dropped.entry(reason).or_insert(0) += count,
+            None => *inner.agent_dropped.entry(reason).or_insert(0) += count,
         }
         let report = inner
             .unannounced
@@ -274,6 +286,65 @@ impl StatusBoard {
                 report.samples.push(tag.to_string());
             }
         }
+    }
+
+    /// Drops of records of no configured connection (agent events), by reason.
+    pub fn agent_dropped(&self) -> BTreeMap<DropReason, u64> {
+        self.read().agent_dropped.clone()
+    }
+
+    /// A supervised task died (panicked or ended unexpectedly).
+    pub fn task_died(&self, task: &str, why: &str) {
+        {
+            let mut inner = self.write();
+            inner
+                .dead_tasks
+                .insert(task.to_string(), (now_ms(), why.to_string()));
+            *inner.task_restarts.entry(task.to_string()).or_insert(0) += 1;
+        }
+        self.bump();
+    }
+
+    /// A supervised task runs again.
+    pub fn task_running(&self, task: &str) {
+        if self.write().dead_tasks.remove(task).is_some() {
+            self.bump();
+        }
+    }
+
+    /// Dead tasks: (name, since ms, why).
+    pub fn dead_tasks(&self) -> Vec<(String, i64, String)> {
+        self.read()
+            .dead_tasks
+            .iter()
+            .map(|(n, (t, w))| (n.clone(), *t, w.clone()))
+            .collect()
+    }
+
+    /// Deaths per supervised task since start.
+    pub fn task_restarts(&self) -> BTreeMap<String, u64> {
+        self.read().task_restarts.clone()
+    }
+
+    /// The buffer refuses appends (`Some(error)`) or takes them again (`None`).
+    /// Returns how long it had been refusing when it recovers.
+    pub fn set_intake_blocked(&self, error: Option<&str>) -> Option<std::time::Duration> {
+        let mut inner = self.write();
+        match error {
+            Some(e) => {
+                let since = inner.intake_blocked.as_ref().map_or(now_ms(), |b| b.0);
+                inner.intake_blocked = Some((since, e.to_string()));
+                None
+            }
+            None => inner.intake_blocked.take().map(|(since, _)| {
+                std::time::Duration::from_millis((now_ms() - since).max(0) as u64)
+            }),
+        }
+    }
+
+    /// Since when and why the buffer refuses appends, if it does.
+    pub fn intake_blocked(&self) -> Option<(i64, String)> {
+        self.read().intake_blocked.clone()
     }
 
     /// Takes the drops counted since the last call, one report per
@@ -569,7 +640,10 @@ mod tests {
             .iter()
             .find(|r| r.reason == DropReason::QueueFull)
             .expect("queue_full report");
-        assert_eq!((q.count, q.samples.clone()), (5, vec!["T1".into(), "T2".into()]));
+        assert_eq!(
+            (q.count, q.samples.clone()),
+            (5, vec!["T1".into(), "T2".into()])
+        );
         assert!(board.take_drop_reports().is_empty(), "announced once");
 
         // Not announced (buffer refused the event): the next report adds up.

@@ -58,12 +58,17 @@ fn announced(store: &Store) -> Vec<Eviction> {
                 last_seq: d["last_seq"].as_u64().expect("last"),
                 count: d["count"].as_u64().expect("count"),
                 bytes: 0,
-                reason: match d["reason"].as_str().expect("reason") {
+                reason: match d["limit"]
+                    .as_str()
+                    .or(d["reason"].as_str())
+                    .expect("reason")
+                {
                     "max_size" => EvictionReason::MaxSize,
                     "max_age" => EvictionReason::MaxAge,
                     "disk_full" => EvictionReason::DiskFull,
                     other => panic!("unknown reason {other}"),
                 },
+                dead_letters: d["reason"] == "dead_letter",
             })
         })
         .collect()
@@ -745,4 +750,126 @@ fn dead_lettered_agent_events_do_not_announce_themselves() {
         "no self-perpetuating notice"
     );
     assert_eq!(store.stats().expect("stats").dead_letters, 1);
+}
+
+/// SPEC 1.11: a buffer whose records were all refused by the broker (dead
+/// letters) must still take new records: dead letters count against
+/// `max_size` and are evicted along the same lanes, tags first, announced
+/// with reason `dead_letter`; `max_age` expires them too.
+#[test]
+fn dead_letters_are_evicted_by_the_same_limits_and_announced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("buffer.db");
+    let limits = Limits {
+        max_size: 512 * 1024,
+        max_age: Duration::from_secs(3600),
+    };
+    let mut store = Store::open_with(&path, Synchronous::Normal, limits)
+        .expect("open")
+        .store;
+    let tags = StreamKey::new("line1", Kind::Tag);
+    let batches = StreamKey::new("line1", Kind::Batch);
+    // What a broker that refuses everything leaves behind: every record a
+    // dead letter.
+    let mut ts = 1_000;
+    let mut dead = 0;
+    while store.stats().expect("stats").file_bytes < 300 * 1024 {
+        let records: Vec<NewRecord> = (0..50)
+            .map(|i| {
+                ts += 1;
+                rec(
+                    "line1",
+                    if i == 0 { Kind::Batch } else { Kind::Tag },
+                    ts,
+                    200,
+                )
+            })
+            .collect();
+        store.append(&records).expect("append while room");
+        let ids: Vec<i64> = all(&store, &tags)
+            .iter()
+            .chain(all(&store, &batches).iter())
+            .map(|r| r.id)
+            .collect();
+        dead += store
+            .dead_letter(&ids, "broker refused (0x87)")
+            .expect("dead letter");
+    }
+    assert!(
+        all(&store, &tags).is_empty() && all(&store, &batches).is_empty(),
+        "no data pending, only dead letters (and the events announcing them)"
+    );
+    assert_eq!(store.stats().expect("stats").dead_letters as usize, dead);
+
+    // New records keep being accepted, far past what the file could hold.
+    for _ in 0..200 {
+        let records: Vec<NewRecord> = (0..50)
+            .map(|_| {
+                ts += 1;
+                rec("line1", Kind::Tag, ts, 200)
+            })
+            .collect();
+        store
+            .append(&records)
+            .expect("appends never fail because of dead letters");
+    }
+    assert!(
+        on_disk(&path) <= limits.max_size,
+        "{} bytes",
+        on_disk(&path)
+    );
+    let evicted = announced(&store);
+    let of_dead: Vec<&Eviction> = evicted.iter().filter(|e| e.dead_letters).collect();
+    assert!(
+        !of_dead.is_empty(),
+        "dead letters were evicted: {evicted:?}"
+    );
+    // Tags first: the batch dead letters go only once no tag row is left,
+    // and in this run pending tags always remain.
+    assert!(of_dead.iter().all(|e| e.kind == Kind::Tag), "{of_dead:?}");
+    // Within the tag lane, dead letters before pending rows: no pending
+    // tag was evicted while a tag dead letter remained.
+    let first_pending = evicted.iter().position(|e| !e.dead_letters);
+    let last_dead = evicted.iter().rposition(|e| e.dead_letters);
+    if let (Some(p), Some(d)) = (first_pending, last_dead) {
+        assert!(d < p, "dead letters go first: {evicted:?}");
+    }
+    let stats = store.stats().expect("stats");
+    let tag_stream = stats
+        .streams
+        .iter()
+        .find(|s| s.stream() == tags)
+        .expect("tag stream");
+    assert_eq!(
+        tag_stream.evicted_total,
+        evicted
+            .iter()
+            .filter(|e| e.kind == Kind::Tag)
+            .map(|e| e.count)
+            .sum::<u64>(),
+        "every eviction counted"
+    );
+    // The events say dead_letter and name the limit.
+    let raw: Vec<Value> = all(&store, &agent_events())
+        .iter()
+        .map(|r| serde_json::from_str(&r.data).expect("json"))
+        .filter(|v: &Value| {
+            v["type"] == "buffer.evicted" && v["details"]["reason"] == "dead_letter"
+        })
+        .collect();
+    assert!(!raw.is_empty());
+    assert!(raw.iter().all(|v| v["details"]["limit"] == "max_size"));
+
+    // max_age takes the remaining dead letters (the batch ones) too.
+    let remaining = store.stats().expect("stats").dead_letters;
+    assert!(remaining > 0, "batch dead letters are still there");
+    let expired = store.evict_expired(ts + 3_600_000 + 1).expect("expire");
+    assert!(
+        expired
+            .iter()
+            .any(|e| e.dead_letters && e.kind == Kind::Batch),
+        "{expired:?}"
+    );
+    assert_eq!(store.stats().expect("stats").dead_letters, 0);
+    store.integrity_check().expect("integrity");
 }

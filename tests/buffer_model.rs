@@ -25,9 +25,15 @@ const MAX_AGE_MS: i64 = 500;
 /// than any `now` the actions use, so never expired, like the real ones.
 const WALL_CLOCK: i64 = i64::MAX / 4;
 
-/// Evictions seen over all cases, by reason (size, age), to show that the
-/// generated sequences do reach the interesting states.
-static SEEN: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+/// Evictions seen over all cases (size/tag, age, size/other, of dead
+/// letters), to show that the generated sequences do reach the interesting
+/// states.
+static SEEN: [AtomicU64; 4] = [
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+];
 
 fn streams() -> Vec<StreamKey> {
     vec![
@@ -129,11 +135,71 @@ impl Model {
             .sum()
     }
 
+    /// Dead letters of the tag lane (`tags`) or of the other kinds.
+    fn dead_in_lane(&self, tags: bool) -> usize {
+        self.dead
+            .keys()
+            .filter(|(k, _)| (k.kind == Kind::Tag) == tags)
+            .count()
+    }
+
+    /// Seqs of one stream's dead letters, in order.
+    fn dead_seqs(&self, key: &StreamKey) -> Vec<u64> {
+        self.dead
+            .keys()
+            .filter(|(k, _)| k == key)
+            .map(|(_, seq)| *seq)
+            .collect()
+    }
+
     /// Checks one eviction the store reported against the model and applies
     /// it, including its announcement.
     fn apply_eviction(&mut self, e: &Eviction, event_ts: i64) -> Result<(), TestCaseError> {
         if e.kind != Kind::Tag && e.reason != EvictionReason::MaxAge {
             prop_assert_eq!(self.tags_pending(), 0, "{:?} while tag rows remain", e);
+            prop_assert_eq!(
+                self.dead_in_lane(true),
+                0,
+                "{:?} while tag dead letters remain",
+                e
+            );
+        }
+        if !e.dead_letters && e.reason != EvictionReason::MaxAge {
+            // Within a lane, dead letters go first (SPEC 1.11).
+            prop_assert_eq!(
+                self.dead_in_lane(e.kind == Kind::Tag),
+                0,
+                "{:?} while dead letters of its lane remain",
+                e
+            );
+        }
+        let connection = if e.connection.is_empty() {
+            json!(null)
+        } else {
+            json!(e.connection)
+        };
+        if e.dead_letters {
+            SEEN[3].fetch_add(1, Ordering::Relaxed);
+            let key = e.stream();
+            let seqs = self.dead_seqs(&key);
+            prop_assert_eq!(
+                seqs.first().copied(),
+                Some(e.first_seq),
+                "dead-letter eviction must start at the first: {:?}",
+                e
+            );
+            let gone: Vec<u64> = seqs.into_iter().filter(|s| *s <= e.last_seq).collect();
+            prop_assert_eq!(gone.len() as u64, e.count, "exact count: {:?}", e);
+            for seq in gone {
+                self.dead.remove(&(key.clone(), seq));
+            }
+            self.stream(&key).evicted += e.count;
+            let data = json!({"type": "buffer.evicted", "details": {
+                "connection": connection, "kind": e.kind.as_str(), "first_seq": e.first_seq,
+                "last_seq": e.last_seq, "count": e.count, "reason": "dead_letter",
+                "limit": e.reason.as_str()}});
+            self.push(&StreamKey::new("", Kind::Event), event_ts, data.to_string());
+            return Ok(());
         }
         let s = self.stream(&e.stream());
         let head = s.pending.keys().next().copied();
@@ -149,11 +215,6 @@ impl Model {
             s.pending.remove(&seq);
         }
         s.evicted += e.count;
-        let connection = if e.connection.is_empty() {
-            json!(null)
-        } else {
-            json!(e.connection)
-        };
         let data = json!({"type": "buffer.evicted", "details": {
             "connection": connection, "kind": e.kind.as_str(), "first_seq": e.first_seq,
             "last_seq": e.last_seq, "count": e.count, "reason": e.reason.as_str()}});
@@ -355,6 +416,33 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                             count: expired.len() as u64,
                             bytes: 0,
                             reason: EvictionReason::MaxAge,
+                            dead_letters: false,
+                        };
+                        model.apply_eviction(&e, now)?;
+                        want.push(e);
+                    }
+                }
+                // Then the dead letters, per stream, head first (SPEC 1.11).
+                let dead_streams: std::collections::BTreeSet<StreamKey> =
+                    model.dead.keys().map(|(k, _)| k.clone()).collect();
+                for key in dead_streams {
+                    let expired: Vec<u64> = model
+                        .dead
+                        .iter()
+                        .filter(|((k, _), _)| *k == key)
+                        .take_while(|(_, r)| r.ts < cutoff)
+                        .map(|((_, seq), _)| *seq)
+                        .collect();
+                    if let (Some(first), Some(last)) = (expired.first(), expired.last()) {
+                        let e = Eviction {
+                            connection: key.connection.clone(),
+                            kind: key.kind,
+                            first_seq: *first,
+                            last_seq: *last,
+                            count: expired.len() as u64,
+                            bytes: 0,
+                            reason: EvictionReason::MaxAge,
+                            dead_letters: true,
                         };
                         model.apply_eviction(&e, now)?;
                         want.push(e);
@@ -455,7 +543,7 @@ proptest! {
     #[test]
     fn store_behaves_like_the_model(actions in prop::collection::vec(arb_action(), 1..120).prop_map(sanitize)) {
         run(actions)?;
-        eprintln!("evictions so far: size/tag {} age {} size/other {}", SEEN[0].load(Ordering::Relaxed),
-            SEEN[1].load(Ordering::Relaxed), SEEN[2].load(Ordering::Relaxed));
+        eprintln!("evictions so far: size/tag {} age {} size/other {} dead letters {}", SEEN[0].load(Ordering::Relaxed),
+            SEEN[1].load(Ordering::Relaxed), SEEN[2].load(Ordering::Relaxed), SEEN[3].load(Ordering::Relaxed));
     }
 }

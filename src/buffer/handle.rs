@@ -23,13 +23,24 @@ type Reply<T> = oneshot::Sender<Result<T, BufferError>>;
 
 /// One queued append: its records, the profile states that go with them, and
 /// where to send the seqs.
-type AppendJob = (Vec<NewRecord>, Vec<ProfileState>, Reply<Vec<u64>>);
+type AppendJob = (Vec<NewRecord>, Vec<ProfileState>, AppendReply);
+
+/// An append the buffer did not accept, with what it was given, so the
+/// caller can hold and retry it without having kept a copy.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: BufferError,
+    pub records: Vec<NewRecord>,
+    pub states: Vec<ProfileState>,
+}
+
+type AppendReply = oneshot::Sender<Result<Vec<u64>, Refused>>;
 
 enum Command {
     Append {
         records: Vec<NewRecord>,
         states: Vec<ProfileState>,
-        reply: Reply<Vec<u64>>,
+        reply: AppendReply,
     },
     ProfileState {
         connection: String,
@@ -165,12 +176,48 @@ impl BufferHandle {
         records: Vec<NewRecord>,
         states: Vec<ProfileState>,
     ) -> Result<Vec<u64>, BufferError> {
-        self.request(|reply| Command::Append {
-            records,
-            states,
-            reply,
-        })
-        .await
+        self.try_append(records, states).await.map_err(|r| r.error)
+    }
+
+    /// [`BufferHandle::append_with_states`] that hands the records and
+    /// states back when they were not accepted, for callers that hold and
+    /// retry them (the ingest, SPEC 1.9).
+    pub async fn try_append(
+        &self,
+        records: Vec<NewRecord>,
+        states: Vec<ProfileState>,
+    ) -> Result<Vec<u64>, Refused> {
+        let (reply, answer) = oneshot::channel();
+        if let Err(mpsc::error::SendError(command)) = self
+            .tx
+            .send(Command::Append {
+                records,
+                states,
+                reply,
+            })
+            .await
+        {
+            let (records, states) = match command {
+                Command::Append {
+                    records, states, ..
+                } => (records, states),
+                _ => (Vec::new(), Vec::new()),
+            };
+            return Err(Refused {
+                error: BufferError::Closed,
+                records,
+                states,
+            });
+        }
+        match answer.await {
+            Ok(result) => result,
+            // The worker dropped the command unanswered: it is closing.
+            Err(_) => Err(Refused {
+                error: BufferError::Closed,
+                records: Vec::new(),
+                states: Vec::new(),
+            }),
+        }
     }
 
     /// See [`Store::profile_state`].
@@ -386,7 +433,7 @@ impl Worker {
 
     fn commit_group(&mut self, group: Vec<AppendJob>) {
         let mut lens = Vec::with_capacity(group.len());
-        let mut replies: Vec<Reply<Vec<u64>>> = Vec::with_capacity(group.len());
+        let mut replies: Vec<AppendReply> = Vec::with_capacity(group.len());
         let mut all = Vec::new();
         // Kept per append for the one-by-one retry below.
         let mut states_per_append: Vec<Vec<ProfileState>> = Vec::with_capacity(group.len());
@@ -414,9 +461,13 @@ impl Worker {
                     let _ = reply.send(Ok(seqs.by_ref().take(len).collect()));
                 }
             }
-            Err(e) if replies.len() == 1 => {
+            Err(error) if replies.len() == 1 => {
                 if let Some(reply) = replies.pop() {
-                    let _ = reply.send(Err(e));
+                    let _ = reply.send(Err(Refused {
+                        error,
+                        records: all,
+                        states: merged,
+                    }));
                 }
             }
             Err(e) => {
@@ -428,10 +479,17 @@ impl Worker {
                 for ((len, reply), states) in lens.into_iter().zip(replies).zip(states_per_append) {
                     let part = all.get(start..start + len).unwrap_or_default();
                     start += len;
-                    let result = self.store.append_with_states(part, &states);
-                    if result.is_ok() {
-                        self.committed(part.len());
-                    }
+                    let result = match self.store.append_with_states(part, &states) {
+                        Ok(seqs) => {
+                            self.committed(part.len());
+                            Ok(seqs)
+                        }
+                        Err(error) => Err(Refused {
+                            error,
+                            records: part.to_vec(),
+                            states,
+                        }),
+                    };
                     let _ = reply.send(result);
                 }
             }

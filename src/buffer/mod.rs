@@ -50,7 +50,13 @@
 //!    takes `tag` rows oldest first across all tag streams (oldest = lowest
 //!    row id, i.e. arrival order); a row of any other kind is taken only in a
 //!    transaction that has already taken every remaining tag row. Age eviction
-//!    (`max_age`) applies to all kinds alike.
+//!    (`max_age`) applies to all kinds alike. **Dead letters are bounded
+//!    like pending rows** (SPEC 1.11): they take space in the same file,
+//!    so the same lanes evict them: within a
+//!    lane a stream's dead letters go before pending rows (they are the ones
+//!    the broker already refused), oldest first, and `max_age` expires them
+//!    too. Their `buffer.evicted` event says `"reason": "dead_letter"` and
+//!    names the limit in `"limit"`; `streams.evicted_total` counts them.
 //! 8. **Eviction terminates.** Each eviction transaction frees more accounted
 //!    bytes than its own events add, or it is rolled back and reported as
 //!    "nothing evictable"; events created by an eviction are never part of
@@ -128,7 +134,7 @@ use serde::Serialize;
 
 use crate::record::{Kind, StreamKey};
 
-pub use handle::{BufferHandle, MAX_COALESCED_RECORDS};
+pub use handle::{BufferHandle, Refused, MAX_COALESCED_RECORDS};
 pub use store::{Store, ROW_OVERHEAD_BYTES};
 
 /// A profile snapshot (JSON text) to store with the records it goes with.
@@ -284,6 +290,10 @@ pub struct Eviction {
     /// Accounted bytes freed.
     pub bytes: u64,
     pub reason: EvictionReason,
+    /// The rows were dead letters (refused by the broker), not pending rows;
+    /// the range then covers the stream's dead letters in it, and `count` may
+    /// be less than its span (seqs in between were delivered).
+    pub dead_letters: bool,
 }
 
 impl Eviction {

@@ -142,8 +142,27 @@ struct Pending<'a> {
     bytes: i64,
 }
 
-/// A head range chosen for eviction, before it is deleted.
+/// Where rows of a stream live: waiting for delivery, or refused by the
+/// broker and parked (both are bounded by the same limits, SPEC 1.11).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Table {
+    Records,
+    DeadLetters,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Records => "records",
+            Table::DeadLetters => "dead_letters",
+        }
+    }
+}
+
+/// A head range chosen for eviction, before it is deleted: every row of
+/// `table` of the stream with `first_seq <= seq <= last_seq`.
 struct Range {
+    table: Table,
     stream: i64,
     connection: String,
     kind: Kind,
@@ -151,6 +170,15 @@ struct Range {
     last_seq: i64,
     count: i64,
     bytes: i64,
+}
+
+/// The rows of one stream in one table, for expiry.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    table: Table,
+    stream: i64,
+    connection: &'a str,
+    kind: Kind,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -221,19 +249,22 @@ fn connection_value(connection: &str) -> serde_json::Value {
 }
 
 /// The `buffer.evicted` event announcing `e`.
+/// Dead letters evicted say so in `reason` (SPEC 1.11) and name the limit
+/// that took them in `limit`.
 pub(crate) fn eviction_event(e: &Eviction, ts_ms: i64) -> NewRecord {
-    agent_event(
-        "buffer.evicted",
-        ts_ms,
-        serde_json::json!({
-            "connection": connection_value(&e.connection),
-            "kind": e.kind.as_str(),
-            "first_seq": e.first_seq,
-            "last_seq": e.last_seq,
-            "count": e.count,
-            "reason": e.reason.as_str(),
-        }),
-    )
+    let mut details = serde_json::json!({
+        "connection": connection_value(&e.connection),
+        "kind": e.kind.as_str(),
+        "first_seq": e.first_seq,
+        "last_seq": e.last_seq,
+        "count": e.count,
+        "reason": e.reason.as_str(),
+    });
+    if e.dead_letters {
+        details["reason"] = "dead_letter".into();
+        details["limit"] = e.reason.as_str().into();
+    }
+    agent_event("buffer.evicted", ts_ms, details)
 }
 
 /// The `system.error` event naming rows moved to dead letters.
@@ -384,6 +415,7 @@ fn delete_and_announce(
             count: r.count as u64,
             bytes: r.bytes as u64,
             reason,
+            dead_letters: r.table == Table::DeadLetters,
         })
         .collect();
     let events: Vec<NewRecord> = evictions.iter().map(|e| eviction_event(e, ts_ms)).collect();
@@ -397,14 +429,25 @@ fn delete_and_announce(
         let mut delete = tx
             .prepare_cached("DELETE FROM records WHERE stream = ?1 AND seq BETWEEN ?2 AND ?3")
             .map_err(&sql)?;
+        let mut delete_dead = tx
+            .prepare_cached("DELETE FROM dead_letters WHERE stream = ?1 AND seq BETWEEN ?2 AND ?3")
+            .map_err(&sql)?;
         let mut shrink = tx
             .prepare_cached(
                 "UPDATE streams SET records = records - ?2, bytes = bytes - ?3, \
                  evicted_total = evicted_total + ?2 WHERE id = ?1",
             )
             .map_err(&sql)?;
+        // Dead letters are not in the pending counters (invariant 4).
+        let mut count_dead = tx
+            .prepare_cached("UPDATE streams SET evicted_total = evicted_total + ?2 WHERE id = ?1")
+            .map_err(&sql)?;
         for r in &ranges {
-            let n = delete
+            let stmt = match r.table {
+                Table::Records => &mut delete,
+                Table::DeadLetters => &mut delete_dead,
+            };
+            let n = stmt
                 .execute(params![r.stream, r.first_seq, r.last_seq])
                 .map_err(&sql)?;
             if n as i64 != r.count {
@@ -418,9 +461,11 @@ fn delete_and_announce(
                     ),
                 });
             }
-            shrink
-                .execute(params![r.stream, r.count, r.bytes])
-                .map_err(&sql)?;
+            match r.table {
+                Table::Records => shrink.execute(params![r.stream, r.count, r.bytes]),
+                Table::DeadLetters => count_dead.execute(params![r.stream, r.count]),
+            }
+            .map_err(&sql)?;
         }
     }
     // After the deletes, so the events can reuse the pages just freed even
@@ -466,14 +511,31 @@ fn stream_names(
     Ok(out)
 }
 
-/// Streams with pending rows, optionally only tag streams or only the others,
-/// in `StreamKey` order.
-fn pending_streams(
+/// Streams with rows in `table`, optionally only tag streams or only the
+/// others, in `StreamKey` order.
+fn streams_in(
     tx: &Transaction,
     path: &Path,
+    table: Table,
     tags: Option<bool>,
 ) -> Result<Vec<(i64, String, Kind)>, BufferError> {
-    let mut out = stream_names(tx, path, "evict", true)?;
+    let mut out = match table {
+        Table::Records => stream_names(tx, path, "evict", true)?,
+        Table::DeadLetters => {
+            let sql = sql_err("evict", path);
+            let mut stmt = tx
+                .prepare_cached("SELECT DISTINCT stream FROM dead_letters")
+                .map_err(&sql)?;
+            let ids = stmt
+                .query_map([], |row| row.get::<_, i64>(0))
+                .map_err(&sql)?
+                .collect::<Result<Vec<i64>, _>>()
+                .map_err(&sql)?;
+            let mut all = stream_names(tx, path, "evict", false)?;
+            all.retain(|(id, _, _)| ids.contains(id));
+            all
+        }
+    };
     out.retain(|(_, _, kind)| tags.map_or(true, |t| t == (*kind == Kind::Tag)));
     out.sort_unstable_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
     Ok(out)
@@ -486,6 +548,7 @@ fn pending_streams(
 fn pick_oldest(
     tx: &Transaction,
     path: &Path,
+    table: Table,
     streams: &[(i64, String, Kind)],
     want: u64,
     max_rows: usize,
@@ -495,8 +558,11 @@ fn pick_oldest(
     let mut stmts = Vec::with_capacity(streams.len());
     for _ in streams {
         stmts.push(
-            tx.prepare("SELECT id, seq, size FROM records WHERE stream = ?1 ORDER BY seq")
-                .map_err(&sql)?,
+            tx.prepare(&format!(
+                "SELECT id, seq, size FROM {} WHERE stream = ?1 ORDER BY seq",
+                table.name()
+            ))
+            .map_err(&sql)?,
         );
     }
     let mut cursors = Vec::with_capacity(streams.len());
@@ -541,6 +607,7 @@ fn pick_oldest(
             }
             slot @ None => {
                 *slot = Some(Range {
+                    table,
                     stream: *stream,
                     connection: connection.clone(),
                     kind: *kind,
@@ -1234,18 +1301,28 @@ impl Store {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&sql)?;
         let mut ranges = Vec::new();
-        let tags = pending_streams(&tx, path, Some(true))?;
-        let (mut bytes, mut rows) =
-            pick_oldest(&tx, path, &tags, want, CHUNK_MAX_ROWS, &mut ranges)?;
-        // Other kinds only in a transaction that has taken every tag row:
-        // the tag walk stopped short of `want` and of the row cap only
-        // because it ran out of rows.
-        if lane == Lane::Any && bytes < want && rows < CHUNK_MAX_ROWS {
-            let others = pending_streams(&tx, path, Some(false))?;
+        let (mut bytes, mut rows) = (0u64, 0usize);
+        // Within a lane, rows the broker refused (dead letters) go before
+        // rows still waiting for delivery: they are the least likely to be
+        // delivered (SPEC 1.11). Other kinds only in a transaction that has
+        // taken every tag row: the tag walks stopped short of `want` and of
+        // the row cap only because they ran out of rows.
+        let order = [
+            (true, Table::DeadLetters),
+            (true, Table::Records),
+            (false, Table::DeadLetters),
+            (false, Table::Records),
+        ];
+        for (tags, table) in order {
+            if bytes >= want || rows >= CHUNK_MAX_ROWS || (!tags && lane == Lane::Tags) {
+                break;
+            }
+            let streams = streams_in(&tx, path, table, Some(tags))?;
             let (b, r) = pick_oldest(
                 &tx,
                 path,
-                &others,
+                table,
+                &streams,
                 want - bytes,
                 CHUNK_MAX_ROWS - rows,
                 &mut ranges,
@@ -1281,23 +1358,36 @@ impl Store {
             return Ok(out);
         };
         let cutoff = now_ms.saturating_sub(age);
-        let streams = {
+        // Pending rows first, then dead letters (SPEC 1.11), each in
+        // stream order.
+        let mut streams = Vec::new();
+        {
             let tx = self
                 .conn
                 .unchecked_transaction()
                 .map_err(self.err("evict expired"))?;
-            pending_streams(&tx, &self.path, None)?
-        };
-        for (id, connection, kind) in streams {
+            for table in [Table::Records, Table::DeadLetters] {
+                for s in streams_in(&tx, &self.path, table, None)? {
+                    streams.push((table, s));
+                }
+            }
+        }
+        for (table, (id, connection, kind)) in streams {
+            let head = Head {
+                table,
+                stream: id,
+                connection: &connection,
+                kind,
+            };
             loop {
-                let chunk = match self.expire_chunk(id, &connection, kind, cutoff, now_ms) {
+                let chunk = match self.expire_chunk(&head, cutoff, now_ms) {
                     Err(e) if is_sqlite_full(&e) => {
                         // At the cap, deleting rows need not free a whole
                         // page for the announcement; expired rows must go
                         // anyway, so this one transaction may use a few
                         // pages of the WAL's share of max_size.
                         self.set_page_cap(self.cap_pages().map(|c| c + EXPIRY_HEADROOM_PAGES))?;
-                        let retry = self.expire_chunk(id, &connection, kind, cutoff, now_ms);
+                        let retry = self.expire_chunk(&head, cutoff, now_ms);
                         self.set_page_cap(self.cap_pages())?;
                         self.full_to_error(retry, 0)?
                     }
@@ -1320,18 +1410,22 @@ impl Store {
         Ok(out)
     }
 
-    /// One expiry transaction over the head of stream `id`: the rows older
-    /// than `cutoff` (at most a chunk) deleted and announced. None when the
-    /// head is not expired; else the evictions and whether the chunk was
-    /// full (more may be expired).
+    /// One expiry transaction over the head of one stream's rows in one
+    /// table: the rows older than `cutoff` (at most a chunk) deleted and
+    /// announced. None when the head is not expired; else the evictions and
+    /// whether the chunk was full (more may be expired).
     fn expire_chunk(
         &mut self,
-        id: i64,
-        connection: &str,
-        kind: Kind,
+        head: &Head<'_>,
         cutoff: i64,
         now_ms: i64,
     ) -> Result<Option<(Vec<Eviction>, bool)>, BufferError> {
+        let Head {
+            table,
+            stream: id,
+            connection,
+            kind,
+        } = *head;
         let path = &self.path;
         let sql = sql_err("evict expired", path);
         let tx = self
@@ -1341,9 +1435,10 @@ impl Store {
         let mut range: Option<Range> = None;
         {
             let mut stmt = tx
-                .prepare_cached(
-                    "SELECT seq, size, ts_ms FROM records WHERE stream = ?1 ORDER BY seq",
-                )
+                .prepare_cached(&format!(
+                    "SELECT seq, size, ts_ms FROM {} WHERE stream = ?1 ORDER BY seq",
+                    table.name()
+                ))
                 .map_err(&sql)?;
             let mut rows = stmt.query(params![id]).map_err(&sql)?;
             let mut n = 0;
@@ -1365,6 +1460,7 @@ impl Store {
                     }
                     None => {
                         range = Some(Range {
+                            table,
                             stream: id,
                             connection: connection.to_string(),
                             kind,

@@ -27,18 +27,21 @@ const ENV_PREFIX: &str = "PLANTGATE";
 /// The origin the `config` crate stamps on values from environment variables.
 const ENV_ORIGIN: &str = "the environment";
 
-const EVENT_TYPES: [&str; 5] = [
+const EVENT_TYPES: [&str; 6] = [
     "connection.status_changed",
     "connection.auth_required",
     "sync.completed",
     "system.error",
     "buffer.evicted",
+    "source.dropped",
 ];
-const DEFAULT_EVENTS: [&str; 4] = [
+/// Loss is never silent by default (SPEC 1.9): `source.dropped` is on.
+const DEFAULT_EVENTS: [&str; 5] = [
     "connection.status_changed",
     "connection.auth_required",
     "sync.completed",
     "system.error",
+    "source.dropped",
 ];
 
 const TOP_KEYS: &[&str] = &["agent", "health", "mqtt", "buffer", "connections"];

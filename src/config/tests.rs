@@ -118,7 +118,8 @@ fn connection_defaults_are_secure() {
             "connection.status_changed",
             "connection.auth_required",
             "sync.completed",
-            "system.error"
+            "system.error",
+            "source.dropped"
         ]
     );
     assert!(conn.node_template.is_none());

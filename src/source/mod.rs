@@ -9,14 +9,17 @@
 //!   forever even on rejected credentials and its subscriptions can go silent
 //!   after a reconnect.
 //! - The subscription callback runs on the OPC UA event loop; it converts and
-//!   pushes one Vec per publish response into an unbounded channel. A
-//!   forwarder task hands them to the reporter (which applies back-pressure
-//!   from the buffer) so the event loop never blocks and no value is dropped.
+//!   pushes one Vec per publish response into the intake queue (`intake`),
+//!   bounded by a value budget. A driver task hands them to the reporter
+//!   (which waits on the bounded queue into the buffer), so the event loop
+//!   never blocks and a value is only dropped, counted and announced, when a
+//!   stalled buffer has filled both queues (SPEC 1.9).
 //! - States: `connecting` until the first subscription is up, `online` while
 //!   subscribed, then `offline` / `auth_required` / `untrusted` with the
 //!   status code name as reason. Retries while not online do not flap through
 //!   `connecting` (one state change, one log line, one event per outage).
 
+mod intake;
 pub mod pki;
 mod session;
 pub mod value;
@@ -84,7 +87,7 @@ pub async fn run_connection_restored(
     }
     let profile_keys: Arc<Vec<Option<NodeKey>>> =
         Arc::new(all_plans.iter().map(|p| p.profile).collect());
-    let (records_tx, records_rx) = mpsc::unbounded_channel::<Feed>();
+    let (records_tx, records_rx) = intake::channel(intake::QUEUED_VALUES, reporter.intake_loss());
     let forwarder = tokio::spawn(drive(records_rx, reporter.clone(), profile));
     let plans = Arc::new(all_plans);
     let metas: Arc<Vec<TagMeta>> = Arc::new(plans.iter().map(|p| p.meta.clone()).collect());
@@ -150,7 +153,11 @@ pub async fn run_connection_restored(
         if cancel.is_cancelled() {
             break;
         }
-        if failure.was_online {
+        // Only a session that stayed up for a while proves the connection
+        // healthy: one that comes up and dies at once (a value the decoder
+        // cannot take, a server that drops us after subscribing) must not
+        // reconnect at full speed forever (SPEC 1.10).
+        if failure.online_for.is_some_and(|d| d >= HEALTHY_SESSION) {
             backoff.reset();
         }
         let next = classify(&failure.error);
@@ -214,11 +221,7 @@ struct ReadTarget {
 /// profile, so its inputs are applied in the order the session produced
 /// them. Records and the snapshot after them go out together, so they
 /// commit in one transaction.
-async fn drive(
-    mut rx: mpsc::UnboundedReceiver<Feed>,
-    reporter: ConnectionReporter,
-    mut profile: Option<Profile>,
-) {
+async fn drive(mut rx: intake::FeedRx, reporter: ConnectionReporter, mut profile: Option<Profile>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut target: Option<ReadTarget> = None;
@@ -247,8 +250,8 @@ async fn drive(
                         break;
                     }
                     match rx.try_recv() {
-                        Ok(feed) => next = Some(feed),
-                        Err(_) => break,
+                        Some(feed) => next = Some(feed),
+                        None => break,
                     }
                 }
             }
@@ -477,21 +480,22 @@ struct SessionCtx<'a> {
     plans: &'a Arc<Vec<TagPlan>>,
     metas: &'a Arc<Vec<TagMeta>>,
     profile_keys: &'a Arc<Vec<Option<NodeKey>>>,
-    records: &'a mpsc::UnboundedSender<Feed>,
+    records: &'a intake::FeedTx,
     reporter: &'a ConnectionReporter,
     cancel: &'a CancellationToken,
 }
 
 struct Failure {
     error: SourceError,
-    was_online: bool,
+    /// How long the session had been online, if it got there.
+    online_for: Option<Duration>,
 }
 
 impl From<SourceError> for Failure {
     fn from(error: SourceError) -> Self {
         Failure {
             error,
-            was_online: false,
+            online_for: None,
         }
     }
 }
@@ -629,9 +633,10 @@ async fn run_session(
         bad = bad.len(),
         "OPC UA session subscribed"
     );
+    let online_at = tokio::time::Instant::now();
     let online = |error: SourceError| Failure {
         error,
-        was_online: true,
+        online_for: Some(online_at.elapsed()),
     };
 
     // The server may have revised interval and count: watch what it agreed to.
@@ -641,7 +646,16 @@ async fn run_session(
         .get(subscription_id)
         .map(|s| (s.publishing_interval(), s.max_keep_alive_count()))
         .unwrap_or((conn.publishing_interval, session::KEEP_ALIVE_COUNT));
-    let keep_alive = interval.max(Duration::from_millis(1)) * count.max(1);
+    let keep_alive = keep_alive_window(interval, count);
+    if interval
+        > conn
+            .publishing_interval
+            .saturating_mul(10)
+            .max(Duration::from_secs(10))
+    {
+        tracing::warn!(connection = %conn.id, requested_ms = conn.publishing_interval.as_millis() as u64,
+            revised_ms = interval.as_millis() as u64, "server revised the publishing interval far up");
+    }
     let silent_limit = keep_alive * 3 + Duration::from_secs(1);
     let mut watchdog = tokio::time::interval((keep_alive / 2).max(Duration::from_millis(200)));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -759,6 +773,23 @@ async fn report_bad(
             tracing::info!(connection = %ctx.conn.id, tag = %tag.name, node = %tag.node, "tag available again");
         }
     }
+}
+
+/// How long a session must have been online for its end to reset the
+/// reconnect backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+/// Longest keep-alive window the watchdog accepts from a server.
+const MAX_KEEP_ALIVE: Duration = Duration::from_secs(3600);
+
+/// The subscription's keep-alive window from what the server agreed to.
+/// The values are the server's: checked arithmetic and a clamp, because an
+/// absurd revision must not panic the connection task (SPEC 1.10).
+fn keep_alive_window(interval: Duration, count: u32) -> Duration {
+    interval
+        .max(Duration::from_millis(1))
+        .checked_mul(count.max(1))
+        .unwrap_or(MAX_KEEP_ALIVE)
+        .min(MAX_KEEP_ALIVE)
 }
 
 /// Tags that cannot be monitored now: (index into the plans, why).

@@ -413,14 +413,14 @@ impl Feed {
 }
 
 /// The subscription callback. Runs on the OPC UA event loop, so it only
-/// converts and hands over: one message per publish response, unbounded
-/// channel (never blocks the loop, never drops a value).
+/// converts and hands over: one message per publish response into the
+/// intake queue, which never blocks the loop and counts what it cannot take.
 pub(crate) struct Notifier {
     pub connection: Arc<str>,
     pub tags: Arc<Vec<TagMeta>>,
     /// Per plan index: the profile node it is, if any.
     pub profile: Arc<Vec<Option<NodeKey>>>,
-    pub records: mpsc::UnboundedSender<Feed>,
+    pub records: super::intake::FeedTx,
     pub events: mpsc::UnboundedSender<LoopEvent>,
 }
 
@@ -449,6 +449,9 @@ impl OnSubscriptionNotificationCore for Notifier {
                         continue;
                     };
                     let status = item.value.status();
+                    if status.overflow() {
+                        self.records.server_overflow(&tag.name);
+                    }
                     match self.profile.get(index).copied().flatten() {
                         Some(key) => samples.push(Sample {
                             key,

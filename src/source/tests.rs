@@ -1298,3 +1298,24 @@ async fn twenty_connections_in_one_process() {
 
 #[path = "tests/profiles.rs"]
 mod profiles;
+
+#[test]
+fn absurd_server_revisions_do_not_overflow_the_keep_alive() {
+    // What a misbehaving server may revise to: no panic, a sane bound.
+    assert_eq!(
+        keep_alive_window(Duration::from_millis(u64::MAX), u32::MAX),
+        MAX_KEEP_ALIVE
+    );
+    assert_eq!(
+        keep_alive_window(Duration::from_secs(u64::MAX / 2), 3),
+        MAX_KEEP_ALIVE
+    );
+    assert_eq!(
+        keep_alive_window(Duration::ZERO, 0),
+        Duration::from_millis(1)
+    );
+    assert_eq!(
+        keep_alive_window(Duration::from_millis(500), 10),
+        Duration::from_secs(5)
+    );
+}

@@ -97,7 +97,7 @@ impl Uplink {
     }
 
     /// Runs sessions until `cancel`, reconnecting with backoff.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(&self, cancel: CancellationToken) {
         let m = &self.settings.mqtt;
         let mut backoff = Backoff::new(m.reconnect_initial, m.reconnect_max);
         let mut quiet = crate::throttle::Throttle::new(Duration::from_secs(300));
