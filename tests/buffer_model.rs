@@ -525,7 +525,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
     }
     store.integrity_check().expect("integrity");
     // The file never outgrew the limit.
-    let on_disk: u64 = ["", "-wal"]
+    let on_disk: u64 = ["", "-wal", ".reserve"]
         .iter()
         .map(|s| {
             std::fs::metadata(format!("{}{s}", path.display()))

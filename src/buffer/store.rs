@@ -924,23 +924,34 @@ impl Store {
     }
 
     /// Translates `limits.max_size` into pragmas (invariant 9): a quarter of
-    /// the budget (at most 64 MiB) for the WAL, the rest for the main file.
+    /// the budget (at most 64 MiB) for the WAL, the disk reserve (service
+    /// only), the rest for the main file. The reserve is part of the budget:
+    /// `max_size` bounds everything the buffer takes on disk.
     fn apply_limits(&mut self) -> Result<(), BufferError> {
         let ps = self.page_size;
+        // Room for one checkpoint of a full WAL share plus an eviction
+        // transaction: what it takes to get out of a full disk.
+        let reserve_pages = |autocheckpoint: u64| 2 * autocheckpoint + (256 * 1024) / ps;
         let (cap, autocheckpoint, journal_limit) = if self.limits.max_size == u64::MAX {
+            self.reserve_bytes = reserve_pages(1000) * ps;
             (None, 1000, 64 * 1024 * 1024)
         } else {
             let total = self.limits.max_size / ps;
             let wal = (total / 4).clamp(16, 16_384);
-            let db = total.saturating_sub(wal).max(MIN_DB_PAGES);
             // Checkpoint early and truncate the WAL to half its share, so
             // the frames since the last reset plus one transaction fit.
-            (Some(db), (wal / 4).max(2), (wal / 2) * ps)
+            let autocheckpoint = (wal / 4).max(2);
+            // A small buffer gets a smaller reserve rather than no room.
+            let reserve = if self.keep_reserve {
+                reserve_pages(autocheckpoint).min(total / 8)
+            } else {
+                0
+            };
+            self.reserve_bytes = reserve * ps;
+            let db = total.saturating_sub(wal + reserve).max(MIN_DB_PAGES);
+            (Some(db), autocheckpoint, (wal / 2) * ps)
         };
         self.size_cap_pages = cap;
-        // Room for one checkpoint of a full WAL share plus an eviction
-        // transaction: what it takes to get out of a full disk.
-        self.reserve_bytes = 2 * autocheckpoint * ps + 256 * 1024;
         self.set_page_cap(self.cap_pages())?;
         let e = self.err("apply limits");
         self.conn
