@@ -19,6 +19,9 @@ use crate::buffer::{BufferHandle, Stats};
 use crate::record::{format_ts, now_ms};
 use crate::status::StatusBoard;
 
+pub mod listener;
+pub use listener::{connection_stats, ConnectionStats, HealthLimits};
+
 /// A loop silent for longer than this counts as dead for /healthz.
 pub const LOOP_SILENCE: Duration = Duration::from_secs(15);
 /// The buffer thread must answer within this to count as alive/writable.
@@ -42,10 +45,21 @@ pub struct HealthState {
 }
 
 /// Binds `addr` now (so a bad address is a clear start-up error) and serves
-/// until `cancel`. Returns the bound address (port 0 picks one).
+/// until `cancel`, with the default [`HealthLimits`]. Returns the bound
+/// address (port 0 picks one).
 pub async fn serve(
     addr: SocketAddr,
     state: Arc<HealthState>,
+    cancel: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), BindError> {
+    serve_with(addr, state, HealthLimits::default(), cancel).await
+}
+
+/// [`serve`] with explicit connection limits (SPEC 7, see [`listener`]).
+pub async fn serve_with(
+    addr: SocketAddr,
+    state: Arc<HealthState>,
+    limits: HealthLimits,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), BindError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -60,15 +74,7 @@ pub async fn serve(
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(state);
-    let task = tokio::spawn(async move {
-        let shutdown = async move { cancel.cancelled().await };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "health endpoint stopped");
-        }
-    });
+    let task = tokio::spawn(listener::run(listener, app, limits, cancel));
     Ok((bound, task))
 }
 

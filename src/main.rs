@@ -178,12 +178,67 @@ fn load_config(path: &std::path::Path) -> Result<config::Config, ExitCode> {
             }
             Ok(loaded.config)
         }
-        Err(e) => {
-            eprintln!("plantgate: invalid configuration ({}):", path.display());
-            for p in &e.problems {
-                eprintln!("  {}: {}", p.path, p.message);
+        Err(e) => Err(config_error(path, &e)),
+    }
+}
+
+/// For the `buffer` commands: they read only `agent.data_dir` and
+/// `[buffer]`, so they neither need nor resolve the secrets, which outside
+/// the service (no `$CREDENTIALS_DIRECTORY`, another user) may not be at
+/// hand. Warnings are the service's business and not repeated here.
+fn load_config_without_secrets(path: &std::path::Path) -> Result<config::Config, ExitCode> {
+    config::load_without_secrets(path)
+        .map(|loaded| loaded.config)
+        .map_err(|e| config_error(path, &e))
+}
+
+fn config_error(path: &std::path::Path, e: &config::ConfigError) -> ExitCode {
+    eprintln!("plantgate: invalid configuration ({}):", path.display());
+    for p in &e.problems {
+        eprintln!("  {}: {}", p.path, p.message);
+    }
+    ExitCode::from(EXIT_CONFIG as u8)
+}
+
+/// Files and directories the process creates are its own only: buffer.db
+/// (SQLite gives its -wal and -shm the database's mode), the data and PKI
+/// directories, a quarantined database. The systemd unit sets `UMask=0077`
+/// too; this covers every other way of starting the binary.
+fn restrict_umask() {
+    // SAFETY: umask(2) only swaps the process's file mode creation mask; it
+    // cannot fail and touches no memory of ours.
+    #[cfg(unix)]
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// A buffer left readable by others (created by an older version, or
+/// copied in) is set to 0600, as the OPC UA key is: it holds every record
+/// waiting for delivery.
+fn restrict_buffer_files(data_dir: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let db = plantgate::buffer::DB_FILE_NAME;
+        for name in [db.to_string(), format!("{db}-wal"), format!("{db}-shm")] {
+            let file = data_dir.join(name);
+            let Some(mode) = plantgate::secret::exposed_mode(&file) else {
+                continue;
+            };
+            match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+                Ok(()) => tracing::warn!(
+                    file = %file.display(),
+                    was = format!("{mode:04o}"),
+                    "buffer file was accessible by group or others; set to 0600"
+                ),
+                Err(e) => tracing::warn!(
+                    file = %file.display(),
+                    mode = format!("{mode:04o}"),
+                    error = %e,
+                    "buffer file is accessible by group or others and could not be restricted"
+                ),
             }
-            Err(ExitCode::from(EXIT_CONFIG as u8))
         }
     }
 }
@@ -208,6 +263,7 @@ fn cancel_on_signals(cancel: CancellationToken) {
 }
 
 fn main() -> ExitCode {
+    restrict_umask();
     let cli = Cli::parse();
     init_logging(cli.log_format, default_filter(&cli.command));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -231,6 +287,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            restrict_buffer_files(&config.agent.data_dir);
             let cancel = CancellationToken::new();
             cancel_on_signals(cancel.clone());
             let (agent, join) = match plantgate::agent::start(config, cancel.clone()).await {
@@ -340,7 +397,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 BufferAction::DeadLetters { config } => (config, buffer_dead_letters),
                 BufferAction::Retry { config } => (config, buffer_retry),
             };
-            match load_config(&config_path(config)) {
+            match load_config_without_secrets(&config_path(config)) {
                 Ok(c) => run(&c),
                 Err(code) => code,
             }

@@ -157,10 +157,33 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// What a load resolves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Everything, secrets and TLS files included (`run`, `check`).
+    Full,
+    /// Everything but secrets and TLS files, which are checked for form
+    /// only and left out (`password` is `None`): for commands that only
+    /// read the buffer, run by an operator outside the service, where
+    /// `$CREDENTIALS_DIRECTORY` or the service's key files are not at hand.
+    WithoutSecrets,
+}
+
 /// Reads the TOML file plus `PLANTGATE__SECTION__KEY` overrides from the
 /// process environment; secrets come from the process environment, files or
 /// `$CREDENTIALS_DIRECTORY`.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    load_mode(path, Mode::Full)
+}
+
+/// Like [`load`], but neither reads secrets nor opens the TLS files: every
+/// password is `None`. For `plantgate buffer ...`, which needs only
+/// `agent.data_dir` and `[buffer]`.
+pub fn load_without_secrets(path: &Path) -> Result<Loaded, ConfigError> {
+    load_mode(path, Mode::WithoutSecrets)
+}
+
+fn load_mode(path: &Path, mode: Mode) -> Result<Loaded, ConfigError> {
     let label = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         let message = if e.kind() == std::io::ErrorKind::NotFound {
@@ -190,13 +213,13 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
-    load_text(&text, &label, &env)
+    load_text(&text, &label, &env, mode)
 }
 
 /// Like [`load`], fully injected: `env` serves the `PLANTGATE__` overrides,
 /// `password_env` look-ups and `CREDENTIALS_DIRECTORY`.
 pub fn load_from(toml_text: &str, env: &HashMap<String, String>) -> Result<Loaded, ConfigError> {
-    load_text(toml_text, "config", env)
+    load_text(toml_text, "config", env, Mode::Full)
 }
 
 fn is_override_var(key: &str) -> bool {
@@ -242,6 +265,7 @@ fn load_text(
     text: &str,
     label: &str,
     env: &HashMap<String, String>,
+    mode: Mode,
 ) -> Result<Loaded, ConfigError> {
     // Collected into `config::Map` rather than passed as a HashMap so this
     // keeps compiling if anything enables the crate's `preserve_order`.
@@ -277,6 +301,7 @@ fn load_text(
 
     let mut w = Walker {
         env,
+        mode,
         suggested: HashSet::new(),
         problems: Vec::new(),
         warnings: Vec::new(),
@@ -377,6 +402,7 @@ type Table = Map<String, Value>;
 
 struct Walker<'e> {
     env: &'e HashMap<String, String>,
+    mode: Mode,
     /// Paths offered as "did you mean"; their absence is not reported again.
     suggested: HashSet<String>,
     problems: Vec<Problem>,
@@ -699,6 +725,9 @@ impl Walker<'_> {
     fn readable_file(&mut self, t: Option<&Table>, prefix: &str, key: &str) -> Option<PathBuf> {
         let s = self.optional(t, prefix, key)?;
         let path = PathBuf::from(&s);
+        if self.mode == Mode::WithoutSecrets {
+            return Some(path);
+        }
         match std::fs::metadata(&path) {
             Ok(m) if m.is_dir() => {
                 self.problem(
@@ -745,6 +774,15 @@ impl Walker<'_> {
             self.problem(path, "must not be empty");
             return None;
         }
+        if self.mode == Mode::WithoutSecrets {
+            if key == "password_credential" && !is_credential_name(&value) {
+                self.problem(
+                    path,
+                    format!("{value:?} must be a credential name, not a path"),
+                );
+            }
+            return None;
+        }
         match key {
             "password" => {
                 self.warnings.push(format!(
@@ -763,10 +801,12 @@ impl Walker<'_> {
                     None
                 }
             },
-            "password_file" => self.secret_file(&path, Path::new(&value)),
+            "password_file" => {
+                self.warn_if_exposed(&path, Path::new(&value), "password file");
+                self.secret_file(&path, Path::new(&value))
+            }
             _ => {
-                let plain_name = !value.contains('/') && value != "." && value != "..";
-                if !plain_name {
+                if !is_credential_name(&value) {
                     self.problem(
                         path,
                         format!("{value:?} must be a credential name, not a path"),
@@ -790,6 +830,22 @@ impl Walker<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// ssh's rule for private keys, as a warning: a secret file anyone but
+    /// its owner may read has leaked already, or will. Names the file and
+    /// its mode, never its content.
+    fn warn_if_exposed(&mut self, path: &str, file: &Path, what: &str) {
+        if self.mode != Mode::Full {
+            return;
+        }
+        if let Some(mode) = crate::secret::exposed_mode(file) {
+            self.warnings.push(format!(
+                "{path}: {file} is accessible by group or others (mode {mode:04o}); a {what} should be \
+                 readable by its owner only: chmod 600 {file} (or pass it as a systemd credential)",
+                file = file.display()
+            ));
         }
     }
 
@@ -893,6 +949,13 @@ impl Walker<'_> {
                 }
             },
         };
+        if !listen.ip().is_loopback() {
+            self.warnings.push(format!(
+                "{}: {listen} is not a loopback address; /status and /metrics answer without \
+                 authentication to anyone who can reach it",
+                join(p, "listen")
+            ));
+        }
         HealthConfig { listen }
     }
 
@@ -928,6 +991,9 @@ impl Walker<'_> {
         let ca_file = self.readable_file(t, p, "ca_file");
         let client_cert_file = self.readable_file(t, p, "client_cert_file");
         let client_key_file = self.readable_file(t, p, "client_key_file");
+        if let Some(key) = &client_key_file {
+            self.warn_if_exposed(&join(p, "client_key_file"), key, "private key");
+        }
         match (get(t, "client_cert_file"), get(t, "client_key_file")) {
             (Some(_), None) => self.problem(
                 join(p, "client_key_file"),
@@ -1127,19 +1193,8 @@ impl Walker<'_> {
 
         let endpoint = self.required(t, p, "endpoint", " (e.g. \"opc.tcp://10.1.2.3:4840\")");
         if let Some(e) = &endpoint {
-            let rest = e
-                .get(..10)
-                .filter(|s| s.eq_ignore_ascii_case("opc.tcp://"))
-                .map(|_| &e[10..]);
-            match rest {
-                None => self.problem(
-                    join(p, "endpoint"),
-                    format!("{e:?} must start with opc.tcp://"),
-                ),
-                Some(r) if r.is_empty() || r.starts_with(['/', ':']) => {
-                    self.problem(join(p, "endpoint"), format!("{e:?} has no host"))
-                }
-                Some(_) => {}
+            if let Err(message) = check_opc_endpoint(e) {
+                self.problem(join(p, "endpoint"), message);
             }
         }
 
@@ -1420,7 +1475,45 @@ impl Walker<'_> {
     }
 }
 
+/// `password_credential` names a file in `$CREDENTIALS_DIRECTORY`, no path.
+fn is_credential_name(value: &str) -> bool {
+    !value.contains('/') && value != "." && value != ".."
+}
+
+/// `opc.tcp://host[:port][/path]`. Credentials in the URL are refused rather
+/// than redacted wherever the endpoint shows (logs, `/status`, events,
+/// `check`, the OPC UA library's own errors): the connection's `username`
+/// and password keys exist for them, and a refused URL cannot leak later.
+/// Messages show the URL with user info and query masked.
+fn check_opc_endpoint(e: &str) -> Result<(), String> {
+    let shown = crate::secret::redact_url(e);
+    let rest = e
+        .get(..10)
+        .filter(|s| s.eq_ignore_ascii_case("opc.tcp://"))
+        .map(|_| &e[10..])
+        .ok_or_else(|| format!("{shown:?} must start with opc.tcp://"))?;
+    // Anywhere, not only before the first '/': a password may hold one.
+    if rest.contains('@') {
+        return Err(format!(
+            "{shown:?}: credentials in the endpoint URL are not supported (the URL shows in logs and \
+             status); use this connection's username and password_env/password_file/password_credential"
+        ));
+    }
+    if rest.contains(['?', '#']) {
+        return Err(format!(
+            "{shown:?} has a query or fragment; an OPC UA endpoint URL is opc.tcp://host[:port][/path] \
+             (credentials go in username and password_env/password_file/password_credential)"
+        ));
+    }
+    if rest.is_empty() || rest.starts_with(['/', ':']) {
+        return Err(format!("{shown:?} has no host"));
+    }
+    Ok(())
+}
+
 /// `mqtts://host[:port]` or `mqtt://host[:port]` -> (host, port, tls).
+/// Credentials in the URL are refused (see [`check_opc_endpoint`]); messages
+/// never show user info or a query.
 fn parse_mqtt_url(url: &str) -> Result<(String, u16, bool), String> {
     let url = url.trim();
     let (scheme, rest) = url.split_once("://").ok_or_else(|| {
@@ -1442,7 +1535,9 @@ fn parse_mqtt_url(url: &str) -> Result<(String, u16, bool), String> {
     }
     if authority.contains(['/', '?', '#']) {
         return Err(format!(
-            "{url:?} has a path or query; give only scheme, host and port"
+            "{:?} has a path or query; give only scheme, host and port (credentials go in \
+             mqtt.username and mqtt.password_env/password_file/password_credential)",
+            crate::secret::redact_url(url)
         ));
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {

@@ -7,7 +7,7 @@ pub mod model;
 mod render;
 mod units;
 
-pub use load::{load, load_from, ConfigError, Loaded, Problem, EXIT_CONFIG};
+pub use load::{load, load_from, load_without_secrets, ConfigError, Loaded, Problem, EXIT_CONFIG};
 pub use model::*;
 pub use render::render;
 pub use units::{parse_duration, parse_size};
