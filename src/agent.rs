@@ -109,6 +109,7 @@ pub async fn start(
             .map(|c| (c.id.clone(), c.kind.as_str().to_string()))
             .collect(),
     });
+    let health_state_for_restart = health_state.clone();
     let (health_addr, health_task) =
         match crate::health::serve(config.health.listen, health_state, health_cancel.clone()).await
         {
@@ -119,6 +120,14 @@ pub async fn start(
             }
         };
     tracing::info!(addr = %health_addr, "health endpoint listening");
+    let health_task = supervise_health(
+        health_addr,
+        health_state_for_restart,
+        health_task,
+        board.clone(),
+        buffer.clone(),
+        health_cancel.clone(),
+    );
 
     let (sink, sink_rx) = mpsc::channel::<Batch>(SINK_CAPACITY);
     let sink_rx = Arc::new(Mutex::new(sink_rx));
@@ -332,6 +341,48 @@ async fn supervise_connection(
         }
     };
     supervise(name, board, stop, start, on_death).await
+}
+
+/// Supervises the health server already listening on `addr` (its first
+/// run is `first`); a restart binds the same address again.
+fn supervise_health(
+    addr: std::net::SocketAddr,
+    state: Arc<crate::health::HealthState>,
+    first: tokio::task::JoinHandle<()>,
+    board: Arc<StatusBoard>,
+    buffer: BufferHandle,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let first = Arc::new(std::sync::Mutex::new(Some(first)));
+    let stop = cancel.clone();
+    tokio::spawn(supervise(
+        "health".into(),
+        board,
+        stop,
+        move || {
+            let first = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let (state, cancel) = (state.clone(), cancel.clone());
+            async move {
+                let task = match first {
+                    Some(task) => task,
+                    None => match crate::health::serve(addr, state, cancel).await {
+                        Ok((_, task)) => task,
+                        Err(e) => {
+                            tracing::error!(error = %e, "health endpoint cannot listen again");
+                            return;
+                        }
+                    },
+                };
+                // A panic of the server task is this run's panic.
+                if let Err(e) = task.await {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                }
+            }
+        },
+        agent_error(buffer, "health"),
+    ))
 }
 
 /// What the supervisor of an agent-level task does on a death: a

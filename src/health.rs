@@ -360,6 +360,32 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         .into_iter()
         .map(|(t, n)| (format!("{{task=\"{}\"}}", label(&t)), n as f64))
         .collect();
+    let conns = connection_stats();
+    metric(
+        "health_connections_open",
+        "gauge",
+        "Connections the health endpoint holds now.",
+        &one(conns.open as f64),
+    );
+    metric(
+        "health_connections_shed_total",
+        "counter",
+        "Health endpoint connections closed to protect it (SPEC 7), by reason.",
+        &[
+            (
+                "{reason=\"header_timeout\"}".to_string(),
+                conns.shed_header_timeout_total as f64,
+            ),
+            (
+                "{reason=\"over_limit\"}".to_string(),
+                conns.shed_over_limit_total as f64,
+            ),
+            (
+                "{reason=\"refused\"}".to_string(),
+                conns.refused_total as f64,
+            ),
+        ],
+    );
     metric(
         "task_restarts_total",
         "counter",
