@@ -118,6 +118,34 @@ pub struct MqttStatus {
     pub publish_latency: Histogram,
     /// Records acknowledged by the broker, per stream (connection, kind).
     pub published_by_stream: BTreeMap<(String, &'static str), u64>,
+    /// Messages the broker refused (MQTT 5 PUBACK reason >= 0x80), every
+    /// attempt counted: a message refused three times counts three.
+    pub rejected_total: u64,
+    /// When the broker last refused a message (ms since the Unix epoch).
+    pub last_rejected_ms: Option<i64>,
+    /// Records the uplink moved to the dead letters, by cause
+    /// ([`DEAD_LETTER_REFUSED`], [`DEAD_LETTER_TOO_LARGE`]).
+    pub dead_lettered_by_cause: BTreeMap<&'static str, u64>,
+    /// Maximum Packet Size the broker announced in its MQTT 5 CONNACK for
+    /// the current (or last) session; None when it set no limit or speaks
+    /// MQTT 3.1.1.
+    pub broker_max_packet_bytes: Option<u32>,
+    /// The largest payload the uplink sends on a data topic in the current
+    /// session: `max_message_bytes`, or less when the broker's limit binds.
+    pub payload_limit_bytes: usize,
+}
+
+/// Cause of a dead letter: the broker kept refusing the message.
+pub const DEAD_LETTER_REFUSED: &str = "refused";
+/// Cause of a dead letter: the record cannot fit one message
+/// (`max_message_bytes` or the broker's Maximum Packet Size).
+pub const DEAD_LETTER_TOO_LARGE: &str = "too_large";
+
+impl MqttStatus {
+    /// Records the uplink moved to the dead letters, all causes.
+    pub fn dead_lettered_total(&self) -> u64 {
+        self.dead_lettered_by_cause.values().sum()
+    }
 }
 
 /// Upper bounds (seconds) of the publish-latency histogram buckets.
@@ -415,6 +443,35 @@ impl StatusBoard {
             .entry((stream.connection.clone(), stream.kind.as_str()))
             .or_insert(0) += records;
         inner.mqtt.publish_latency.observe(latency.as_secs_f64());
+    }
+
+    /// The broker refused one message (one attempt).
+    pub fn record_rejected(&self) {
+        let mut inner = self.write();
+        inner.mqtt.rejected_total += 1;
+        inner.mqtt.last_rejected_ms = Some(now_ms());
+    }
+
+    /// The uplink moved `records` to the dead letters for `cause`
+    /// ([`DEAD_LETTER_REFUSED`] or [`DEAD_LETTER_TOO_LARGE`]).
+    pub fn add_dead_lettered(&self, cause: &'static str, records: u64) {
+        *self
+            .write()
+            .mqtt
+            .dead_lettered_by_cause
+            .entry(cause)
+            .or_insert(0) += records;
+    }
+
+    /// The message size limits of the session that just connected.
+    pub fn set_mqtt_limits(
+        &self,
+        broker_max_packet_bytes: Option<u32>,
+        payload_limit_bytes: usize,
+    ) {
+        let mut inner = self.write();
+        inner.mqtt.broker_max_packet_bytes = broker_max_packet_bytes;
+        inner.mqtt.payload_limit_bytes = payload_limit_bytes;
     }
 
     pub fn mqtt(&self) -> MqttStatus {

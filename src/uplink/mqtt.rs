@@ -25,17 +25,25 @@ pub struct SessionOptions {
     pub password: Option<Secret>,
     pub will_topic: String,
     pub will_payload: Vec<u8>,
-    /// Largest packet we send or accept.
+    /// Largest packet we accept from the broker.
     pub max_packet_bytes: usize,
+    /// Largest payload the uplink sends (`max_message_bytes`); with MQTT
+    /// 3.1.1 rumqttc's own outgoing limit is set above it by the largest
+    /// header and topic, so it never refuses what the uplink sized.
+    pub max_payload_bytes: usize,
     /// rumqttc's in-flight limit; the uplink keeps its own window below it.
     pub inflight: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MqttEvent {
-    /// The broker accepted the connection.
+    /// The broker accepted the connection. `broker_max_packet` is the
+    /// Maximum Packet Size of its MQTT 5 CONNACK (None: no limit announced,
+    /// or MQTT 3.1.1); rumqttc refuses a larger outgoing packet by ending the
+    /// session, so the uplink must size every message below it.
     Connected {
         session_present: bool,
+        broker_max_packet: Option<u32>,
     },
     /// A publish left the client with this packet id (0 for QoS 0), in the
     /// order the publishes were submitted.
@@ -65,6 +73,9 @@ impl Drop for Session {
         self.poller.abort();
     }
 }
+
+/// An MQTT topic name is at most 65 535 bytes (its length is a u16).
+const MAX_TOPIC_BYTES: usize = 65_535;
 
 /// Capacity of rumqttc's request channel; small so publishes wait in our
 /// bounded window rather than in an invisible queue.
@@ -154,7 +165,10 @@ fn v4_options(o: &SessionOptions) -> rumqttc::MqttOptions {
     m.set_keep_alive(o.keep_alive.max(Duration::from_secs(1)))
         .set_clean_session(true)
         .set_inflight(o.inflight.max(1))
-        .set_max_packet_size(o.max_packet_bytes, o.max_packet_bytes)
+        .set_max_packet_size(
+            o.max_packet_bytes,
+            o.max_payload_bytes + MAX_TOPIC_BYTES + super::topics::PUBLISH_HEADER_BYTES,
+        )
         .set_transport(transport(o))
         .set_last_will(rumqttc::LastWill::new(
             o.will_topic.clone(),
@@ -198,6 +212,7 @@ async fn poll_v4(mut el: rumqttc::EventLoop, tx: mpsc::UnboundedSender<Result<Mq
                 if ack.code == rumqttc::ConnectReturnCode::Success {
                     Ok(MqttEvent::Connected {
                         session_present: ack.session_present,
+                        broker_max_packet: None,
                     })
                 } else {
                     Err(format!("connection refused: {:?}", ack.code))
@@ -231,6 +246,7 @@ async fn poll_v5(
                 if ack.code == ConnectReturnCode::Success {
                     Ok(MqttEvent::Connected {
                         session_present: ack.session_present,
+                        broker_max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
                     })
                 } else {
                     Err(format!("connection refused: {:?}", ack.code))

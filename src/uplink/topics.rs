@@ -43,6 +43,79 @@ impl Topics {
     }
 }
 
+/// Bytes a QoS 1 PUBLISH packet adds around its payload besides the topic
+/// itself: fixed header (1), remaining length (at most 4), topic length (2),
+/// packet id (2) and, in MQTT 5, the property length (1: we send no
+/// properties).
+pub const PUBLISH_HEADER_BYTES: usize = 10;
+
+/// The smallest payload limit the uplink works with: every control message
+/// and every dead-letter announcement fits in it. The same floor as
+/// `mqtt.max_message_bytes` in the config; a broker whose Maximum Packet Size
+/// leaves less is unusable (SPEC 1.10: better a clear error than items
+/// dead-lettered or refused one after another).
+pub const MIN_PAYLOAD_BYTES: usize = 1024;
+
+/// The largest payload one message may carry (SPEC 4, 1.10): the configured
+/// `max_message_bytes`, and when the broker announced a Maximum Packet Size
+/// (MQTT 5 CONNACK), what that leaves after the PUBLISH header and topic.
+/// The broker closes the connection on a larger packet, so a message over it
+/// must never be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PayloadLimit {
+    pub max_message_bytes: usize,
+    pub broker_max_packet: Option<u32>,
+}
+
+impl PayloadLimit {
+    pub fn new(max_message_bytes: usize, broker_max_packet: Option<u32>) -> Self {
+        PayloadLimit {
+            max_message_bytes,
+            broker_max_packet,
+        }
+    }
+
+    /// What the broker's limit leaves for a payload on `topic`.
+    fn broker_room(&self, topic: &str) -> Option<usize> {
+        self.broker_max_packet.map(|p| {
+            usize::try_from(p)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(topic.len() + PUBLISH_HEADER_BYTES)
+        })
+    }
+
+    /// The largest payload allowed on `topic`.
+    pub fn for_topic(&self, topic: &str) -> usize {
+        match self.broker_room(topic) {
+            Some(room) => room.min(self.max_message_bytes),
+            None => self.max_message_bytes,
+        }
+    }
+
+    /// Why a payload of `size` bytes cannot go out on `topic`, naming every
+    /// limit it exceeds; None when it fits.
+    pub fn exceeded(&self, topic: &str, size: usize) -> Option<String> {
+        if size <= self.for_topic(topic) {
+            return None;
+        }
+        let mut why = Vec::new();
+        if size > self.max_message_bytes {
+            why.push(format!(
+                "mqtt.max_message_bytes ({})",
+                self.max_message_bytes
+            ));
+        }
+        if let (Some(packet), Some(room)) = (self.broker_max_packet, self.broker_room(topic)) {
+            if size > room {
+                why.push(format!(
+                    "the broker's Maximum Packet Size ({packet} bytes, {room} for a payload on this topic)"
+                ));
+            }
+        }
+        Some(format!("{size} bytes exceed {}", why.join(" and ")))
+    }
+}
+
 /// Bytes a batch payload costs besides its records' data: the envelope plus
 /// a per-record wrapper. Kept pessimistic so `fit` never overshoots.
 const ENVELOPE_OVERHEAD: usize = 160;
@@ -155,6 +228,101 @@ pub fn connection_status(state: &str, since_ms: i64, reason: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// Marks a string cut to fit a message.
+pub const TRUNCATED_MARKER: &str = "…[truncated]";
+
+/// A connection status payload within `limit` bytes: a reason too long for
+/// it (an OPC UA server can put anything in an error message) is cut at a
+/// char boundary and ends with [`TRUNCATED_MARKER`].
+pub fn connection_status_within(state: &str, since_ms: i64, reason: &str, limit: usize) -> Vec<u8> {
+    let full = connection_status(state, since_ms, reason);
+    if full.len() <= limit {
+        return full;
+    }
+    let encode = |keep: usize| {
+        let cut = format!("{}{TRUNCATED_MARKER}", &reason[..keep]);
+        connection_status(state, since_ms, &cut)
+    };
+    // JSON escapes make the encoded length no simple function of the cut:
+    // bisect for the longest prefix that fits.
+    let (mut lo, mut hi) = (0usize, reason.len());
+    while lo < hi {
+        let mid = floor_char_boundary(reason, (lo + hi).div_ceil(2));
+        if mid <= lo {
+            break;
+        }
+        if encode(mid).len() <= limit {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    encode(lo)
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    if i >= s.len() {
+        return s.len();
+    }
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// What a heartbeat reports (SPEC 4).
+pub struct Heartbeat<'a> {
+    pub ts_ms: i64,
+    pub uptime_s: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub oldest_ts_ms: Option<i64>,
+    /// (connection id, state), in a stable order.
+    pub connections: &'a [(String, &'static str)],
+    pub published_records_total: u64,
+}
+
+/// The heartbeat payload within `limit` bytes, and how many connections it
+/// had to leave out. With very many connections (or very long ids) the
+/// `connections` map keeps the first ones that fit and the payload says
+/// `"connections_omitted": N`; the full list is in `/status` and in each
+/// connection's retained status.
+pub fn heartbeat(h: &Heartbeat, limit: usize) -> (Vec<u8>, usize) {
+    let encode = |n: usize| {
+        let connections: serde_json::Map<String, Value> = h.connections[..n]
+            .iter()
+            .map(|(id, st)| (id.clone(), Value::from(*st)))
+            .collect();
+        let mut v = json!({
+            "ts": format_ts(h.ts_ms),
+            "uptime_s": h.uptime_s,
+            "buffer": {"records": h.records, "bytes": h.bytes, "oldest_ts": h.oldest_ts_ms.map(format_ts)},
+            "connections": connections,
+            "published_records_total": h.published_records_total,
+        });
+        if n < h.connections.len() {
+            v["connections_omitted"] = Value::from(h.connections.len() - n);
+        }
+        v.to_string().into_bytes()
+    };
+    let all = h.connections.len();
+    let full = encode(all);
+    if full.len() <= limit {
+        return (full, 0);
+    }
+    // The size grows with n: the largest n that fits, by bisection.
+    let (mut lo, mut hi) = (0usize, all);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if encode(mid).len() <= limit {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    (encode(lo), all - lo)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +419,164 @@ mod tests {
         assert_eq!(v["seq"], 7);
         assert_eq!(v["epoch"], "ep");
         assert_eq!(v["details"]["records"], 10);
+    }
+
+    #[test]
+    fn payload_limit_without_broker_is_the_config() {
+        let l = PayloadLimit::new(131_072, None);
+        assert_eq!(l.for_topic("plantgate/s/a/data/c/tag"), 131_072);
+        assert_eq!(l.exceeded("t", 131_072), None);
+        let why = l.exceeded("t", 131_073).unwrap();
+        assert!(why.contains("mqtt.max_message_bytes (131072)"), "{why}");
+        assert!(!why.contains("broker"), "{why}");
+    }
+
+    /// The limit is checked against rumqttc's own packet size computation,
+    /// the one its encoder compares with the broker's maximum.
+    #[test]
+    fn payload_limit_keeps_whole_packets_within_the_broker_maximum() {
+        use rumqttc::v5::mqttbytes::v5::Publish as Publish5;
+        use rumqttc::v5::mqttbytes::QoS as QoS5;
+        for broker in [1_100u32, 20_000, 70_000, 3_000_000] {
+            let l = PayloadLimit::new(usize::MAX / 2, Some(broker));
+            for topic in [
+                "plantgate/s/a/status".to_string(),
+                format!("plantgate/site/agent/data/{}/tag", "c".repeat(300)),
+            ] {
+                let room = l.for_topic(&topic);
+                let mut p5 =
+                    Publish5::new(topic.clone(), QoS5::AtLeastOnce, vec![b'x'; room], None);
+                p5.pkid = 1;
+                let mut p4 = rumqttc::Publish::new(
+                    topic.clone(),
+                    rumqttc::QoS::AtLeastOnce,
+                    vec![b'x'; room],
+                );
+                p4.pkid = 1;
+                let broker = broker as usize;
+                assert!(p5.size() <= broker, "v5 {broker} {topic}: {}", p5.size());
+                assert!(p4.size() <= broker, "v4 {broker} {topic}: {}", p4.size());
+                // Tight: at most the spare bytes of a shorter remaining length.
+                assert!(p5.size() + 4 >= broker, "v5 {broker}: {}", p5.size());
+                assert_eq!(l.exceeded(&topic, room), None);
+                let why = l.exceeded(&topic, room + 1).unwrap();
+                assert!(
+                    why.contains(&format!("Maximum Packet Size ({broker} bytes, {room} for")),
+                    "{why}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn payload_limit_takes_the_smaller_and_names_what_binds() {
+        let l = PayloadLimit::new(1024, Some(20_000));
+        assert_eq!(l.for_topic("a/b"), 1024);
+        let why = l.exceeded("a/b", 5000).unwrap();
+        assert!(
+            why.starts_with("5000 bytes exceed mqtt.max_message_bytes (1024)"),
+            "{why}"
+        );
+        assert!(!why.contains("broker"), "{why}");
+        let why = l.exceeded("a/b", 30_000).unwrap();
+        assert!(
+            why.contains("max_message_bytes") && why.contains("broker"),
+            "{why}"
+        );
+
+        let l = PayloadLimit::new(131_072, Some(20_000));
+        assert_eq!(l.for_topic("a/b"), 20_000 - 3 - PUBLISH_HEADER_BYTES);
+        let why = l.exceeded("a/b", 25_000).unwrap();
+        assert!(!why.contains("max_message_bytes"), "{why}");
+        assert!(
+            why.contains("the broker's Maximum Packet Size (20000 bytes"),
+            "{why}"
+        );
+        // A broker limit below the header leaves nothing, without underflow.
+        assert_eq!(PayloadLimit::new(1024, Some(5)).for_topic("a/b"), 0);
+    }
+
+    #[test]
+    fn batches_split_to_the_broker_limit() {
+        // 2 000 records of ~250 bytes under a 20 000-byte broker limit:
+        // every message fits, and none is needlessly small.
+        let l = PayloadLimit::new(131_072, Some(20_000));
+        let topic = "plantgate/test-site/test-gw/data/sim1/tag";
+        let max = l.for_topic(topic);
+        let data = format!(r#"{{"name":"x","value":"{}"}}"#, "v".repeat(200));
+        let records: Vec<_> = (1..=2000).map(|s| rec(s, &data)).collect();
+        let mut rest = &records[..];
+        let mut messages = 0;
+        while !rest.is_empty() {
+            let n = fit(rest, max, 40);
+            let bytes = encode_batch("test-gw", "0123456789abcdef", &rest[..n]);
+            assert!(bytes.len() <= max, "{} > {max}", bytes.len());
+            rest = &rest[n..];
+            messages += 1;
+            if !rest.is_empty() {
+                assert!(bytes.len() * 2 >= max, "only {} bytes", bytes.len());
+            }
+        }
+        assert!((25..=60).contains(&messages), "{messages} messages");
+    }
+
+    #[test]
+    fn connection_status_reason_is_cut_to_fit() {
+        let reason = format!("BadDecodingError: \"{}\" ü", "é\"\\x".repeat(2000));
+        let full = connection_status("offline", 0, &reason);
+        assert!(full.len() > 4096);
+        for limit in [1024usize, 2000, 4096] {
+            let bytes = connection_status_within("offline", 0, &reason, limit);
+            assert!(bytes.len() <= limit, "{limit}: {}", bytes.len());
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(v["state"], "offline");
+            let r = v["reason"].as_str().unwrap();
+            assert!(
+                r.starts_with("BadDecodingError") && r.ends_with(TRUNCATED_MARKER),
+                "{r}"
+            );
+            // Not cut more than needed.
+            assert!(bytes.len() + 64 >= limit, "{limit}: {}", bytes.len());
+        }
+        // A short one is untouched.
+        assert_eq!(
+            connection_status_within("online", 0, "", 1024),
+            connection_status("online", 0, "")
+        );
+    }
+
+    #[test]
+    fn heartbeat_leaves_out_connections_that_do_not_fit() {
+        let conns: Vec<(String, &'static str)> = (0..5000)
+            .map(|i| (format!("connection-{i:05}"), "online"))
+            .collect();
+        let h = Heartbeat {
+            ts_ms: 0,
+            uptime_s: 5,
+            records: 10,
+            bytes: 2000,
+            oldest_ts_ms: Some(0),
+            connections: &conns,
+            published_records_total: 7,
+        };
+        let (all, omitted) = heartbeat(&h, 1 << 20);
+        assert_eq!(omitted, 0);
+        let v: Value = serde_json::from_slice(&all).unwrap();
+        assert_eq!(v["connections"].as_object().unwrap().len(), 5000);
+        assert!(v.get("connections_omitted").is_none());
+        assert_eq!(v["buffer"]["records"], 10);
+        assert_eq!(v["published_records_total"], 7);
+
+        let (trimmed, omitted) = heartbeat(&h, 4096);
+        assert!(trimmed.len() <= 4096, "{}", trimmed.len());
+        let v: Value = serde_json::from_slice(&trimmed).unwrap();
+        let kept = v["connections"].as_object().unwrap().len();
+        assert!(kept > 50, "{kept}");
+        assert_eq!(kept + omitted, 5000);
+        assert_eq!(v["connections_omitted"], omitted);
+        assert_eq!(v["uptime_s"], 5);
+        // As many as fit: one more entry (~26 bytes) would not.
+        assert!(trimmed.len() + 30 > 4096, "{}", trimmed.len());
     }
 
     #[test]

@@ -14,6 +14,11 @@ pub struct MosquittoOptions {
     pub persistence: bool,
     /// ACL file lines (anonymous clients); None = everything allowed.
     pub acl: Option<String>,
+    /// `max_packet_size`: the broker disconnects a client sending a larger
+    /// packet and announces the limit in its MQTT 5 CONNACK.
+    pub max_packet_size: Option<u32>,
+    /// Log everything (`log_type all`), e.g. each denied PUBLISH.
+    pub log_all: bool,
 }
 
 pub struct Mosquitto {
@@ -92,6 +97,12 @@ pub fn start_mosquitto(pki: &TestPki, opts: MosquittoOptions) -> Mosquitto {
         ));
     } else {
         conf.push_str("persistence false\n");
+    }
+    if let Some(max) = opts.max_packet_size {
+        conf.push_str(&format!("max_packet_size {max}\n"));
+    }
+    if opts.log_all {
+        conf.push_str("log_type all\n");
     }
     if let Some(acl) = &opts.acl {
         let acl_path = dir.path().join("acl");
