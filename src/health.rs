@@ -24,6 +24,9 @@ pub use listener::{connection_stats, ConnectionStats, HealthLimits};
 
 /// A loop silent for longer than this counts as dead for /healthz.
 pub const LOOP_SILENCE: Duration = Duration::from_secs(15);
+/// `/readyz` reports `dead_letters` while the broker refused a message
+/// within this window and dead letters exist.
+const REFUSING_WINDOW: Duration = Duration::from_secs(60);
 /// The buffer thread must answer within this to count as alive/writable.
 const BUFFER_PROBE: Duration = Duration::from_secs(3);
 
@@ -127,9 +130,10 @@ async fn healthz(State(state): State<Arc<HealthState>>) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
-    if let Err(e) = buffer_stats(&state).await {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, e);
-    }
+    let stats = match buffer_stats(&state).await {
+        Ok(stats) => stats,
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
     if let Some((since, why)) = state.board.intake_blocked() {
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -150,6 +154,24 @@ async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("mqtt not connected: {why}"),
         );
+    }
+    // Connected but refusing: records pile up as dead letters (SPEC 1.11).
+    let refusing = mqtt
+        .last_rejected_ms
+        .is_some_and(|t| now_ms() - t < REFUSING_WINDOW.as_millis() as i64);
+    if stats.dead_letters > 0 && refusing {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "fail",
+                "reason": "dead_letters",
+                "message": format!(
+                    "the broker keeps refusing records: {} dead letters, {} refusals so far",
+                    stats.dead_letters, mqtt.rejected_total
+                ),
+            })),
+        )
+            .into_response();
     }
     (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
 }
@@ -198,6 +220,10 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
             "state": if mqtt.connected { "connected" } else { "disconnected" },
             "since": ts_or_null((mqtt.since_ms > 0).then_some(mqtt.since_ms)),
             "reason": mqtt.reason,
+            "rejected_total": mqtt.rejected_total,
+            "dead_lettered_total": mqtt.dead_lettered_total(),
+            "payload_limit_bytes": mqtt.payload_limit_bytes,
+            "broker_max_packet_bytes": mqtt.broker_max_packet_bytes,
         },
         "buffer": buffer,
         "intake": {
@@ -258,6 +284,29 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         "gauge",
         "MQTT messages submitted and not yet acknowledged.",
         &one(mqtt.inflight as f64),
+    );
+    metric(
+        "mqtt_rejected_total",
+        "counter",
+        "Publishes the broker refused (MQTT 5 PUBACK reason >= 0x80).",
+        &one(mqtt.rejected_total as f64),
+    );
+    let dead_lettered: Vec<(String, f64)> = mqtt
+        .dead_lettered_by_cause
+        .iter()
+        .map(|(c, n)| (format!("{{cause=\"{c}\"}}"), *n as f64))
+        .collect();
+    metric(
+        "mqtt_dead_lettered_total",
+        "counter",
+        "Records moved to dead letters by the uplink, by cause.",
+        &dead_lettered,
+    );
+    metric(
+        "mqtt_payload_limit_bytes",
+        "gauge",
+        "Largest payload the uplink sends: max_message_bytes or the broker's Maximum Packet Size, whichever is smaller.",
+        &one(mqtt.payload_limit_bytes as f64),
     );
     metric(
         "published_records_total",

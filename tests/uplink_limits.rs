@@ -565,7 +565,12 @@ async fn a_broker_limit_too_small_for_any_message_is_a_clear_error() {
     let st = agent.buffer.stats().await.expect("stats");
     assert!(st.records > 0, "records kept: {st:?}");
     assert!(
-        agent.buffer.dead_letters().await.expect("dead letters").is_empty(),
+        agent
+            .buffer
+            .dead_letters()
+            .await
+            .expect("dead letters")
+            .is_empty(),
         "nothing dead-lettered for the broker's limit"
     );
     agent.stop().await;

@@ -31,10 +31,10 @@ use std::time::Duration;
 
 use opcua::client::{Client, Session};
 use opcua::types::{NodeId, ReadValueId, StatusCode, TimestampsToReturn};
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::{ConnectionConfig, ConnectionKind};
 use crate::profile::{NodeKey, Output, Profile, ReadRequest};
 use crate::record::{now_ms, NewRecord};
@@ -157,8 +157,8 @@ pub async fn run_connection_restored(
         // healthy: one that comes up and dies at once (a value the decoder
         // cannot take, a server that drops us after subscribing) must not
         // reconnect at full speed forever (SPEC 1.10).
-        if failure.online_for.is_some_and(|d| d >= HEALTHY_SESSION) {
-            backoff.reset();
+        if let Some(up_for) = failure.online_for {
+            backoff.connection_ended(up_for);
         }
         let next = classify(&failure.error);
         let reason = failure.error.reason();
@@ -775,9 +775,6 @@ async fn report_bad(
     }
 }
 
-/// How long a session must have been online for its end to reset the
-/// reconnect backoff.
-const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// Longest keep-alive window the watchdog accepts from a server.
 const MAX_KEEP_ALIVE: Duration = Duration::from_secs(3600);
 
@@ -870,47 +867,6 @@ fn classify_status(status: StatusCode) -> ConnState {
         "BadSecurityChecksFailed" => ConnState::Untrusted,
         n if n.starts_with("BadCertificate") => ConnState::Untrusted,
         _ => ConnState::Offline,
-    }
-}
-
-/// Exponential backoff with jitter between `initial` and `max`.
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
-        // A zero initial delay would spin; a max below initial is a config slip.
-        let initial = initial.max(Duration::from_millis(50));
-        let max = max.max(initial);
-        Backoff {
-            initial,
-            max,
-            next: initial,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = self.initial;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (base * 2).min(self.max);
-        self.jitter(base)
-    }
-
-    /// For failures that need an operator: always the longest delay.
-    fn slow(&mut self) -> Duration {
-        self.jitter(self.max)
-    }
-
-    /// ±20 % so that many gateways restarting together spread out.
-    fn jitter(&self, d: Duration) -> Duration {
-        let factor = rand::thread_rng().gen_range(0.8..1.2);
-        d.mul_f64(factor).clamp(self.initial, self.max)
     }
 }
 

@@ -536,18 +536,6 @@ async fn simulated_process_values_change() {
 }
 
 #[test]
-fn backoff_grows_with_jitter_and_resets() {
-    let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-    let d: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
-    assert!(d[0] >= Duration::from_millis(100) && d[0] <= Duration::from_millis(120));
-    assert!(d[2] >= Duration::from_millis(320) && d[2] <= Duration::from_millis(480));
-    assert!(d[5] <= Duration::from_secs(1) && d[5] >= Duration::from_millis(800));
-    b.reset();
-    assert!(b.next_delay() <= Duration::from_millis(120));
-    assert!(b.slow() >= Duration::from_millis(800));
-}
-
-#[test]
 fn failures_map_to_states() {
     assert_eq!(
         classify_status(StatusCode::BadIdentityTokenRejected),
