@@ -12,6 +12,13 @@ that change every 100 ms:
     ns=<idx>;s=Line1/Temp      Double, a sine
     ns=<idx>;s=Line1/State     String, RUNNING/IDLE alternating every 10 ticks
 
+Options for fault tests: `--big-string N` adds `Line1/Big`, a String of N
+bytes whose content changes every 10 ticks (a value over the decoder's
+customary 65 535 limit); `--huge-string N` adds `Line1/Huge`, a String of N
+bytes set once (over even a raised limit); `--only-none` offers the
+None/None endpoint only, so a password token is not encrypted (the server has
+no encrypting policy to offer for it).
+
 When it serves, it prints one line on stdout and flushes it:
 
     READY opc.tcp://127.0.0.1:<port>/ ns=<idx>
@@ -89,6 +96,9 @@ async def main():
     parser.add_argument("--user")
     parser.add_argument("--password")
     parser.add_argument("--no-anonymous", action="store_true")
+    parser.add_argument("--big-string", type=int, default=0, help="serve Line1/Big, a String of N bytes")
+    parser.add_argument("--huge-string", type=int, default=0, help="serve Line1/Huge, a String of N bytes")
+    parser.add_argument("--only-none", action="store_true", help="offer the None/None endpoint only")
     args = parser.parse_args()
 
     users = PasswordUsers(args.user, args.password, not args.no_anonymous)
@@ -97,17 +107,16 @@ async def main():
     server.set_endpoint(f"opc.tcp://127.0.0.1:{args.port}/")
     server.set_server_name("plantgate interop asyncua")
     await server.set_application_uri(APP_URI)
-    server.set_security_policy(
-        [
-            ua.SecurityPolicyType.NoSecurity,
-            ua.SecurityPolicyType.Basic256Sha256_Sign,
-            ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
-            ua.SecurityPolicyType.Aes128Sha256RsaOaep_Sign,
-            ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt,
-            ua.SecurityPolicyType.Aes256Sha256RsaPss_Sign,
-            ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
-        ]
-    )
+    policies = [
+        ua.SecurityPolicyType.NoSecurity,
+        ua.SecurityPolicyType.Basic256Sha256_Sign,
+        ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+        ua.SecurityPolicyType.Aes128Sha256RsaOaep_Sign,
+        ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt,
+        ua.SecurityPolicyType.Aes256Sha256RsaPss_Sign,
+        ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
+    ]
+    server.set_security_policy(policies[:1] if args.only_none else policies)
     tokens = [ua.UserNameIdentityToken]
     if not args.no_anonymous:
         tokens.append(ua.AnonymousIdentityToken)
@@ -121,6 +130,11 @@ async def main():
     counter = await line.add_variable(ua.NodeId("Line1/Counter", idx), "Counter", 0, ua.VariantType.Int32)
     temp = await line.add_variable(ua.NodeId("Line1/Temp", idx), "Temp", 20.0, ua.VariantType.Double)
     state = await line.add_variable(ua.NodeId("Line1/State", idx), "State", "IDLE", ua.VariantType.String)
+    big = None
+    if args.big_string:
+        big = await line.add_variable(ua.NodeId("Line1/Big", idx), "Big", "a" * args.big_string, ua.VariantType.String)
+    if args.huge_string:
+        await line.add_variable(ua.NodeId("Line1/Huge", idx), "Huge", "h" * args.huge_string, ua.VariantType.String)
 
     async with server:
         port = server.bserver.port
@@ -139,6 +153,11 @@ async def main():
                     ua.Variant("RUNNING" if (tick // 10) % 2 else "IDLE", ua.VariantType.String), SourceTimestamp=now
                 )
             )
+            if big is not None and tick % 10 == 0:
+                fill = "ab"[(tick // 10) % 2]
+                await big.write_value(
+                    ua.DataValue(ua.Variant(fill * args.big_string, ua.VariantType.String), SourceTimestamp=now)
+                )
             await asyncio.sleep(0.1)
 
 

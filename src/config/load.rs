@@ -1212,7 +1212,7 @@ impl Walker<'_> {
         let trust_unknown_server_cert = self.bool(t, p, "trust_unknown_server_cert", false);
         if trust_unknown_server_cert {
             self.warnings.push(format!(
-                "{}: unknown server certificates are trusted on first use; for trials only",
+                "{}: the first certificate each endpoint presents is trusted and pinned (pki/pinned/); a different one later is refused. For trials only: the first contact is not verified",
                 join(p, "trust_unknown_server_cert")
             ));
         }
@@ -1430,8 +1430,13 @@ impl Walker<'_> {
             };
             self.problem(join(p, "security_mode"), message);
         } else if policy_none && mode_none {
+            let extra = if get(t, "username").is_some() {
+                ", and the password travels in cleartext unless the server's user token policy encrypts it"
+            } else {
+                ""
+            };
             self.warnings.push(format!(
-                "{}: None; OPC UA traffic is neither signed nor encrypted",
+                "{}: None; OPC UA traffic is neither signed nor encrypted{extra}",
                 join(p, "security_policy")
             ));
         }

@@ -98,6 +98,9 @@ pub async fn run_connection_restored(
     // status, not one per reconnect.
     let mut reported_bad: HashMap<usize, StatusCode> = HashMap::new();
     let mut expiry_watch: Option<AbortOnDrop> = None;
+    // Announcements due once per connection start or per tag (values too
+    // large, a changed server certificate, a cleartext password).
+    let notices = Arc::new(session::Notices::new(&reporter, &pki_dir));
 
     reporter
         .set_state(ConnState::Connecting, "connecting")
@@ -121,6 +124,7 @@ pub async fn run_connection_restored(
                     records: &records_tx,
                     reporter: &reporter,
                     cancel: &cancel,
+                    notices: &notices,
                 };
                 match client.as_mut() {
                     Some(client) => {
@@ -483,6 +487,7 @@ struct SessionCtx<'a> {
     records: &'a intake::FeedTx,
     reporter: &'a ConnectionReporter,
     cancel: &'a CancellationToken,
+    notices: &'a Arc<session::Notices>,
 }
 
 struct Failure {
@@ -525,6 +530,7 @@ async fn run_session(
     // Until online, cancellation simply drops whatever is in flight.
     let setup = async {
         let endpoint = session::discover_endpoint(client, conn, &identity).await?;
+        session::vet_endpoint(&endpoint, conn, &identity, ctx.notices).await?;
         let (session, event_loop) = client
             .connect_to_endpoint_directly(endpoint, identity.clone())
             .map_err(|e| SourceError::ua(e.status(), format!("connect: {e}")))?;
@@ -534,6 +540,7 @@ async fn run_session(
             event_loop,
             events_tx.clone(),
             clock.clone(),
+            ctx.notices.clone(),
         ));
         match tokio::time::timeout(CONNECT_TIMEOUT, events_rx.recv()).await {
             Ok(Some(LoopEvent::Connected)) => {}
@@ -581,6 +588,7 @@ async fn run_session(
                 profile: ctx.profile_keys.clone(),
                 records: ctx.records.clone(),
                 events: events_tx,
+                notices: ctx.notices.clone(),
             },
         )
         .await?;

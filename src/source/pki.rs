@@ -8,6 +8,14 @@
 //! - `trusted/`: server certificates the agent accepts; `rejected/`: unknown
 //!   server certificates, saved there by the client library (move one to
 //!   `trusted/` to accept it; it is picked up on the next connection attempt).
+//! - `pinned/`: with `trust_unknown_server_cert = true`, one small JSON file
+//!   per endpoint naming the certificate trusted on first use there
+//!   ([`check_pin`]). Only the first certificate an endpoint presents is
+//!   trusted without an operator: a different one later is saved to
+//!   `rejected/` and refused, until an operator moves it to `trusted/` (the
+//!   pin then follows it) or deletes the pin file (the next certificate is
+//!   trusted on first use again). Switching the flag off leaves `trusted/`
+//!   as it is: what was trusted stays trusted, nothing new is.
 //!
 //! Application URI: `urn:plantgate:{name}` where `name` is the agent id when
 //! the agent prepares the PKI itself ([`ensure_own_certificate`] with
@@ -65,6 +73,10 @@ pub enum PkiError {
     Read { path: PathBuf, reason: String },
     #[error("{path} has no URI subject alternative name (the OPC UA application URI)")]
     NoUri { path: PathBuf },
+    #[error("server certificate pin {path} is unusable ({reason}); delete it to trust the endpoint's next certificate on first use")]
+    Pin { path: PathBuf, reason: String },
+    #[error("the server certificate of {endpoint} cannot be read: {reason}")]
+    ServerCertificate { endpoint: String, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -323,6 +335,184 @@ pub(crate) fn claim_expiry_warning(cert: &Path) -> bool {
     }
 }
 
+/// Where the trust-on-first-use pins live, relative to the PKI directory.
+pub const PINNED_DIR: &str = "pinned";
+
+/// What [`check_pin`] found for the certificate an endpoint presents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinCheck {
+    /// No pin yet: the certificate was saved to `trusted/` and pinned.
+    FirstUse {
+        thumbprint: String,
+        trusted_file: PathBuf,
+        pin_file: PathBuf,
+    },
+    /// The certificate is the pinned one (whether it is still in `trusted/`
+    /// is the client library's check: an operator may have revoked it).
+    Matches,
+    /// Another certificate than the pinned one, which an operator put into
+    /// `trusted/`: the pin now names it.
+    Repinned {
+        previous: String,
+        thumbprint: String,
+    },
+    /// Another certificate than the pinned one, not trusted: saved to
+    /// `rejected/` (an impostor, or a renewal nobody confirmed yet).
+    /// `rejected_file` is None when the certificate is in `trusted/` for
+    /// another endpoint that pinned it: a copy in `rejected/` would make the
+    /// library refuse it there too.
+    Changed {
+        pinned: String,
+        presented: String,
+        rejected_file: Option<PathBuf>,
+        pin_file: PathBuf,
+    },
+}
+
+/// The content of a pin file.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Pin {
+    /// As configured, for the operator reading the file.
+    endpoint: String,
+    /// SHA-1 thumbprint, hex as in the certificate's file name.
+    thumbprint: String,
+    /// The certificate's file name in `trusted/`.
+    certificate: String,
+    pinned_at: String,
+}
+
+/// Trust on first use for `endpoint` (`trust_unknown_server_cert = true`):
+/// see [`PinCheck`] and the module doc. Blocking (small files).
+pub fn check_pin(
+    pki_dir: &Path,
+    endpoint: &str,
+    cert: &opcua::crypto::X509,
+) -> Result<PinCheck, PkiError> {
+    let _guard = PKI_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // As in the library's file names (`CN=... [thumbprint].der`).
+    let thumbprint = cert.thumbprint().as_hex_string();
+    let file_name = CertificateStore::cert_file_name(cert);
+    let trusted = pki_dir.join("trusted").join(&file_name);
+    let rejected = pki_dir.join("rejected").join(&file_name);
+    let pin_dir = pki_dir.join(PINNED_DIR);
+    let pin_file = pin_dir.join(pin_file_name(endpoint));
+    let der = cert.to_der().map_err(|e| PkiError::ServerCertificate {
+        endpoint: endpoint.to_string(),
+        reason: e.to_string(),
+    })?;
+    let pin = Pin {
+        endpoint: endpoint.to_string(),
+        thumbprint: thumbprint.clone(),
+        certificate: file_name,
+        pinned_at: crate::record::format_ts(crate::record::now_ms()),
+    };
+    let pinned = match std::fs::read(&pin_file) {
+        Ok(bytes) => serde_json::from_slice::<Pin>(&bytes).map_err(|e| PkiError::Pin {
+            path: pin_file.clone(),
+            reason: e.to_string(),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !trusted.exists() {
+                write_atomically(&trusted, &der)?;
+            }
+            // A copy left in rejected/ by an earlier strict run would make
+            // the library refuse the certificate just trusted.
+            if rejected.exists() {
+                std::fs::remove_file(&rejected).map_err(io(&rejected))?;
+            }
+            std::fs::create_dir_all(&pin_dir).map_err(io(&pin_dir))?;
+            write_pin(&pin_file, &pin)?;
+            return Ok(PinCheck::FirstUse {
+                thumbprint,
+                trusted_file: trusted,
+                pin_file,
+            });
+        }
+        Err(e) => return Err(io(&pin_file)(e)),
+    };
+    if pinned.thumbprint.eq_ignore_ascii_case(&thumbprint) {
+        return Ok(PinCheck::Matches);
+    }
+    // In trusted/ because an operator put it there, not because another
+    // endpoint trusted it on first use (that would let an impostor pinned
+    // elsewhere in).
+    if trusted.exists() && !pinned_elsewhere(&pin_dir, &pin_file, &thumbprint) {
+        write_pin(&pin_file, &pin)?;
+        return Ok(PinCheck::Repinned {
+            previous: pinned.thumbprint,
+            thumbprint,
+        });
+    }
+    let rejected_file = if trusted.exists() {
+        None
+    } else {
+        write_atomically(&rejected, &der)?;
+        Some(rejected)
+    };
+    Ok(PinCheck::Changed {
+        pinned: pinned.thumbprint,
+        presented: thumbprint,
+        rejected_file,
+        pin_file,
+    })
+}
+
+/// Whether a pin file other than `own` names `thumbprint`. Unreadable pins
+/// count as naming it (fail closed).
+fn pinned_elsewhere(pin_dir: &Path, own: &Path, thumbprint: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        path != own
+            && std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Pin>(&b).ok())
+                .map_or(true, |p| p.thumbprint.eq_ignore_ascii_case(thumbprint))
+    })
+}
+
+fn write_pin(path: &Path, pin: &Pin) -> Result<(), PkiError> {
+    let text = serde_json::to_vec_pretty(pin).map_err(|e| PkiError::Pin {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    write_atomically(path, &text)
+}
+
+/// Temporary file and rename: a crash never leaves half a certificate or pin.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(io(path))?;
+    tmp.persist(path).map_err(|e| io(path)(e.error))?;
+    Ok(())
+}
+
+/// `opc.tcp___10.1.2.3_4840-<hash>.json`: readable, one per endpoint. The
+/// endpoint is compared without case and trailing `/` (the same server);
+/// the hash keeps endpoints apart that differ only in replaced characters.
+fn pin_file_name(endpoint: &str) -> String {
+    let key = endpoint.trim().trim_end_matches('/').to_ascii_lowercase();
+    let readable: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    // FNV-1a: stable across builds and platforms (unlike std's hasher).
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{readable}-{:08x}.json", hash as u32)
+}
+
 /// One DER TLV: (tag, content, rest). Single-byte tags only (all that an
 /// X.509 certificate's path to the SAN uses).
 fn tlv(buf: &[u8]) -> Option<(u8, &[u8], &[u8])> {
@@ -435,6 +625,162 @@ mod tests {
         own.not_after = now - chrono::Duration::days(1);
         let w = expiry_warning(&own, now).expect("warning");
         assert!(w["message"].as_str().unwrap().contains("expired"));
+    }
+
+    /// Two different certificates (one key, two subjects: key generation is
+    /// the slow part).
+    fn two_certificates() -> (opcua::crypto::X509, opcua::crypto::X509) {
+        let key = opcua::crypto::PrivateKey::new(KEY_BITS).expect("RSA key");
+        let cert = |name: &str| {
+            let data = X509Data {
+                key_size: KEY_BITS,
+                common_name: name.into(),
+                organization: "plantgate tests".into(),
+                organizational_unit: String::new(),
+                country: String::new(),
+                state: String::new(),
+                alt_host_names: X509Data::alt_host_names(
+                    "urn:test:server",
+                    None,
+                    false,
+                    true,
+                    false,
+                ),
+                certificate_duration_days: 30,
+            };
+            opcua::crypto::X509::from_pkey(&key, &data).expect("certificate")
+        };
+        (cert("server A"), cert("server B"))
+    }
+
+    #[test]
+    fn pin_trusts_the_first_certificate_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path();
+        for sub in ["trusted", "rejected"] {
+            std::fs::create_dir_all(pki.join(sub)).unwrap();
+        }
+        let (a, b) = two_certificates();
+        let thumb = |c: &opcua::crypto::X509| c.thumbprint().as_hex_string();
+        let count = |sub: &str| std::fs::read_dir(pki.join(sub)).unwrap().count();
+        let endpoint = "opc.tcp://10.1.2.3:4840/";
+
+        // A copy in rejected/ from an earlier strict run does not block it.
+        std::fs::write(
+            pki.join("rejected")
+                .join(CertificateStore::cert_file_name(&a)),
+            a.to_der().unwrap(),
+        )
+        .unwrap();
+        let first = check_pin(pki, endpoint, &a).unwrap();
+        let PinCheck::FirstUse {
+            thumbprint,
+            trusted_file,
+            pin_file,
+        } = first
+        else {
+            panic!("{first:?}");
+        };
+        assert_eq!(thumbprint, thumb(&a));
+        assert_eq!(std::fs::read(&trusted_file).unwrap(), a.to_der().unwrap());
+        assert_eq!((count("trusted"), count("rejected")), (1, 0));
+        let pin: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&pin_file).unwrap()).unwrap();
+        assert_eq!(pin["thumbprint"], thumb(&a).as_str());
+        assert_eq!(pin["endpoint"], endpoint);
+
+        // The same endpoint (without the trailing slash, other case): pinned.
+        assert_eq!(
+            check_pin(pki, "OPC.TCP://10.1.2.3:4840", &a).unwrap(),
+            PinCheck::Matches
+        );
+
+        // Another certificate: refused, saved to rejected/, nothing trusted.
+        let changed = check_pin(pki, endpoint, &b).unwrap();
+        let PinCheck::Changed {
+            pinned,
+            presented,
+            rejected_file,
+            ..
+        } = changed
+        else {
+            panic!("{changed:?}");
+        };
+        assert_eq!((pinned, presented), (thumb(&a), thumb(&b)));
+        let rejected_file = rejected_file.expect("saved to rejected/");
+        assert_eq!(std::fs::read(&rejected_file).unwrap(), b.to_der().unwrap());
+        assert_eq!((count("trusted"), count("rejected")), (1, 1));
+        // Still refused on the next attempt.
+        assert!(matches!(
+            check_pin(pki, endpoint, &b).unwrap(),
+            PinCheck::Changed { .. }
+        ));
+
+        // The operator moves B to trusted/: the pin follows it.
+        let b_name = CertificateStore::cert_file_name(&b);
+        std::fs::rename(&rejected_file, pki.join("trusted").join(&b_name)).unwrap();
+        assert_eq!(
+            check_pin(pki, endpoint, &b).unwrap(),
+            PinCheck::Repinned {
+                previous: thumb(&a),
+                thumbprint: thumb(&b)
+            }
+        );
+        assert_eq!(check_pin(pki, endpoint, &b).unwrap(), PinCheck::Matches);
+        assert!(matches!(
+            check_pin(pki, endpoint, &a).unwrap(),
+            PinCheck::Repinned { .. }
+        ));
+
+        // A damaged pin fails closed, naming the file.
+        std::fs::write(&pin_file, b"{not json").unwrap();
+        let err = check_pin(pki, endpoint, &a).unwrap_err();
+        assert!(
+            err.to_string().contains(&pin_file.display().to_string()),
+            "{err}"
+        );
+
+        // Each endpoint has its own pin. A certificate trusted on first use
+        // at another endpoint is no operator's decision for this one: still
+        // refused, and not copied to rejected/ (the library would then
+        // refuse it at the other endpoint too).
+        let fresh = tempfile::tempdir().unwrap();
+        let pki = fresh.path();
+        for sub in ["trusted", "rejected"] {
+            std::fs::create_dir_all(pki.join(sub)).unwrap();
+        }
+        let count = |sub: &str| std::fs::read_dir(pki.join(sub)).unwrap().count();
+        let other = "opc.tcp://10.1.2.4:4840/";
+        assert!(matches!(
+            check_pin(pki, endpoint, &a).unwrap(),
+            PinCheck::FirstUse { .. }
+        ));
+        assert!(matches!(
+            check_pin(pki, other, &b).unwrap(),
+            PinCheck::FirstUse { .. }
+        ));
+        assert!(matches!(
+            check_pin(pki, endpoint, &b).unwrap(),
+            PinCheck::Changed {
+                rejected_file: None,
+                ..
+            }
+        ));
+        assert_eq!((count("trusted"), count("rejected")), (2, 0));
+        assert_eq!(check_pin(pki, other, &b).unwrap(), PinCheck::Matches);
+    }
+
+    #[test]
+    fn pin_file_names_are_stable_and_readable() {
+        let name = pin_file_name("opc.tcp://10.1.2.3:4840/");
+        assert_eq!(name, pin_file_name("opc.tcp://10.1.2.3:4840"));
+        assert!(name.starts_with("opc.tcp___10.1.2.3_4840-"), "{name}");
+        assert!(name.ends_with(".json"));
+        // Endpoints that differ only in replaced characters stay apart.
+        assert_ne!(
+            pin_file_name("opc.tcp://a:1/x"),
+            pin_file_name("opc.tcp://a:1_x")
+        );
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! subscription. Everything here is a single attempt; retrying is the
 //! caller's job (`source::run_connection`).
 
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -22,12 +24,16 @@ use opcua::types::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::pki::OwnCertificate;
-use super::value::{bad_tag_record, tag_record, value_ts_ms, variant_to_json, TagMeta};
+use super::pki::{OwnCertificate, PinCheck};
+use super::value::{
+    bad_tag_record, oversized, tag_record, too_large_record, value_ts_ms, variant_to_json, TagMeta,
+    MAX_STRING_VALUE_BYTES,
+};
 use crate::config::{ConnectionConfig, SecurityMode, SecurityPolicy, TagConfig};
 use crate::nodeid::{Identifier, Namespace, NodeRef};
 use crate::profile::{NodeKey, Sample};
 use crate::record::NewRecord;
+use crate::status::{ConnectionReporter, DropReason, IntakeLoss};
 
 /// Per-request timeout; also bounds endpoint discovery and connecting.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,6 +42,33 @@ pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MONITORED_ITEMS_CHUNK: usize = 1000;
 /// Publishing intervals without data after which the server sends a keep-alive.
 pub(crate) const KEEP_ALIVE_COUNT: u32 = 10;
+
+/// Decoder limits (SPEC 1.10). The largest message the client accepts, also
+/// announced to the server in Hello (a compliant server answers
+/// BadResponseTooLarge instead of sending more). It bounds what one response
+/// may cost in RAM: the chunks, their merged body and the decoded values, a
+/// few times this at the peak, which a 512 MiB gateway can afford. A publish
+/// response of 100 000 notifications takes about 4 MiB, so real traffic never
+/// comes near it. (256 MiB before: one response could take a small box down.)
+pub(crate) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// The chunk size we announce as receive buffer (the common 64 KiB).
+const MAX_CHUNK_BYTES: usize = 65_535;
+/// The library bounds an incoming message by its chunk count, not its bytes:
+/// with chunks of [`MAX_CHUNK_BYTES`] this keeps it within
+/// [`MAX_MESSAGE_BYTES`]. A message with more chunks fails the one request it
+/// answers (BadEncodingLimitsExceeded), not the connection.
+const MAX_CHUNK_COUNT: usize = MAX_MESSAGE_BYTES / MAX_CHUNK_BYTES;
+const _: () = assert!(MAX_CHUNK_COUNT * MAX_CHUNK_BYTES <= MAX_MESSAGE_BYTES);
+/// Strings and ByteStrings: whatever fits in a message decodes. Too large for
+/// a record is decided per value afterwards (`value::oversized`), so a big
+/// value costs its own tag a `bad` record, never the connection: a decoder
+/// limit below the message size would fail the whole response and close the
+/// transport, the reconnect loop SPEC 1.10 rules out.
+const MAX_DECODED_STRING_BYTES: usize = MAX_MESSAGE_BYTES;
+/// Array elements (notifications in one publish response, elements of an
+/// array value). The default of 1000 drops the connection on a large publish
+/// response; a million covers the ceiling measured (100 000 values/s).
+const MAX_ARRAY_LENGTH: usize = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -56,6 +89,14 @@ pub enum SourceError {
     },
     #[error("subscription silent for {0:?} (no publish response or keep-alive)")]
     Silent(Duration),
+    #[error(
+        "the server certificate of {endpoint} changed since it was trusted on first use: pinned {pinned}, presented {presented}"
+    )]
+    CertificateChanged {
+        endpoint: String,
+        pinned: String,
+        presented: String,
+    },
 }
 
 impl SourceError {
@@ -74,6 +115,8 @@ impl SourceError {
         match self {
             SourceError::Ua { status, .. } => Some(*status),
             SourceError::NoEndpoint { .. } => Some(StatusCode::BadSecurityPolicyRejected),
+            // Refused like any untrusted certificate: state `untrusted`.
+            SourceError::CertificateChanged { .. } => Some(StatusCode::BadCertificateUntrusted),
             _ => None,
         }
     }
@@ -82,13 +125,51 @@ impl SourceError {
     /// status code name where there is one, else the message.
     pub fn reason(&self) -> String {
         match self {
-            SourceError::Ua { status, .. } => super::value::status_name(*status),
+            SourceError::Ua { status, .. } => {
+                let name = super::value::status_name(*status);
+                match size_limit_note(*status) {
+                    Some(note) => format!("{name} ({note})"),
+                    None => name,
+                }
+            }
             // Stable text: a changing duration would make every retry a
             // "new" reason.
             SourceError::Silent(_) => "subscription silent".to_string(),
+            SourceError::CertificateChanged {
+                pinned, presented, ..
+            } => format!(
+                "server certificate changed since first use: pinned {pinned}, presented {presented}"
+            ),
             other => other.to_string(),
         }
     }
+}
+
+/// For statuses that mean a server message hit the decoder limits: what the
+/// limits are, so the operator sees why the transport closed.
+fn size_limit_note(status: StatusCode) -> Option<String> {
+    let limits = format!(
+        "{} MiB per message and string, {MAX_ARRAY_LENGTH} array elements",
+        MAX_MESSAGE_BYTES / (1024 * 1024)
+    );
+    match super::value::status_name(status).as_str() {
+        "BadDecodingError" => Some(format!(
+            "a server message could not be decoded: malformed or over the client's decoder limits of {limits}"
+        )),
+        "BadEncodingLimitsExceeded" | "BadTcpMessageTooLarge" | "BadResponseTooLarge" => Some(
+            format!("a server message exceeded the client's decoder limits of {limits}"),
+        ),
+        _ => None,
+    }
+}
+
+/// Whether a failed publish means the response was too large to take in:
+/// its values are lost (the transport survives).
+fn response_too_large(status: StatusCode) -> bool {
+    matches!(
+        super::value::status_name(status).as_str(),
+        "BadEncodingLimitsExceeded" | "BadTcpMessageTooLarge" | "BadResponseTooLarge"
+    )
 }
 
 /// Builds the client of one connection. Blocking (may create the
@@ -107,7 +188,10 @@ pub(crate) fn build_client(
         .certificate_path(super::pki::OWN_CERT)
         .private_key_path(super::pki::OWN_KEY)
         .pki_dir(pki_dir)
-        .trust_server_certs(conn.trust_unknown_server_cert)
+        // Never the library's "trust every unknown certificate": with
+        // `trust_unknown_server_cert` only the first certificate of an
+        // endpoint is trusted, by `vet_endpoint` before connecting.
+        .trust_server_certs(false)
         .verify_server_certs(true)
         // The library's own retry loop would reconnect forever even on
         // rejected credentials; we retry ourselves with our backoff.
@@ -116,11 +200,13 @@ pub(crate) fn build_client(
         .session_timeout(60_000)
         .request_timeout(REQUEST_TIMEOUT)
         .keep_alive_interval(Duration::from_secs(5))
-        // Defaults (1000 array elements) drop the connection on a large
-        // publish response.
-        .max_array_length(1_000_000)
-        .max_message_size(256 * 1024 * 1024)
-        .max_chunk_count(4096)
+        // Decoder limits, on purpose: see MAX_MESSAGE_BYTES and below.
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_incoming_chunk_size(MAX_CHUNK_BYTES)
+        .max_chunk_count(MAX_CHUNK_COUNT)
+        .max_string_length(MAX_DECODED_STRING_BYTES)
+        .max_byte_string_length(MAX_DECODED_STRING_BYTES)
+        .max_array_length(MAX_ARRAY_LENGTH)
         .client()
         .map_err(|errs| SourceError::Client(errs.join("; ")))?;
     Ok((client, own))
@@ -251,6 +337,7 @@ pub(crate) fn spawn_event_loop(
     event_loop: opcua::client::SessionEventLoop<opcua::client::transport::TcpConnector>,
     events: mpsc::UnboundedSender<LoopEvent>,
     last_publish: Arc<PublishClock>,
+    notices: Arc<Notices>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let stream = event_loop.enter();
@@ -262,6 +349,15 @@ pub(crate) fn spawn_event_loop(
                 Ok(SessionPollResult::ConnectionLost(code)) => LoopEvent::Lost(code),
                 Ok(SessionPollResult::Subscription(SubscriptionActivity::Publish)) => {
                     last_publish.touch();
+                    continue;
+                }
+                // A response over the decoder limits fails its request only
+                // (the transport survives, the client publishes again): the
+                // values it carried are lost and must not be lost silently.
+                Ok(SessionPollResult::Subscription(SubscriptionActivity::PublishFailed(code)))
+                    if response_too_large(code) =>
+                {
+                    notices.response_too_large(code);
                     continue;
                 }
                 Ok(_) => continue,
@@ -422,6 +518,8 @@ pub(crate) struct Notifier {
     pub profile: Arc<Vec<Option<NodeKey>>>,
     pub records: super::intake::FeedTx,
     pub events: mpsc::UnboundedSender<LoopEvent>,
+    /// Counts and announces values too large for a record.
+    pub notices: Arc<Notices>,
 }
 
 impl OnSubscriptionNotificationCore for Notifier {
@@ -452,19 +550,32 @@ impl OnSubscriptionNotificationCore for Notifier {
                     if status.overflow() {
                         self.records.server_overflow(&tag.name);
                     }
-                    match self.profile.get(index).copied().flatten() {
-                        Some(key) => samples.push(Sample {
+                    let profile = self.profile.get(index).copied().flatten();
+                    let too_large = item.value.value.as_ref().and_then(oversized);
+                    if let Some(bytes) = too_large {
+                        // Costs this tag a bad record (a profile node: a
+                        // sample the profile ignores), never the others.
+                        self.notices.value_too_large(index, tag, bytes);
+                    }
+                    match (profile, too_large) {
+                        (Some(key), _) => samples.push(Sample {
                             key,
-                            value: item
-                                .value
-                                .value
-                                .as_ref()
-                                .map(variant_to_json)
-                                .unwrap_or(serde_json::Value::Null),
-                            good: status.is_good(),
+                            value: match too_large {
+                                Some(_) => serde_json::Value::Null,
+                                None => item
+                                    .value
+                                    .value
+                                    .as_ref()
+                                    .map(variant_to_json)
+                                    .unwrap_or(serde_json::Value::Null),
+                            },
+                            good: status.is_good() && too_large.is_none(),
                             ts_ms: value_ts_ms(&item.value),
                         }),
-                        None => out.push(tag_record(&self.connection, tag, &item.value)),
+                        (None, Some(_)) => {
+                            out.push(too_large_record(&self.connection, tag, &item.value))
+                        }
+                        (None, None) => out.push(tag_record(&self.connection, tag, &item.value)),
                     }
                     if node_gone(status) {
                         let _ = self.events.send(LoopEvent::NodeGone(index, status));
@@ -481,6 +592,292 @@ impl OnSubscriptionNotificationCore for Notifier {
                 records: out,
                 samples,
             });
+        }
+    }
+}
+
+/// How often the same oversized tag (or too large response) is announced
+/// again by a `system.error` while it keeps happening; every value is
+/// counted regardless (`source.dropped`, reason `value_too_large`).
+const REANNOUNCE_EVERY: Duration = Duration::from_secs(3600);
+
+/// A connection's announcements that are due once per connection start or
+/// once per tag, not once per session or value: created by the connection
+/// task, shared by its sessions.
+pub(crate) struct Notices {
+    reporter: ConnectionReporter,
+    loss: IntakeLoss,
+    pki_dir: PathBuf,
+    /// Tag index -> when its last oversized value was announced.
+    oversized: Mutex<HashMap<usize, Instant>>,
+    response_too_large: Mutex<Option<Instant>>,
+    cleartext_password: AtomicBool,
+    /// Thumbprints already announced as a changed server certificate.
+    changed_certificates: Mutex<HashSet<String>>,
+}
+
+impl Notices {
+    pub(crate) fn new(reporter: &ConnectionReporter, pki_dir: &Path) -> Self {
+        Notices {
+            reporter: reporter.clone(),
+            loss: reporter.intake_loss(),
+            pki_dir: pki_dir.to_path_buf(),
+            oversized: Mutex::new(HashMap::new()),
+            response_too_large: Mutex::new(None),
+            cleartext_password: AtomicBool::new(false),
+            changed_certificates: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// A value of tag `index` had a string of `bytes` bytes (over
+    /// [`MAX_STRING_VALUE_BYTES`]): counted as intake loss, announced by a
+    /// `system.error` at most once per [`REANNOUNCE_EVERY`] and tag. Sync:
+    /// called from the subscription callback.
+    pub(crate) fn value_too_large(&self, index: usize, tag: &TagMeta, bytes: usize) {
+        self.loss
+            .record(DropReason::ValueTooLarge, 1, Some(tag.name.as_str()));
+        let due = {
+            let mut last = self.oversized.lock().unwrap_or_else(|e| e.into_inner());
+            let due = due_again(last.get(&index).copied());
+            if due {
+                last.insert(index, Instant::now());
+            }
+            due
+        };
+        if !due {
+            tracing::debug!(connection = %self.reporter.id(), tag = %tag.name, bytes, "value too large for a record (again)");
+            return;
+        }
+        tracing::error!(
+            connection = %self.reporter.id(),
+            tag = %tag.name,
+            node = %tag.node,
+            bytes,
+            limit = MAX_STRING_VALUE_BYTES,
+            "value too large for a record: the tag got a bad record (BadEncodingLimitsExceeded), the other tags are not affected"
+        );
+        self.spawn_system_error(serde_json::json!({
+            "error": "value_too_large",
+            "tag": tag.name,
+            "node": tag.node,
+            "bytes": bytes,
+            "limit_bytes": MAX_STRING_VALUE_BYTES,
+            "status": super::value::status_name(super::value::TOO_LARGE_STATUS),
+            "message": format!(
+                "tag {} (node {}) sent a value holding a string of {bytes} bytes, over the agent's limit of {MAX_STRING_VALUE_BYTES}: recorded as a bad value (BadEncodingLimitsExceeded) and counted as dropped (value_too_large); the other tags are not affected. Repeats are counted, and announced again after an hour",
+                tag.name, tag.node
+            ),
+        }));
+    }
+
+    /// A publish response failed with `status` because it was too large to
+    /// take in: at least one value lost, counted; announced at most once per
+    /// [`REANNOUNCE_EVERY`].
+    fn response_too_large(&self, status: StatusCode) {
+        // How many values the response held is unknown: at least one.
+        self.loss.record(DropReason::ValueTooLarge, 1, None);
+        let status = super::value::status_name(status);
+        let due = {
+            let mut last = self
+                .response_too_large
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let due = due_again(*last);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if !due {
+            tracing::warn!(connection = %self.reporter.id(), %status, "publish response too large for the decoder limits (again); its values are lost");
+            return;
+        }
+        let note = size_limit_note(StatusCode::BadEncodingLimitsExceeded).unwrap_or_default();
+        tracing::error!(connection = %self.reporter.id(), %status, limit_bytes = MAX_MESSAGE_BYTES, "publish response too large: {note}; its values are lost, the connection stays up");
+        self.spawn_system_error(serde_json::json!({
+            "error": "response_too_large",
+            "status": status,
+            "limit_bytes": MAX_MESSAGE_BYTES,
+            "message": format!(
+                "a publish response from the server was refused ({status}: {note}); the values it carried are lost (counted as dropped, reason value_too_large) and the connection stays up. A server value of this size cannot be read: shrink it on the server or stop monitoring that node"
+            ),
+        }));
+    }
+
+    /// From a sync context (the subscription callback, the event loop's
+    /// stream): the event is handed over by a task of its own.
+    fn spawn_system_error(&self, details: serde_json::Value) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let reporter = self.reporter.clone();
+                runtime.spawn(async move { reporter.system_error(details).await });
+            }
+            Err(_) => {
+                tracing::warn!(connection = %self.reporter.id(), %details, "system.error not sent: no runtime")
+            }
+        }
+    }
+}
+
+fn due_again(last: Option<Instant>) -> bool {
+    match last {
+        None => true,
+        Some(t) => t.elapsed() >= REANNOUNCE_EVERY,
+    }
+}
+
+/// Checks on the chosen endpoint before connecting to it: the server
+/// certificate against the pin of this endpoint when unknown certificates are
+/// trusted on first use, and a password that would travel in cleartext.
+pub(crate) async fn vet_endpoint(
+    endpoint: &EndpointDescription,
+    conn: &ConnectionConfig,
+    identity: &IdentityToken,
+    notices: &Notices,
+) -> Result<(), SourceError> {
+    if conn.trust_unknown_server_cert && ua_policy(conn.security_policy) != UaPolicy::None {
+        check_certificate_pin(endpoint, conn, notices).await?;
+    }
+    if matches!(identity, IdentityToken::UserName(..))
+        && conn.password.is_some()
+        && password_in_cleartext(endpoint)
+        && !notices.cleartext_password.swap(true, Ordering::Relaxed)
+    {
+        tracing::error!(
+            connection = %conn.id,
+            endpoint = %conn.endpoint,
+            "the OPC UA password is sent in CLEARTEXT: security_policy None and the server's user token policy does not encrypt it; anyone on the network path can read it. Use a secured security_policy (e.g. Basic256Sha256 + SignAndEncrypt)"
+        );
+        let policy = endpoint
+            .find_policy(UserTokenType::UserName)
+            .map(|p| p.policy_id.to_string())
+            .unwrap_or_default();
+        notices
+            .reporter
+            .system_error(serde_json::json!({
+                "error": "password_in_cleartext",
+                "endpoint": conn.endpoint,
+                "security_policy": format!("{:?}", conn.security_policy),
+                "security_mode": format!("{:?}", conn.security_mode),
+                "user_token_policy": policy,
+                "message": "the OPC UA password is sent in cleartext: the channel has security None and the server's user token policy does not encrypt the password, so anyone on the network path can read it; configure a secured security_policy (e.g. Basic256Sha256 with SignAndEncrypt)",
+            }))
+            .await;
+    }
+    Ok(())
+}
+
+/// Whether a UserName token for `endpoint` would carry the password in
+/// cleartext: neither the channel (security mode None) nor the token's own
+/// security policy (none, or an empty URI, which means the channel's) encrypts
+/// it (OPC 10000-4 7.41; async-opcua's `legacy_encrypt_secret`).
+pub(crate) fn password_in_cleartext(endpoint: &EndpointDescription) -> bool {
+    if endpoint.security_mode != MessageSecurityMode::None {
+        return false;
+    }
+    match endpoint.find_policy(UserTokenType::UserName) {
+        // The client cannot log in with a password at all: nothing is sent.
+        None => false,
+        Some(p) => {
+            p.security_policy_uri.is_empty()
+                || UaPolicy::from_uri(p.security_policy_uri.as_ref()) == UaPolicy::None
+        }
+    }
+}
+
+/// Trust on first use: pins the first certificate of the endpoint, refuses
+/// another one (saved to rejected/, state `untrusted`, one `system.error` per
+/// certificate and connection start).
+async fn check_certificate_pin(
+    endpoint: &EndpointDescription,
+    conn: &ConnectionConfig,
+    notices: &Notices,
+) -> Result<(), SourceError> {
+    let cert =
+        opcua::crypto::X509::from_byte_string(&endpoint.server_certificate).map_err(|e| {
+            SourceError::from(super::pki::PkiError::ServerCertificate {
+                endpoint: conn.endpoint.clone(),
+                reason: e.to_string(),
+            })
+        })?;
+    match super::pki::check_pin(&notices.pki_dir, &conn.endpoint, &cert)? {
+        PinCheck::Matches => Ok(()),
+        PinCheck::FirstUse {
+            thumbprint,
+            trusted_file,
+            pin_file,
+        } => {
+            tracing::warn!(
+                connection = %conn.id,
+                endpoint = %conn.endpoint,
+                %thumbprint,
+                trusted = %trusted_file.display(),
+                pin = %pin_file.display(),
+                "server certificate trusted on first use and pinned: another certificate on this endpoint will be refused"
+            );
+            Ok(())
+        }
+        PinCheck::Repinned {
+            previous,
+            thumbprint,
+        } => {
+            tracing::info!(connection = %conn.id, endpoint = %conn.endpoint, %previous, %thumbprint, "server certificate changed and was trusted by an operator (in trusted/): pin updated");
+            Ok(())
+        }
+        PinCheck::Changed {
+            pinned,
+            presented,
+            rejected_file,
+            pin_file,
+        } => {
+            let new = notices
+                .changed_certificates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(presented.clone());
+            if new {
+                let (file, fix) = match &rejected_file {
+                    Some(f) => (
+                        f.display().to_string(),
+                        format!("move {} to trusted/ (the pin follows)", f.display()),
+                    ),
+                    None => (
+                        String::new(),
+                        format!(
+                            "it is trusted for another endpoint already: delete {} to trust it on first use here",
+                            pin_file.display()
+                        ),
+                    ),
+                };
+                tracing::error!(
+                    connection = %conn.id,
+                    endpoint = %conn.endpoint,
+                    %pinned,
+                    %presented,
+                    rejected = %file,
+                    "server certificate changed since it was trusted on first use: refused"
+                );
+                notices
+                    .reporter
+                    .system_error(serde_json::json!({
+                        "error": "server_certificate_changed",
+                        "endpoint": conn.endpoint,
+                        "pinned_thumbprint": pinned,
+                        "presented_thumbprint": presented,
+                        "rejected_file": rejected_file.as_ref().map(|f| f.display().to_string()),
+                        "pin_file": pin_file.display().to_string(),
+                        "message": format!(
+                            "{} presents certificate {presented}, not {pinned} trusted there on first use: refused (connection untrusted). If the server's certificate was renewed on purpose, {fix}; otherwise another machine may be answering on this endpoint",
+                            conn.endpoint
+                        ),
+                    }))
+                    .await;
+            }
+            Err(SourceError::CertificateChanged {
+                endpoint: conn.endpoint.clone(),
+                pinned,
+                presented,
+            })
         }
     }
 }
@@ -615,4 +1012,86 @@ pub(crate) fn bad_records(
         .filter(|(i, _)| plans[*i].profile.is_none())
         .map(|(i, status)| bad_tag_record(connection, &plans[*i].meta, *status))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opcua::types::UserTokenPolicy;
+
+    fn endpoint(mode: MessageSecurityMode, token_policy: Option<&str>) -> EndpointDescription {
+        EndpointDescription {
+            security_mode: mode,
+            user_identity_tokens: token_policy.map(|uri| {
+                vec![UserTokenPolicy {
+                    policy_id: "username".into(),
+                    token_type: UserTokenType::UserName,
+                    security_policy_uri: uri.into(),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cleartext_only_without_channel_or_token_encryption() {
+        let none = UaPolicy::None.to_uri();
+        let rsa = UaPolicy::Basic256Sha256.to_uri();
+        let m = MessageSecurityMode::None;
+        // Empty URI: the channel's policy, here None.
+        assert!(password_in_cleartext(&endpoint(m, Some(""))));
+        assert!(password_in_cleartext(&endpoint(m, Some(none))));
+        // The token policy encrypts the password on a None channel.
+        assert!(!password_in_cleartext(&endpoint(m, Some(rsa))));
+        // The channel encrypts (or the token is encrypted for the channel's policy).
+        assert!(!password_in_cleartext(&endpoint(
+            MessageSecurityMode::SignAndEncrypt,
+            Some(none)
+        )));
+        assert!(!password_in_cleartext(&endpoint(
+            MessageSecurityMode::Sign,
+            Some("")
+        )));
+        // No UserName policy: no password is ever sent.
+        assert!(!password_in_cleartext(&endpoint(m, None)));
+    }
+
+    #[test]
+    fn size_failures_name_the_decoder_limits() {
+        for status in [
+            StatusCode::BadDecodingError,
+            StatusCode::BadEncodingLimitsExceeded,
+            StatusCode::BadTcpMessageTooLarge,
+        ] {
+            let reason = SourceError::ua(status, "connection lost").reason();
+            assert!(reason.starts_with(&value_status(status)), "{reason}");
+            assert!(reason.contains("16 MiB per message"), "{reason}");
+        }
+        assert_eq!(
+            SourceError::ua(StatusCode::BadConnectionClosed, "x").reason(),
+            "BadConnectionClosed"
+        );
+        assert!(response_too_large(StatusCode::BadResponseTooLarge));
+        assert!(!response_too_large(StatusCode::BadTimeout));
+    }
+
+    fn value_status(status: StatusCode) -> String {
+        super::super::value::status_name(status)
+    }
+
+    #[test]
+    fn changed_certificate_is_untrusted_with_both_thumbprints() {
+        let e = SourceError::CertificateChanged {
+            endpoint: "opc.tcp://h:4840/".into(),
+            pinned: "aa11".into(),
+            presented: "bb22".into(),
+        };
+        assert_eq!(e.status(), Some(StatusCode::BadCertificateUntrusted));
+        let reason = e.reason();
+        assert!(
+            reason.contains("aa11") && reason.contains("bb22"),
+            "{reason}"
+        );
+    }
 }

@@ -21,6 +21,20 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// Ends every truncated string, and closes every truncated array.
 pub const TRUNCATED_MARKER: &str = "…[truncated]";
 
+/// A String or ByteString longer than this (bytes as the server sent them)
+/// makes the whole value too large for a record: the tag gets a `bad` record
+/// with status [`TOO_LARGE_STATUS`] and a null value instead, and the loss is
+/// counted (SPEC 1.9, 1.10). 65 535 is the limit OPC UA stacks apply by
+/// default (the one that used to take the whole connection down): a value
+/// below it is read as it always was (cut to the limits above, with the
+/// marker); one above it is a blob (a file, an image, a runaway buffer) that
+/// no cut makes useful, and it must not reach the buffer or MQTT.
+pub const MAX_STRING_VALUE_BYTES: usize = 65_535;
+
+/// The status of the `bad` record that replaces a value over
+/// [`MAX_STRING_VALUE_BYTES`].
+pub const TOO_LARGE_STATUS: StatusCode = StatusCode::BadEncodingLimitsExceeded;
+
 /// What a number, bool or null is charged against the value budget.
 const SCALAR_COST: usize = 24;
 
@@ -150,6 +164,31 @@ fn to_json(v: &Variant, depth: usize, budget: &mut usize) -> Value {
     }
 }
 
+/// The length of the first String or ByteString in `v` (nested variants and
+/// arrays included) longer than [`MAX_STRING_VALUE_BYTES`], if any: such a
+/// value is too large for a record. Cheap: no copy, stops at the first hit.
+pub fn oversized(v: &Variant) -> Option<usize> {
+    oversized_at(v, 0)
+}
+
+fn oversized_at(v: &Variant, depth: usize) -> Option<usize> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    let len = match v {
+        Variant::String(s) => s.value().as_ref().map_or(0, |s| s.len()),
+        Variant::ByteString(b) => b.value.as_ref().map_or(0, Vec::len),
+        Variant::LocalizedText(t) => t.text.value().as_ref().map_or(0, |s| s.len()),
+        Variant::Variant(inner) => return oversized_at(inner, depth + 1),
+        Variant::DataValue(dv) => {
+            return dv.value.as_ref().and_then(|v| oversized_at(v, depth + 1))
+        }
+        Variant::Array(a) => return a.values.iter().find_map(|v| oversized_at(v, depth + 1)),
+        _ => 0,
+    };
+    (len > MAX_STRING_VALUE_BYTES).then_some(len)
+}
+
 /// One tag's configuration as the record carries it.
 #[derive(Clone, Debug)]
 pub struct TagMeta {
@@ -184,6 +223,24 @@ pub fn tag_record(connection: &str, tag: &TagMeta, dv: &DataValue) -> NewRecord 
             "value": value,
             "quality": quality(status),
             "status": status_name(status),
+        }),
+    }
+}
+
+/// The `bad` record that replaces a value too large for a record
+/// ([`oversized`]): null value, status [`TOO_LARGE_STATUS`], at the value's
+/// own timestamp.
+pub fn too_large_record(connection: &str, tag: &TagMeta, dv: &DataValue) -> NewRecord {
+    NewRecord {
+        connection: connection.to_string(),
+        kind: Kind::Tag,
+        ts_ms: value_ts_ms(dv),
+        data: json!({
+            "name": tag.name,
+            "node": tag.node,
+            "value": Value::Null,
+            "quality": quality(TOO_LARGE_STATUS),
+            "status": status_name(TOO_LARGE_STATUS),
         }),
     }
 }
@@ -302,6 +359,69 @@ mod tests {
         let v = variant_to_json(&Variant::Array(Box::new(a)));
         assert!(serde_json::to_string(&v).unwrap().len() <= MAX_VALUE_BYTES + 64);
         assert_eq!(v.as_array().unwrap().last().unwrap(), TRUNCATED_MARKER);
+    }
+
+    #[test]
+    fn oversized_strings_anywhere_in_a_value() {
+        let big = "x".repeat(MAX_STRING_VALUE_BYTES + 1);
+        let at_limit = "x".repeat(MAX_STRING_VALUE_BYTES);
+        assert_eq!(
+            oversized(&Variant::String(UAString::from(at_limit.as_str()))),
+            None
+        );
+        assert_eq!(
+            oversized(&Variant::String(UAString::from(big.as_str()))),
+            Some(MAX_STRING_VALUE_BYTES + 1)
+        );
+        assert_eq!(
+            oversized(&Variant::ByteString(ByteString::from(vec![0u8; 70_000]))),
+            Some(70_000)
+        );
+        assert_eq!(oversized(&Variant::String(UAString::null())), None);
+        assert_eq!(oversized(&Variant::Double(1.0)), None);
+        let nested = Variant::Variant(Box::new(Variant::String(UAString::from(big.as_str()))));
+        assert!(oversized(&nested).is_some());
+        let array = Array::new(
+            VariantScalarTypeId::String,
+            vec![
+                Variant::String(UAString::from("small")),
+                Variant::String(UAString::from(big.as_str())),
+            ],
+        )
+        .unwrap();
+        assert!(oversized(&Variant::Array(Box::new(array))).is_some());
+        // A long array of small elements is cut, not refused.
+        let doubles = Array::new(
+            VariantScalarTypeId::Double,
+            (0..100_000)
+                .map(|i| Variant::Double(i as f64))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        assert_eq!(oversized(&Variant::Array(Box::new(doubles))), None);
+    }
+
+    #[test]
+    fn too_large_record_is_bad_and_null_at_the_value_time() {
+        let tag = TagMeta {
+            name: "Big".into(),
+            node: "ns=2;s=Big".into(),
+        };
+        let src = chrono::DateTime::from_timestamp_millis(5_000).unwrap();
+        let dv = DataValue {
+            value: Some(Variant::String(UAString::from("x".repeat(70_000)))),
+            status: None,
+            source_timestamp: Some(DateTime::from(src)),
+            source_picoseconds: None,
+            server_timestamp: None,
+            server_picoseconds: None,
+        };
+        let r = too_large_record("c1", &tag, &dv);
+        assert_eq!(r.ts_ms, 5_000);
+        assert_eq!(
+            r.data,
+            json!({"name":"Big","node":"ns=2;s=Big","value":null,"quality":"bad","status":"BadEncodingLimitsExceeded"})
+        );
     }
 
     #[test]
