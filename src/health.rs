@@ -156,10 +156,17 @@ async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
         );
     }
     // Connected but refusing: records pile up as dead letters (SPEC 1.11).
+    // Dead letters are the first the size limit takes, so their count may
+    // be back to 0 for a moment while the broker still refuses everything:
+    // records dead-lettered for refusals count too.
     let refusing = mqtt
         .last_rejected_ms
         .is_some_and(|t| now_ms() - t < REFUSING_WINDOW.as_millis() as i64);
-    if stats.dead_letters > 0 && refusing {
+    let refused_dead = mqtt
+        .dead_lettered_by_cause
+        .get(crate::status::DEAD_LETTER_REFUSED)
+        .is_some_and(|n| *n > 0);
+    if refusing && (stats.dead_letters > 0 || refused_dead) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({
