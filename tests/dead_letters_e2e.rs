@@ -12,6 +12,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::load::*;
 use common::mosquitto::{start_mosquitto, MosquittoOptions};
 use common::*;
 use plantgate::sim::broker::TestPki;
@@ -51,25 +52,9 @@ async fn a_refusing_broker_never_makes_the_buffer_drop_new_records() {
             ..Default::default()
         },
     );
-    let mut opts = plantgate::sim::SimOptions::new(dir.path().join("sim-pki"));
-    opts.speed = 0.0;
-    opts.tags = LOAD_TAGS;
-    opts.rate_hz = LOAD_HZ;
-    let sim = plantgate::sim::start_deltav(opts).await.expect("simulator");
-    let tags: Vec<(String, String)> = (0..LOAD_TAGS)
-        .map(|i| (format!("L{i:05}"), plantgate::sim::deltav::load_tag(i)))
-        .collect();
-    let refs: Vec<(&str, &str)> = tags.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let sim = start_load_sim(dir.path(), LOAD_TAGS, LOAD_HZ).await;
     let data_dir = dir.path().join("agent");
-    let mut toml = agent_toml(
-        &data_dir,
-        mosq.tls,
-        &pki.ca_file,
-        "v5",
-        &sim.endpoint(),
-        sim.namespace_uri(),
-        &refs,
-    );
+    let mut toml = load_toml(&data_dir, mosq.tls, &pki.ca_file, "v5", &sim, LOAD_TAGS);
     toml.push_str("\n[buffer]\nmax_size = \"1MiB\"\n");
     let mut seen = watch(mosq.tls, &pki.ca_file).await;
     let agent = run_agent(&toml).await;

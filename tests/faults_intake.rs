@@ -8,6 +8,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::load::*;
 use common::*;
 use serde_json::Value;
 
@@ -61,24 +62,15 @@ async fn a_locked_buffer_holds_records_back_and_loses_none() {
         .expect("broker thread")
         .expect("embedded broker");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut opts = plantgate::sim::SimOptions::new(dir.path().join("sim-pki"));
-    opts.speed = 0.0;
-    opts.tags = LOAD_TAGS;
-    opts.rate_hz = LOAD_HZ;
-    let sim = plantgate::sim::start_deltav(opts).await.expect("simulator");
-    let tags: Vec<(String, String)> = (0..LOAD_TAGS)
-        .map(|i| (format!("L{i:05}"), plantgate::sim::deltav::load_tag(i)))
-        .collect();
-    let refs: Vec<(&str, &str)> = tags.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let sim = start_load_sim(dir.path(), LOAD_TAGS, LOAD_HZ).await;
     let data_dir = dir.path().join("agent");
-    let toml = agent_toml(
+    let toml = load_toml(
         &data_dir,
         broker.v5_addr,
         &broker.pki.ca_file,
         "v5",
-        &sim.endpoint(),
-        sim.namespace_uri(),
-        &refs,
+        &sim,
+        LOAD_TAGS,
     );
     let mut seen = watch(broker.v4_addr, &broker.pki.ca_file).await;
     let agent = run_agent(&toml).await;

@@ -10,84 +10,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::load::*;
 use common::mosquitto::{start_mosquitto, MosquittoOptions};
 use common::*;
-use plantgate::buffer::Store;
-use plantgate::config::Synchronous;
 use plantgate::demo::{Watcher, WatcherOptions};
-use plantgate::record::Kind;
 use plantgate::sim::broker::TestPki;
 
 /// Load tags × rate: 300 × 10 Hz = 3 000 values/s offered.
 const LOAD_TAGS: usize = 300;
 const LOAD_HZ: f64 = 10.0;
-
-async fn start_load_sim(dir: &Path) -> plantgate::sim::SimServer {
-    init_tracing();
-    let mut opts = plantgate::sim::SimOptions::new(dir.join("sim-pki"));
-    opts.speed = 0.0;
-    opts.tags = LOAD_TAGS;
-    opts.rate_hz = LOAD_HZ;
-    plantgate::sim::start_deltav(opts).await.expect("simulator")
-}
-
-fn load_toml(
-    dir: &Path,
-    mqtt: std::net::SocketAddr,
-    ca: &Path,
-    protocol: &str,
-    sim: &plantgate::sim::SimServer,
-) -> String {
-    let tags: Vec<(String, String)> = (0..LOAD_TAGS)
-        .map(|i| (format!("L{i:05}"), plantgate::sim::deltav::load_tag(i)))
-        .collect();
-    let refs: Vec<(&str, &str)> = tags.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-    agent_toml(
-        &dir.join("agent"),
-        mqtt,
-        ca,
-        protocol,
-        &sim.endpoint(),
-        sim.namespace_uri(),
-        &refs,
-    )
-}
-
-/// Pending records and the last assigned tag seq, read from the agent's
-/// buffer file (WAL: readable while the agent writes).
-fn buffer_state(data_dir: &Path) -> (u64, u64) {
-    let store = Store::open(&data_dir.join("buffer.db"), Synchronous::Normal).expect("open buffer");
-    let st = store.stats().expect("stats");
-    let last = st
-        .streams
-        .iter()
-        .find(|s| s.connection == "sim1" && s.kind == Kind::Tag)
-        .map(|s| s.next_seq - 1)
-        .unwrap_or(0);
-    (st.records, last)
-}
-
-/// Waits until the buffer is empty and the watcher has every tag record up
-/// to the last seq ever assigned.
-async fn drained_and_seen(seen: &mut Seen, data_dir: &Path) -> u64 {
-    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
-    let last = loop {
-        let (pending, last) = buffer_state(data_dir);
-        if pending == 0 && last > 0 {
-            break last;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "buffer never drained: {pending} pending"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    seen.until(&format!("tag seq {last}"), |s| {
-        s.tracker.last_seq("sim1", "tag") >= Some(last)
-    })
-    .await;
-    last
-}
 
 async fn broker_restart_under_load(protocol: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -99,8 +30,15 @@ async fn broker_restart_under_load(protocol: &str) {
             ..Default::default()
         },
     );
-    let sim = start_load_sim(dir.path()).await;
-    let toml = load_toml(dir.path(), mosq.tls, &pki.ca_file, protocol, &sim);
+    let sim = start_load_sim(dir.path(), LOAD_TAGS, LOAD_HZ).await;
+    let toml = load_toml(
+        &dir.path().join("agent"),
+        mosq.tls,
+        &pki.ca_file,
+        protocol,
+        &sim,
+        LOAD_TAGS,
+    );
     let watcher = Watcher::connect_with(
         mosq.tls,
         &pki.ca_file,
@@ -187,8 +125,15 @@ async fn agent_sigkill_under_load_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = TestPki::generate().expect("pki");
     let mosq = start_mosquitto(&pki, MosquittoOptions::default());
-    let sim = start_load_sim(dir.path()).await;
-    let toml = load_toml(dir.path(), mosq.tls, &pki.ca_file, "v5", &sim);
+    let sim = start_load_sim(dir.path(), LOAD_TAGS, LOAD_HZ).await;
+    let toml = load_toml(
+        &dir.path().join("agent"),
+        mosq.tls,
+        &pki.ca_file,
+        "v5",
+        &sim,
+        LOAD_TAGS,
+    );
     let config = write_file(dir.path(), "plantgate.toml", &toml);
     let log = dir.path().join("agent.log");
     let mut seen = watch(mosq.tls, &pki.ca_file).await;

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use common::load::*;
 use common::mosquitto::{start_mosquitto, MosquittoOptions};
 use common::*;
 use plantgate::buffer::Store;
@@ -27,55 +28,10 @@ const BROKER_MAX_PACKET: u32 = 20_000;
 const LOAD_TAGS: usize = 300;
 const LOAD_HZ: f64 = 10.0;
 
-async fn start_sim(dir: &Path, load_tags: usize) -> plantgate::sim::SimServer {
-    init_tracing();
-    let mut opts = plantgate::sim::SimOptions::new(dir.join("sim-pki"));
-    opts.speed = 0.0;
-    opts.tags = load_tags;
-    opts.rate_hz = LOAD_HZ;
-    plantgate::sim::start_deltav(opts).await.expect("simulator")
-}
-
 /// The size of a payload as the agent sent it (it sends compact JSON, which
 /// re-serialises to the same length).
 fn payload_len(v: &Value) -> usize {
     serde_json::to_vec(v).expect("json").len()
-}
-
-/// Pending records and the last assigned tag seq of `sim1`, read from the
-/// agent's buffer file (WAL: readable while the agent writes).
-fn buffer_state(data_dir: &Path) -> (u64, u64) {
-    let store = Store::open(&data_dir.join("buffer.db"), Synchronous::Normal).expect("open buffer");
-    let st = store.stats().expect("stats");
-    let last = st
-        .streams
-        .iter()
-        .find(|s| s.connection == "sim1" && s.kind == Kind::Tag)
-        .map(|s| s.next_seq - 1)
-        .unwrap_or(0);
-    (st.records, last)
-}
-
-/// Waits until the buffer is empty and the watcher has every tag record up
-/// to the last seq ever assigned.
-async fn drained_and_seen(seen: &mut Seen, data_dir: &Path) -> u64 {
-    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
-    let last = loop {
-        let (pending, last) = buffer_state(data_dir);
-        if pending == 0 && last > 0 {
-            break last;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "buffer never drained: {pending} pending"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    seen.until(&format!("tag seq {last}"), |s| {
-        s.tracker.last_seq("sim1", "tag") >= Some(last)
-    })
-    .await;
-    last
 }
 
 /// Issue report: mosquitto `max_packet_size 20000`, a 10 s outage under
@@ -95,21 +51,9 @@ async fn broker_max_packet_size_holds_after_an_outage_under_load() {
             ..Default::default()
         },
     );
-    let sim = start_sim(dir.path(), LOAD_TAGS).await;
-    let tags: Vec<(String, String)> = (0..LOAD_TAGS)
-        .map(|i| (format!("L{i:05}"), plantgate::sim::deltav::load_tag(i)))
-        .collect();
-    let refs: Vec<(&str, &str)> = tags.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let sim = start_load_sim(dir.path(), LOAD_TAGS, LOAD_HZ).await;
     let data_dir = dir.path().join("agent");
-    let toml = agent_toml(
-        &data_dir,
-        mosq.tls,
-        &pki.ca_file,
-        "v5",
-        &sim.endpoint(),
-        sim.namespace_uri(),
-        &refs,
-    );
+    let toml = load_toml(&data_dir, mosq.tls, &pki.ca_file, "v5", &sim, LOAD_TAGS);
     let watcher = Watcher::connect_with(
         mosq.tls,
         &pki.ca_file,
@@ -251,7 +195,7 @@ async fn oversized_event_is_dead_lettered(
         let seqs = store.append(&records).expect("append");
         assert_eq!(seqs, vec![1, 2, 3, 1, 2, 3]);
     }
-    let sim = start_sim(dir.path(), 0).await;
+    let sim = start_load_sim(dir.path(), 0, LOAD_HZ).await;
     let toml = agent_toml(
         &data_dir,
         mqtt,
@@ -386,7 +330,7 @@ async fn refused_messages_back_off_then_go_to_dead_letters() {
             ..Default::default()
         },
     );
-    let sim = start_sim(dir.path(), 0).await;
+    let sim = start_load_sim(dir.path(), 0, LOAD_HZ).await;
     let mut toml = agent_toml(
         &dir.path().join("agent"),
         mosq.tls,
@@ -530,7 +474,7 @@ async fn a_broker_limit_too_small_for_any_message_is_a_clear_error() {
             ..Default::default()
         },
     );
-    let sim = start_sim(dir.path(), 0).await;
+    let sim = start_load_sim(dir.path(), 0, LOAD_HZ).await;
     let toml = agent_toml(
         &dir.path().join("agent"),
         mosq.tls,

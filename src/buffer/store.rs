@@ -941,9 +941,12 @@ impl Store {
             // Checkpoint early and truncate the WAL to half its share, so
             // the frames since the last reset plus one transaction fit.
             let autocheckpoint = (wal / 4).max(2);
-            // A small buffer gets a smaller reserve rather than no room.
+            // A small buffer gets a smaller reserve rather than no room;
+            // a tiny one (the main file at its minimum) none.
             let reserve = if self.keep_reserve {
-                reserve_pages(autocheckpoint).min(total / 8)
+                reserve_pages(autocheckpoint)
+                    .min(total / 8)
+                    .min(total.saturating_sub(wal + MIN_DB_PAGES))
             } else {
                 0
             };
