@@ -519,3 +519,37 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::Store;
+    use crate::config::Synchronous;
+
+    #[tokio::test]
+    async fn a_dead_task_fails_the_pipeline_until_it_runs_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("buffer.db"), Synchronous::Normal).expect("open");
+        let (buffer, thread) = BufferHandle::spawn(store);
+        let board = StatusBoard::new();
+        board.beat("uplink");
+        assert_eq!(pipeline_fault(&board, &buffer, LOOP_SILENCE).await, None);
+        board.task_died("connection line1", "panicked: overflow");
+        let why = pipeline_fault(&board, &buffer, LOOP_SILENCE)
+            .await
+            .expect("a dead task is a fault");
+        assert!(
+            why.contains("connection line1 (panicked: overflow)"),
+            "{why}"
+        );
+        board.task_running("connection line1");
+        assert_eq!(pipeline_fault(&board, &buffer, LOOP_SILENCE).await, None);
+        // A buffer thread that is gone is a fault too.
+        buffer.close().await;
+        let why = pipeline_fault(&board, &buffer, LOOP_SILENCE)
+            .await
+            .expect("a closed buffer is a fault");
+        assert!(why.starts_with("buffer:"), "{why}");
+        thread.join().expect("buffer thread");
+    }
+}

@@ -1,7 +1,12 @@
 //! systemd notify protocol with a real `NOTIFY_SOCKET` datagram socket:
-//! `plantgate run` says READY=1, pings WATCHDOG=1 while alive, withholds the
-//! pings while its buffer is wedged (another process holds an exclusive lock
-//! on the database) and resumes after, and says STOPPING=1 on SIGTERM.
+//! `plantgate run` says READY=1, pings WATCHDOG=1 while alive, and says
+//! STOPPING=1 on SIGTERM. A write lock another process holds on the buffer
+//! (a `plantgate buffer retry`, an operator's sqlite3 shell) is ridden out,
+//! not a reason for systemd to restart the service (SPEC 1.9): the pings go
+//! on, `/readyz` says why it is not ready, and the records held meanwhile
+//! arrive afterwards. (The watchdog gate itself, `health::pipeline_fault`,
+//! fails on a dead task or a buffer thread that does not answer: unit
+//! tests in `health`.)
 
 mod common;
 
@@ -38,7 +43,7 @@ fn drain(sock: &UnixDatagram) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ready_watchdog_and_wedged_buffer() {
+async fn ready_watchdog_and_a_locked_buffer() {
     let plant = start_plant().await;
     let data_dir = plant.dir.path().join("agent");
     let health_port = plantgate::sim::broker::free_port().expect("free port");
@@ -81,8 +86,8 @@ async fn ready_watchdog_and_wedged_buffer() {
     .await
     .expect("thread");
 
-    // Wedge the buffer: another process holds the database's write lock, so
-    // the agent's commits hang while values keep coming.
+    // Another process holds the database's write lock, so the agent's
+    // commits fail while values keep coming.
     let db = data_dir.join("buffer.db");
     let locker = rusqlite::Connection::open(&db).expect("open db");
     locker.busy_timeout(PATIENCE).expect("busy timeout");
@@ -104,23 +109,31 @@ async fn ready_watchdog_and_wedged_buffer() {
         }
     };
     let check = async {
-        // The agent notices the wedge: /healthz (the same check that gates
-        // the pings) turns 503.
+        // Not ready while the buffer refuses records, and it says why...
         let deadline = Instant::now() + PATIENCE;
-        while http_get(health, "/healthz").await.0 != 503 {
+        loop {
+            let (code, body) = http_get(health, "/readyz").await;
+            if code == 503 && body.contains("buffer not accepting records") {
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
-                "agent never noticed the wedged buffer"
+                "agent never reported the locked buffer: {code} {body}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // ...but alive: the pipeline holds the records, systemd has
+        // nothing to restart.
+        let (code, body) = http_get(health, "/healthz").await;
+        assert_eq!(code, 200, "{body}");
         tokio::task::spawn_blocking(move || {
-            // Pings sent before that may still be queued; after it, silence.
             drain(&sock);
-            assert!(
-                wait_msg(&sock, "WATCHDOG=1", Duration::from_secs(4)).is_none(),
-                "watchdog kept pinging while the buffer was wedged"
-            );
+            for i in 0..2 {
+                assert!(
+                    wait_msg(&sock, "WATCHDOG=1", Duration::from_secs(5)).is_some(),
+                    "watchdog ping {i} missing while the buffer was locked"
+                );
+            }
             sock
         })
         .await
@@ -136,15 +149,12 @@ async fn ready_watchdog_and_wedged_buffer() {
     );
     locker.execute_batch("COMMIT").expect("commit");
     drop(locker);
-    let sock = tokio::task::spawn_blocking(move || {
-        assert!(
-            wait_msg(&sock, "WATCHDOG=1", PATIENCE).is_some(),
-            "pings did not resume after the buffer recovered"
-        );
-        sock
-    })
-    .await
-    .expect("thread");
+    // Ready again once the held records are in.
+    let deadline = Instant::now() + PATIENCE;
+    while http_get(health, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "not ready after the lock");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let pid = child.id().to_string();
     Command::new("kill")

@@ -19,8 +19,46 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::session::Feed;
+use opcua::client::Session;
+use opcua::types::NodeId;
+
+use crate::profile::{NodeKey, Sample};
+use crate::record::NewRecord;
 use crate::status::{DropReason, IntakeLoss};
+
+/// What the session side hands to the connection's driver task, in order.
+pub(crate) enum Feed {
+    /// One publish response: tag records and the profile's samples.
+    Publish {
+        records: Vec<NewRecord>,
+        samples: Vec<Sample>,
+    },
+    /// A session is up; reads for the profile go to it. Sent before any
+    /// monitored item exists, so it precedes the session's first publish.
+    Connected {
+        session: Arc<Session>,
+        /// The profile's nodes as resolved on this session.
+        nodes: std::collections::HashMap<NodeKey, NodeId>,
+        at_ms: i64,
+    },
+    /// Profile nodes that resolved on a later retry of this session.
+    Resolved(Vec<(NodeKey, NodeId)>),
+    /// The session was lost (not sent on shutdown).
+    Disconnected { at_ms: i64 },
+    /// The connection task is stopping: the driver saves and ends. Needed
+    /// because the driver may hold the session, whose subscription holds a
+    /// sender of this very channel, so the channel alone never closes.
+    Stop,
+}
+
+impl Feed {
+    pub(crate) fn records(records: Vec<NewRecord>) -> Feed {
+        Feed::Publish {
+            records,
+            samples: Vec::new(),
+        }
+    }
+}
 
 /// Tag values one connection may have queued between its OPC UA session and
 /// its driver. About 10 MB of records; at 1 000 values/s it rides out 20 s

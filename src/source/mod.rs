@@ -40,8 +40,9 @@ use crate::profile::{NodeKey, Output, Profile, ReadRequest};
 use crate::record::{now_ms, NewRecord};
 use crate::status::{ConnState, ConnectionReporter};
 
+use intake::Feed;
 pub use session::SourceError;
-use session::{Feed, LoopEvent, Monitored, PublishClock, TagPlan};
+use session::{LoopEvent, Monitored, PublishClock, TagPlan};
 use value::TagMeta;
 
 /// How long a fresh session may take from TCP connect to activated.

@@ -24,6 +24,7 @@ use opcua::types::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::intake::Feed;
 use super::pki::{OwnCertificate, PinCheck};
 use super::value::{
     bad_tag_record, oversized, tag_record, too_large_record, value_ts_ms, variant_to_json, TagMeta,
@@ -472,40 +473,6 @@ pub(crate) fn resolve(node: &NodeRef, namespaces: &NamespaceMap) -> Result<NodeI
             ByteString::from_base64(b).ok_or(StatusCode::BadNodeIdInvalid)?,
         ),
     })
-}
-
-/// What the session side hands to the connection's driver task, in order.
-pub(crate) enum Feed {
-    /// One publish response: tag records and the profile's samples.
-    Publish {
-        records: Vec<NewRecord>,
-        samples: Vec<Sample>,
-    },
-    /// A session is up; reads for the profile go to it. Sent before any
-    /// monitored item exists, so it precedes the session's first publish.
-    Connected {
-        session: Arc<Session>,
-        /// The profile's nodes as resolved on this session.
-        nodes: std::collections::HashMap<NodeKey, NodeId>,
-        at_ms: i64,
-    },
-    /// Profile nodes that resolved on a later retry of this session.
-    Resolved(Vec<(NodeKey, NodeId)>),
-    /// The session was lost (not sent on shutdown).
-    Disconnected { at_ms: i64 },
-    /// The connection task is stopping: the driver saves and ends. Needed
-    /// because the driver may hold the session, whose subscription holds a
-    /// sender of this very channel, so the channel alone never closes.
-    Stop,
-}
-
-impl Feed {
-    pub(crate) fn records(records: Vec<NewRecord>) -> Feed {
-        Feed::Publish {
-            records,
-            samples: Vec::new(),
-        }
-    }
 }
 
 /// The subscription callback. Runs on the OPC UA event loop, so it only
