@@ -416,6 +416,12 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         .into_iter()
         .map(|(t, n)| (format!("{{task=\"{}\"}}", label(&t)), n as f64))
         .collect();
+    metric(
+        "values_truncated_total",
+        "counter",
+        "Strings and arrays cut to the value limits (the record says so with a trailing marker).",
+        &one(crate::source::value::truncated_total() as f64),
+    );
     let conns = connection_stats();
     metric(
         "health_connections_open",

@@ -21,6 +21,20 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// Ends every truncated string, and closes every truncated array.
 pub const TRUNCATED_MARKER: &str = "…[truncated]";
 
+/// Strings and arrays cut to the limits above, process-wide: a cut value
+/// says so in the data itself, and this count (`/metrics`,
+/// `plantgate_values_truncated_total`) tells an operator how often.
+static TRUNCATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Values cut so far (strings and arrays; one value may count more than once).
+pub fn truncated_total() -> u64 {
+    TRUNCATED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count_truncation() {
+    TRUNCATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A String or ByteString longer than this (bytes as the server sent them)
 /// makes the whole value too large for a record: the tag gets a `bad` record
 /// with status [`TOO_LARGE_STATUS`] and a null value instead, and the loss is
@@ -83,6 +97,7 @@ fn cut(s: &str, budget: &mut usize) -> String {
         while !s.is_char_boundary(end) {
             end -= 1;
         }
+        count_truncation();
         format!("{}{TRUNCATED_MARKER}", &s[..end])
     };
     *budget = budget.saturating_sub(out.len() + 2);
@@ -152,6 +167,7 @@ fn to_json(v: &Variant, depth: usize, budget: &mut usize) -> Value {
             for v in a.values.iter() {
                 // Room for at least one more element and the marker.
                 if *budget < SCALAR_COST + TRUNCATED_MARKER.len() + 2 {
+                    count_truncation();
                     out.push(Value::String(TRUNCATED_MARKER.to_string()));
                     break;
                 }
@@ -319,7 +335,9 @@ mod tests {
             json!([1.0, null])
         );
         let huge = "é".repeat(MAX_STRING_BYTES);
+        let before = truncated_total();
         let v = variant_to_json(&Variant::String(UAString::from(huge)));
+        assert!(truncated_total() > before, "a cut is counted");
         let v = v.as_str().unwrap();
         assert!(v.len() <= MAX_STRING_BYTES);
         assert!(v.ends_with(TRUNCATED_MARKER));
