@@ -417,6 +417,12 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         .map(|(t, n)| (format!("{{task=\"{}\"}}", label(&t)), n as f64))
         .collect();
     metric(
+        "intake_queued_values",
+        "gauge",
+        "Values waiting between the OPC UA sessions and the buffer (bounded, SPEC 1.9).",
+        &one(crate::source::intake::queued_values() as f64),
+    );
+    metric(
         "values_truncated_total",
         "counter",
         "Strings and arrays cut to the value limits (the record says so with a trailing marker).",

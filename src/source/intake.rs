@@ -60,17 +60,26 @@ impl Feed {
     }
 }
 
-/// Tag values one connection may have queued between its OPC UA session and
-/// its driver. About 10 MB of records; at 1 000 values/s it rides out 20 s
-/// of a buffer that does not take anything, on top of the queue into the
-/// buffer itself.
-pub(crate) const QUEUED_VALUES: usize = 20_000;
+/// Tag values all connections together may have queued between their OPC
+/// UA sessions and their drivers: one budget for the process, so memory
+/// stays bounded however many connections there are (a queued value takes
+/// about 1 KiB: some 35 MB at most). With the queue into the buffer behind
+/// it, 1 000 values/s ride out about 35 s of a buffer that takes nothing.
+pub(crate) const QUEUED_VALUES: usize = 30_000;
+
+/// Values queued now, all connections of the process.
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
+/// Values waiting in the intake queues now (for `/metrics`).
+pub fn queued_values() -> usize {
+    QUEUED.load(Ordering::Relaxed)
+}
 
 /// Sending side, held by the subscription callback and the connection task.
 #[derive(Clone)]
 pub(crate) struct FeedTx {
     tx: mpsc::UnboundedSender<Feed>,
-    queued: Arc<AtomicUsize>,
+    queued: &'static AtomicUsize,
     budget: usize,
     loss: IntakeLoss,
 }
@@ -78,20 +87,29 @@ pub(crate) struct FeedTx {
 /// Receiving side, held by the driver.
 pub(crate) struct FeedRx {
     rx: mpsc::UnboundedReceiver<Feed>,
-    queued: Arc<AtomicUsize>,
+    queued: &'static AtomicUsize,
 }
 
 /// The receiver is gone (the connection task is stopping).
 #[derive(Debug)]
 pub(crate) struct Closed;
 
-pub(crate) fn channel(budget: usize, loss: IntakeLoss) -> (FeedTx, FeedRx) {
+/// A connection's queue, sharing the process-wide budget.
+pub(crate) fn channel(loss: IntakeLoss) -> (FeedTx, FeedRx) {
+    channel_within(&QUEUED, QUEUED_VALUES, loss)
+}
+
+/// A queue counted in `queued` against `budget`.
+fn channel_within(
+    queued: &'static AtomicUsize,
+    budget: usize,
+    loss: IntakeLoss,
+) -> (FeedTx, FeedRx) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
     (
         FeedTx {
             tx,
-            queued: queued.clone(),
+            queued,
             budget,
             loss,
         },
@@ -180,7 +198,8 @@ mod tests {
         let board = StatusBoard::new();
         let (sink, _sink_rx) = mpsc::channel(1);
         let reporter = ConnectionReporter::new("c1", board.clone(), sink, Vec::new());
-        let (tx, mut rx) = channel(3, reporter.intake_loss());
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let (tx, mut rx) = channel_within(&COUNTER, 3, reporter.intake_loss());
         tx.send(Feed::records(vec![tag("A"), tag("B")]))
             .expect("queued");
         // 2 + 2 > 3: the second publish is dropped whole.

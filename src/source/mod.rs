@@ -19,7 +19,7 @@
 //!   status code name as reason. Retries while not online do not flap through
 //!   `connecting` (one state change, one log line, one event per outage).
 
-mod intake;
+pub mod intake;
 pub mod pki;
 mod session;
 pub mod value;
@@ -88,7 +88,7 @@ pub async fn run_connection_restored(
     }
     let profile_keys: Arc<Vec<Option<NodeKey>>> =
         Arc::new(all_plans.iter().map(|p| p.profile).collect());
-    let (records_tx, records_rx) = intake::channel(intake::QUEUED_VALUES, reporter.intake_loss());
+    let (records_tx, records_rx) = intake::channel(reporter.intake_loss());
     let forwarder = tokio::spawn(drive(records_rx, reporter.clone(), profile));
     let plans = Arc::new(all_plans);
     let metas: Arc<Vec<TagMeta>> = Arc::new(plans.iter().map(|p| p.meta.clone()).collect());
