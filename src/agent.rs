@@ -14,11 +14,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
-use crate::buffer::{BufferHandle, Limits, ProfileState, Refused, Store};
+use crate::buffer::{BufferHandle, Limits, Store};
 use crate::config::{Config, ConnectionConfig};
-use crate::record::NewRecord;
-use crate::status::{event_record, Batch, ConnState, ConnectionReporter, DropReason, StatusBoard};
+use crate::status::{event_record, Batch, ConnState, ConnectionReporter, StatusBoard};
 use crate::supervise::supervise;
 use crate::uplink::{Uplink, UplinkSettings};
 
@@ -41,19 +39,12 @@ pub enum AgentError {
 /// (back-pressure) rather than dropping. A batch holds up to a few thousand
 /// records, so this bounds the records in RAM while the buffer is stalled.
 const SINK_CAPACITY: usize = 16;
-/// Records merged into one append by the ingest.
-const INGEST_BATCH: usize = 10_000;
 /// Bound on how long sources get to stop on shutdown.
 const SOURCE_STOP: Duration = Duration::from_secs(3);
 /// Bound on how long the ingest may keep retrying a refusing buffer at
 /// shutdown; what it still holds then is counted as dropped.
 const INGEST_STOP: Duration = Duration::from_secs(3);
 const UPLINK_STOP: Duration = Duration::from_secs(5);
-/// How often intake loss is announced by `source.dropped` (SPEC 1.9).
-const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
-/// A buffer refusing appends for longer than this is announced by a
-/// `system.error` when it takes them again.
-const BLOCKED_WORTH_AN_EVENT: Duration = Duration::from_secs(2);
 
 /// Everything a running agent exposes to its embedder (demo, tests).
 pub struct Agent {
@@ -145,7 +136,7 @@ pub async fn start(
             "ingest".into(),
             board.clone(),
             ingest_stop.clone(),
-            move || ingest(rx.clone(), buffer.clone(), board.clone(), abort.clone()),
+            move || crate::ingest::run(rx.clone(), buffer.clone(), board.clone(), abort.clone()),
             on_death,
         ))
     };
@@ -232,7 +223,7 @@ pub async fn start(
             board.clone(),
             uplink_cancel.clone(),
             move || {
-                announce_drops(
+                crate::announce::run(
                     board2.clone(),
                     buffer.clone(),
                     wants.clone(),
@@ -407,190 +398,6 @@ fn agent_error(
                 tracing::error!(error = %e, "could not record the task failure");
             }
         })
-    }
-}
-
-/// Commits what sources hand over. While one commit runs, further batches
-/// queue up and go into the next transaction together (few, large commits).
-async fn ingest(
-    rx: Arc<Mutex<mpsc::Receiver<Batch>>>,
-    buffer: BufferHandle,
-    board: Arc<StatusBoard>,
-    abort: CancellationToken,
-) {
-    // Held for the whole run; a restarted ingest takes it over.
-    let mut rx = rx.lock().await;
-    loop {
-        // Beat while idle too: a silent ingest then means a commit that
-        // hangs (a wedged disk), which the watchdog and /healthz must see.
-        board.beat("ingest");
-        let first = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
-            Ok(Some(batch)) => batch,
-            Ok(None) => break,
-            Err(_) => continue,
-        };
-        let mut records = first.records;
-        let mut states: Vec<ProfileState> = first.state.into_iter().collect();
-        while records.len() < INGEST_BATCH {
-            match rx.try_recv() {
-                Ok(more) => {
-                    records.extend(more.records);
-                    // Later snapshots of a connection supersede earlier
-                    // ones; all their records commit together anyway.
-                    if let Some(state) = more.state {
-                        match states.iter_mut().find(|s| s.connection == state.connection) {
-                            Some(slot) => *slot = state,
-                            None => states.push(state),
-                        }
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        commit(&buffer, &board, records, states, &abort).await;
-    }
-}
-
-/// Commits one gathered batch. A buffer that refuses for a reason that
-/// passes (a lock held by another process, a stalled disk) is retried with
-/// backoff while the batch is held: the bounded queues behind it fill and
-/// the sources wait before anything is dropped (SPEC 1.9). What the buffer
-/// can never take (full of records it may not evict), or still holds when
-/// shutdown gives up, is dropped, counted per connection and announced.
-async fn commit(
-    buffer: &BufferHandle,
-    board: &StatusBoard,
-    records: Vec<NewRecord>,
-    states: Vec<ProfileState>,
-    abort: &CancellationToken,
-) {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-    let mut quiet = crate::throttle::Throttle::new(Duration::from_secs(60));
-    let (mut records, mut states) = (records, states);
-    loop {
-        let refused = match buffer.try_append(records, states).await {
-            Ok(_) => {
-                if let Some(blocked) = board.set_intake_blocked(None) {
-                    tracing::info!(
-                        blocked_ms = blocked.as_millis() as u64,
-                        "buffer accepts records again"
-                    );
-                    if blocked >= BLOCKED_WORTH_AN_EVENT {
-                        let ev = event_record(
-                            "",
-                            "system.error",
-                            serde_json::json!({
-                                "error": "buffer_blocked",
-                                "message": format!(
-                                    "the buffer refused records for {} s; they were held and are now stored",
-                                    blocked.as_secs()
-                                ),
-                                "duration_ms": blocked.as_millis() as u64,
-                            }),
-                        );
-                        let _ = buffer.append(vec![ev]).await;
-                    }
-                }
-                return;
-            }
-            Err(refused) => refused,
-        };
-        let Refused {
-            error,
-            records: back,
-            states: back_states,
-        } = refused;
-        // Full: the buffer already evicted all it may; Encode: the records
-        // can never be stored; Closed: shutting down.
-        let hopeless = matches!(
-            error,
-            crate::buffer::BufferError::Full { .. }
-                | crate::buffer::BufferError::Encode { .. }
-                | crate::buffer::BufferError::Closed
-        );
-        if hopeless || abort.is_cancelled() {
-            count_refused(board, &back);
-            tracing::error!(error = %error, records = back.len(), "records could not be stored; dropped and counted");
-            return;
-        }
-        board.set_intake_blocked(Some(&error.to_string()));
-        if let Some(repeats) = quiet.check(&error.to_string()) {
-            tracing::error!(error = %error, records = back.len(), repeats, "buffer refuses records; holding them and retrying");
-        }
-        board.beat("ingest");
-        let delay = backoff.next_delay();
-        tokio::select! {
-            _ = abort.cancelled() => {}
-            _ = tokio::time::sleep(delay) => {}
-        }
-        records = back;
-        states = back_states;
-    }
-}
-
-/// Counts records the buffer did not take, per connection (SPEC 1.9).
-fn count_refused(board: &StatusBoard, records: &[NewRecord]) {
-    let mut per: std::collections::BTreeMap<&str, (u64, Option<&str>)> = Default::default();
-    for r in records {
-        let e = per.entry(r.connection.as_str()).or_insert((0, None));
-        e.0 += 1;
-        if e.1.is_none() {
-            e.1 = r.data["name"].as_str();
-        }
-    }
-    for (connection, (n, sample)) in per {
-        board.add_dropped(connection, DropReason::BufferRefused, n, sample);
-    }
-}
-
-/// Announces intake loss (SPEC 1.9): every `ANNOUNCE_EVERY`, one
-/// `source.dropped` event per connection and reason that lost values since
-/// the last one, with the count and a sample of tag names. Events are
-/// appended straight to the buffer (not through the sources' queue); when
-/// the buffer refuses them, the counts wait for the next round.
-async fn announce_drops(
-    board: Arc<StatusBoard>,
-    buffer: BufferHandle,
-    wants: Arc<std::collections::HashMap<String, bool>>,
-    cancel: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stopping = tokio::select! {
-            _ = cancel.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        board.beat("announcer");
-        let reports = board.take_drop_reports();
-        if !reports.is_empty() {
-            let mut events = Vec::new();
-            for r in &reports {
-                tracing::warn!(connection = %r.connection, reason = r.reason.as_str(), count = r.count, samples = ?r.samples, "values lost at the intake");
-                // A connection's `events` list filters events about it;
-                // the agent's own records always announce.
-                if r.connection.is_empty() || wants.get(&r.connection).copied().unwrap_or(true) {
-                    events.push(event_record(
-                        &r.connection,
-                        "source.dropped",
-                        serde_json::json!({
-                            "reason": r.reason.as_str(),
-                            "count": r.count,
-                            "samples": r.samples,
-                        }),
-                    ));
-                }
-            }
-            if !events.is_empty() {
-                if let Err(e) = buffer.append(events).await {
-                    tracing::warn!(error = %e, "could not record source.dropped; retrying with the next report");
-                    board.restore_drop_reports(reports);
-                }
-            }
-        }
-        if stopping {
-            return;
-        }
     }
 }
 

@@ -3,16 +3,21 @@
 //! forwards it over TLS MQTT.
 //!
 //! Data path (one direction, one durable hand-off):
-//! `source` (OPC UA, driving a `profile`) → `status::RecordSink` → `buffer` (SQLite, the only place
-//! a record is accepted) → `uplink` (MQTT, deletes on PUBACK). `agent::run`
-//! wires it; `status` is the shared board the uplink and health read.
+//! `source` (OPC UA, driving a `profile`; `source::intake` bounds what it
+//! queues) → `status::RecordSink` → `ingest` (commits, holds and retries)
+//! → `buffer` (SQLite, the only place a record is accepted) → `uplink`
+//! (MQTT, deletes on PUBACK). `agent::run` wires it, every long-lived task
+//! under `supervise`; `status` is the shared board the uplink, `announce`
+//! (intake loss) and `health` read.
 
 pub mod agent;
+pub mod announce;
 pub mod backoff;
 pub mod buffer;
 pub mod config;
 pub mod demo;
 pub mod health;
+pub mod ingest;
 pub mod nodeid;
 pub mod profile;
 pub mod record;

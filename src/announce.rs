@@ -1,0 +1,65 @@
+//! The intake-loss announcer (SPEC 1.9): turns the drops counted on the
+//! status board into throttled `source.dropped` events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::BufferHandle;
+use crate::status::{event_record, StatusBoard};
+
+/// How often intake loss is announced.
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
+
+/// Announces intake loss (SPEC 1.9): every `ANNOUNCE_EVERY`, one
+/// `source.dropped` event per connection and reason that lost values since
+/// the last one, with the count and a sample of tag names. Events are
+/// appended straight to the buffer (not through the sources' queue); when
+/// the buffer refuses them, the counts wait for the next round.
+pub async fn run(
+    board: Arc<StatusBoard>,
+    buffer: BufferHandle,
+    wants: Arc<HashMap<String, bool>>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = cancel.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        board.beat("announcer");
+        let reports = board.take_drop_reports();
+        if !reports.is_empty() {
+            let mut events = Vec::new();
+            for r in &reports {
+                tracing::warn!(connection = %r.connection, reason = r.reason.as_str(), count = r.count, samples = ?r.samples, "values lost at the intake");
+                // A connection's `events` list filters events about it;
+                // the agent's own records always announce.
+                if r.connection.is_empty() || wants.get(&r.connection).copied().unwrap_or(true) {
+                    events.push(event_record(
+                        &r.connection,
+                        "source.dropped",
+                        serde_json::json!({
+                            "reason": r.reason.as_str(),
+                            "count": r.count,
+                            "samples": r.samples,
+                        }),
+                    ));
+                }
+            }
+            if !events.is_empty() {
+                if let Err(e) = buffer.append(events).await {
+                    tracing::warn!(error = %e, "could not record source.dropped; retrying with the next report");
+                    board.restore_drop_reports(reports);
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
