@@ -83,7 +83,7 @@ pub enum DropReason {
 impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
-            DropReason::ServerOverflow => "server_overflow",
+            DropReason::ServerOverflow => "opcua_queue_overflow",
             DropReason::QueueFull => "queue_full",
             DropReason::BufferRefused => "buffer_refused",
             DropReason::ValueTooLarge => "value_too_large",

@@ -124,7 +124,7 @@ async fn a_locked_buffer_holds_records_back_and_loses_none() {
     assert_eq!(seen.tracker.gaps, 0, "gaps: {:?}", seen.tracker.gap_details);
     // 1 000 values/s for the lock's duration fit the intake queues: the
     // sources waited, the agent dropped nothing. (What the server itself
-    // discarded, `server_overflow`, is counted too, but is the server's
+    // discarded, `opcua_queue_overflow`, is counted too, but is the server's
     // timing on a busy test machine, not the lock.)
     let (_, body) = http_get(agent.health_addr, "/status").await;
     let st = status_json(&body);

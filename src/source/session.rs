@@ -876,9 +876,11 @@ fn item_request(
 ) -> MonitoredItemCreateRequest {
     let sampling_ms = plan.sampling.as_secs_f64() * 1000.0;
     // With publishing slower than sampling, the server must keep every sample
-    // of the interval or values are silently discarded.
+    // of the interval or values are discarded (the Overflow bit). Twice the
+    // ratio: a publish cycle that comes late (a busy server, a slow round
+    // trip) must not cost values either.
     let ratio = publishing_interval.as_secs_f64() * 1000.0 / sampling_ms.max(1.0);
-    let queue_size = (ratio.ceil() as u32).clamp(1, 10_000) + 1;
+    let queue_size = (ratio.ceil() as u32).clamp(1, 5_000) * 2 + 1;
     let filter = match plan.deadband {
         Some(d) if d > 0.0 => ExtensionObject::from_message(DataChangeFilter {
             trigger: DataChangeTrigger::StatusValue,
