@@ -99,7 +99,9 @@ async fn commit(
                                 "duration_ms": blocked.as_millis() as u64,
                             }),
                         );
-                        let _ = buffer.append(vec![ev]).await;
+                        if let Err(e) = buffer.append(vec![ev]).await {
+                            tracing::error!(error = %e, "could not record the buffer_blocked event");
+                        }
                     }
                 }
                 return;

@@ -6,9 +6,9 @@
 //! installs it and runs them with `--include-ignored`. `PYTHON` selects the
 //! interpreter (default `python3`).
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use plantgate::config::{
@@ -16,11 +16,10 @@ use plantgate::config::{
 };
 use plantgate::record::{Kind, NewRecord};
 use plantgate::secret::Secret;
-use plantgate::source::run_connection;
-use plantgate::status::{ConnState, ConnectionReporter, DropReason, StatusBoard};
+use plantgate::status::{ConnState, DropReason};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+
+use common::conn::Conn;
 
 const WAIT: Duration = Duration::from_secs(60);
 const NS: &str = "urn:plantgate:interop";
@@ -105,6 +104,28 @@ fn tag(name: &str, id: &str) -> TagConfig {
     }
 }
 
+/// Waits until `n` distinct good values of the changing Counter arrived
+/// after this call (data flowing, not just the initial value).
+async fn wait_counter_values(c: &mut Conn, n: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut values = std::collections::BTreeSet::new();
+    while values.len() < n {
+        let batch = tokio::time::timeout_at(deadline, c.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no data; state {:?}", c.status().state))
+            .expect("sink open");
+        for r in &batch.records {
+            if r.kind == Kind::Tag && r.data["name"] == "Counter" {
+                assert_eq!(r.data["quality"], "good", "{}", r.data);
+                if let Some(v) = r.data["value"].as_i64() {
+                    values.insert(v);
+                }
+            }
+        }
+        c.seen.extend(batch);
+    }
+}
+
 fn conn_config(id: &str, endpoint: &str) -> ConnectionConfig {
     let tag = |name: &str, node: &str| TagConfig {
         name: name.into(),
@@ -139,126 +160,6 @@ fn conn_config(id: &str, endpoint: &str) -> ConnectionConfig {
             tag("Temp", &format!("nsu={NS};s=Line1/Temp")),
             tag("State", &format!("nsu={NS};s=Line1/State")),
         ],
-    }
-}
-
-struct Conn {
-    id: String,
-    board: Arc<StatusBoard>,
-    rx: mpsc::Receiver<plantgate::status::Batch>,
-    seen: Vec<NewRecord>,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Conn {
-    fn start(conn: ConnectionConfig, pki: PathBuf) -> Conn {
-        let board = StatusBoard::new();
-        let (tx, rx) = mpsc::channel(1024);
-        let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
-        let cancel = CancellationToken::new();
-        let id = conn.id.clone();
-        let task = tokio::spawn(run_connection(conn, pki, reporter, cancel.clone()));
-        Conn {
-            id,
-            board,
-            rx,
-            seen: Vec::new(),
-            cancel,
-            task,
-        }
-    }
-
-    fn state(&self) -> (ConnState, String) {
-        self.board
-            .connections()
-            .into_iter()
-            .find(|(id, _)| *id == self.id)
-            .map(|(_, s)| (s.state, s.reason))
-            .expect("registered")
-    }
-
-    async fn wait_state(&mut self, want: ConnState) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut changes = self.board.subscribe();
-        while self.state().0 != want {
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => panic!("no {want:?}; state {:?}", self.state()),
-                _ = changes.changed() => {}
-                Some(b) = self.rx.recv() => self.seen.extend(b),
-            }
-        }
-    }
-
-    /// The states of the `connection.status_changed` events seen so far.
-    fn status_events(&self) -> Vec<String> {
-        self.seen
-            .iter()
-            .filter(|r| r.kind == Kind::Event && r.data["type"] == "connection.status_changed")
-            .filter_map(|r| r.data["details"]["state"].as_str().map(str::to_string))
-            .collect()
-    }
-
-    /// Waits until `n` `connection.status_changed` events arrived (they may
-    /// trail the first values of a new session: separate hand-overs).
-    async fn wait_status_events(&mut self, n: usize) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while self.status_events().len() < n {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(b)) => self.seen.extend(b),
-                _ => panic!("only {:?} status events", self.status_events()),
-            }
-        }
-    }
-
-    /// Waits until `n` distinct good values of the changing Counter arrived
-    /// after this call (data flowing, not just the initial value).
-    async fn wait_counter_values(&mut self, n: usize) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut values = std::collections::BTreeSet::new();
-        while values.len() < n {
-            let batch = tokio::time::timeout_at(deadline, self.rx.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no data; state {:?}", self.state()))
-                .expect("sink open");
-            for r in &batch.records {
-                if r.kind == Kind::Tag && r.data["name"] == "Counter" {
-                    assert_eq!(r.data["quality"], "good", "{}", r.data);
-                    if let Some(v) = r.data["value"].as_i64() {
-                        values.insert(v);
-                    }
-                }
-            }
-            self.seen.extend(batch);
-        }
-    }
-
-    /// Receives until `cond` holds over everything seen so far.
-    async fn until(&mut self, what: &str, cond: impl Fn(&[NewRecord]) -> bool) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !cond(&self.seen) {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(b)) => self.seen.extend(b),
-                _ => panic!("timed out waiting for {what}; state {:?}", self.state()),
-            }
-        }
-    }
-
-    fn dropped(&self, reason: DropReason) -> u64 {
-        self.board
-            .connections()
-            .into_iter()
-            .find(|(id, _)| *id == self.id)
-            .and_then(|(_, s)| s.dropped.get(&reason).copied())
-            .unwrap_or(0)
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("stops")
-            .expect("no panic");
     }
 }
 
@@ -302,14 +203,14 @@ async fn asyncua_every_policy_and_mode_with_password() {
         conn.trust_unknown_server_cert = true;
         let mut c = Conn::start(conn, pki.clone());
         c.wait_state(ConnState::Online).await;
-        c.wait_counter_values(3).await;
+        wait_counter_values(&mut c, 3).await;
         c.stop().await;
         eprintln!("asyncua: verified {policy:?}/{mode:?} with username/password");
     }
     // Anonymous as well (the server allows it here).
     let mut c = Conn::start(conn_config("py-anon", &server.endpoint), pki.clone());
     c.wait_state(ConnState::Online).await;
-    c.wait_counter_values(3).await;
+    wait_counter_values(&mut c, 3).await;
     c.stop().await;
     server.stop().await;
 }
@@ -339,7 +240,7 @@ async fn asyncua_wrong_password_and_unknown_certificate() {
     conn.password = Some(Secret::new("wrong"));
     let mut c = Conn::start(conn, pki.clone());
     c.wait_state(ConnState::AuthRequired).await;
-    let reason = c.state().1;
+    let reason = c.status().reason;
     eprintln!("asyncua: wrong password -> auth_required ({reason})");
     let deadline = tokio::time::Instant::now() + WAIT;
     while !c.seen.iter().any(|r| {
@@ -382,14 +283,14 @@ async fn asyncua_restart_offline_then_online_and_data_resumes() {
     let endpoint = server.endpoint.clone();
     let mut c = Conn::start(conn, dir.path().join("pki"));
     c.wait_state(ConnState::Online).await;
-    c.wait_counter_values(2).await;
+    wait_counter_values(&mut c, 2).await;
 
     server.stop().await;
     c.wait_state(ConnState::Offline).await;
     let server = PyServer::start(port, &[]).await;
     assert_eq!(server.endpoint, endpoint);
     let restarted = tokio::time::Instant::now();
-    c.wait_counter_values(1).await;
+    wait_counter_values(&mut c, 1).await;
     eprintln!(
         "asyncua: server ready -> first value {} ms",
         restarted.elapsed().as_millis()
@@ -441,7 +342,7 @@ async fn asyncua_oversized_string_costs_only_its_tag() {
     assert_eq!(events[0]["bytes"], 70_000);
     let dropped = c.dropped(DropReason::ValueTooLarge);
     assert!(dropped >= big.len() as u64, "{dropped} < {}", big.len());
-    assert_eq!(c.state().0, ConnState::Online);
+    assert_eq!(c.status().state, ConnState::Online);
     assert_eq!(c.status_events(), ["online"]);
     eprintln!(
         "asyncua: {} bad Big records, {} Counter values, dropped value_too_large = {dropped}, status events {:?}",
@@ -477,7 +378,7 @@ async fn asyncua_value_over_the_decoder_limit_costs_one_response() {
     .await;
     let event = system_errors(&c.seen, "response_too_large")[0].clone();
     assert!(c.dropped(DropReason::ValueTooLarge) >= 1);
-    assert_eq!(c.state().0, ConnState::Online);
+    assert_eq!(c.status().state, ConnState::Online);
     assert_eq!(c.status_events(), ["online"]);
     eprintln!("asyncua: over the decoder limit -> {}", event["message"]);
     c.stop().await;
@@ -502,7 +403,7 @@ async fn asyncua_trust_on_first_use_refuses_another_certificate() {
     conn.trust_unknown_server_cert = true;
     let mut c = Conn::start(conn.clone(), pki.clone());
     c.wait_state(ConnState::Online).await;
-    c.wait_counter_values(2).await;
+    wait_counter_values(&mut c, 2).await;
     let count = |sub: &str| std::fs::read_dir(pki.join(sub)).map_or(0, |d| d.count());
     assert_eq!((count("trusted"), count("pinned")), (1, 1));
 
@@ -512,7 +413,7 @@ async fn asyncua_trust_on_first_use_refuses_another_certificate() {
     let thumb_b = b.thumbprint();
     assert_ne!(thumb_a, thumb_b);
     c.wait_state(ConnState::Untrusted).await;
-    let reason = c.state().1;
+    let reason = c.status().reason;
     assert!(
         reason.contains("certificate changed")
             && reason.contains(&thumb_a)
@@ -546,7 +447,7 @@ async fn asyncua_trust_on_first_use_refuses_another_certificate() {
     )
     .unwrap();
     c.wait_state(ConnState::Online).await;
-    c.wait_counter_values(2).await;
+    wait_counter_values(&mut c, 2).await;
     c.stop().await;
     b.stop().await;
 }
@@ -567,7 +468,7 @@ async fn asyncua_cleartext_password_is_announced_once() {
     conn.password = Some(Secret::new("s3cret"));
     let mut c = Conn::start(conn.clone(), dir.path().join("pki"));
     c.wait_state(ConnState::Online).await;
-    c.wait_counter_values(2).await;
+    wait_counter_values(&mut c, 2).await;
     c.until("the password_in_cleartext event", |seen| {
         !system_errors(seen, "password_in_cleartext").is_empty()
     })
@@ -575,7 +476,7 @@ async fn asyncua_cleartext_password_is_announced_once() {
     server.stop().await;
     c.wait_state(ConnState::Offline).await;
     let server = PyServer::start(port, &args).await;
-    c.wait_counter_values(2).await;
+    wait_counter_values(&mut c, 2).await;
     c.wait_status_events(3).await;
     assert_eq!(c.status_events(), ["online", "offline", "online"]);
     let events = system_errors(&c.seen, "password_in_cleartext");
@@ -593,7 +494,7 @@ async fn asyncua_cleartext_password_is_announced_once() {
     conn.password = Some(Secret::new("s3cret"));
     let mut c = Conn::start(conn, dir.path().join("pki"));
     c.wait_state(ConnState::Online).await;
-    c.wait_counter_values(2).await;
+    wait_counter_values(&mut c, 2).await;
     c.wait_status_events(1).await;
     assert!(system_errors(&c.seen, "password_in_cleartext").is_empty());
     c.stop().await;

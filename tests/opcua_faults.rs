@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use plantgate::config::{
@@ -16,13 +15,10 @@ use plantgate::config::{
 use plantgate::record::{Kind, NewRecord};
 use plantgate::secret::Secret;
 use plantgate::sim::{start_deltav, SimOptions, SimServer, SimValue};
-use plantgate::source::run_connection;
-use plantgate::status::{ConnState, ConnectionReporter, DropReason, StatusBoard};
+use plantgate::status::{ConnState, DropReason};
 use serde_json::Value;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use common::PATIENCE;
+use common::conn::Conn;
 
 const NS: &str = "urn:plantgate:sim:deltav";
 
@@ -87,89 +83,6 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     match std::fs::read_dir(dir) {
         Ok(entries) => entries.map(|e| e.expect("dir entry").path()).collect(),
         Err(_) => Vec::new(),
-    }
-}
-
-/// One connection task with its own status board; every record it hands
-/// over is kept in `seen`.
-struct Conn {
-    id: String,
-    board: Arc<StatusBoard>,
-    rx: mpsc::Receiver<plantgate::status::Batch>,
-    seen: Vec<NewRecord>,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Conn {
-    fn start(conn: ConnectionConfig, pki: PathBuf) -> Conn {
-        let board = StatusBoard::new();
-        let (tx, rx) = mpsc::channel(1024);
-        let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
-        let cancel = CancellationToken::new();
-        let id = conn.id.clone();
-        let task = tokio::spawn(run_connection(conn, pki, reporter, cancel.clone()));
-        Conn {
-            id,
-            board,
-            rx,
-            seen: Vec::new(),
-            cancel,
-            task,
-        }
-    }
-
-    fn status(&self) -> plantgate::status::ConnStatus {
-        self.board
-            .connections()
-            .into_iter()
-            .find(|(id, _)| *id == self.id)
-            .map(|(_, s)| s)
-            .expect("registered")
-    }
-
-    fn dropped(&self, reason: DropReason) -> u64 {
-        self.status().dropped.get(&reason).copied().unwrap_or(0)
-    }
-
-    async fn wait_state(&mut self, want: ConnState) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        let mut changes = self.board.subscribe();
-        while self.status().state != want {
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
-                    let s = self.status();
-                    panic!("no {want:?}; state {:?} ({})", s.state, s.reason)
-                }
-                _ = changes.changed() => {}
-                Some(b) = self.rx.recv() => self.seen.extend(b),
-            }
-        }
-    }
-
-    /// Receives until `cond` holds over everything seen so far.
-    async fn until(&mut self, what: &str, cond: impl Fn(&[NewRecord]) -> bool) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while !cond(&self.seen) {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(b)) => self.seen.extend(b),
-                _ => {
-                    let s = self.status();
-                    panic!(
-                        "timed out waiting for {what}; state {:?} ({})",
-                        s.state, s.reason
-                    )
-                }
-            }
-        }
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        tokio::time::timeout(PATIENCE, self.task)
-            .await
-            .expect("stops")
-            .expect("no panic");
     }
 }
 
