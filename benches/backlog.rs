@@ -56,7 +56,7 @@ fn main() {
                             connection: "line1".into(),
                             kind: Kind::Tag,
                             ts_ms: 1_795_860_000_000 + i as i64,
-                            data: serde_json::json!({"name": format!("T{:03}", i % 250), "node": "ns=2;s=X", "value": i as f64 * 0.5, "quality": "good", "status": "Good"}),
+                            data: serde_json::json!({"name": format!("T{:03}", i % 250), "node": "ns=2;s=X", "value": i as f64 * 0.5, "quality": "good", "status": "Good"}).to_string(),
                         }
                     })
                     .collect();

@@ -113,13 +113,10 @@ async fn commit(
             records: back,
             states: back_states,
         } = refused;
-        // Full: the buffer already evicted all it may; Encode: the records
-        // can never be stored; Closed: shutting down.
+        // Full: the buffer already evicted all it may; Closed: shutting down.
         let hopeless = matches!(
             error,
-            crate::buffer::BufferError::Full { .. }
-                | crate::buffer::BufferError::Encode { .. }
-                | crate::buffer::BufferError::Closed
+            crate::buffer::BufferError::Full { .. } | crate::buffer::BufferError::Closed
         );
         if hopeless || abort.is_cancelled() {
             count_refused(board, &back);
@@ -143,15 +140,15 @@ async fn commit(
 
 /// Counts records the buffer did not take, per connection (SPEC 1.9).
 fn count_refused(board: &StatusBoard, records: &[NewRecord]) {
-    let mut per: std::collections::BTreeMap<&str, (u64, Option<&str>)> = Default::default();
+    let mut per: std::collections::BTreeMap<&str, (u64, Option<String>)> = Default::default();
     for r in records {
         let e = per.entry(r.connection.as_str()).or_insert((0, None));
         e.0 += 1;
         if e.1.is_none() {
-            e.1 = r.data["name"].as_str();
+            e.1 = r.tag_name();
         }
     }
     for (connection, (n, sample)) in per {
-        board.add_dropped(connection, DropReason::BufferRefused, n, sample);
+        board.add_dropped(connection, DropReason::BufferRefused, n, sample.as_deref());
     }
 }

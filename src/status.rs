@@ -536,7 +536,7 @@ pub fn event_record(connection: &str, event_type: &str, details: serde_json::Val
         connection: connection.to_string(),
         kind: Kind::Event,
         ts_ms: now_ms(),
-        data: serde_json::json!({ "type": event_type, "details": details }),
+        data: serde_json::json!({ "type": event_type, "details": details }).to_string(),
     }
 }
 

@@ -63,7 +63,7 @@ fn records(round: u64) -> Vec<NewRecord> {
             connection: "line1".into(),
             kind: if j % 7 == 0 { Kind::Batch } else { Kind::Tag },
             ts_ms: plantgate::record::now_ms(),
-            data: serde_json::json!({ "round": round, "j": j, "pad": "x".repeat(100) }),
+            data: serde_json::json!({ "round": round, "j": j, "pad": "x".repeat(100) }).to_string(),
         })
         .collect()
 }
@@ -272,7 +272,7 @@ fn committed_records_survive_sigkill() {
                 connection: "line1".into(),
                 kind: Kind::Tag,
                 ts_ms: 0,
-                data: serde_json::json!({ "after_crash": round }),
+                data: serde_json::json!({ "after_crash": round }).to_string(),
             }])
             .expect("append after crash");
         assert_eq!(next, vec![tags + 1], "{mode:?}: seq continues after crash");

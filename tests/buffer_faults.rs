@@ -17,7 +17,7 @@ fn rec(connection: &str, kind: Kind, ts_ms: i64, pad: usize) -> NewRecord {
         connection: connection.into(),
         kind,
         ts_ms,
-        data: json!({ "pad": "x".repeat(pad) }),
+        data: json!({ "pad": "x".repeat(pad) }).to_string(),
     }
 }
 

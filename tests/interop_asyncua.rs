@@ -115,9 +115,9 @@ async fn wait_counter_values(c: &mut Conn, n: usize) {
             .unwrap_or_else(|_| panic!("no data; state {:?}", c.status().state))
             .expect("sink open");
         for r in &batch.records {
-            if r.kind == Kind::Tag && r.data["name"] == "Counter" {
-                assert_eq!(r.data["quality"], "good", "{}", r.data);
-                if let Some(v) = r.data["value"].as_i64() {
+            if r.kind == Kind::Tag && r.data_json()["name"] == "Counter" {
+                assert_eq!(r.data_json()["quality"], "good", "{}", r.data);
+                if let Some(v) = r.data_json()["value"].as_i64() {
                     values.insert(v);
                 }
             }
@@ -164,18 +164,21 @@ fn conn_config(id: &str, endpoint: &str) -> ConnectionConfig {
 }
 
 /// Details of the `system.error` events whose `error` is `error`.
-fn system_errors<'a>(seen: &'a [NewRecord], error: &'a str) -> Vec<&'a serde_json::Value> {
+fn system_errors(seen: &[NewRecord], error: &str) -> Vec<serde_json::Value> {
     seen.iter()
-        .filter(|r| r.kind == Kind::Event && r.data["type"] == "system.error")
-        .map(|r| &r.data["details"])
+        .filter(|r| r.kind == Kind::Event)
+        .map(NewRecord::data_json)
+        .filter(|d| d["type"] == "system.error")
+        .map(|d| d["details"].clone())
         .filter(|d| d["error"] == error)
         .collect()
 }
 
-fn tag_data<'a>(seen: &'a [NewRecord], name: &'a str) -> Vec<&'a serde_json::Value> {
+fn tag_data(seen: &[NewRecord], name: &str) -> Vec<serde_json::Value> {
     seen.iter()
-        .filter(|r| r.kind == Kind::Tag && r.data["name"] == name)
-        .map(|r| &r.data)
+        .filter(|r| r.kind == Kind::Tag)
+        .map(NewRecord::data_json)
+        .filter(|d| d["name"] == name)
         .collect()
 }
 
@@ -245,8 +248,8 @@ async fn asyncua_wrong_password_and_unknown_certificate() {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !c.seen.iter().any(|r| {
         r.kind == Kind::Event
-            && r.data["type"] == "connection.auth_required"
-            && r.data["details"]["status"] == reason.as_str()
+            && r.data_json()["type"] == "connection.auth_required"
+            && r.data_json()["details"]["status"] == reason.as_str()
     }) {
         let b = tokio::time::timeout_at(deadline, c.rx.recv())
             .await
@@ -335,7 +338,7 @@ async fn asyncua_oversized_string_costs_only_its_tag() {
     })
     .await;
     let big = tag_data(&c.seen, "Big");
-    assert!(big.iter().all(|d| too_large(d)), "{big:?}");
+    assert!(big.iter().all(too_large), "{big:?}");
     let events = system_errors(&c.seen, "value_too_large");
     assert_eq!(events.len(), 1, "once per tag: {events:?}");
     assert_eq!(events[0]["tag"], "Big");

@@ -86,10 +86,11 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     }
 }
 
-fn tag_records<'a>(seen: &'a [NewRecord], name: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+fn tag_records<'a>(seen: &'a [NewRecord], name: &'a str) -> impl Iterator<Item = Value> + 'a {
     seen.iter()
-        .filter(move |r| r.kind == Kind::Tag && r.data["name"] == name)
-        .map(|r| &r.data)
+        .filter(|r| r.kind == Kind::Tag)
+        .map(NewRecord::data_json)
+        .filter(move |d| d["name"] == name)
 }
 
 fn has_value(seen: &[NewRecord], name: &str, v: f64) -> bool {
@@ -97,18 +98,24 @@ fn has_value(seen: &[NewRecord], name: &str, v: f64) -> bool {
 }
 
 /// Details of the `system.error` events whose `error` is `error`.
-fn system_errors<'a>(seen: &'a [NewRecord], error: &'a str) -> Vec<&'a Value> {
+fn system_errors(seen: &[NewRecord], error: &str) -> Vec<Value> {
     seen.iter()
-        .filter(|r| r.kind == Kind::Event && r.data["type"] == "system.error")
-        .map(|r| &r.data["details"])
+        .filter(|r| r.kind == Kind::Event)
+        .map(NewRecord::data_json)
+        .filter(|d| d["type"] == "system.error")
+        .map(|d| d["details"].clone())
         .filter(|d| d["error"] == error)
         .collect()
 }
 
 fn status_events(seen: &[NewRecord]) -> Vec<String> {
     seen.iter()
-        .filter(|r| r.kind == Kind::Event && r.data["type"] == "connection.status_changed")
-        .filter_map(|r| r.data["details"]["state"].as_str().map(str::to_string))
+        .filter(|r| r.kind == Kind::Event && r.data_json()["type"] == "connection.status_changed")
+        .filter_map(|r| {
+            r.data_json()["details"]["state"]
+                .as_str()
+                .map(str::to_string)
+        })
         .collect()
 }
 
@@ -138,16 +145,13 @@ async fn oversized_values_cost_their_tag_not_the_connection() {
     server.set_value("FIC-101/PV.CV", SimValue::String("x".repeat(70_000)));
     server.set_value("TIC-201/PV.CV", 1.5);
     c.until("a bad Big record and Other = 1.5", |seen| {
-        tag_records(seen, "Big").any(is_too_large_record) && has_value(seen, "Other", 1.5)
+        tag_records(seen, "Big").any(|d| is_too_large_record(&d)) && has_value(seen, "Other", 1.5)
     })
     .await;
     server.set_value("FIC-101/PV.CV", SimValue::Bytes(vec![7; 100_000]));
     server.set_value("TIC-201/PV.CV", 2.5);
     c.until("two bad Big records and Other = 2.5", |seen| {
-        tag_records(seen, "Big")
-            .filter(|d| is_too_large_record(d))
-            .count()
-            == 2
+        tag_records(seen, "Big").filter(is_too_large_record).count() == 2
             && has_value(seen, "Other", 2.5)
     })
     .await;
@@ -229,17 +233,17 @@ async fn oversized_profile_value_is_ignored_by_the_profile_and_counted() {
     c.until("batch_started for B-17", |seen| {
         seen.iter().any(|r| {
             r.kind == Kind::Batch
-                && r.data["event"] == "batch_started"
-                && r.data["batch_id"] == "B-17"
+                && r.data_json()["event"] == "batch_started"
+                && r.data_json()["batch_id"] == "B-17"
         })
     })
     .await;
     // The oversized value started no batch and made no tag record.
-    let batches: Vec<&Value> = c
+    let batches: Vec<Value> = c
         .seen
         .iter()
         .filter(|r| r.kind == Kind::Batch)
-        .map(|r| &r.data)
+        .map(NewRecord::data_json)
         .collect();
     assert_eq!(batches.len(), 1, "{batches:?}");
     assert!(c.seen.iter().all(|r| r.kind != Kind::Tag));

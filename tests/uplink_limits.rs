@@ -135,7 +135,8 @@ fn marker(connection: &str, name: &str, pad: usize) -> NewRecord {
         connection: connection.to_string(),
         kind: Kind::Event,
         ts_ms: now_ms(),
-        data: json!({"type": "test.marker", "details": {"marker": name, "pad": "x".repeat(pad)}}),
+        data: json!({"type": "test.marker", "details": {"marker": name, "pad": "x".repeat(pad)}})
+            .to_string(),
     }
 }
 

@@ -524,7 +524,7 @@ mod tests {
             connection: connection.into(),
             kind: Kind::Tag,
             ts_ms: n,
-            data: json!({ "n": n }),
+            data: json!({ "n": n }).to_string(),
         }
     }
 

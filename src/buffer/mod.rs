@@ -164,11 +164,6 @@ pub enum BufferError {
     },
     #[error("buffer database {} is not usable: {detail}", path.display())]
     Corrupt { path: PathBuf, detail: String },
-    #[error("buffer {op} failed: cannot encode record data as JSON: {source}")]
-    Encode {
-        op: &'static str,
-        source: serde_json::Error,
-    },
     /// Nothing accepted: the size limit or the disk is reached and no row is
     /// left that eviction may take.
     #[error(

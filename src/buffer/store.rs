@@ -218,15 +218,6 @@ fn is_sqlite_full(e: &BufferError) -> bool {
         if source.sqlite_error_code() == Some(ErrorCode::DiskFull))
 }
 
-fn encode(records: &[NewRecord], op: &'static str) -> Result<Vec<String>, BufferError> {
-    records
-        .iter()
-        .map(|r| {
-            serde_json::to_string(&r.data).map_err(|source| BufferError::Encode { op, source })
-        })
-        .collect()
-}
-
 fn accounted(data: &str) -> i64 {
     data.len() as i64 + ROW_OVERHEAD_BYTES as i64
 }
@@ -238,7 +229,7 @@ fn agent_event(event_type: &str, ts_ms: i64, details: serde_json::Value) -> NewR
         connection: String::new(),
         kind: Kind::Event,
         ts_ms,
-        data: serde_json::json!({ "type": event_type, "details": details }),
+        data: serde_json::json!({ "type": event_type, "details": details }).to_string(),
     }
 }
 
@@ -294,15 +285,14 @@ pub(crate) fn dead_letter_event(
     )
 }
 
-/// Inserts already-encoded records inside `tx`, assigning seqs and updating
-/// the stream counters (invariants 1 and 4). Shared by appends and by the
-/// events the buffer writes itself, so both follow the same rules.
-fn insert_encoded(
+/// Inserts records inside `tx`, assigning seqs and updating the stream
+/// counters (invariants 1 and 4). Shared by appends and by the events the
+/// buffer writes itself, so both follow the same rules.
+fn insert_records(
     tx: &Transaction,
     path: &Path,
     op: &'static str,
     records: &[NewRecord],
-    encoded: &[String],
 ) -> Result<Vec<u64>, BufferError> {
     let sql = sql_err(op, path);
     let mut seqs = Vec::with_capacity(records.len());
@@ -321,7 +311,8 @@ fn insert_encoded(
             "INSERT INTO records (stream, seq, ts_ms, data, size) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .map_err(&sql)?;
-    for (record, data) in records.iter().zip(encoded) {
+    for record in records {
+        let data = &record.data;
         let slot = match touched
             .iter()
             .position(|p| p.kind == record.kind && p.connection == record.connection)
@@ -391,8 +382,7 @@ fn insert_new(
     op: &'static str,
     records: &[NewRecord],
 ) -> Result<Vec<u64>, BufferError> {
-    let encoded = encode(records, op)?;
-    insert_encoded(tx, path, op, records, &encoded)
+    insert_records(tx, path, op, records)
 }
 
 /// Deletes the chosen head ranges, counts them as evicted and announces them,
@@ -421,9 +411,8 @@ fn delete_and_announce(
         })
         .collect();
     let events: Vec<NewRecord> = evictions.iter().map(|e| eviction_event(e, ts_ms)).collect();
-    let encoded = encode(&events, "evict")?;
     let freed: i64 = ranges.iter().map(|r| r.bytes).sum();
-    let cost: i64 = encoded.iter().map(|d| accounted(d)).sum();
+    let cost: i64 = events.iter().map(|e| accounted(&e.data)).sum();
     if check_cost && freed <= cost {
         return Ok(None);
     }
@@ -472,7 +461,7 @@ fn delete_and_announce(
     }
     // After the deletes, so the events can reuse the pages just freed even
     // when the file is at its cap.
-    insert_encoded(tx, path, "evict", &events, &encoded)?;
+    insert_records(tx, path, "evict", &events)?;
     Ok(Some(evictions))
 }
 
@@ -1108,10 +1097,7 @@ impl Store {
         if records.is_empty() && states.is_empty() {
             return Ok(report);
         }
-        // Encode first: a record that cannot be stored must not cost an
-        // eviction.
-        let encoded = encode(records, "append")?;
-        let incoming: u64 = encoded.iter().map(|d| accounted(d) as u64).sum();
+        let incoming: u64 = records.iter().map(|r| accounted(&r.data) as u64).sum();
         if let Err(e) = self.relieve_pressure(incoming, &mut report.evicted) {
             if !e.is_disk_full() {
                 return Err(e);
@@ -1122,7 +1108,7 @@ impl Store {
         let mut want = incoming.saturating_mul(2).max(CHUNK_MIN_BYTES);
         let mut last_reason = EvictionReason::MaxSize;
         for _ in 0..=MAX_FULL_RETRIES {
-            match self.insert(records, &encoded, states) {
+            match self.insert(records, states) {
                 Ok(seqs) => {
                     report.seqs = seqs;
                     self.flush_disk_error();
@@ -1154,7 +1140,6 @@ impl Store {
     fn insert(
         &mut self,
         records: &[NewRecord],
-        encoded: &[String],
         states: &[ProfileState],
     ) -> Result<Vec<u64>, BufferError> {
         let path = &self.path;
@@ -1163,7 +1148,7 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(&sql)?;
-        let seqs = insert_encoded(&tx, path, "append", records, encoded)?;
+        let seqs = insert_records(&tx, path, "append", records)?;
         if !states.is_empty() {
             let now = now_ms();
             let mut upsert = tx
@@ -1187,16 +1172,8 @@ impl Store {
     /// while even that small insert does not fit.
     fn flush_disk_error(&mut self) {
         if let Some(ev) = self.pending_disk_error.take() {
-            match encode(std::slice::from_ref(&ev), "append") {
-                Ok(encoded) => {
-                    if self
-                        .insert(std::slice::from_ref(&ev), &encoded, &[])
-                        .is_err()
-                    {
-                        self.pending_disk_error = Some(ev);
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "could not encode the disk-full event"),
+            if self.insert(std::slice::from_ref(&ev), &[]).is_err() {
+                self.pending_disk_error = Some(ev);
             }
         }
     }
@@ -2031,7 +2008,7 @@ mod tests {
             connection: connection.into(),
             kind,
             ts_ms: 1_700_000_000_000 + n,
-            data: json!({ "n": n }),
+            data: json!({ "n": n }).to_string(),
         }
     }
 
@@ -2300,7 +2277,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut store = open(&dir);
             let mut big = rec("line1", Kind::Tag, 0);
-            big.data = json!({ "s": "x".repeat(10_000) });
+            big.data = json!({ "s": "x".repeat(10_000) }).to_string();
             store
                 .append(&[big, rec("line1", Kind::Tag, 1)])
                 .expect("append");
@@ -2540,7 +2517,7 @@ mod tests {
                                 m.next_seq = m.next_seq.max(1);
                                 assert_eq!(*seq, m.next_seq, "seed {seed} step {step}");
                                 m.next_seq += 1;
-                                let data = serde_json::to_string(&r.data).expect("json");
+                                let data = r.data.clone();
                                 m.pending.insert(*seq, (0, data));
                             }
                         }

@@ -395,7 +395,8 @@ impl DeltaV {
                 "state": state,
                 "fail_index": fail_index,
                 "event": event.as_str(),
-            }),
+            })
+            .to_string(),
         }
     }
 
@@ -427,7 +428,8 @@ impl DeltaV {
                 "batch_id": due.batch_id,
                 "recipe": due.recipe,
                 "parameters": parameters,
-            }),
+            })
+            .to_string(),
         }
     }
 

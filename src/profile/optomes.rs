@@ -342,7 +342,8 @@ impl OptoMes {
                 "started": format_ts(down.since_ms),
                 "ended": format_ts(ended_ms),
                 "duration_s": duration_ms as f64 / 1000.0,
-            }),
+            })
+            .to_string(),
         }
     }
 
@@ -372,7 +373,8 @@ impl OptoMes {
                 "quality": f.quality,
                 "oee": f.oee,
                 "complete": c.complete,
-            }),
+            })
+            .to_string(),
         }
     }
 

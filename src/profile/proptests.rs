@@ -293,7 +293,7 @@ impl Agent {
             // The record carries exactly the answer (bad -> null).
             for r in &out.records {
                 assert_eq!(r.kind, Kind::Recipe);
-                let params = &r.data["parameters"];
+                let params = &r.data_json()["parameters"];
                 for (i, (_, v, good)) in results.iter().enumerate() {
                     let expected = if *good { v.clone() } else { Value::Null };
                     assert_eq!(params[PARAMS[i]], expected);
@@ -379,9 +379,9 @@ fn batch_records(records: &[NewRecord], unit: &str) -> Vec<Expected> {
     let text = |v: &Value| v.as_str().unwrap_or("").to_string();
     records
         .iter()
-        .filter(|r| r.kind == Kind::Batch && r.data["unit"] == json!(unit))
+        .filter(|r| r.kind == Kind::Batch && r.data_json()["unit"] == json!(unit))
         .map(|r| {
-            let d = &r.data;
+            let d = &r.data_json();
             (
                 text(&d["event"]),
                 text(&d["batch_id"]),
@@ -397,11 +397,11 @@ fn batch_records(records: &[NewRecord], unit: &str) -> Vec<Expected> {
 fn recipe_records(records: &[NewRecord], unit: &str) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = records
         .iter()
-        .filter(|r| r.kind == Kind::Recipe && r.data["unit"] == json!(unit))
+        .filter(|r| r.kind == Kind::Recipe && r.data_json()["unit"] == json!(unit))
         .map(|r| {
             (
-                r.data["batch_id"].as_str().unwrap_or("").to_string(),
-                r.data["recipe"].as_str().unwrap_or("").to_string(),
+                r.data_json()["batch_id"].as_str().unwrap_or("").to_string(),
+                r.data_json()["recipe"].as_str().unwrap_or("").to_string(),
             )
         })
         .collect();

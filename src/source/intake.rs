@@ -134,8 +134,9 @@ impl FeedTx {
             if before + n > self.budget {
                 self.queued.fetch_sub(n, Ordering::AcqRel);
                 if let Feed::Publish { records, samples } = &mut feed {
-                    let sample = records.first().and_then(|r| r.data["name"].as_str());
-                    self.loss.record(DropReason::QueueFull, n as u64, sample);
+                    let sample = records.first().and_then(NewRecord::tag_name);
+                    self.loss
+                        .record(DropReason::QueueFull, n as u64, sample.as_deref());
                     records.clear();
                     if samples.is_empty() {
                         return Ok(());
@@ -189,7 +190,7 @@ mod tests {
             connection: "c1".into(),
             kind: Kind::Tag,
             ts_ms: 0,
-            data: serde_json::json!({"name": name, "value": 1}),
+            data: serde_json::json!({"name": name, "value": 1}).to_string(),
         }
     }
 

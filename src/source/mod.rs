@@ -42,7 +42,7 @@ use crate::status::{ConnState, ConnectionReporter};
 
 use intake::Feed;
 pub use session::SourceError;
-use session::{LoopEvent, Monitored, PublishClock, TagPlan};
+use session::{Item, LoopEvent, Monitored, PublishClock, TagPlan};
 use value::TagMeta;
 
 /// How long a fresh session may take from TCP connect to activated.
@@ -580,9 +580,10 @@ async fn run_session(
             });
             *told_connected = true;
         }
-        let subscription_id = session::create_subscription(
+        let subscriptions = session::create_subscriptions(
             &session,
             conn.publishing_interval,
+            ctx.plans.len(),
             session::Notifier {
                 connection: Arc::from(conn.id.as_str()),
                 tags: ctx.metas.clone(),
@@ -595,7 +596,7 @@ async fn run_session(
         .await?;
         let Monitored { created, refused } = session::monitor_tags(
             &session,
-            subscription_id,
+            &subscriptions,
             ctx.plans,
             &ok,
             conn.publishing_interval,
@@ -603,18 +604,10 @@ async fn run_session(
         .await?;
         bad.extend(refused);
         bad.sort_by_key(|(i, _)| *i);
-        let items: HashMap<usize, u32> = created.into_iter().collect();
-        Ok::<_, SourceError>((
-            session,
-            events_rx,
-            clock,
-            guard,
-            subscription_id,
-            bad,
-            items,
-        ))
+        let items: HashMap<usize, Item> = created.into_iter().collect();
+        Ok::<_, SourceError>((session, events_rx, clock, guard, subscriptions, bad, items))
     };
-    let (session, mut events_rx, clock, _guard, subscription_id, mut bad, mut items) = tokio::select! {
+    let (session, mut events_rx, clock, _guard, subscriptions, mut bad, mut items) = tokio::select! {
         _ = ctx.cancel.cancelled() => return Ok(()),
         r = setup => r?,
     };
@@ -640,6 +633,7 @@ async fn run_session(
         setup_ms = attempt_started.elapsed().as_millis() as u64,
         tags = items.len(),
         bad = bad.len(),
+        subscriptions = subscriptions.len(),
         "OPC UA session subscribed"
     );
     let online_at = tokio::time::Instant::now();
@@ -652,7 +646,7 @@ async fn run_session(
     let (interval, count) = session
         .subscription_state()
         .lock()
-        .get(subscription_id)
+        .get(subscriptions.first())
         .map(|s| (s.publishing_interval(), s.max_keep_alive_count()))
         .unwrap_or((conn.publishing_interval, session::KEEP_ALIVE_COUNT));
     let keep_alive = keep_alive_window(interval, count);
@@ -692,7 +686,7 @@ async fn run_session(
                     // Drop the dead item and let the retry timer re-create it
                     // once the node exists again.
                     if let Some(item) = items.remove(&i) {
-                        session::unmonitor(&session, subscription_id, &[item]).await;
+                        session::unmonitor(&session, item).await;
                     }
                     if !bad.iter().any(|(j, _)| *j == i) {
                         bad.push((i, status));
@@ -715,7 +709,7 @@ async fn run_session(
             }
             _ = retry.tick(), if !bad.is_empty() => {
                 // A node missing now may exist after a server download/restart.
-                match retry_bad(&session, subscription_id, &ctx, &bad).await {
+                match retry_bad(&session, &subscriptions, &ctx, &bad).await {
                     Ok((still_bad, created, resolved_ids)) => {
                         let changed: Vec<(usize, StatusCode)> = still_bad
                             .iter()
@@ -752,7 +746,7 @@ async fn report_bad(
     ctx: &SessionCtx<'_>,
     reported: &mut HashMap<usize, StatusCode>,
     bad: &[(usize, StatusCode)],
-    monitored: &HashMap<usize, u32>,
+    monitored: &HashMap<usize, Item>,
     retry_every: Duration,
 ) {
     for (i, status) in bad {
@@ -825,10 +819,10 @@ fn resolve_all(
 /// created for the others.
 async fn retry_bad(
     session: &opcua::client::Session,
-    subscription_id: u32,
+    subscriptions: &session::Subscriptions,
     ctx: &SessionCtx<'_>,
     bad: &[(usize, StatusCode)],
-) -> Result<(BadTags, Vec<(usize, u32)>, HashMap<usize, NodeId>), SourceError> {
+) -> Result<(BadTags, Vec<(usize, Item)>, HashMap<usize, NodeId>), SourceError> {
     let namespaces = session::read_namespaces(session).await?;
     let mut still_bad = Vec::new();
     let mut retry = Vec::new();
@@ -845,7 +839,7 @@ async fn retry_bad(
     if !retry.is_empty() {
         let monitored = session::monitor_tags(
             session,
-            subscription_id,
+            subscriptions,
             ctx.plans,
             &retry,
             ctx.conn.publishing_interval,

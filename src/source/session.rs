@@ -43,6 +43,14 @@ pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MONITORED_ITEMS_CHUNK: usize = 1000;
 /// Publishing intervals without data after which the server sends a keep-alive.
 pub(crate) const KEEP_ALIVE_COUNT: u32 = 10;
+/// Tags per subscription. The client library keeps two publish requests in
+/// flight per subscription, and a server answers each with one notification
+/// message (node-opcua: at most 1 000 values): one subscription over 10 000
+/// tags tops out near 20 000 values/s against such a server however idle
+/// both sides are. Subscriptions of this size keep enough requests in flight
+/// for the round trip (node-opcua's own client keeps five): 10 000 tags make
+/// five subscriptions and ten requests. See docs/performance.md.
+pub(crate) const TAGS_PER_SUBSCRIPTION: usize = 2_000;
 
 /// Decoder limits (SPEC 1.10). The largest message the client accepts, also
 /// announced to the server in Hello (a compliant server answers
@@ -425,10 +433,7 @@ pub(crate) fn plan_profile_nodes(
         .iter()
         .filter(|n| n.subscribe)
         .map(|n| TagPlan {
-            meta: TagMeta {
-                name: n.node.clone(),
-                node: n.node.clone(),
-            },
+            meta: TagMeta::new(n.node.clone(), n.node.clone()),
             node: NodeRef::parse(&n.node).ok(),
             sampling: conn.sampling_interval,
             deadband: None,
@@ -441,10 +446,7 @@ pub(crate) fn plan_tags(conn: &ConnectionConfig) -> Vec<TagPlan> {
     conn.tags
         .iter()
         .map(|t: &TagConfig| TagPlan {
-            meta: TagMeta {
-                name: t.name.clone(),
-                node: t.node.clone(),
-            },
+            meta: TagMeta::new(t.name.clone(), t.node.clone()),
             node: NodeRef::parse(&t.node).ok(),
             sampling: t.sampling_interval.unwrap_or(conn.sampling_interval),
             deadband: t.deadband,
@@ -478,6 +480,7 @@ pub(crate) fn resolve(node: &NodeRef, namespaces: &NamespaceMap) -> Result<NodeI
 /// The subscription callback. Runs on the OPC UA event loop, so it only
 /// converts and hands over: one message per publish response into the
 /// intake queue, which never blocks the loop and counts what it cannot take.
+#[derive(Clone)]
 pub(crate) struct Notifier {
     pub connection: Arc<str>,
     pub tags: Arc<Vec<TagMeta>>,
@@ -868,6 +871,57 @@ pub(crate) async fn create_subscription(
         .map_err(|e| SourceError::from_ua(e, "CreateSubscription"))
 }
 
+/// The subscriptions of one session. Tag `i` belongs to subscription
+/// `i / TAGS_PER_SUBSCRIPTION` (wrapped round when the server allowed fewer),
+/// on every session and retry alike.
+pub(crate) struct Subscriptions {
+    ids: Vec<u32>,
+}
+
+impl Subscriptions {
+    /// The subscription tag `index` belongs to.
+    pub(crate) fn of_tag(&self, index: usize) -> u32 {
+        // Never empty: `create_subscriptions` fails without a first one.
+        let slot = (index / TAGS_PER_SUBSCRIPTION) % self.ids.len().max(1);
+        self.ids.get(slot).copied().unwrap_or_default()
+    }
+
+    /// The first subscription: its revised parameters stand for all (they
+    /// were all asked for the same).
+    pub(crate) fn first(&self) -> u32 {
+        self.ids.first().copied().unwrap_or_default()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// One subscription per [`TAGS_PER_SUBSCRIPTION`] of the `tags` tags. A
+/// server that refuses more subscriptions than it allows gets its fewer
+/// ones shared out; only the first is required.
+pub(crate) async fn create_subscriptions(
+    session: &Session,
+    publishing_interval: Duration,
+    tags: usize,
+    notifier: Notifier,
+) -> Result<Subscriptions, SourceError> {
+    let wanted = tags.div_ceil(TAGS_PER_SUBSCRIPTION).max(1);
+    let mut ids = Vec::with_capacity(wanted);
+    for _ in 0..wanted {
+        match create_subscription(session, publishing_interval, notifier.clone()).await {
+            Ok(id) => ids.push(id),
+            Err(e) if !ids.is_empty() => {
+                tracing::warn!(connection = %notifier.connection, error = %e, wanted, created = ids.len(),
+                    "the server refused another subscription; the tags share the ones it allowed (fewer publish requests in flight)");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Subscriptions { ids })
+}
+
 fn item_request(
     index: usize,
     node: NodeId,
@@ -902,23 +956,60 @@ fn item_request(
     }
 }
 
-/// Result of `monitor_tags`: the monitored item ids of the created items and
-/// the tags the server refused, with its status (for bad records and retry).
+/// A monitored item: its subscription and its server-assigned id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Item {
+    pub subscription: u32,
+    pub id: u32,
+}
+
+/// Result of `monitor_tags`: the monitored items created and the tags the
+/// server refused, with its status (for bad records and retry).
 #[derive(Default)]
 pub(crate) struct Monitored {
-    pub created: Vec<(usize, u32)>,
+    pub created: Vec<(usize, Item)>,
     pub refused: Vec<(usize, StatusCode)>,
 }
 
-/// Creates monitored items for `which` (indexes into `plans`).
+/// Creates monitored items for `which` (indexes into `plans`), each in the
+/// subscription its tag belongs to.
 pub(crate) async fn monitor_tags(
+    session: &Session,
+    subscriptions: &Subscriptions,
+    plans: &[TagPlan],
+    which: &[(usize, NodeId)],
+    publishing_interval: Duration,
+) -> Result<Monitored, SourceError> {
+    let mut groups: std::collections::BTreeMap<u32, Vec<(usize, NodeId)>> = Default::default();
+    for (i, node) in which {
+        groups
+            .entry(subscriptions.of_tag(*i))
+            .or_default()
+            .push((*i, node.clone()));
+    }
+    let mut out = Monitored::default();
+    for (subscription_id, which) in groups {
+        monitor_in(
+            session,
+            subscription_id,
+            plans,
+            &which,
+            publishing_interval,
+            &mut out,
+        )
+        .await?;
+    }
+    Ok(out)
+}
+
+async fn monitor_in(
     session: &Session,
     subscription_id: u32,
     plans: &[TagPlan],
     which: &[(usize, NodeId)],
     publishing_interval: Duration,
-) -> Result<Monitored, SourceError> {
-    let mut out = Monitored::default();
+    out: &mut Monitored,
+) -> Result<(), SourceError> {
     for chunk in which.chunks(MONITORED_ITEMS_CHUNK) {
         let requests = chunk
             .iter()
@@ -933,7 +1024,14 @@ pub(crate) async fn monitor_tags(
             if status.is_bad() {
                 out.refused.push((*i, status));
             } else {
-                out.created.push((*i, created.result.monitored_item_id));
+                let id = created.result.monitored_item_id;
+                out.created.push((
+                    *i,
+                    Item {
+                        subscription: subscription_id,
+                        id,
+                    },
+                ));
             }
         }
         if results.len() < chunk.len() {
@@ -942,18 +1040,15 @@ pub(crate) async fn monitor_tags(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Removes the monitored items of tags whose node went away. Best effort:
 /// the server may already have dropped them.
-pub(crate) async fn unmonitor(session: &Session, subscription_id: u32, item_ids: &[u32]) {
-    if item_ids.is_empty() {
-        return;
-    }
+pub(crate) async fn unmonitor(session: &Session, item: Item) {
     match tokio::time::timeout(
         REQUEST_TIMEOUT,
-        session.delete_monitored_items(subscription_id, item_ids),
+        session.delete_monitored_items(item.subscription, &[item.id]),
     )
     .await
     {

@@ -197,7 +197,7 @@ impl Harness {
         kind: Kind,
         pred: impl Fn(&Value) -> bool,
     ) -> NewRecord {
-        if let Some(r) = seen.iter().find(|r| r.kind == kind && pred(&r.data)) {
+        if let Some(r) = seen.iter().find(|r| r.kind == kind && pred(&r.data_json())) {
             return r.clone();
         }
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -211,7 +211,7 @@ impl Harness {
             let hit = batch
                 .records
                 .iter()
-                .find(|r| r.kind == kind && pred(&r.data))
+                .find(|r| r.kind == kind && pred(&r.data_json()))
                 .cloned();
             seen.extend(batch);
             if let Some(r) = hit {
@@ -264,16 +264,16 @@ async fn subscribes_with_nsu_and_ns_forms() {
     ] {
         let r = h.wait_tag(&mut seen, name, is_value(name, v)).await;
         assert_eq!(r.connection, "dv1");
-        assert_eq!(r.data["node"], node.as_str());
-        assert_eq!(r.data["quality"], "good");
-        assert_eq!(r.data["status"], "Good");
+        assert_eq!(r.data_json()["node"], node.as_str());
+        assert_eq!(r.data_json()["quality"], "good");
+        assert_eq!(r.data_json()["status"], "Good");
         // Source timestamp of the simulator: recent wall-clock time.
         assert!((crate::record::now_ms() - r.ts_ms).abs() < 60_000);
     }
     // The state change was also emitted as an event record.
     assert!(seen.iter().any(|r| r.kind == Kind::Event
-        && r.data["type"] == "connection.status_changed"
-        && r.data["details"]["state"] == "online"));
+        && r.data_json()["type"] == "connection.status_changed"
+        && r.data_json()["details"]["state"] == "online"));
     h.stop().await;
     server.shutdown().await;
 }
@@ -296,9 +296,9 @@ async fn unknown_node_is_bad_and_others_flow() {
     h.wait_state(ConnState::Online, &mut seen).await;
     for name in ["MISSING", "BADNS"] {
         let r = h.wait_tag(&mut seen, name, |d| d["name"] == name).await;
-        assert_eq!(r.data["quality"], "bad");
-        assert_eq!(r.data["status"], "BadNodeIdUnknown");
-        assert_eq!(r.data["value"], Value::Null);
+        assert_eq!(r.data_json()["quality"], "bad");
+        assert_eq!(r.data_json()["status"], "BadNodeIdUnknown");
+        assert_eq!(r.data_json()["value"], Value::Null);
     }
     server.set_value("FIC-101/PV.CV", 7.25);
     h.wait_tag(&mut seen, "FIC-101.PV", is_value("FIC-101.PV", 7.25))
@@ -458,7 +458,7 @@ async fn missing_endpoint_names_policy_mode_and_offer() {
             d["state"] == "offline"
         })
         .await;
-    assert_eq!(ev.data["details"]["reason"], reason.as_str());
+    assert_eq!(ev.data_json()["details"]["reason"], reason.as_str());
     h.stop().await;
     server.shutdown().await;
 }
@@ -524,7 +524,7 @@ async fn simulated_process_values_change() {
         let first = h
             .wait_tag(&mut seen, name, |d| d["name"] == name)
             .await
-            .data["value"]
+            .data_json()["value"]
             .clone();
         h.wait_tag(&mut seen, "a changed value", |d| {
             d["name"] == name && d["value"] != first
@@ -802,8 +802,8 @@ async fn expiring_own_certificate_raises_one_system_error() {
     h2.wait_state(ConnState::Online, &mut seen2).await;
     let is_expiry = |r: &NewRecord| {
         r.kind == Kind::Event
-            && r.data["type"] == "system.error"
-            && r.data["details"]["error"] == "opcua_certificate_expiring"
+            && r.data_json()["type"] == "system.error"
+            && r.data_json()["details"]["error"] == "opcua_certificate_expiring"
     };
     // Both are online, so both expiry watchers have run their first check.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -823,10 +823,10 @@ async fn expiring_own_certificate_raises_one_system_error() {
     let ev = warnings[0];
     assert_eq!(ev.connection, "", "agent-level event");
     assert_eq!(
-        ev.data["details"]["application_uri"],
+        ev.data_json()["details"]["application_uri"],
         "urn:plantgate:short-lived"
     );
-    let days = ev.data["details"]["days_left"].as_i64().unwrap();
+    let days = ev.data_json()["details"]["days_left"].as_i64().unwrap();
     assert!((9..=10).contains(&days), "{days}");
     h.stop().await;
     h2.stop().await;
@@ -890,7 +890,10 @@ async fn rejected_password_backs_off_slowly_with_one_event() {
     let ev = h
         .wait_event(&mut seen, "connection.auth_required", |_| true)
         .await;
-    let status = ev.data["details"]["status"].as_str().unwrap().to_string();
+    let status = ev.data_json()["details"]["status"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(
         status == "BadIdentityTokenRejected" || status == "BadUserAccessDenied",
         "{status}"
@@ -913,7 +916,7 @@ async fn rejected_password_backs_off_slowly_with_one_event() {
     assert_eq!(h.state().0, ConnState::AuthRequired);
     let auth_events = seen
         .iter()
-        .filter(|r| r.kind == Kind::Event && r.data["type"] == "connection.auth_required")
+        .filter(|r| r.kind == Kind::Event && r.data_json()["type"] == "connection.auth_required")
         .count();
     assert_eq!(auth_events, 1, "one event per outage, not per retry");
     h.stop().await;
@@ -978,16 +981,16 @@ async fn restart_with_moved_namespace_re_resolves_and_resumes() {
     .await;
     seen.extend(after);
     // offline, then online again: both as events.
-    let states: Vec<&str> = seen
+    let states: Vec<String> = seen
         .iter()
-        .filter(|r| r.kind == Kind::Event && r.data["type"] == "connection.status_changed")
-        .filter_map(|r| r.data["details"]["state"].as_str())
+        .filter(|r| r.kind == Kind::Event && r.data_json()["type"] == "connection.status_changed")
+        .filter_map(|r| r.data_json()["details"]["state"].as_str().map(String::from))
         .collect();
     assert_eq!(states, ["online", "offline", "online"]);
     // No tag went bad on the way (the nsu= ids were re-resolved).
     assert!(!seen
         .iter()
-        .any(|r| r.kind == Kind::Tag && r.data["quality"] == "bad"));
+        .any(|r| r.kind == Kind::Tag && r.data_json()["quality"] == "bad"));
     h.stop().await;
     server.shutdown().await;
 }
@@ -1017,16 +1020,16 @@ async fn deleted_node_goes_bad_others_flow_and_it_comes_back() {
             d["name"] == "TIC-201.PV" && d["quality"] == "bad"
         })
         .await;
-    assert_eq!(bad.data["status"], "BadNodeIdUnknown");
+    assert_eq!(bad.data_json()["status"], "BadNodeIdUnknown");
     let ev = h
         .wait_event(&mut seen, "system.error", |d| d["tag"] == "TIC-201.PV")
         .await;
     assert_eq!(ev.connection, "del");
     assert_eq!(
-        ev.data["details"]["node"],
+        ev.data_json()["details"]["node"],
         format!("nsu={NS};s=TIC-201/PV.CV")
     );
-    assert_eq!(ev.data["details"]["status"], "BadNodeIdUnknown");
+    assert_eq!(ev.data_json()["details"]["status"], "BadNodeIdUnknown");
 
     // The others keep flowing, the connection stays up.
     server.set_value("FIC-101/PV.CV", 3.25);
@@ -1054,7 +1057,7 @@ async fn deleted_node_goes_bad_others_flow_and_it_comes_back() {
     .await;
     let errors = seen
         .iter()
-        .filter(|r| r.kind == Kind::Event && r.data["type"] == "system.error")
+        .filter(|r| r.kind == Kind::Event && r.data_json()["type"] == "system.error")
         .count();
     assert_eq!(errors, 1, "one system.error for the outage of one node");
     assert_eq!(h.state().0, ConnState::Online);
@@ -1086,15 +1089,15 @@ async fn odd_values_statuses_and_types_become_records() {
     let r = h
         .wait_tag(&mut seen, "uncertain", |d| d["quality"] == "uncertain")
         .await;
-    assert_eq!(r.data["status"], "UncertainLastUsableValue");
-    assert_eq!(r.data["value"], 1.25);
+    assert_eq!(r.data_json()["status"], "UncertainLastUsableValue");
+    assert_eq!(r.data_json()["value"], 1.25);
     ns.set_with_status("FIC-101/PV.CV", None, StatusCode::BadSensorFailure)
         .unwrap();
     let r = h
         .wait_tag(&mut seen, "bad", |d| d["quality"] == "bad")
         .await;
-    assert_eq!(r.data["status"], "BadSensorFailure");
-    assert_eq!(r.data["value"], Value::Null);
+    assert_eq!(r.data_json()["status"], "BadSensorFailure");
+    assert_eq!(r.data_json()["value"], Value::Null);
 
     let long = "ä".repeat(value::MAX_STRING_BYTES);
     type Check = Box<dyn Fn(&Value) -> bool>;
@@ -1164,7 +1167,7 @@ async fn odd_values_statuses_and_types_become_records() {
                 check(&d["value"])
             })
             .await;
-        assert_eq!(r.data["quality"], "good", "case {i}");
+        assert_eq!(r.data_json()["quality"], "good", "case {i}");
         assert_eq!(h.state().0, ConnState::Online, "case {i}");
     }
     h.stop().await;
@@ -1266,7 +1269,7 @@ async fn twenty_connections_in_one_process() {
             .unwrap_or_else(|_| panic!("no value for {waiting:?}"))
             .expect("sink open");
         for r in batch {
-            if r.kind == Kind::Tag && r.data["value"].as_f64() == Some(want(&r.connection)) {
+            if r.kind == Kind::Tag && r.data_json()["value"].as_f64() == Some(want(&r.connection)) {
                 waiting.remove(&r.connection);
             }
         }

@@ -92,8 +92,14 @@ impl Conn {
     pub fn status_events(&self) -> Vec<String> {
         self.seen
             .iter()
-            .filter(|r| r.kind == Kind::Event && r.data["type"] == "connection.status_changed")
-            .filter_map(|r| r.data["details"]["state"].as_str().map(str::to_string))
+            .filter(|r| {
+                r.kind == Kind::Event && r.data_json()["type"] == "connection.status_changed"
+            })
+            .filter_map(|r| {
+                r.data_json()["details"]["state"]
+                    .as_str()
+                    .map(str::to_string)
+            })
             .collect()
     }
 

@@ -37,7 +37,7 @@ fn events(out: &Output) -> Vec<(String, String, Value, Value, Value)> {
         .iter()
         .filter(|r| r.kind == Kind::Batch)
         .map(|r| {
-            let d = &r.data;
+            let d = &r.data_json();
             (
                 d["event"].as_str().unwrap_or("").to_string(),
                 d["batch_id"].as_str().unwrap_or("").to_string(),
@@ -132,7 +132,7 @@ fn full_isa88_cycle_with_hold_and_restart() {
     assert_eq!(started.connection, "deltav-line1");
     assert_eq!(started.ts_ms, 1_010);
     assert_eq!(
-        started.data,
+        started.data_json(),
         json!({"unit":"REACTOR_101","batch_id":"B-001","recipe":"PVC_STD","phase":"IDLE_PHASE",
                "state":"IDLE","fail_index":0,"event":"batch_started"})
     );
@@ -192,7 +192,7 @@ fn full_isa88_cycle_with_hold_and_restart() {
         vec![ev("batch_ended", "B-001", "DISCHARGE", "COMPLETE", 0)]
     );
     assert_eq!(out.records[0].ts_ms, 20_000);
-    assert_eq!(out.records[0].data["recipe"], json!("PVC_STD"));
+    assert_eq!(out.records[0].data_json()["recipe"], json!("PVC_STD"));
 }
 
 #[test]
@@ -277,7 +277,7 @@ fn start_publish_in_any_order() {
             events(&out),
             vec![ev("batch_started", "B-1", "CHARGE", "RUNNING", 0)]
         );
-        assert_eq!(out.records[0].data["recipe"], json!("PVC_STD"));
+        assert_eq!(out.records[0].data_json()["recipe"], json!("PVC_STD"));
         assert_eq!(out.reads.len(), 1);
     }
 }
@@ -385,13 +385,13 @@ fn batch_id_change_without_empty_in_between() {
             ev("batch_started", "B", "IDLE_PHASE", "COMPLETE", 0),
         ]
     );
-    assert_eq!(out.records[0].data["recipe"], json!("RECIPE_A"));
-    assert_eq!(out.records[1].data["recipe"], json!("RECIPE_B"));
+    assert_eq!(out.records[0].data_json()["recipe"], json!("RECIPE_A"));
+    assert_eq!(out.records[1].data_json()["recipe"], json!("RECIPE_B"));
     assert!(out.records.iter().all(|r| r.ts_ms == 4_000));
     assert_eq!(out.reads.len(), 1);
     let out = p.on_read(out.reads[0].id, &[]);
-    assert_eq!(out.records[0].data["batch_id"], json!("B"));
-    assert_eq!(out.records[0].data["recipe"], json!("RECIPE_B"));
+    assert_eq!(out.records[0].data_json()["batch_id"], json!("B"));
+    assert_eq!(out.records[0].data_json()["recipe"], json!("RECIPE_B"));
 }
 
 #[test]
@@ -489,7 +489,12 @@ fn units_are_independent_in_one_publish() {
         .records
         .iter()
         .filter(|r| r.kind == Kind::Batch)
-        .map(|r| (r.data["unit"].clone(), r.data["recipe"].clone()))
+        .map(|r| {
+            (
+                r.data_json()["unit"].clone(),
+                r.data_json()["recipe"].clone(),
+            )
+        })
         .collect();
     assert_eq!(started.len(), 2);
     assert!(started.contains(&(json!("REACTOR_101"), json!("R1_RECIPE"))));
@@ -503,7 +508,7 @@ fn units_are_independent_in_one_publish() {
         .collect();
     assert_eq!(recipes.len(), 1);
     assert_eq!(
-        recipes[0].data,
+        recipes[0].data_json(),
         json!({"unit":"REACTOR_102","batch_id":"B2","recipe":"R2_RECIPE","parameters":{}})
     );
     assert_eq!(out.reads.len(), 1);
@@ -529,7 +534,7 @@ fn recipe_read_answer_with_a_bad_parameter() {
     assert_eq!(r.connection, "deltav-line1");
     assert_eq!(r.ts_ms, 1_010, "the batch start's timestamp");
     assert_eq!(
-        r.data,
+        r.data_json(),
         json!({"unit":"REACTOR_101","batch_id":"B-7","recipe":"PVC_STD",
                "parameters":{"CHARGE_AMT":1250.0,"REACT_TEMP_SP":null}})
     );
@@ -550,10 +555,10 @@ fn recipe_missing_results_are_null_and_late_answers_still_count() {
         &[(key(R1, UnitParam::RecipeParameter(1)), json!(80), true)],
     );
     assert_eq!(
-        answer.records[0].data["parameters"],
+        answer.records[0].data_json()["parameters"],
         json!({"CHARGE_AMT":null,"REACT_TEMP_SP":80})
     );
-    assert_eq!(answer.records[0].data["batch_id"], json!("B-8"));
+    assert_eq!(answer.records[0].data_json()["batch_id"], json!("B-8"));
 }
 
 #[test]
@@ -702,7 +707,7 @@ fn reconnect_reports_changes_made_during_the_outage() {
             ev("phase_changed", "B-2", "CHARGE", "RUNNING", 0),
         ]
     );
-    assert_eq!(out.records[1].data["recipe"], json!("R2"));
+    assert_eq!(out.records[1].data_json()["recipe"], json!("R2"));
     assert_eq!(out.reads.len(), 1);
 }
 
@@ -751,7 +756,7 @@ fn restart_mid_batch_no_duplicate_start_and_correct_end() {
             ev("batch_ended", "B-1", "COOL", "COMPLETE", 0),
         ]
     );
-    assert_eq!(out.records[1].data["recipe"], json!("R"));
+    assert_eq!(out.records[1].data_json()["recipe"], json!("R"));
 }
 
 #[test]
@@ -816,7 +821,7 @@ fn restart_with_a_recipe_still_due() {
         ],
     );
     assert_eq!(
-        answer.records[0].data,
+        answer.records[0].data_json(),
         json!({"unit":"REACTOR_101","batch_id":"B-5","recipe":"R",
                "parameters":{"CHARGE_AMT":1,"REACT_TEMP_SP":2}})
     );
@@ -848,9 +853,9 @@ fn snapshot_restore_edge_cases() {
     assert!(snap["units"].get("OLD_UNIT").is_none());
     assert_eq!(snap["units"]["REACTOR_101"]["active"], Value::Null);
     let out = settle(&mut p, &[s(R2, BatchId, json!(""), 5_000)]);
-    assert_eq!(out.records[0].data["batch_id"], json!("Y"));
-    assert_eq!(out.records[0].data["phase"], json!("P"));
-    assert_eq!(out.records[0].data["event"], json!("batch_ended"));
+    assert_eq!(out.records[0].data_json()["batch_id"], json!("Y"));
+    assert_eq!(out.records[0].data_json()["phase"], json!("P"));
+    assert_eq!(out.records[0].data_json()["event"], json!("batch_ended"));
 }
 
 #[test]

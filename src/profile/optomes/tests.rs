@@ -201,14 +201,14 @@ fn a_scripted_hour_with_15_minute_windows() {
     assert_eq!(downtime.len(), 2);
     // DOWN 10:05:00-10:07:00, reason reclassified while down.
     assert_eq!(
-        downtime[0].data,
+        downtime[0].data_json(),
         json!({"work_center":"LINE_A_FILLER","reason":"MOTOR_JAM",
                "started":"2026-11-28T10:05:00.000Z","ended":"2026-11-28T10:07:00.000Z","duration_s":120.0})
     );
     assert_eq!(downtime[0].ts_ms, t(420));
     // DOWN during the outage: its start comes from the source timestamp.
     assert_eq!(
-        downtime[1].data,
+        downtime[1].data_json(),
         json!({"work_center":"LINE_A_FILLER","reason":"NO_MATERIAL",
                "started":"2026-11-28T10:48:40.000Z","ended":"2026-11-28T10:55:00.000Z","duration_s":380.0})
     );
@@ -217,10 +217,15 @@ fn a_scripted_hour_with_15_minute_windows() {
     // The capper is never heard from: no records. The filler has 5 windows.
     assert!(oee
         .iter()
-        .all(|r| r.data["work_center"] == json!("LINE_A_FILLER")));
-    let starts: Vec<&str> = oee
+        .all(|r| r.data_json()["work_center"] == json!("LINE_A_FILLER")));
+    let starts: Vec<String> = oee
         .iter()
-        .map(|r| r.data["window_start"].as_str().unwrap_or(""))
+        .map(|r| {
+            r.data_json()["window_start"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect();
     assert_eq!(
         starts,
@@ -233,13 +238,14 @@ fn a_scripted_hour_with_15_minute_windows() {
         ]
     );
     for r in &oee {
-        let end = r.data["window_end"].as_str().unwrap_or("");
+        let data = r.data_json();
+        let end = data["window_end"].as_str().unwrap_or("");
         assert_eq!(format_ts(r.ts_ms), end, "ts is the window end");
     }
 
     // 09:45-10:00, observed from the connect only: 10 s RUNNING, no parts.
     // planned 10, A = 10/10 = 1, P = 2.0*0/10 = 0, Q = null, OEE = null.
-    let w = &oee[0].data;
+    let w = &oee[0].data_json();
     assert_eq!(w["complete"], json!(false));
     assert_eq!(
         (w["run_time_s"].clone(), w["planned_time_s"].clone()),
@@ -261,7 +267,7 @@ fn a_scripted_hour_with_15_minute_windows() {
     // planned = 900-60 = 840; A = 720/840 = 6/7; P = 2.0*305/720 = 61/72;
     // Q = 300/305 = 60/61; OEE = 6/7 * 61/72 * 60/61 = 5/7 (= 2.0*300/840).
     assert_eq!(
-        oee[1].data,
+        oee[1].data_json(),
         json!({"work_center":"LINE_A_FILLER",
                "window_start":"2026-11-28T10:00:00.000Z","window_end":"2026-11-28T10:15:00.000Z",
                "state":"PLANNED_STOP","work_order":"WO-1","product":"P-1",
@@ -270,14 +276,14 @@ fn a_scripted_hour_with_15_minute_windows() {
                "availability":6.0/7.0,"performance":2.0*305.0/720.0,"quality":300.0/305.0,
                "oee":(6.0/7.0)*(2.0*305.0/720.0)*(300.0/305.0),"complete":true})
     );
-    approx(&oee[1].data["oee"], 5.0 / 7.0);
+    approx(&oee[1].data_json()["oee"], 5.0 / 7.0);
 
     // 10:15-10:30: PLANNED_STOP 900-960 = 60 s, CHANGEOVER 960-1200 = 240 s,
     // RUNNING 1200-1800 = 600 s. Counter reset 1300 -> 5 counts 5; then
     // +175, +210: good = 390; reject reset 15 -> 0 counts 0, then +4.
     // planned = 840; A = 600/840 = 5/7; P = 1.5*394/600 = 0.985;
     // Q = 390/394; OEE = 1.5*390/840 = 0.6964285714...
-    let w = &oee[2].data;
+    let w = &oee[2].data_json();
     assert_eq!(w["complete"], json!(true));
     assert_eq!(
         (
@@ -310,7 +316,7 @@ fn a_scripted_hour_with_15_minute_windows() {
 
     // 10:30-10:45: idle, RUNNING throughout, nothing counted.
     // A = 1, P = 0, Q = null, OEE = null; complete.
-    let w = &oee[3].data;
+    let w = &oee[3].data_json();
     assert_eq!(w["complete"], json!(true));
     assert_eq!(w["state"], json!("RUNNING"));
     assert_eq!(
@@ -333,7 +339,7 @@ fn a_scripted_hour_with_15_minute_windows() {
     // The 60 parts of the outage only move the baseline; +20 at 3400.
     // planned = 800; A = 500/800 = 0.625; P = 1.5*20/500 = 0.06; Q = 1;
     // OEE = 0.0375; complete = false.
-    let w = &oee[4].data;
+    let w = &oee[4].data_json();
     assert_eq!(w["complete"], json!(false));
     assert_eq!(
         (
@@ -369,18 +375,21 @@ fn windows_of_60_s_align_to_the_minute() {
     let oee = of_kind(&records, Kind::Oee);
     assert_eq!(oee.len(), 2);
     assert_eq!(
-        oee[0].data["window_start"],
+        oee[0].data_json()["window_start"],
         json!("2026-11-28T10:00:00.000Z")
     );
-    assert_eq!(oee[0].data["window_end"], json!("2026-11-28T10:01:00.000Z"));
-    assert_eq!(oee[0].data["run_time_s"], json!(22.5));
-    assert_eq!(oee[0].data["complete"], json!(false));
     assert_eq!(
-        oee[1].data["window_start"],
+        oee[0].data_json()["window_end"],
         json!("2026-11-28T10:01:00.000Z")
     );
-    assert_eq!(oee[1].data["run_time_s"], json!(60.0));
-    assert_eq!(oee[1].data["complete"], json!(true));
+    assert_eq!(oee[0].data_json()["run_time_s"], json!(22.5));
+    assert_eq!(oee[0].data_json()["complete"], json!(false));
+    assert_eq!(
+        oee[1].data_json()["window_start"],
+        json!("2026-11-28T10:01:00.000Z")
+    );
+    assert_eq!(oee[1].data_json()["run_time_s"], json!(60.0));
+    assert_eq!(oee[1].data_json()["complete"], json!(true));
     assert_eq!(oee[1].ts_ms, T0 + 2 * MIN);
 }
 
@@ -401,7 +410,7 @@ fn a_window_closes_only_after_the_grace() {
     let out = p.on_tick(T0 + MIN + 2_000);
     let oee = of_kind(&out.records, Kind::Oee);
     assert_eq!(oee.len(), 1);
-    let w = &oee[0].data;
+    let w = &oee[0].data_json();
     assert_eq!(w["good_count"], json!(7));
     assert_eq!(w["state"], json!("RUNNING"));
     assert_eq!(w["work_order"], json!("WO-1"));
@@ -409,7 +418,7 @@ fn a_window_closes_only_after_the_grace() {
     assert_eq!(w["complete"], json!(true));
     // The next window: 0.5 s RUNNING, then DOWN.
     let out = p.on_tick(T0 + 2 * MIN + 2_000);
-    let w = &out.records[0].data;
+    let w = &out.records[0].data_json();
     assert_eq!(w["run_time_s"], json!(0.5));
     assert_eq!(w["downtime_s"], json!(59.5));
     assert_eq!(w["state"], json!("DOWN"));
@@ -428,7 +437,7 @@ fn late_values_count_in_the_open_window() {
         s(FILLER, State, json!("DOWN"), T0 + 50 * S),
     ]);
     let out = p.on_tick(T0 + 2 * MIN + 2_000);
-    let w = &out.records[0].data;
+    let w = &out.records[0].data_json();
     assert_eq!(w["good_count"], json!(3));
     // The late DOWN takes effect at the open window's start.
     assert_eq!(w["downtime_s"], json!(60.0));
@@ -451,7 +460,7 @@ fn counter_resets() {
         s(FILLER, GoodCount, json!("x"), T0 + 42 * S),
     ]);
     let out = p.on_tick(T0 + MIN + 2 * S);
-    let w = &out.records[0].data;
+    let w = &out.records[0].data_json();
     assert_eq!(
         (
             w["good_count"].clone(),
@@ -474,7 +483,7 @@ fn zero_counts_and_zero_planned_time_give_nulls() {
     init[0] = s(FILLER, State, json!("PLANNED_STOP"), T0 - MIN);
     p.on_values(&init);
     let out = p.on_tick(T0 + MIN + 2 * S);
-    let w = &out.records[0].data;
+    let w = &out.records[0].data_json();
     assert_eq!(w["planned_time_s"], json!(0.0));
     assert_eq!(w["run_time_s"], json!(0.0));
     assert_eq!(w["total_count"], json!(0));
@@ -494,7 +503,7 @@ fn unknown_ideal_cycle_time_gives_null_performance() {
     ]);
     p.on_values(&[s(FILLER, GoodCount, json!(10), T0 + S)]);
     let out = p.on_tick(T0 + MIN + 2 * S);
-    let w = &out.records[0].data;
+    let w = &out.records[0].data_json();
     assert_eq!(
         (w["performance"].clone(), w["oee"].clone()),
         (Value::Null, Value::Null)
@@ -517,7 +526,7 @@ fn window_crossing_an_outage_is_incomplete() {
     p.on_connected(T0 + 30 * S);
     p.on_values(&initial_values(FILLER, T0 - 2 * MIN));
     let out = p.on_tick(T0 + MIN + 2 * S);
-    let w = &out.records[0].data;
+    let w = &out.records[0].data_json();
     assert_eq!(w["complete"], json!(false));
     // Observed 50 of 60 s: the figures cover only that.
     assert_eq!(
@@ -526,7 +535,7 @@ fn window_crossing_an_outage_is_incomplete() {
     );
     // The next window is complete again.
     let out = p.on_tick(T0 + 2 * MIN + 2 * S);
-    assert_eq!(out.records[0].data["complete"], json!(true));
+    assert_eq!(out.records[0].data_json()["complete"], json!(true));
 }
 
 #[test]
@@ -547,9 +556,9 @@ fn an_outage_longer_than_windows_emits_nothing_for_unobserved_windows() {
         .iter()
         .map(|r| {
             (
-                r.data["window_start"].clone(),
-                r.data["run_time_s"].clone(),
-                r.data["complete"].clone(),
+                r.data_json()["window_start"].clone(),
+                r.data_json()["run_time_s"].clone(),
+                r.data_json()["complete"].clone(),
             )
         })
         .collect();
@@ -591,21 +600,21 @@ fn downtime_reason_rules() {
         s(FILLER, State, json!("IDLE"), T0 + 3_500),
     ]);
     assert_eq!(out.records.len(), 1);
-    assert_eq!(out.records[0].data["reason"], json!("OLD"));
-    assert_eq!(out.records[0].data["duration_s"], json!(2.5));
+    assert_eq!(out.records[0].data_json()["reason"], json!("OLD"));
+    assert_eq!(out.records[0].data_json()["duration_s"], json!(2.5));
     // No reason at all: null.
     p.on_values(&[s(FILLER, State, json!("DOWN"), T0 + 10 * S)]);
     let out = p.on_values(&[s(FILLER, State, json!("RUNNING"), T0 + 11 * S)]);
-    assert_eq!(out.records[0].data["reason"], Value::Null);
+    assert_eq!(out.records[0].data_json()["reason"], Value::Null);
     // Leaving DOWN to any state counts; DOWN re-delivered is no new start.
     p.on_values(&[s(FILLER, State, json!("DOWN"), T0 + 20 * S)]);
     p.on_values(&[s(FILLER, State, json!("DOWN"), T0 + 20 * S)]);
     let out = p.on_values(&[s(FILLER, State, json!("CHANGEOVER"), T0 + 25 * S)]);
     assert_eq!(
-        out.records[0].data["started"],
+        out.records[0].data_json()["started"],
         json!("2026-11-28T10:00:20.000Z")
     );
-    assert_eq!(out.records[0].data["duration_s"], json!(5.0));
+    assert_eq!(out.records[0].data_json()["duration_s"], json!(5.0));
     // Other states do not produce downtime.
     assert!(p
         .on_values(&[s(FILLER, State, json!("PLANNED_STOP"), T0 + 30 * S)])
@@ -630,9 +639,12 @@ fn downtime_in_any_order_within_a_publish() {
         p.on_values(&[s(CAPPER, State, json!("RUNNING"), T0 - S)]);
         p.on_values(&publish);
         let out = p.on_values(&[s(CAPPER, State, json!("RUNNING"), T0 + MIN)]);
-        assert_eq!(out.records[0].data["reason"], json!("JAM"));
-        assert_eq!(out.records[0].data["work_center"], json!("LINE_A_CAPPER"));
-        assert_eq!(out.records[0].data["duration_s"], json!(60.0));
+        assert_eq!(out.records[0].data_json()["reason"], json!("JAM"));
+        assert_eq!(
+            out.records[0].data_json()["work_center"],
+            json!("LINE_A_CAPPER")
+        );
+        assert_eq!(out.records[0].data_json()["duration_s"], json!(60.0));
     }
 }
 
@@ -647,7 +659,7 @@ fn bad_values_are_ignored() {
     bad_count.good = false;
     assert!(p.on_values(&[bad, bad_count]).is_empty());
     let out = p.on_tick(T0 + MIN + 2 * S);
-    let w = &out.records[0].data;
+    let w = &out.records[0].data_json();
     assert_eq!(
         (w["run_time_s"].clone(), w["good_count"].clone()),
         (json!(60.0), json!(0))
@@ -682,7 +694,7 @@ fn restart_mid_downtime_keeps_the_true_start() {
     ]);
     let out = q.on_values(&[s(FILLER, State, json!("RUNNING"), T0 + 6 * MIN)]);
     assert_eq!(
-        out.records[0].data,
+        out.records[0].data_json(),
         json!({"work_center":"LINE_A_FILLER","reason":"JAM","started":"2026-11-28T10:00:10.000Z",
                "ended":"2026-11-28T10:06:00.000Z","duration_s":350.0})
     );
@@ -697,7 +709,7 @@ fn restart_within_a_window_marks_it_incomplete_and_never_repeats_one() {
     assert_eq!(
         of_kind(&out.records, Kind::Oee)
             .last()
-            .map(|r| r.data["window_end"].clone()),
+            .map(|r| r.data_json()["window_end"].clone()),
         Some(json!("2026-11-28T10:00:00.000Z"))
     );
     let saved = p.snapshot();
@@ -708,7 +720,7 @@ fn restart_within_a_window_marks_it_incomplete_and_never_repeats_one() {
     q.on_connected(T0 + 40 * S);
     q.on_values(&initial_values(FILLER, T0 - 10 * MIN));
     let out = q.on_tick(T0 + MIN + 2 * S);
-    let w = &out.records[0].data;
+    let w = &out.records[0].data_json();
     assert_eq!(w["window_start"], json!("2026-11-28T10:00:00.000Z"));
     assert_eq!(w["complete"], json!(false));
     assert_eq!(w["run_time_s"], json!(20.0));
@@ -723,7 +735,7 @@ fn restart_within_a_window_marks_it_incomplete_and_never_repeats_one() {
     assert!(out.records.is_empty());
     let out = r.on_tick(T0 + MIN + 2 * S);
     assert_eq!(
-        out.records[0].data["window_start"],
+        out.records[0].data_json()["window_start"],
         json!("2026-11-28T10:00:00.000Z")
     );
 }
@@ -739,7 +751,7 @@ fn clock_step_skips_instead_of_flooding() {
     assert!(out.records.is_empty());
     let out = p.on_tick(later + MIN);
     assert_eq!(out.records.len(), 1);
-    assert_eq!(out.records[0].data["state"], json!("RUNNING"));
+    assert_eq!(out.records[0].data_json()["state"], json!("RUNNING"));
 }
 
 #[test]

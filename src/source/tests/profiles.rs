@@ -123,16 +123,16 @@ fn summary(records: &[NewRecord]) -> Vec<String> {
         .map(|r| match r.kind {
             Kind::Batch => format!(
                 "batch {} {} phase={} state={}",
-                r.data["event"].as_str().unwrap_or("?"),
-                r.data["batch_id"].as_str().unwrap_or("?"),
-                r.data["phase"].as_str().unwrap_or("-"),
-                r.data["state"].as_str().unwrap_or("-"),
+                r.data_json()["event"].as_str().unwrap_or("?"),
+                r.data_json()["batch_id"].as_str().unwrap_or("?"),
+                r.data_json()["phase"].as_str().unwrap_or("-"),
+                r.data_json()["state"].as_str().unwrap_or("-"),
             ),
             Kind::Recipe => format!(
                 "recipe {} {} {}",
-                r.data["batch_id"].as_str().unwrap_or("?"),
-                r.data["recipe"].as_str().unwrap_or("?"),
-                r.data["parameters"]
+                r.data_json()["batch_id"].as_str().unwrap_or("?"),
+                r.data_json()["recipe"].as_str().unwrap_or("?"),
+                r.data_json()["parameters"]
             ),
             other => format!("{} {}", other.as_str(), r.data),
         })
@@ -278,10 +278,9 @@ async fn optomes_run_produces_oee_windows_and_downtime() {
     let window_start = crate::record::format_ts(start);
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !got
-        .iter()
-        .any(|r: &NewRecord| r.kind == Kind::Oee && r.data["window_start"] == window_start.as_str())
-    {
+    while !got.iter().any(|r: &NewRecord| {
+        r.kind == Kind::Oee && r.data_json()["window_start"] == window_start.as_str()
+    }) {
         match tokio::time::timeout_at(deadline, seen.recv()).await {
             Ok(Some(r)) if matches!(r.kind, Kind::Oee | Kind::Downtime) => got.push(r),
             Ok(Some(_)) => {}
@@ -292,7 +291,7 @@ async fn optomes_run_produces_oee_windows_and_downtime() {
 
     let downtime: Vec<&NewRecord> = got.iter().filter(|r| r.kind == Kind::Downtime).collect();
     assert_eq!(downtime.len(), 1, "{got:#?}");
-    let d = &downtime[0].data;
+    let d = &downtime[0].data_json();
     assert_eq!(d["work_center"], WC);
     assert_eq!(d["reason"], "JAM");
     let secs = d["duration_s"].as_f64().expect("duration");
@@ -300,15 +299,15 @@ async fn optomes_run_produces_oee_windows_and_downtime() {
 
     let windows: Vec<&NewRecord> = got.iter().filter(|r| r.kind == Kind::Oee).collect();
     // One record per window, in order, none twice.
-    let starts: Vec<&str> = windows
+    let starts: Vec<String> = windows
         .iter()
-        .filter_map(|r| r.data["window_start"].as_str())
+        .filter_map(|r| r.data_json()["window_start"].as_str().map(String::from))
         .collect();
     let mut sorted = starts.clone();
     sorted.sort_unstable();
     sorted.dedup();
     assert_eq!(starts, sorted, "{got:#?}");
-    let w = &windows.last().expect("window").data;
+    let w = &windows.last().expect("window").data_json();
     assert_eq!(w["work_center"], WC);
     assert_eq!(w["good_count"], 15, "{w}");
     assert_eq!(w["reject_count"], 2, "{w}");
