@@ -68,6 +68,7 @@ impl ConnStatus {
 pub enum DropReason {
     /// The OPC UA server discarded values from a full monitored-item queue
     /// (the `Overflow` info bit): at least one value per flag.
+    #[serde(rename = "opcua_queue_overflow")]
     ServerOverflow,
     /// The agent's own queue between the OPC UA session and the buffer was
     /// full because the buffer did not keep up.
@@ -678,6 +679,20 @@ impl IntakeLoss {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drop_reasons_have_one_name_in_status_metrics_and_events() {
+        for reason in [
+            DropReason::ServerOverflow,
+            DropReason::QueueFull,
+            DropReason::BufferRefused,
+            DropReason::ValueTooLarge,
+        ] {
+            // `/status` serializes the reason, `/metrics` and `source.dropped`
+            // use `as_str`.
+            assert_eq!(serde_json::json!(reason), reason.as_str());
+        }
+    }
 
     #[test]
     fn drops_are_counted_per_reason_and_announced_once() {

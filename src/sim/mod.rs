@@ -82,6 +82,12 @@ pub struct SimExtras {
     /// Namespace URIs registered before the simulator's own: each shifts its
     /// index by one (`urn:plantgate:sim:deltav` is ns=2 without any).
     pub namespaces_before: Vec<String>,
+    /// Cap on every monitored item's queue (the server revises larger
+    /// requests down to it); None = 100 000, i.e. what the client asks for.
+    /// A tiny cap (2 or so) makes the server discard values and set the
+    /// `Overflow` info bit when publishing is much slower than sampling,
+    /// for tests of SPEC 1.9. (OPC UA sets no Overflow bit on a queue of 1.)
+    pub max_queue_size: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
