@@ -238,6 +238,9 @@ pub async fn start(
         cancel.cancelled().await;
         tracing::info!("shutting down");
         sources_cancel.cancel();
+        // From now on the ingest ending is the shutdown, not a death: it
+        // ends by itself once the last source is gone and it has drained.
+        ingest_stop.cancel();
         for s in sources {
             if tokio::time::timeout(SOURCE_STOP, s).await.is_err() {
                 tracing::warn!("a connection did not stop in time");
@@ -245,7 +248,6 @@ pub async fn start(
         }
         // Every sender is gone now, so the ingest drains and ends; a buffer
         // that refuses gets INGEST_STOP, then what is held is counted.
-        ingest_stop.cancel();
         let mut ingest = ingest;
         if tokio::time::timeout(INGEST_STOP, &mut ingest)
             .await

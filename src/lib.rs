@@ -17,6 +17,7 @@ pub mod buffer;
 pub mod config;
 pub mod demo;
 pub mod health;
+pub mod heap;
 pub mod ingest;
 pub mod nodeid;
 pub mod profile;

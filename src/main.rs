@@ -263,6 +263,7 @@ fn cancel_on_signals(cancel: CancellationToken) {
 }
 
 fn main() -> ExitCode {
+    plantgate::heap::limit_arenas();
     restrict_umask();
     let cli = Cli::parse();
     init_logging(cli.log_format, default_filter(&cli.command));

@@ -636,6 +636,8 @@ async fn run_session(
         subscriptions = subscriptions.len(),
         "OPC UA session subscribed"
     );
+    // Subscribing thousands of items is the largest burst of a session.
+    crate::heap::release_free();
     let online_at = tokio::time::Instant::now();
     let online = |error: SourceError| Failure {
         error,

@@ -546,7 +546,11 @@ mod tests {
                     "status": status_name(status),
                 })
                 .to_string();
-                assert_eq!(tag_data(&tag, status, value.as_ref()), tree, "{value:?} {status}");
+                assert_eq!(
+                    tag_data(&tag, status, value.as_ref()),
+                    tree,
+                    "{value:?} {status}"
+                );
             }
         }
     }

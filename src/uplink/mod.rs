@@ -706,6 +706,7 @@ impl Uplink {
                 if let Err(e) = self.buffer.append(vec![ev]).await {
                     tracing::error!(error = %e, "could not record sync.completed");
                 }
+                crate::heap::release_free();
             }
         }
     }
