@@ -80,6 +80,11 @@ enum Command {
             opcua::crypto::SecurityPolicy,
             opcua::types::MessageSecurityMode,
         )>,
+        /// For benchmarks: the load tags wait for a `start` line on stdin
+        /// (`stop` pauses them); prints `READY <endpoint> <namespace>`, then
+        /// `STATS <changes> <ticks> <late ticks>` every second.
+        #[arg(long)]
+        load_control: bool,
     },
     /// Validate the config and print the effective config (secrets as ***).
     Check {
@@ -354,6 +359,7 @@ async fn dispatch(command: Command) -> ExitCode {
             password,
             pki_dir,
             security,
+            load_control,
         } => {
             let cancel = CancellationToken::new();
             cancel_on_signals(cancel.clone());
@@ -382,6 +388,7 @@ async fn dispatch(command: Command) -> ExitCode {
             };
             let extras = plantgate::sim::SimExtras {
                 endpoints: (!security.is_empty()).then_some(security),
+                load_control,
                 ..Default::default()
             };
             match plantgate::sim::run_simulator_with(&kind, opts, extras, cancel).await {

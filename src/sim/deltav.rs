@@ -16,6 +16,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, UnitValues};
+use super::load::LoadTags;
 use super::server::{SimBuilder, SimNamespace, SimServer, SimSpec, SimValue};
 use super::timeline::{self, pv, Merged, Objects};
 use super::{SimError, SimExtras, SimOptions};
@@ -178,7 +179,7 @@ pub async fn start_deltav_with(opts: SimOptions, extras: SimExtras) -> Result<Si
             token.clone(),
         ));
     }
-    start_load(&opts, ns, pinned, token);
+    start_load(&mut server, &opts, &extras, ns, token);
     Ok(server)
 }
 
@@ -197,15 +198,21 @@ pub(crate) fn add_load_tags(ns: &SimNamespace, tags: usize) {
     ns.add_variables("LOAD", vars);
 }
 
-/// Starts changing the load tags at `--rate HZ`, if there are any.
+/// Starts changing the load tags at `--rate HZ`, if there are any (paused
+/// at first with `extras.load_control`); attaches their [`LoadTags`] to the
+/// server.
 pub(crate) fn start_load(
+    server: &mut SimServer,
     opts: &SimOptions,
+    extras: &SimExtras,
     ns: SimNamespace,
-    pinned: Arc<Mutex<HashSet<String>>>,
     token: CancellationToken,
 ) {
+    let load = LoadTags::new(extras.load_control);
+    server.add_extension(load.clone());
     if opts.tags > 0 && opts.rate_hz > 0.0 && opts.rate_hz.is_finite() {
-        tokio::spawn(run_load(opts.tags, opts.rate_hz, ns, pinned, token));
+        let pinned = server.pinned();
+        tokio::spawn(run_load(opts.tags, opts.rate_hz, ns, pinned, load, token));
     }
 }
 
@@ -374,6 +381,7 @@ async fn run_load(
     rate_hz: f64,
     ns: SimNamespace,
     pinned: Arc<Mutex<HashSet<String>>>,
+    load: LoadTags,
     token: CancellationToken,
 ) {
     let period = Duration::from_secs_f64(1.0 / rate_hz.max(0.001));
@@ -381,26 +389,37 @@ async fn run_load(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let ids: Vec<String> = (0..tags).map(load_tag).collect();
     let mut tick: u64 = 0;
+    let mut previous: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
+        let scheduled = tokio::select! {
             _ = token.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        tick += 1;
-        // Every tag changes on every tick (a load test counts notifications).
-        let values = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                let v = (tick as f64 * 0.1 + i as f64).sin() * 50.0 + tick as f64 * 1e-3;
-                (id.clone(), v)
-            })
-            .collect();
-        set_unpinned(&ns, &pinned, values);
+            at = ticker.tick() => at,
+        };
+        // Skip mode moves the schedule on by whole periods after an overrun.
+        let late = previous.is_some_and(|p| scheduled - p > period + period / 2);
+        previous = Some(scheduled);
+        load.round(late, || {
+            tick += 1;
+            // Every tag changes on every tick (a load test counts notifications).
+            let values = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let v = (tick as f64 * 0.1 + i as f64).sin() * 50.0 + tick as f64 * 1e-3;
+                    (id.clone(), v)
+                })
+                .collect();
+            set_unpinned(&ns, &pinned, values)
+        });
     }
 }
 
-fn set_unpinned(ns: &SimNamespace, pinned: &Mutex<HashSet<String>>, values: Vec<(String, f64)>) {
+/// Sets the values of nodes no test has pinned; returns how many it set.
+fn set_unpinned(
+    ns: &SimNamespace,
+    pinned: &Mutex<HashSet<String>>,
+    values: Vec<(String, f64)>,
+) -> u64 {
     let values: Vec<(String, SimValue)> = {
         let pinned = pinned.lock().unwrap_or_else(|e| e.into_inner());
         values
@@ -410,10 +429,15 @@ fn set_unpinned(ns: &SimNamespace, pinned: &Mutex<HashSet<String>>, values: Vec<
             .collect()
     };
     if values.is_empty() {
-        return;
+        return 0;
     }
-    if let Err(e) = ns.set_many(values) {
-        tracing::warn!(error = %e, "simulator update failed");
+    let n = values.len() as u64;
+    match ns.set_many(values) {
+        Ok(()) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "simulator update failed");
+            0
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod broker;
 pub mod deltav;
+pub mod load;
 pub mod optomes;
 pub mod proxy;
 pub mod server;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 pub use deltav::{start_deltav, start_deltav_with, DeltavUnits};
+pub use load::{LoadStats, LoadTags};
 pub use optomes::{start_optomes, start_optomes_with, OptomesWorkCenters};
 pub use server::{SimBuilder, SimNamespace, SimServer, SimSpec, SimValue};
 
@@ -88,6 +90,10 @@ pub struct SimExtras {
     /// `Overflow` info bit when publishing is much slower than sampling,
     /// for tests of SPEC 1.9. (OPC UA sets no Overflow bit on a queue of 1.)
     pub max_queue_size: Option<usize>,
+    /// The load tags start paused, and [`run_simulator_with`] speaks the
+    /// line protocol of [`load`] on stdin/stdout (`simulate --load-control`,
+    /// for benchmarks).
+    pub load_control: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +131,7 @@ pub async fn run_simulator_with(
     extras: SimExtras,
     cancel: CancellationToken,
 ) -> Result<(), SimError> {
+    let load_control = extras.load_control;
     let server = match kind {
         "deltav" => start_deltav_with(opts, extras).await?,
         "optomes" => start_optomes_with(opts, extras).await?,
@@ -136,6 +143,14 @@ pub async fn run_simulator_with(
         server.namespace_uri(),
         server.namespace_index()
     );
+    if load_control {
+        load::serve_control(
+            server.load_tags().unwrap_or_default(),
+            &server.endpoint(),
+            server.namespace_uri(),
+            cancel.clone(),
+        );
+    }
     cancel.cancelled().await;
     server.shutdown().await;
     Ok(())

@@ -380,7 +380,7 @@ pub async fn start_optomes_with(
             token.clone(),
         ));
     }
-    deltav::start_load(&opts, ns, pinned, token);
+    deltav::start_load(&mut server, &opts, &extras, ns, token);
     Ok(server)
 }
 
