@@ -35,17 +35,11 @@ async fn server_queue_overflow_is_counted_announced_and_values_still_flow() {
         .expect("broker thread")
         .expect("embedded broker");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut opts = plantgate::sim::SimOptions::new(dir.path().join("sim-pki"));
-    opts.speed = 0.0;
-    opts.tags = TAGS;
-    opts.rate_hz = HZ;
     let extras = plantgate::sim::SimExtras {
         max_queue_size: Some(SERVER_QUEUE),
         ..Default::default()
     };
-    let sim = plantgate::sim::start_deltav_with(opts, extras)
-        .await
-        .expect("simulator");
+    let sim = start_load_sim_with(dir.path(), TAGS, HZ, extras).await;
 
     let data_dir = dir.path().join("agent");
     let toml = load_toml(

@@ -14,12 +14,24 @@ use super::{agent_toml, init_tracing, Seen, PATIENCE};
 
 /// The simulator (frozen batch cycle) with `tags` load tags changing at `hz`.
 pub async fn start_load_sim(dir: &Path, tags: usize, hz: f64) -> plantgate::sim::SimServer {
+    start_load_sim_with(dir, tags, hz, plantgate::sim::SimExtras::default()).await
+}
+
+/// [`start_load_sim`] with `extras` (server limits and the like).
+pub async fn start_load_sim_with(
+    dir: &Path,
+    tags: usize,
+    hz: f64,
+    extras: plantgate::sim::SimExtras,
+) -> plantgate::sim::SimServer {
     init_tracing();
     let mut opts = plantgate::sim::SimOptions::new(dir.join("sim-pki"));
     opts.speed = 0.0;
     opts.tags = tags;
     opts.rate_hz = hz;
-    plantgate::sim::start_deltav(opts).await.expect("simulator")
+    plantgate::sim::start_deltav_with(opts, extras)
+        .await
+        .expect("simulator")
 }
 
 /// A config for connection `sim1` over the first `tags` load tags (named
