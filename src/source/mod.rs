@@ -91,7 +91,7 @@ pub async fn run_connection_restored(
     let (records_tx, records_rx) = intake::channel(reporter.intake_loss());
     let forwarder = tokio::spawn(drive(records_rx, reporter.clone(), profile));
     let plans = Arc::new(all_plans);
-    let metas: Arc<Vec<TagMeta>> = Arc::new(plans.iter().map(|p| p.meta.clone()).collect());
+    let metas: Arc<Vec<Arc<TagMeta>>> = Arc::new(plans.iter().map(|p| p.meta.clone()).collect());
     let mut backoff = Backoff::new(conn.reconnect_initial, conn.reconnect_max);
     let mut client: Option<Client> = None;
     let mut state = ConnState::Connecting;
@@ -483,7 +483,7 @@ async fn watch_expiry(own: pki::OwnCertificate, reporter: ConnectionReporter) {
 struct SessionCtx<'a> {
     conn: &'a ConnectionConfig,
     plans: &'a Arc<Vec<TagPlan>>,
-    metas: &'a Arc<Vec<TagMeta>>,
+    metas: &'a Arc<Vec<Arc<TagMeta>>>,
     profile_keys: &'a Arc<Vec<Option<NodeKey>>>,
     records: &'a intake::FeedTx,
     reporter: &'a ConnectionReporter,

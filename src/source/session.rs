@@ -414,7 +414,7 @@ impl PublishClock {
 /// reference (None: unparseable). Both kinds share resolution, monitoring,
 /// and the bad-node retry; only where their values go differs.
 pub(crate) struct TagPlan {
-    pub meta: TagMeta,
+    pub meta: Arc<TagMeta>,
     pub node: Option<NodeRef>,
     pub sampling: Duration,
     pub deadband: Option<f64>,
@@ -433,7 +433,7 @@ pub(crate) fn plan_profile_nodes(
         .iter()
         .filter(|n| n.subscribe)
         .map(|n| TagPlan {
-            meta: TagMeta::new(n.node.clone(), n.node.clone()),
+            meta: Arc::new(TagMeta::new(n.node.clone(), n.node.clone())),
             node: NodeRef::parse(&n.node).ok(),
             sampling: conn.sampling_interval,
             deadband: None,
@@ -446,7 +446,7 @@ pub(crate) fn plan_tags(conn: &ConnectionConfig) -> Vec<TagPlan> {
     conn.tags
         .iter()
         .map(|t: &TagConfig| TagPlan {
-            meta: TagMeta::new(t.name.clone(), t.node.clone()),
+            meta: Arc::new(TagMeta::new(t.name.clone(), t.node.clone())),
             node: NodeRef::parse(&t.node).ok(),
             sampling: t.sampling_interval.unwrap_or(conn.sampling_interval),
             deadband: t.deadband,
@@ -483,7 +483,7 @@ pub(crate) fn resolve(node: &NodeRef, namespaces: &NamespaceMap) -> Result<NodeI
 #[derive(Clone)]
 pub(crate) struct Notifier {
     pub connection: Arc<str>,
-    pub tags: Arc<Vec<TagMeta>>,
+    pub tags: Arc<Vec<Arc<TagMeta>>>,
     /// Per plan index: the profile node it is, if any.
     pub profile: Arc<Vec<Option<NodeKey>>>,
     pub records: super::intake::FeedTx,
