@@ -214,6 +214,17 @@ pub async fn start(
             on_death,
         ))
     };
+    let heap = {
+        let on_death = agent_error(buffer.clone(), "heap");
+        let cancel = uplink_cancel.clone();
+        tokio::spawn(supervise(
+            "heap".into(),
+            board.clone(),
+            uplink_cancel.clone(),
+            move || crate::heap::release_periodically(cancel.clone()),
+            on_death,
+        ))
+    };
     let announcer = {
         let on_death = agent_error(buffer.clone(), "announcer");
         let (buffer, board2, cancel) = (buffer.clone(), board.clone(), uplink_cancel.clone());
@@ -258,6 +269,7 @@ pub async fn start(
         }
         uplink_cancel.cancel();
         let _ = expiry.await;
+        let _ = heap.await;
         // The last counts go out with the events the uplink still sends.
         let _ = announcer.await;
         if tokio::time::timeout(UPLINK_STOP, uplink_task)
