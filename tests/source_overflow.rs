@@ -29,11 +29,7 @@ fn is_overflow_event(m: &Message) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_queue_overflow_is_counted_announced_and_values_still_flow() {
-    init_tracing();
-    let broker = tokio::task::spawn_blocking(plantgate::sim::broker::EmbeddedBroker::start)
-        .await
-        .expect("broker thread")
-        .expect("embedded broker");
+    let broker = embedded_broker().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let extras = plantgate::sim::SimExtras {
         max_queue_size: Some(SERVER_QUEUE),

@@ -109,14 +109,19 @@ pub async fn start_plant() -> Plant {
     start_plant_with("deltav").await
 }
 
+/// The embedded TLS broker (rumqttd), started on its own thread.
+pub async fn embedded_broker() -> plantgate::sim::broker::EmbeddedBroker {
+    init_tracing();
+    tokio::task::spawn_blocking(plantgate::sim::broker::EmbeddedBroker::start)
+        .await
+        .expect("broker thread")
+        .expect("embedded broker starts")
+}
+
 /// The embedded broker and a frozen simulator of `kind` (only the values
 /// the test sets change).
 pub async fn start_plant_with(kind: &str) -> Plant {
-    init_tracing();
-    let broker = tokio::task::spawn_blocking(plantgate::sim::broker::EmbeddedBroker::start)
-        .await
-        .expect("broker thread")
-        .expect("embedded broker starts");
+    let broker = embedded_broker().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut opts = plantgate::sim::SimOptions::new(dir.path().join("sim-pki"));
     opts.speed = 0.0;
