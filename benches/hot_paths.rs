@@ -30,7 +30,7 @@ use plantgate::config::{ConnectionConfig, Synchronous};
 use plantgate::profile::{NodeKey, Profile, Sample, UnitParam, WcParam};
 use plantgate::record::{Kind, NewRecord, StoredRecord, StreamKey};
 use plantgate::source::value::{tag_record, variant_to_json, TagMeta};
-use plantgate::uplink::topics::{encode_batch, fit};
+use plantgate::uplink::payload::{encode_batch, fit};
 
 /// 2026-11-28T10:00:00Z.
 const T0: i64 = 1_795_860_000_000;

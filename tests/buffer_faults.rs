@@ -686,6 +686,7 @@ fn dead_letters_move_list_and_retry_from_a_second_connection() {
     );
     let stats = service.stats().expect("stats");
     assert_eq!((stats.dead_letters, stats.records), (3, 8));
+    assert_eq!(stats.requeues, 0);
 
     // `plantgate buffer dead-letters|retry` opens the same file while the
     // service keeps its connection open.
@@ -721,6 +722,9 @@ fn dead_letters_move_list_and_retry_from_a_second_connection() {
     );
     let stats = service.stats().expect("stats");
     assert_eq!((stats.dead_letters, stats.records), (0, 11));
+    // Counted in the file, so the running service can tell rows were put
+    // back under its cursors; the empty second retry does not count.
+    assert_eq!(stats.requeues, 1);
     let s = stats
         .streams
         .iter()

@@ -359,6 +359,10 @@ pub struct Stats {
     pub evicted_total: u64,
     /// Rows waiting in the dead-letter table.
     pub dead_letters: u64,
+    /// How many times dead letters were put back (`plantgate buffer retry`),
+    /// ever, by any process: the uplink reads its streams again when it
+    /// changes.
+    pub requeues: u64,
     /// Every stream ever seen, including drained ones (their `next_seq` still
     /// matters to consumers).
     pub streams: Vec<StreamStats>,

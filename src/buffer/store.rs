@@ -1851,6 +1851,14 @@ impl Store {
         )
         .map_err(&sql)?;
         let moved = tx.execute("DELETE FROM dead_letters", []).map_err(&sql)?;
+        // Counted in the file, not in memory: the agent's uplink notices a
+        // retry run by another process and reads the streams again.
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('requeues', '1') \
+             ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+            [],
+        )
+        .map_err(&sql)?;
         {
             let mut grow = tx
                 .prepare_cached(
@@ -1933,6 +1941,15 @@ impl Store {
             .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))
             .map_err(&e)?;
         out.dead_letters = dead.max(0) as u64;
+        let requeues: Option<i64> = tx
+            .query_row(
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'requeues'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(&e)?;
+        out.requeues = requeues.unwrap_or(0).max(0) as u64;
         let pages: i64 = tx
             .pragma_query_value(None, "page_count", |r| r.get(0))
             .map_err(&e)?;

@@ -14,6 +14,27 @@ use tokio::task::JoinHandle;
 use crate::config::MqttProtocol;
 use crate::secret::Secret;
 
+/// Why an MQTT session ended. The text is what `/status` shows as the
+/// uplink's reason and what the log says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The broker answered CONNECT with a refusal (bad credentials, not
+    /// authorised, ...).
+    #[error("connection refused: {0}")]
+    Refused(String),
+    /// The transport or the protocol failed (TLS, socket, keep-alive, a
+    /// malformed packet).
+    #[error("{0}")]
+    Connection(String),
+    /// The client library would not take a request (its event loop is gone).
+    #[error("mqtt client: {0}")]
+    Client(String),
+    #[error("mqtt event loop stopped")]
+    Stopped,
+}
+
+type Event = Result<MqttEvent, SessionError>;
+
 pub struct SessionOptions {
     pub protocol: MqttProtocol,
     pub client_id: String,
@@ -64,7 +85,7 @@ enum Client {
 
 pub struct Session {
     client: Client,
-    events: mpsc::UnboundedReceiver<Result<MqttEvent, String>>,
+    events: mpsc::UnboundedReceiver<Event>,
     poller: JoinHandle<()>,
 }
 
@@ -110,7 +131,9 @@ impl Session {
         qos0: bool,
         retain: bool,
         payload: Vec<u8>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
+        let client = |e: rumqttc::ClientError| SessionError::Client(e.to_string());
+        let client5 = |e: rumqttc::v5::ClientError| SessionError::Client(e.to_string());
         match &self.client {
             Client::V4(c) => {
                 let qos = if qos0 {
@@ -118,9 +141,7 @@ impl Session {
                 } else {
                     rumqttc::QoS::AtLeastOnce
                 };
-                c.publish(topic, qos, retain, payload)
-                    .await
-                    .map_err(|e| e.to_string())
+                c.publish(topic, qos, retain, payload).await.map_err(client)
             }
             Client::V5(c) => {
                 let qos = if qos0 {
@@ -130,24 +151,26 @@ impl Session {
                 };
                 c.publish(topic, qos, retain, payload)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(client5)
             }
         }
     }
 
     /// The next event; `Err` means the session is over.
-    pub async fn next(&mut self) -> Result<MqttEvent, String> {
-        match self.events.recv().await {
-            Some(ev) => ev,
-            None => Err("mqtt event loop stopped".into()),
-        }
+    pub async fn next(&mut self) -> Event {
+        self.events
+            .recv()
+            .await
+            .unwrap_or(Err(SessionError::Stopped))
     }
 
+    /// Sends DISCONNECT, so the broker discards the Last Will. Best effort:
+    /// a session already gone has nothing to disconnect.
     pub async fn disconnect(&self) {
-        let _ = match &self.client {
-            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
-            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
-        };
+        match &self.client {
+            Client::V4(c) => drop(c.disconnect().await),
+            Client::V5(c) => drop(c.disconnect().await),
+        }
     }
 }
 
@@ -204,7 +227,7 @@ fn v5_options(o: &SessionOptions) -> rumqttc::v5::MqttOptions {
     m
 }
 
-async fn poll_v4(mut el: rumqttc::EventLoop, tx: mpsc::UnboundedSender<Result<MqttEvent, String>>) {
+async fn poll_v4(mut el: rumqttc::EventLoop, tx: mpsc::UnboundedSender<Event>) {
     use rumqttc::{Event, Outgoing, Packet};
     loop {
         let ev = match el.poll().await {
@@ -215,7 +238,7 @@ async fn poll_v4(mut el: rumqttc::EventLoop, tx: mpsc::UnboundedSender<Result<Mq
                         broker_max_packet: None,
                     })
                 } else {
-                    Err(format!("connection refused: {:?}", ack.code))
+                    Err(SessionError::Refused(format!("{:?}", ack.code)))
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => Ok(MqttEvent::Acked {
@@ -233,10 +256,7 @@ async fn poll_v4(mut el: rumqttc::EventLoop, tx: mpsc::UnboundedSender<Result<Mq
     }
 }
 
-async fn poll_v5(
-    mut el: rumqttc::v5::EventLoop,
-    tx: mpsc::UnboundedSender<Result<MqttEvent, String>>,
-) {
+async fn poll_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::UnboundedSender<Event>) {
     use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
     use rumqttc::v5::Event;
     use rumqttc::Outgoing;
@@ -249,7 +269,7 @@ async fn poll_v5(
                         broker_max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
                     })
                 } else {
-                    Err(format!("connection refused: {:?}", ack.code))
+                    Err(SessionError::Refused(format!("{:?}", ack.code)))
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
@@ -273,20 +293,20 @@ async fn poll_v5(
     }
 }
 
-fn describe_v4(e: &rumqttc::ConnectionError) -> String {
+fn describe_v4(e: &rumqttc::ConnectionError) -> SessionError {
     match e {
         rumqttc::ConnectionError::ConnectionRefused(code) => {
-            format!("connection refused: {code:?}")
+            SessionError::Refused(format!("{code:?}"))
         }
-        other => other.to_string(),
+        other => SessionError::Connection(other.to_string()),
     }
 }
 
-fn describe_v5(e: &rumqttc::v5::ConnectionError) -> String {
+fn describe_v5(e: &rumqttc::v5::ConnectionError) -> SessionError {
     match e {
         rumqttc::v5::ConnectionError::ConnectionRefused(code) => {
-            format!("connection refused: {code:?}")
+            SessionError::Refused(format!("{code:?}"))
         }
-        other => other.to_string(),
+        other => SessionError::Connection(other.to_string()),
     }
 }
