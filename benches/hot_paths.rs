@@ -1,4 +1,4 @@
-//! Criterion micro-benchmarks of the per-value hot paths (issue 12), each
+//! Criterion micro-benchmarks of the per-value hot paths, each
 //! reporting throughput in elements (values, records or profile steps) per
 //! second:
 //!

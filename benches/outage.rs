@@ -1,4 +1,4 @@
-//! Outage benchmark (issue 3): a real agent process under load loses its
+//! Outage benchmark: a real agent process under load loses its
 //! broker for a while; prints a table of what was buffered, how long the
 //! backlog took to drain, duplicates, gaps and the agent's peak memory.
 //!

@@ -1,4 +1,4 @@
-//! Pipeline benchmark (issue 12): a real agent process reads N tags changing
+//! Pipeline benchmark (docs/performance.md): a real agent process reads N tags changing
 //! at R Hz from an OPC UA load server and publishes them over TLS to a real
 //! broker; an independent subscriber counts what arrives. One row per load:
 //! offered and delivered values/s, loss, duplicates, seq gaps, end-to-end

@@ -1,9 +1,9 @@
 //! `plantgate run`: wires the long-lived tasks (one per connection, the
 //! ingest, the uplink, buffer expiry, the intake-loss announcer), each under
-//! a supervisor (`supervise`, SPEC 1.10), and shuts them down in order on
+//! a supervisor (`supervise`, docs/guarantees.md), and shuts them down in order on
 //! one cancellation token.
 //!
-//! Shutdown order matters for SPEC 1.1: sources stop first, the ingest then
+//! Shutdown order matters for docs/guarantees.md: sources stop first, the ingest then
 //! commits everything they handed over (nothing accepted is dropped), and
 //! only then does the uplink publish `offline` and close.
 

@@ -1,4 +1,4 @@
-//! The intake-loss announcer (SPEC 1.9): turns the drops counted on the
+//! The intake-loss announcer (docs/guarantees.md): turns the drops counted on the
 //! status board into throttled `source.dropped` events.
 
 use std::collections::HashMap;
@@ -13,7 +13,7 @@ use crate::status::{event_record, StatusBoard};
 /// How often intake loss is announced.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 
-/// Announces intake loss (SPEC 1.9): every `ANNOUNCE_EVERY`, one
+/// Announces intake loss (docs/guarantees.md): every `ANNOUNCE_EVERY`, one
 /// `source.dropped` event per connection and reason that lost values since
 /// the last one, with the count and a sample of tag names. Events are
 /// appended straight to the buffer (not through the sources' queue); when

@@ -2,7 +2,7 @@
 //! a plant full of gateways does not reconnect in lock-step after an outage.
 //!
 //! The sequence starts over only after a connection has stayed healthy for a
-//! while (SPEC 1.10, [`HEALTHY_AFTER`]): a fault that strikes right after
+//! while (docs/guarantees.md, [`HEALTHY_AFTER`]): a fault that strikes right after
 //! every connect (an oversized packet, a server that drops the session on its
 //! first request) must meet a growing delay, not a fast reconnect loop.
 
@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::Rng;
 
 /// How long a connection must stay up before a failure counts as a new
-/// incident rather than the next failure of the same one (SPEC 1.10).
+/// incident rather than the next failure of the same one (docs/guarantees.md).
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]

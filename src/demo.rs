@@ -38,7 +38,7 @@ pub struct DemoSummary {
     pub gaps: u64,
 }
 
-/// Per-stream seq bookkeeping of a consumer: what SPEC 1.2 lets a cloud
+/// Per-stream seq bookkeeping of a consumer: what docs/guarantees.md lets a cloud
 /// consumer detect (duplicates to drop, gaps that mean loss).
 #[derive(Debug, Default)]
 pub struct SeqTracker {
@@ -218,7 +218,7 @@ const DEMO_TAGS: [(&str, &str); 4] = [
     ("LIC-301.PV", "LIC-301/PV.CV"),
 ];
 
-/// Recipe parameters of the simulated DeltaV units (SPEC 6).
+/// Recipe parameters of the simulated DeltaV units (docs/cli.md).
 const DEMO_RECIPE_PARAMETERS: &str = r#"["CHARGE_AMT", "REACT_TEMP_SP", "REACT_TIME"]"#;
 
 fn demo_config_toml(

@@ -1,4 +1,4 @@
-//! The local health endpoint (SPEC 7): `/healthz`, `/readyz`, `/status`,
+//! The local health endpoint (docs/health.md): `/healthz`, `/readyz`, `/status`,
 //! `/metrics`. Read-only views of the status board and the buffer; it never
 //! shows a secret because nothing it reads holds one.
 
@@ -58,7 +58,7 @@ pub async fn serve(
     serve_with(addr, state, HealthLimits::default(), cancel).await
 }
 
-/// [`serve`] with explicit connection limits (SPEC 7, see [`listener`]).
+/// [`serve`] with explicit connection limits (docs/health.md, see [`listener`]).
 pub async fn serve_with(
     addr: SocketAddr,
     state: Arc<HealthState>,
@@ -101,8 +101,9 @@ pub async fn pipeline_fault(
     buffer: &BufferHandle,
     max_silence: Duration,
 ) -> Option<String> {
-    // A dead supervised task fails the check until it runs again (SPEC
-    // 1.10), so a task that cannot be restarted stops the watchdog pings.
+    // A dead supervised task fails the check until it runs again
+    // (docs/guarantees.md), so a task that cannot be restarted stops the
+    // watchdog pings.
     let dead = board.dead_tasks();
     if !dead.is_empty() {
         let list: Vec<String> = dead
@@ -155,7 +156,7 @@ async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
             format!("mqtt not connected: {why}"),
         );
     }
-    // Connected but refusing: records pile up as dead letters (SPEC 1.11).
+    // Connected but refusing: records pile up as dead letters (docs/guarantees.md).
     // Dead letters are the first the size limit takes, so their count may
     // be back to 0 for a moment while the broker still refuses everything:
     // records dead-lettered for refusals count too.
@@ -419,7 +420,7 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
     metric(
         "intake_queued_values",
         "gauge",
-        "Values waiting between the OPC UA sessions and the buffer (bounded, SPEC 1.9).",
+        "Values waiting between the OPC UA sessions and the buffer (bounded, docs/guarantees.md).",
         &one(crate::source::intake::queued_values() as f64),
     );
     metric(
@@ -438,7 +439,7 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
     metric(
         "health_connections_shed_total",
         "counter",
-        "Health endpoint connections closed to protect it (SPEC 7), by reason.",
+        "Health endpoint connections closed to protect it (docs/health.md), by reason.",
         &[
             (
                 "{reason=\"header_timeout\"}".to_string(),

@@ -1,5 +1,5 @@
 //! The ingest: the one task that commits what the connections hand over to
-//! the buffer (SPEC 1.1, 1.9). It coalesces queued batches into few, large
+//! the buffer (docs/guarantees.md). It coalesces queued batches into few, large
 //! transactions, and when the buffer refuses (a lock another process holds,
 //! a stalled disk) it holds the batch and retries, so back-pressure reaches
 //! the sources before anything is dropped; what is dropped is counted.
@@ -65,7 +65,7 @@ pub async fn run(
 /// Commits one gathered batch. A buffer that refuses for a reason that
 /// passes (a lock held by another process, a stalled disk) is retried with
 /// backoff while the batch is held: the bounded queues behind it fill and
-/// the sources wait before anything is dropped (SPEC 1.9). What the buffer
+/// the sources wait before anything is dropped (docs/guarantees.md). What the buffer
 /// can never take (full of records it may not evict), or still holds when
 /// shutdown gives up, is dropped, counted per connection and announced.
 async fn commit(
@@ -138,7 +138,7 @@ async fn commit(
     }
 }
 
-/// Counts records the buffer did not take, per connection (SPEC 1.9).
+/// Counts records the buffer did not take, per connection (docs/guarantees.md).
 fn count_refused(board: &StatusBoard, records: &[NewRecord]) {
     let mut per: std::collections::BTreeMap<&str, (u64, Option<String>)> = Default::default();
     for r in records {

@@ -74,7 +74,7 @@ enum Command {
         pki_dir: Option<PathBuf>,
         /// Offer only these endpoints, as POLICY:MODE (repeatable), e.g.
         /// `--security None:None --security Basic256Sha256:SignAndEncrypt`.
-        /// Default: every pair of SPEC 3.
+        /// Default: every pair of docs/configuration.md.
         #[arg(long = "security", value_name = "POLICY:MODE", value_parser = parse_sim_security)]
         security: Vec<(
             opcua::crypto::SecurityPolicy,

@@ -41,7 +41,7 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
-    /// Tag records are the first to go when the buffer must drop (SPEC 1.4).
+    /// Tag records are the first to go when the buffer must drop (docs/guarantees.md).
     pub fn is_low_priority(self) -> bool {
         self == Kind::Tag
     }
@@ -78,7 +78,7 @@ pub struct NewRecord {
     pub kind: Kind,
     /// Milliseconds since the Unix epoch, UTC (OPC UA source timestamp where known).
     pub ts_ms: i64,
-    /// The kind-specific `data` object of SPEC 4 as compact JSON text, as it
+    /// The kind-specific `data` object of docs/mqtt.md as compact JSON text, as it
     /// will be stored and published. For events: `{"type":..,"details":{..}}`.
     /// Text, not a `serde_json::Value`: tag values arrive by the hundred
     /// thousand per second and are encoded once, where they are read

@@ -40,7 +40,7 @@ pub struct ConnStatus {
     pub reason: String,
     pub records_total: u64,
     pub last_value_ts_ms: Option<i64>,
-    /// Values that reached the agent but were not accepted (SPEC 1.9), by reason.
+    /// Values that reached the agent but were not accepted (docs/guarantees.md), by reason.
     pub dropped: BTreeMap<DropReason, u64>,
 }
 
@@ -61,7 +61,7 @@ impl ConnStatus {
     }
 }
 
-/// Why a value that reached the agent was not accepted (SPEC 1.9): the
+/// Why a value that reached the agent was not accepted (docs/guarantees.md): the
 /// `reason` label of `plantgate_intake_dropped_total` and of `source.dropped`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -187,7 +187,7 @@ struct Inner {
     /// agent's own events), by reason.
     agent_dropped: BTreeMap<DropReason, u64>,
     /// Supervised tasks that died and are not running again yet: name →
-    /// (since, why). `/healthz` fails while any is listed (SPEC 1.10).
+    /// (since, why). `/healthz` fails while any is listed (docs/guarantees.md).
     dead_tasks: BTreeMap<String, (i64, String)>,
     /// Task deaths since start, by task name.
     task_restarts: BTreeMap<String, u64>,
@@ -282,7 +282,7 @@ impl StatusBoard {
         }
     }
 
-    /// Counts values of `connection` that were not accepted (SPEC 1.9) and
+    /// Counts values of `connection` that were not accepted (docs/guarantees.md) and
     /// queues them for the next `source.dropped` announcement. Cheap and
     /// synchronous: callable from the OPC UA callback.
     pub fn add_dropped(
@@ -501,7 +501,7 @@ impl StatusBoard {
 
 /// What a connection hands to the ingest in one go: records and, when a
 /// profile produced them, the profile snapshot that must commit in the same
-/// transaction (SPEC 5: no duplicate batch events across restarts).
+/// transaction (docs/profiles.md: no duplicate batch events across restarts).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Batch {
     pub records: Vec<NewRecord>,
@@ -531,7 +531,7 @@ impl IntoIterator for Batch {
 /// them to the buffer.
 pub type RecordSink = mpsc::Sender<Batch>;
 
-/// Builds an event record (SPEC 4). `connection` is "" for agent events.
+/// Builds an event record (docs/mqtt.md). `connection` is "" for agent events.
 pub fn event_record(connection: &str, event_type: &str, details: serde_json::Value) -> NewRecord {
     NewRecord {
         connection: connection.to_string(),
@@ -661,7 +661,7 @@ impl ConnectionReporter {
     }
 }
 
-/// Counts one connection's intake loss (SPEC 1.9); see
+/// Counts one connection's intake loss (docs/guarantees.md); see
 /// [`StatusBoard::add_dropped`]. Cheap to clone and synchronous.
 #[derive(Clone)]
 pub struct IntakeLoss {

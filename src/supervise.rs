@@ -1,4 +1,4 @@
-//! Supervision of the long-lived tasks (SPEC 1.10: no silent death).
+//! Supervision of the long-lived tasks (docs/guarantees.md: no silent death).
 //!
 //! Each supervised job runs in its own tokio task, so a panic unwinds that
 //! task only. The supervisor sees it end, logs it, records it on the status

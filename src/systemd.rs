@@ -1,4 +1,4 @@
-//! systemd integration (SPEC 8): `READY=1` once the buffer is open and the
+//! systemd integration (docs/deployment.md): `READY=1` once the buffer is open and the
 //! health endpoint listens, and `WATCHDOG=1` pings only while the pipeline is
 //! really alive — a wedged uplink or buffer thread stops the pings, so
 //! systemd restarts the service instead of leaving it hanging. Outside

@@ -3,7 +3,7 @@
 
 Built on the `asyncua` package from PyPI (pip install asyncua), i.e. not on
 async-opcua like our simulator. It offers every security policy/mode pair of
-SPEC 3 (None/None; Basic256Sha256, Aes128Sha256RsaOaep, Aes256Sha256RsaPss
+docs/configuration.md (None/None; Basic256Sha256, Aes128Sha256RsaOaep, Aes256Sha256RsaPss
 each with Sign and SignAndEncrypt), anonymous and/or username/password
 identity, and the namespace `urn:plantgate:interop` with a few variables
 that change every 100 ms:

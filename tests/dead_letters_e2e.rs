@@ -1,4 +1,4 @@
-//! SPEC 1.11 end to end: a broker that refuses every data message (a
+//! docs/guarantees.md end to end: a broker that refuses every data message (a
 //! mosquitto ACL, MQTT 5 PUBACK 0x87), a small buffer (1 MiB) and steady load
 //! (100 tags). Once refused records filled the buffer the old agent
 //! dropped every new record with one log line. Now dead letters are evicted

@@ -50,7 +50,7 @@ async fn every_value_arrives(protocol: &str) {
         .await;
     }
 
-    // The stream is continuous from seq 1, and every record has the SPEC shape.
+    // The stream is continuous from seq 1, and every record has the documented shape (docs/mqtt.md).
     assert_eq!(seen.tracker.gaps, 0, "gaps: {:?}", seen.tracker.gap_details);
     let data: Vec<_> = seen
         .messages

@@ -1,4 +1,4 @@
-//! Faults at the intake (SPEC 1.9, 1.10) with real parts: a second process
+//! Faults at the intake (docs/guarantees.md) with real parts: a second process
 //! holding the buffer's write lock while the simulator pushes load, and an
 //! independent OPC UA server (python asyncua) that revises the subscription
 //! to absurd values. Nothing may be lost silently, no task may die.

@@ -1,4 +1,4 @@
-//! SPEC 7: the health server holds a bounded number of connections with a
+//! docs/health.md: the health server holds a bounded number of connections with a
 //! header-read timeout; a flood of idle clients never takes it, nor the
 //! agent's file descriptors, down. Real sockets against a real agent: the
 //! `plantgate run` binary under a 1024-descriptor limit, and an in-process

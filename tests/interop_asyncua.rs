@@ -304,7 +304,7 @@ async fn asyncua_restart_offline_then_online_and_data_resumes() {
     server.stop().await;
 }
 
-/// SPEC 1.10 against an independent server: a 70 000-byte String (over the
+/// docs/guarantees.md against an independent server: a 70 000-byte String (over the
 /// 65 535 decoder default that made the connection flap twice a second) that
 /// changes every second costs its own tag a bad record each time; the other
 /// tags keep delivering, the connection never leaves `online`, the loss is

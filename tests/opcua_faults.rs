@@ -123,7 +123,7 @@ fn is_too_large_record(d: &Value) -> bool {
     d["value"].is_null() && d["quality"] == "bad" && d["status"] == "BadEncodingLimitsExceeded"
 }
 
-/// SPEC 1.10: a 70 000-byte string (over the 65 535 limit OPC UA stacks use
+/// docs/guarantees.md: a 70 000-byte string (over the 65 535 limit OPC UA stacks use
 /// by default, which used to close the transport in a loop) costs its tag a
 /// bad record; a value over even the raised decoder limit costs the one
 /// publish response that carried it. Neither touches the connection or the

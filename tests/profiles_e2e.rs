@@ -1,5 +1,5 @@
 //! Profiles end to end with real parts: the in-process DeltaV simulator runs
-//! a scripted batch, the agent derives batch and recipe records (SPEC 5),
+//! a scripted batch, the agent derives batch and recipe records (docs/profiles.md),
 //! commits them with the profile state and publishes them over TLS to the
 //! embedded broker, where a subscriber sees them complete and in seq order.
 
@@ -183,7 +183,7 @@ async fn scripted_batch_arrives_as_batch_and_recipe_records() {
     agent.stop().await;
 }
 
-/// SPEC 5: no duplicate `batch_started` (or any other event) for a batch
+/// docs/profiles.md: no duplicate `batch_started` (or any other event) for a batch
 /// already reported, across agent restarts. The real agent process is
 /// SIGKILLed mid-batch (all it keeps is the profile state committed with its
 /// records), the batch moves on while it is down, and later it is stopped
@@ -309,7 +309,7 @@ async fn sleep_until_ms(t_ms: i64) {
 }
 
 /// A scripted OptoMES run through the broker: the OEE window holding the
-/// script has exactly the hand-computed figures (SPEC 5 formulas, durations
+/// script has exactly the hand-computed figures (docs/profiles.md formulas, durations
 /// from the source timestamps the simulator stamps), the stop produces one
 /// `downtime` record, and the idle window after it reports zero counts with
 /// a null quality.

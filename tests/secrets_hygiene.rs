@@ -1,4 +1,4 @@
-//! Secrets around the edges (SPEC 1.6, 3): credentials written into URLs are
+//! Secrets around the edges (docs/guarantees.md, docs/configuration.md): credentials written into URLs are
 //! refused without being echoed, secret files others can read are warned
 //! about, the buffer can be inspected without the service's secrets, and
 //! what the agent writes to disk is its own only. All through the real

@@ -1,4 +1,4 @@
-//! Loss at the source (SPEC 1.9) against an OPC UA server whose
+//! Loss at the source (docs/guarantees.md) against an OPC UA server whose
 //! monitored-item queues really overflow: our simulator capped at a queue of
 //! 2 values per item, 20 tags changing at 20 Hz, and an agent sampling every
 //! 50 ms but publishing once a second. The agent asks for queues of twice

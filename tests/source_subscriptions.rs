@@ -1,4 +1,4 @@
-//! A connection with more tags than one subscription holds (issue 12: tags
+//! A connection with more tags than one subscription holds (docs/performance.md: tags
 //! are spread over subscriptions of `TAGS_PER_SUBSCRIPTION`, 2 000): every
 //! tag of every subscription delivers, in order, with nothing dropped.
 

@@ -2,7 +2,7 @@
 //! `plantgate run` says READY=1, pings WATCHDOG=1 while alive, and says
 //! STOPPING=1 on SIGTERM. A write lock another process holds on the buffer
 //! (a `plantgate buffer retry`, an operator's sqlite3 shell) is ridden out,
-//! not a reason for systemd to restart the service (SPEC 1.9): the pings go
+//! not a reason for systemd to restart the service (docs/guarantees.md): the pings go
 //! on, `/readyz` says why it is not ready, and the records held meanwhile
 //! arrive afterwards. (The watchdog gate itself, `health::pipeline_fault`,
 //! fails on a dead task or a buffer thread that does not answer: unit

@@ -1,4 +1,4 @@
-//! Message size limits and broker refusals against real brokers (SPEC 1.10,
+//! Message size limits and broker refusals against real brokers (docs/guarantees.md,
 //! 1.11): the broker's MQTT 5 Maximum Packet Size after an outage under
 //! load, an event larger than `max_message_bytes` (MQTT 5 and 3.1.1), and
 //! messages a mosquitto ACL refuses. Each used to end in a reconnect loop or

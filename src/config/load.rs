@@ -1,4 +1,4 @@
-//! Loading and validation (SPEC 3, 1.6, 1.8).
+//! Loading and validation (docs/configuration.md, docs/guarantees.md).
 //!
 //! The `config` crate merges the TOML text with `PLANTGATE__SECTION__KEY`
 //! environment overrides; the merged tree is then walked by hand instead of
@@ -35,7 +35,7 @@ const EVENT_TYPES: [&str; 6] = [
     "buffer.evicted",
     "source.dropped",
 ];
-/// Loss is never silent by default (SPEC 1.9): `source.dropped` is on.
+/// Loss is never silent by default (docs/guarantees.md): `source.dropped` is on.
 const DEFAULT_EVENTS: [&str; 5] = [
     "connection.status_changed",
     "connection.auth_required",

@@ -1,4 +1,4 @@
-//! Configuration (SPEC 3): TOML file + `PLANTGATE__SECTION__KEY` environment
+//! Configuration (docs/configuration.md): TOML file + `PLANTGATE__SECTION__KEY` environment
 //! overrides, validated in full (every problem reported with its key path),
 //! secrets resolved into [`crate::secret::Secret`].
 

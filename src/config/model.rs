@@ -1,4 +1,4 @@
-//! The validated, effective configuration (SPEC 3). Built only by
+//! The validated, effective configuration (docs/configuration.md). Built only by
 //! `config::load`, so every value here has been checked and every secret
 //! resolved. Serialize is for `plantgate check` (secrets print as `***`).
 
@@ -115,7 +115,7 @@ pub enum SecurityMode {
     SignAndEncrypt,
 }
 
-/// Every policy/mode combination a connection may use (SPEC 3): None only
+/// Every policy/mode combination a connection may use (docs/configuration.md): None only
 /// with None, each real policy with Sign or SignAndEncrypt.
 pub const SECURITY_PAIRS: [(SecurityPolicy, SecurityMode); 7] = [
     (SecurityPolicy::None, SecurityMode::None),

@@ -1,5 +1,5 @@
 //! Human-written durations (`500ms`, `30s`, `1m30s`, `7d`) and sizes
-//! (`128KiB`, `1GiB`, `100KB`, `4096`), as used throughout SPEC 3.
+//! (`128KiB`, `1GiB`, `100KB`, `4096`), as used throughout docs/configuration.md.
 
 use std::time::Duration;
 

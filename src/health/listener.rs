@@ -1,4 +1,4 @@
-//! The health server's connection handling (SPEC 7): a bounded number of
+//! The health server's connection handling (docs/health.md): a bounded number of
 //! connections, each with a header-read timeout, so that a flood of idle
 //! clients can neither take the endpoint down nor eat the agent's file
 //! descriptors (which the MQTT and OPC UA connections need too).
@@ -36,7 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The health server's limits (SPEC 7). The defaults suit a local endpoint
+/// The health server's limits (docs/health.md). The defaults suit a local endpoint
 /// read by a monitoring agent, an operator's curl and Prometheus.
 #[derive(Clone, Copy, Debug)]
 pub struct HealthLimits {

@@ -1,4 +1,4 @@
-//! DeltaV profile (SPEC 5): per unit, `batch` records from BATCH_ID, PHASE,
+//! DeltaV profile (docs/profiles.md): per unit, `batch` records from BATCH_ID, PHASE,
 //! BSTATUS and FAIL_INDEX, and a `recipe` record read at batch start.
 //!
 //! # Rules

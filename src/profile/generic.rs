@@ -1,4 +1,4 @@
-//! `kind = "generic"` (SPEC 5): only `tags`, which the source turns into
+//! `kind = "generic"` (docs/profiles.md): only `tags`, which the source turns into
 //! `tag` records itself. The profile needs no node and derives nothing; it
 //! exists so that every connection has a profile and the source has one code
 //! path.

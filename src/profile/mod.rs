@@ -1,9 +1,9 @@
-//! Profiles (SPEC 5): what the agent reads from a DeltaV or OptoMES server and
+//! Profiles (docs/profiles.md): what the agent reads from a DeltaV or OptoMES server and
 //! the records it derives. Each profile is a pure, sans-IO state machine: the
 //! source feeds it timestamped values, clock ticks, read answers and
 //! connection changes; it returns records and, for the recipe snapshot, Read
 //! requests that the source performs. No network, no clock, no threads here,
-//! so every rule of SPEC 5 is unit-tested without a server.
+//! so every rule of docs/profiles.md is unit-tested without a server.
 //!
 //! # Contract with the source
 //!
@@ -61,7 +61,7 @@ pub enum NodeKey {
     WorkCenter { work_center: usize, param: WcParam },
 }
 
-/// A DeltaV unit's nodes (SPEC 5).
+/// A DeltaV unit's nodes (docs/profiles.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum UnitParam {
     BatchId,
@@ -96,7 +96,7 @@ impl UnitParam {
     }
 }
 
-/// An OptoMES work center's nodes (SPEC 5).
+/// An OptoMES work center's nodes (docs/profiles.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum WcParam {
     State,
@@ -140,10 +140,10 @@ pub struct NodeSpec {
     /// NodeId text from `node_template` (`ns=N;..` or `nsu=URI;..`), to be
     /// resolved by the source.
     pub node: String,
-    /// Create a monitored item for it. True for every node today: SPEC 5 has
+    /// Create a monitored item for it. True for every node today: docs/profiles.md has
     /// a unit subscribe to its recipe parameters too. Their subscribed values
     /// are ignored, though: the `recipe` record takes its values from the
-    /// Read at batch start, which is what SPEC 5 defines as the snapshot.
+    /// Read at batch start, which is what docs/profiles.md defines as the snapshot.
     /// (Subscribing also surfaces a misconfigured parameter at connect time,
     /// not at the first batch.)
     pub subscribe: bool,

@@ -1,8 +1,8 @@
-//! The OEE arithmetic of SPEC 5, apart from any state machine so that it can
+//! The OEE arithmetic of docs/profiles.md, apart from any state machine so that it can
 //! be checked by hand:
 //!
 //! - planned time = observed time − time in PLANNED_STOP (for a complete
-//!   window the observed time is the whole window, so this is SPEC's
+//!   window the observed time is the whole window, so this is the documented
 //!   "window minus time in PLANNED_STOP"; for a partial window the figures
 //!   cover only the time observed);
 //! - run time = time in RUNNING; downtime = time in DOWN;

@@ -1,4 +1,4 @@
-//! OptoMES profile (SPEC 5): per work center, one `oee` record per
+//! OptoMES profile (docs/profiles.md): per work center, one `oee` record per
 //! wall-clock-aligned window and one `downtime` record each time STATE leaves
 //! DOWN.
 //!

@@ -1,12 +1,12 @@
-//! `node_template` expansion (SPEC 5). The config loader has already checked
+//! `node_template` expansion (docs/profiles.md). The config loader has already checked
 //! the template (known placeholders only, `{param}` and the subject present,
 //! and the result parses as a NodeId), so expansion is plain substitution.
 //! The namespace part (`ns=N` or `nsu=URI`) is left as written: the source
 //! resolves it against the server's namespace array on every connect.
 
-/// DeltaV default (SPEC 5).
+/// DeltaV default (docs/profiles.md).
 pub const DELTAV_DEFAULT: &str = "ns=2;s={unit}/{param}.CV";
-/// OptoMES default (SPEC 5).
+/// OptoMES default (docs/profiles.md).
 pub const OPTOMES_DEFAULT: &str = "ns=2;s={work_center}.{param}";
 
 /// Substitutes `{placeholder}` (`unit` or `work_center`) by `subject` and

@@ -1,7 +1,7 @@
 //! ISA-88 batch units of the DeltaV simulator, as pure logic: the values of a
 //! unit, the plant's write conventions and the automatic batch cycle.
 //!
-//! Plant convention (SPEC 5): RECIPE and the recipe parameters are written
+//! Plant convention (docs/profiles.md): RECIPE and the recipe parameters are written
 //! before BATCH_ID is set, and BATCH_ID is cleared last, after the final
 //! BSTATUS. Every helper here that starts or ends a batch emits its writes in
 //! that order, as separate writes, so a profile sees them in that order.

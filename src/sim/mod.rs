@@ -1,4 +1,4 @@
-//! Simulated plant OPC UA servers (SPEC 6) for `plantgate simulate`, the demo
+//! Simulated plant OPC UA servers (docs/cli.md) for `plantgate simulate`, the demo
 //! and the tests. `server` is the generic layer (endpoints, security, users,
 //! PKI, a namespace of string-id variables); each plant simulator builds on it.
 
@@ -73,7 +73,7 @@ impl std::fmt::Debug for SimOptions {
 /// switches. Kept apart so that `SimOptions` literals elsewhere stay valid.
 #[derive(Clone, Debug, Default)]
 pub struct SimExtras {
-    /// Offer only these (policy, mode) endpoints; None = all of SPEC 3
+    /// Offer only these (policy, mode) endpoints; None = all of docs/configuration.md
     /// (None/None and the three RSA policies with Sign and SignAndEncrypt).
     pub endpoints: Option<
         Vec<(
@@ -88,7 +88,7 @@ pub struct SimExtras {
     /// requests down to it); None = 100 000, i.e. what the client asks for.
     /// A tiny cap (2 or so) makes the server discard values and set the
     /// `Overflow` info bit when publishing is much slower than sampling,
-    /// for tests of SPEC 1.9. (OPC UA sets no Overflow bit on a queue of 1.)
+    /// for tests of docs/guarantees.md. (OPC UA sets no Overflow bit on a queue of 1.)
     pub max_queue_size: Option<usize>,
     /// The load tags start paused, and [`run_simulator_with`] speaks the
     /// line protocol of [`load`] on stdin/stdout (`simulate --load-control`,

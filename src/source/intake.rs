@@ -1,5 +1,5 @@
 //! The hand-off from the OPC UA session to the connection's driver task
-//! (SPEC 1.9: loss at the intake is never silent).
+//! (docs/guarantees.md: loss at the intake is never silent).
 //!
 //! The subscription callback runs on the OPC UA event loop and must never
 //! block it, so this queue cannot make the callback wait. It is bounded by a
@@ -152,7 +152,7 @@ impl FeedTx {
     }
 
     /// Counts values the server reported it discarded (the `Overflow` info
-    /// bit of a monitored item's value, SPEC 1.9): at least one per flag.
+    /// bit of a monitored item's value, docs/guarantees.md): at least one per flag.
     pub(crate) fn server_overflow(&self, tag: &str) {
         self.loss.record(DropReason::ServerOverflow, 1, Some(tag));
     }

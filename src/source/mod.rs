@@ -1,6 +1,6 @@
 //! The OPC UA client side: one task per configured plant connection that
 //! connects, subscribes to the configured tags, turns data changes into `tag`
-//! records and heals itself (SPEC 1.7).
+//! records and heals itself (docs/guarantees.md).
 //!
 //! Design choices:
 //! - Every (re)connect is a fresh session built by us: endpoints discovered
@@ -13,7 +13,7 @@
 //!   bounded by a value budget. A driver task hands them to the reporter
 //!   (which waits on the bounded queue into the buffer), so the event loop
 //!   never blocks and a value is only dropped, counted and announced, when a
-//!   stalled buffer has filled both queues (SPEC 1.9).
+//!   stalled buffer has filled both queues (docs/guarantees.md).
 //! - States: `connecting` until the first subscription is up, `online` while
 //!   subscribed, then `offline` / `auth_required` / `untrusted` with the
 //!   status code name as reason. Retries while not online do not flap through
@@ -161,7 +161,7 @@ pub async fn run_connection_restored(
         // Only a session that stayed up for a while proves the connection
         // healthy: one that comes up and dies at once (a value the decoder
         // cannot take, a server that drops us after subscribing) must not
-        // reconnect at full speed forever (SPEC 1.10).
+        // reconnect at full speed forever (docs/guarantees.md).
         if let Some(up_for) = failure.online_for {
             backoff.connection_ended(up_for);
         }
@@ -785,7 +785,7 @@ const MAX_KEEP_ALIVE: Duration = Duration::from_secs(3600);
 
 /// The subscription's keep-alive window from what the server agreed to.
 /// The values are the server's: checked arithmetic and a clamp, because an
-/// absurd revision must not panic the connection task (SPEC 1.10).
+/// absurd revision must not panic the connection task (docs/guarantees.md).
 fn keep_alive_window(interval: Duration, count: u32) -> Duration {
     interval
         .max(Duration::from_millis(1))

@@ -1,4 +1,4 @@
-//! The agent's own OPC UA application instance certificate (SPEC 3).
+//! The agent's own OPC UA application instance certificate (docs/configuration.md).
 //!
 //! Layout under the PKI directory (`{data_dir}/pki`):
 //! - `own/cert.der`: the application certificate (DER), `own/private.pem`:
@@ -56,7 +56,7 @@ pub const EXPIRY_WARNING_DAYS: i64 = 30;
 /// Between two expiry warnings for the same certificate (all connections of
 /// the process share it; only one of them speaks per day).
 const EXPIRY_WARNING_EVERY: Duration = Duration::from_secs(23 * 3600);
-/// Key size: accepted by every policy of SPEC 3 (2048..4096 bits).
+/// Key size: accepted by every policy of docs/configuration.md (2048..4096 bits).
 const KEY_BITS: u32 = 2048;
 
 #[derive(Debug, thiserror::Error)]

@@ -52,7 +52,7 @@ pub(crate) const KEEP_ALIVE_COUNT: u32 = 10;
 /// five subscriptions and ten requests. See docs/performance.md.
 pub(crate) const TAGS_PER_SUBSCRIPTION: usize = 2_000;
 
-/// Decoder limits (SPEC 1.10). The largest message the client accepts, also
+/// Decoder limits (docs/guarantees.md). The largest message the client accepts, also
 /// announced to the server in Hello (a compliant server answers
 /// BadResponseTooLarge instead of sending more). It bounds what one response
 /// may cost in RAM: the chunks, their merged body and the decoded values, a
@@ -72,7 +72,7 @@ const _: () = assert!(MAX_CHUNK_COUNT * MAX_CHUNK_BYTES <= MAX_MESSAGE_BYTES);
 /// a record is decided per value afterwards (`value::oversized`), so a big
 /// value costs its own tag a `bad` record, never the connection: a decoder
 /// limit below the message size would fail the whole response and close the
-/// transport, the reconnect loop SPEC 1.10 rules out.
+/// transport, the reconnect loop docs/guarantees.md rules out.
 const MAX_DECODED_STRING_BYTES: usize = MAX_MESSAGE_BYTES;
 /// Array elements (notifications in one publish response, elements of an
 /// array value). The default of 1000 drops the connection on a large publish

@@ -381,7 +381,7 @@ async fn wrong_password_is_auth_required_right_one_works() {
     server.shutdown().await;
 }
 
-/// Every policy/mode pair of SPEC 3 against the simulator, with a
+/// Every policy/mode pair of docs/configuration.md against the simulator, with a
 /// username/password identity (the token travels inside the secured channel).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_policy_and_mode_pair_with_password() {

@@ -1,4 +1,4 @@
-//! OPC UA values -> the `tag` record of SPEC 4. Total functions: any value a
+//! OPC UA values -> the `tag` record of docs/mqtt.md. Total functions: any value a
 //! server sends maps to some JSON, never to a panic.
 
 use opcua::types::{DataValue, DateTime, StatusCode, Variant};
@@ -38,7 +38,7 @@ fn count_truncation() {
 /// A String or ByteString longer than this (bytes as the server sent them)
 /// makes the whole value too large for a record: the tag gets a `bad` record
 /// with status [`TOO_LARGE_STATUS`] and a null value instead, and the loss is
-/// counted (SPEC 1.9, 1.10). 65 535 is the limit OPC UA stacks apply by
+/// counted (docs/guarantees.md). 65 535 is the limit OPC UA stacks apply by
 /// default (the one that used to take the whole connection down): a value
 /// below it is read as it always was (cut to the limits above, with the
 /// marker); one above it is a blob (a file, an image, a runaway buffer) that
@@ -232,7 +232,7 @@ impl TagMeta {
     }
 }
 
-/// Timestamp of a value: source, else server, else now (SPEC 4).
+/// Timestamp of a value: source, else server, else now (docs/mqtt.md).
 pub fn value_ts_ms(dv: &DataValue) -> i64 {
     dv.source_timestamp
         .as_ref()
@@ -241,7 +241,7 @@ pub fn value_ts_ms(dv: &DataValue) -> i64 {
         .unwrap_or_else(now_ms)
 }
 
-/// A value as its tag record (SPEC 4). The hot path of the intake: written
+/// A value as its tag record (docs/mqtt.md). The hot path of the intake: written
 /// straight into the record's text, scalars without an intermediate `Value`.
 pub fn tag_record(connection: &str, tag: &TagMeta, dv: &DataValue) -> NewRecord {
     NewRecord {

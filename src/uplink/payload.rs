@@ -160,7 +160,7 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// What a heartbeat reports (SPEC 4).
+/// What a heartbeat reports (docs/mqtt.md).
 pub struct Heartbeat<'a> {
     pub ts_ms: i64,
     pub uptime_s: u64,

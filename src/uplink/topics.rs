@@ -51,11 +51,11 @@ pub const PUBLISH_HEADER_BYTES: usize = 10;
 /// The smallest payload limit the uplink works with: every control message
 /// and every dead-letter announcement fits in it. The same floor as
 /// `mqtt.max_message_bytes` in the config; a broker whose Maximum Packet Size
-/// leaves less is unusable (SPEC 1.10: better a clear error than items
+/// leaves less is unusable (docs/guarantees.md: better a clear error than items
 /// dead-lettered or refused one after another).
 pub const MIN_PAYLOAD_BYTES: usize = 1024;
 
-/// The largest payload one message may carry (SPEC 4, 1.10): the configured
+/// The largest payload one message may carry (docs/mqtt.md, docs/guarantees.md): the configured
 /// `max_message_bytes`, and when the broker announced a Maximum Packet Size
 /// (MQTT 5 CONNACK), what that leaves after the PUBLISH header and topic.
 /// The broker closes the connection on a larger packet, so a message over it

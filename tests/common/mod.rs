@@ -244,7 +244,7 @@ impl std::ops::Deref for Running {
 }
 
 impl Running {
-    /// Clean stop; SPEC 2 allows 10 s for it.
+    /// Clean stop; docs/cli.md allows 10 s for it.
     pub async fn stop(self) {
         self.cancel.cancel();
         tokio::time::timeout(Duration::from_secs(10), self.join)

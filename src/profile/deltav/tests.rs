@@ -1,4 +1,4 @@
-//! DeltaV rules of SPEC 5, one test per rule or transition.
+//! DeltaV rules of docs/profiles.md, one test per rule or transition.
 
 use serde_json::{json, Value};
 

@@ -1,4 +1,4 @@
-//! OptoMES rules of SPEC 5. Times are written relative to T0 =
+//! OptoMES rules of docs/profiles.md. Times are written relative to T0 =
 //! 2026-11-28T10:00:00Z, which is aligned to both 60 s and 15 min.
 
 use std::time::Duration;
