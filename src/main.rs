@@ -37,7 +37,7 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
-    /// Simulated DeltaV + embedded TLS broker + the agent, printing what arrives.
+    /// Simulated DeltaV and OptoMES servers + embedded TLS broker + the agent, printing what arrives.
     Demo {
         /// Stop by itself after this many seconds.
         #[arg(long)]
