@@ -342,7 +342,7 @@ async fn supervise_connection(
                     None
                 }
             };
-            crate::source::run_connection_restored(conn, pki_dir, reporter, saved, cancel).await
+            crate::source::run_connection(conn, pki_dir, reporter, saved, cancel).await
         }
     };
     supervise(name, board, stop, start, on_death).await

@@ -15,12 +15,8 @@
 //! Control feeds (connected, disconnected, stop) always pass too.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use tokio::sync::mpsc;
-
-use opcua::client::Session;
-use opcua::types::NodeId;
 
 use crate::profile::{NodeKey, Sample};
 use crate::record::NewRecord;
@@ -33,21 +29,22 @@ pub(crate) enum Feed {
         records: Vec<NewRecord>,
         samples: Vec<Sample>,
     },
-    /// A session is up; reads for the profile go to it. Sent before any
-    /// monitored item exists, so it precedes the session's first publish.
-    Connected {
-        session: Arc<Session>,
-        /// The profile's nodes as resolved on this session.
-        nodes: std::collections::HashMap<NodeKey, NodeId>,
-        at_ms: i64,
+    /// A session is up; the profile's reads go to it from now on. Sent
+    /// before any monitored item exists, so it precedes the session's first
+    /// publish.
+    Connected { at_ms: i64 },
+    /// The answer to the profile's read `id`: per node, its value and
+    /// whether it was good.
+    ReadDone {
+        id: u64,
+        results: Vec<(NodeKey, serde_json::Value, bool)>,
     },
-    /// Profile nodes that resolved on a later retry of this session.
-    Resolved(Vec<(NodeKey, NodeId)>),
     /// The session was lost (not sent on shutdown).
     Disconnected { at_ms: i64 },
-    /// The connection task is stopping: the driver saves and ends. Needed
-    /// because the driver may hold the session, whose subscription holds a
-    /// sender of this very channel, so the channel alone never closes.
+    /// The connection task is stopping: the driver saves and ends. Sent
+    /// rather than waiting for the channel to close, because the library
+    /// may hold a subscription (and its sender of this channel) a little
+    /// longer than the session.
     Stop,
 }
 

@@ -10,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::config::{ConnectionKind, SecurityMode, SecurityPolicy, TagConfig, SECURITY_PAIRS};
-use crate::record::Kind;
+use crate::record::{Kind, NewRecord};
 use crate::secret::Secret;
 use crate::sim::{start_deltav, SimOptions, SimServer};
 use crate::status::StatusBoard;
+use live::{keep_alive_window, MAX_KEEP_ALIVE};
 
 const NS: &str = "urn:plantgate:sim:deltav";
 const WAIT: Duration = Duration::from_secs(30);
@@ -130,7 +131,7 @@ impl Harness {
         let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
         let cancel = CancellationToken::new();
         let id = conn.id.clone();
-        let task = tokio::spawn(run_connection(conn, pki, reporter, cancel.clone()));
+        let task = tokio::spawn(run_connection(conn, pki, reporter, None, cancel.clone()));
         Harness {
             id,
             board,
@@ -1221,6 +1222,7 @@ async fn twenty_connections_in_one_process() {
             conn,
             pki.clone(),
             reporter,
+            None,
             cancel.clone(),
         )));
     }

@@ -32,7 +32,7 @@ impl Conn {
         let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
         let cancel = CancellationToken::new();
         let id = conn.id.clone();
-        let task = tokio::spawn(run_connection(conn, pki, reporter, cancel.clone()));
+        let task = tokio::spawn(run_connection(conn, pki, reporter, None, cancel.clone()));
         Conn {
             id,
             board,

@@ -21,7 +21,7 @@ fn deltav_conn(endpoint: &str) -> ConnectionConfig {
     conn
 }
 
-/// One run of `run_connection_restored` whose batches are committed to a real
+/// One run of `run_connection` whose batches are committed to a real
 /// buffer (records and profile state in one transaction, as the agent's
 /// ingest does) and copied to `seen`.
 struct Run {
@@ -43,13 +43,7 @@ impl Run {
         let (tx, mut rx) = mpsc::channel::<Batch>(1024);
         let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run_connection_restored(
-            conn,
-            pki,
-            reporter,
-            saved,
-            cancel.clone(),
-        ));
+        let task = tokio::spawn(run_connection(conn, pki, reporter, saved, cancel.clone()));
         let pump = tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 let records = batch.records.clone();
