@@ -13,8 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use plantgate::buffer::{Eviction, EvictionReason, Limits, Store};
-use plantgate::config::Synchronous;
+use plantgate::buffer::{Append, Eviction, EvictionReason, Limits, OpenMode, Store, StoreOptions};
 use plantgate::record::{Kind, NewRecord, StreamKey};
 use proptest::prelude::*;
 use serde_json::json;
@@ -231,9 +230,12 @@ fn limits() -> Limits {
 }
 
 fn open(path: &Path) -> Store {
-    Store::open_with(path, Synchronous::Normal, limits())
-        .expect("open")
-        .store
+    let options = StoreOptions {
+        limits: limits(),
+        mode: OpenMode::Service,
+        ..StoreOptions::default()
+    };
+    Store::open(path, options).expect("open")
 }
 
 fn compare(store: &Store, model: &Model, step: usize) -> Result<(), TestCaseError> {
@@ -329,7 +331,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                         }
                     })
                     .collect();
-                let report = store.append_with_report(&records);
+                let report = store.append(Append::records(&records));
                 prop_assert!(
                     report.is_ok(),
                     "step {}: append failed: {:?}",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::{BufferError, DeadLetter, Eviction, Limits, ProfileState, Stats, Store};
+use super::{Append, BufferError, DeadLetter, Eviction, Limits, ProfileState, Stats, Store};
 use crate::record::{NewRecord, StoredRecord, StreamKey};
 
 /// Upper bound on records merged into one coalesced transaction, so a burst
@@ -169,7 +169,7 @@ impl BufferHandle {
     }
 
     /// [`BufferHandle::append`] with profile snapshots committed in the same
-    /// transaction (see [`Store::append_with_states`]). When appends are
+    /// transaction (see [`Store::append`]). When appends are
     /// coalesced, the last state of each connection wins.
     pub async fn append_with_states(
         &self,
@@ -453,10 +453,13 @@ impl Worker {
                 None => merged.push(state.clone()),
             }
         }
-        match self.store.append_with_states(&all, &merged) {
-            Ok(seqs) => {
+        match self.store.append(Append {
+            records: &all,
+            states: &merged,
+        }) {
+            Ok(report) => {
                 self.committed(all.len());
-                let mut seqs = seqs.into_iter();
+                let mut seqs = report.seqs.into_iter();
                 for (len, reply) in lens.into_iter().zip(replies) {
                     let _ = reply.send(Ok(seqs.by_ref().take(len).collect()));
                 }
@@ -479,10 +482,13 @@ impl Worker {
                 for ((len, reply), states) in lens.into_iter().zip(replies).zip(states_per_append) {
                     let part = all.get(start..start + len).unwrap_or_default();
                     start += len;
-                    let result = match self.store.append_with_states(part, &states) {
-                        Ok(seqs) => {
+                    let result = match self.store.append(Append {
+                        records: part,
+                        states: &states,
+                    }) {
+                        Ok(report) => {
                             self.committed(part.len());
-                            Ok(seqs)
+                            Ok(report.seqs)
                         }
                         Err(error) => Err(Refused {
                             error,
@@ -514,7 +520,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Synchronous;
+    use crate::buffer::StoreOptions;
     use crate::record::Kind;
     use serde_json::json;
     use std::time::Duration;
@@ -529,7 +535,7 @@ mod tests {
     }
 
     fn open(dir: &tempfile::TempDir) -> Store {
-        Store::open(&dir.path().join("buffer.db"), Synchronous::Normal).expect("open")
+        Store::open(&dir.path().join("buffer.db"), StoreOptions::default()).expect("open")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,9 +77,10 @@
 //!     evicted from then on), so freed pages are reused instead of growing the
 //!     file. [`Store::evict_expired`] (called periodically) lifts that cap again
 //!     so a disk that got space back is used.
-//! 11. **Corruption is quarantined, never deleted.** [`Store::open_with`] runs
-//!     `PRAGMA quick_check` before writing anything (checkpoint-on-close is off
-//!     while probing, so the bad file keeps its bytes), moves a corrupt file and
+//! 11. **Corruption is quarantined, never deleted.** [`Store::open`] with
+//!     [`OpenMode::Service`] runs `PRAGMA quick_check` before writing anything
+//!     (checkpoint-on-close is off while probing, so the bad file keeps its
+//!     bytes), moves a corrupt file and
 //!     its `-wal`/`-shm` to `buffer.db.corrupt-<UTC timestamp>[-wal|-shm]`,
 //!     starts a fresh file with a new epoch and records a `system.error` event in
 //!     it. I/O errors, a locked file or a newer schema are *not* corruption and
@@ -132,7 +133,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::record::{Kind, StreamKey};
+use crate::config::Synchronous;
+use crate::record::{Kind, NewRecord, StreamKey};
 
 pub use handle::{BufferHandle, Refused, MAX_COALESCED_RECORDS};
 pub use store::{Store, ROW_OVERHEAD_BYTES};
@@ -297,24 +299,69 @@ impl Eviction {
     }
 }
 
-/// What [`Store::append_with_report`] did: the seqs of the accepted records
-/// (input order) and the evictions it had to make first, in the order they
-/// were committed.
+/// What one [`Store::append`] commits, atomically: records and the profile
+/// snapshots that go with them (either may be empty).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Append<'a> {
+    pub records: &'a [NewRecord],
+    /// Stored in the same transaction as `records`, replacing the previous
+    /// snapshot of their connection.
+    pub states: &'a [ProfileState],
+}
+
+impl<'a> Append<'a> {
+    /// Records and no profile state: what most appends are.
+    pub fn records(records: &'a [NewRecord]) -> Append<'a> {
+        Append {
+            records,
+            states: &[],
+        }
+    }
+}
+
+/// What [`Store::append`] did: the seqs of the accepted records (input
+/// order) and the evictions it had to make first, in the order they were
+/// committed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AppendReport {
     pub seqs: Vec<u64>,
     pub evicted: Vec<Eviction>,
 }
 
-/// Result of [`Store::open_with`].
-pub struct OpenOutcome {
-    pub store: Store,
-    /// Set when the file found at the path was corrupt and has been moved
-    /// aside; the fresh database already holds a `system.error` event saying
-    /// so.
-    pub quarantined: Option<Quarantined>,
+/// How [`Store::open`] opens the file. The default suits a command or a
+/// test: no limits, `synchronous = NORMAL`, [`OpenMode::Tool`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    pub synchronous: Synchronous,
+    pub limits: Limits,
+    pub mode: OpenMode,
 }
 
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            synchronous: Synchronous::Normal,
+            limits: Limits::NONE,
+            mode: OpenMode::Tool,
+        }
+    }
+}
+
+/// Who opens the file, which decides what the open may do to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OpenMode {
+    /// `plantgate buffer ...` and tests, which may run next to the service:
+    /// a cheap check only, a corrupt file is an error and stays where it is,
+    /// no disk reserve.
+    #[default]
+    Tool,
+    /// The service, owner of the file: `PRAGMA quick_check` over the whole
+    /// file, a corrupt file is quarantined (invariant 11), a disk reserve is
+    /// kept next to it (invariant 10).
+    Service,
+}
+
+/// A corrupt file found at open and moved aside: see [`Store::quarantined`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Quarantined {
     /// The corrupt file's new name (its `-wal`/`-shm`, if any, sit next to it

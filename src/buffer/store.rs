@@ -10,8 +10,8 @@ use rusqlite::{
 };
 
 use super::{
-    AppendReport, BufferError, DeadLetter, Eviction, EvictionReason, Limits, OpenOutcome,
-    ProfileState, Quarantined, Stats, StreamStats,
+    Append, AppendReport, BufferError, DeadLetter, Eviction, EvictionReason, Limits, OpenMode,
+    ProfileState, Quarantined, Stats, StoreOptions, StreamStats,
 };
 use crate::config::Synchronous;
 use crate::record::{now_ms, Kind, NewRecord, StoredRecord, StreamKey};
@@ -132,6 +132,8 @@ pub struct Store {
     /// goes in right after the next append that fits (operators must hear
     /// about a full disk, and the event must survive outages like any other).
     pending_disk_error: Option<NewRecord>,
+    /// What was found at the path when it had to be moved aside at open.
+    quarantined: Option<Quarantined>,
 }
 
 /// Per-stream bookkeeping while one append transaction is open.
@@ -618,33 +620,43 @@ fn pick_oldest(
 }
 
 impl Store {
-    /// Opens or creates the buffer at `path` without limits and without
-    /// quarantine: for `plantgate buffer ...` and tests, which must never move
-    /// a file the service may be using. Creating the file also creates its
-    /// epoch, in the same transaction as the schema, so a database can never
-    /// be observed without one. A corrupt file is reported as
-    /// [`BufferError::Corrupt`] (or the SQLite error that revealed it).
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, BufferError> {
-        match Self::open_inner(path, synchronous, Limits::NONE, Check::Light) {
-            Ok(store) => Ok(store),
-            Err(OpenError::Fatal(e)) => Err(e),
-            Err(OpenError::Corrupt(detail)) => Err(BufferError::Corrupt {
-                path: path.to_path_buf(),
-                detail: format!("cannot open it: {detail}"),
-            }),
+    /// Opens or creates the buffer at `path`. Creating the file also creates
+    /// its epoch, in the same transaction as the schema, so a database can
+    /// never be observed without one.
+    ///
+    /// With [`OpenMode::Tool`] a corrupt file is reported as
+    /// [`BufferError::Corrupt`] (or the SQLite error that revealed it) and
+    /// left where it is: the service may be using it. With
+    /// [`OpenMode::Service`] the whole file is verified with
+    /// `PRAGMA quick_check` (reads every page: seconds for a GiB on slow
+    /// flash) and a corrupt file is quarantined (invariant 11) instead of
+    /// failing; see [`Store::quarantined`]. Errors that are not corruption
+    /// (permissions, I/O, a newer schema, a lock held too long) are returned
+    /// in both modes and nothing is moved.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Store, BufferError> {
+        let StoreOptions {
+            synchronous,
+            limits,
+            mode,
+        } = options;
+        match mode {
+            OpenMode::Tool => match Self::open_inner(path, synchronous, limits, Check::Light) {
+                Ok(store) => Ok(store),
+                Err(OpenError::Fatal(e)) => Err(e),
+                Err(OpenError::Corrupt(detail)) => Err(BufferError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: format!("cannot open it: {detail}"),
+                }),
+            },
+            OpenMode::Service => Self::open_service(path, synchronous, limits),
         }
     }
 
-    /// The service's open: applies `limits`, verifies the whole file with
-    /// `PRAGMA quick_check` (reads every page: seconds for a GiB on slow
-    /// flash), and quarantines a corrupt file (invariant 11) instead of
-    /// failing. Errors that are not corruption (permissions, I/O, a newer
-    /// schema, a lock held too long) are returned and nothing is moved.
-    pub fn open_with(
+    fn open_service(
         path: &Path,
         synchronous: Synchronous,
         limits: Limits,
-    ) -> Result<OpenOutcome, BufferError> {
+    ) -> Result<Store, BufferError> {
         let mut first = Self::open_inner(path, synchronous, limits, Check::Quick);
         if let Err(OpenError::Fatal(e)) = &first {
             // A restart on a full disk: the reserve is what lets it start,
@@ -655,12 +667,7 @@ impl Store {
             }
         }
         let reason = match first {
-            Ok(store) => {
-                return Ok(OpenOutcome {
-                    store,
-                    quarantined: None,
-                })
-            }
+            Ok(store) => return Ok(store),
             Err(OpenError::Fatal(e)) => return Err(e),
             Err(OpenError::Corrupt(reason)) => reason,
         };
@@ -686,11 +693,9 @@ impl Store {
                 "reason": reason,
             }),
         );
-        store.append(std::slice::from_ref(&event))?;
-        Ok(OpenOutcome {
-            store,
-            quarantined: Some(Quarantined { moved_to, reason }),
-        })
+        store.append(Append::records(std::slice::from_ref(&event)))?;
+        store.quarantined = Some(Quarantined { moved_to, reason });
+        Ok(store)
     }
 
     fn open_inner(
@@ -787,6 +792,7 @@ impl Store {
             keep_reserve: check == Check::Quick,
             reserve_bytes: 0,
             pending_disk_error: None,
+            quarantined: None,
         };
         store.apply_limits().map_err(OpenError::Fatal)?;
         store.ensure_reserve();
@@ -890,6 +896,13 @@ impl Store {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Set when the file found at the path was corrupt and has been moved
+    /// aside ([`OpenMode::Service`] only); the fresh database already holds
+    /// a `system.error` event saying so.
+    pub fn quarantined(&self) -> Option<&Quarantined> {
+        self.quarantined.as_ref()
     }
 
     /// Changes the limits of this connection. A smaller `max_size` takes
@@ -1047,26 +1060,6 @@ impl Store {
         Ok((pages.max(0) as u64, free.max(0) as u64))
     }
 
-    /// Accepts `records` in one transaction and returns their seqs in input
-    /// order. Either all of them are committed or none is. May evict first
-    /// (see [`Store::append_with_report`]).
-    pub fn append(&mut self, records: &[NewRecord]) -> Result<Vec<u64>, BufferError> {
-        self.append_with_report(records).map(|r| r.seqs)
-    }
-
-    /// [`Store::append`] that also stores profile snapshots in the same
-    /// transaction: the records a profile produced and the state saying it
-    /// produced them commit together or not at all, so a restart neither
-    /// repeats nor loses a derived record. With no records, only the states
-    /// are written (shutdown snapshot).
-    pub fn append_with_states(
-        &mut self,
-        records: &[NewRecord],
-        states: &[ProfileState],
-    ) -> Result<Vec<u64>, BufferError> {
-        self.append_inner(records, states).map(|r| r.seqs)
-    }
-
     /// The last stored profile snapshot of `connection`, if any.
     pub fn profile_state(&self, connection: &str) -> Result<Option<String>, BufferError> {
         self.conn
@@ -1078,21 +1071,19 @@ impl Store {
             .map_err(self.err("profile state"))
     }
 
-    /// [`Store::append`], also returning the evictions made to fit the
-    /// records (each already committed with its `buffer.evicted` event, even
-    /// when the append itself then fails with [`BufferError::Full`]).
-    pub fn append_with_report(
-        &mut self,
-        records: &[NewRecord],
-    ) -> Result<AppendReport, BufferError> {
-        self.append_inner(records, &[])
-    }
-
-    fn append_inner(
-        &mut self,
-        records: &[NewRecord],
-        states: &[ProfileState],
-    ) -> Result<AppendReport, BufferError> {
+    /// Accepts `input.records` and stores `input.states` in one transaction:
+    /// all of it is committed or none. A profile's records and the snapshot
+    /// saying it produced them therefore commit together, so a restart
+    /// neither repeats nor loses a derived record; with no records only the
+    /// states are written (the shutdown snapshot).
+    ///
+    /// The report holds the seqs in input order and the evictions made to
+    /// fit the records, in commit order. Those evictions are committed (each
+    /// with its `buffer.evicted` event) even when the append itself then
+    /// fails with [`BufferError::Full`], which means nothing was accepted
+    /// and nothing was left to evict.
+    pub fn append(&mut self, input: Append<'_>) -> Result<AppendReport, BufferError> {
+        let Append { records, states } = input;
         let mut report = AppendReport::default();
         if records.is_empty() && states.is_empty() {
             return Ok(report);
@@ -2013,7 +2004,7 @@ mod tests {
     }
 
     fn open(dir: &tempfile::TempDir) -> Store {
-        Store::open(&dir.path().join("buffer.db"), Synchronous::Normal).expect("open")
+        Store::open(&dir.path().join("buffer.db"), StoreOptions::default()).expect("open")
     }
 
     fn line1_tag() -> StreamKey {
@@ -2033,8 +2024,12 @@ mod tests {
         let mut store = open(&dir);
         assert_eq!(store.profile_state("dv").unwrap(), None);
         let seqs = store
-            .append_with_states(&[rec("dv", Kind::Batch, 1)], &[state("dv", r#"{"v":1}"#)])
-            .unwrap();
+            .append(Append {
+                records: &[rec("dv", Kind::Batch, 1)],
+                states: &[state("dv", r#"{"v":1}"#)],
+            })
+            .unwrap()
+            .seqs;
         assert_eq!(seqs, vec![1]);
         assert_eq!(
             store.profile_state("dv").unwrap().as_deref(),
@@ -2042,7 +2037,10 @@ mod tests {
         );
         // A state alone (shutdown) replaces it; other connections untouched.
         store
-            .append_with_states(&[], &[state("dv", r#"{"v":2}"#), state("om", "{}")])
+            .append(Append {
+                records: &[],
+                states: &[state("dv", r#"{"v":2}"#), state("om", "{}")],
+            })
             .unwrap();
         assert_eq!(
             store.profile_state("dv").unwrap().as_deref(),
@@ -2063,17 +2061,22 @@ mod tests {
         let path = dir.path().join("buffer.db");
         {
             let mut store = open(&dir);
-            store.append(&[rec("line1", Kind::Tag, 1)]).unwrap();
+            store
+                .append(Append::records(&[rec("line1", Kind::Tag, 1)]))
+                .unwrap();
             // What a version 2 file looks like: no profile_state table.
             store
                 .conn
                 .execute_batch("DROP TABLE profile_state; PRAGMA user_version = 2;")
                 .unwrap();
         }
-        let mut store = Store::open(&path, Synchronous::Normal).expect("upgrade");
+        let mut store = Store::open(&path, StoreOptions::default()).expect("upgrade");
         assert_eq!(all(&store, &line1_tag()).len(), 1);
         store
-            .append_with_states(&[rec("line1", Kind::Tag, 2)], &[state("line1", "{}")])
+            .append(Append {
+                records: &[rec("line1", Kind::Tag, 2)],
+                states: &[state("line1", "{}")],
+            })
             .unwrap();
         assert_eq!(store.profile_state("line1").unwrap().as_deref(), Some("{}"));
         let version: i64 = store
@@ -2127,9 +2130,15 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut store = open(&dir);
             let batch: Vec<_> = (0..5).map(|n| rec("line1", Kind::Tag, n)).collect();
-            assert_eq!(store.append(&batch).expect("append"), vec![1, 2, 3, 4, 5]);
             assert_eq!(
-                store.append(&batch[..2]).expect("append"),
+                store.append(Append::records(&batch)).expect("append").seqs,
+                vec![1, 2, 3, 4, 5]
+            );
+            assert_eq!(
+                store
+                    .append(Append::records(&batch[..2]))
+                    .expect("append")
+                    .seqs,
                 vec![6, 7],
                 "second batch continues"
             );
@@ -2149,7 +2158,7 @@ mod tests {
                 rec("line1", Kind::Tag, 6),
             ];
             assert_eq!(
-                store.append(&batch).expect("append"),
+                store.append(Append::records(&batch)).expect("append").seqs,
                 vec![1, 1, 1, 2, 1, 2, 3]
             );
             let seqs: Vec<u64> = all(&store, &line1_tag()).iter().map(|r| r.seq).collect();
@@ -2165,11 +2174,14 @@ mod tests {
             {
                 let mut store = open(&dir);
                 let batch: Vec<_> = (0..3).map(|n| rec("line1", Kind::Tag, n)).collect();
-                store.append(&batch).expect("append");
+                store.append(Append::records(&batch)).expect("append");
             }
             let mut store = open(&dir);
             assert_eq!(
-                store.append(&[rec("line1", Kind::Tag, 9)]).expect("append"),
+                store
+                    .append(Append::records(&[rec("line1", Kind::Tag, 9)]))
+                    .expect("append")
+                    .seqs,
                 vec![4]
             );
             let ids: Vec<i64> = all(&store, &line1_tag()).iter().map(|r| r.id).collect();
@@ -2180,8 +2192,9 @@ mod tests {
             let mut store = open(&dir);
             assert_eq!(
                 store
-                    .append(&[rec("line1", Kind::Tag, 10)])
-                    .expect("append"),
+                    .append(Append::records(&[rec("line1", Kind::Tag, 10)]))
+                    .expect("append")
+                    .seqs,
                 vec![5],
                 "a drained stream must not restart at 1"
             );
@@ -2191,7 +2204,11 @@ mod tests {
         fn empty_append_is_a_no_op() {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut store = open(&dir);
-            assert!(store.append(&[]).expect("append").is_empty());
+            assert!(store
+                .append(Append::records(&[]))
+                .expect("append")
+                .seqs
+                .is_empty());
             let stats = store.stats().expect("stats");
             assert_eq!((stats.records, stats.streams.len()), (0, 0));
         }
@@ -2216,7 +2233,14 @@ mod tests {
         fn creates_missing_parent_directories() {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("a/b/buffer.db");
-            let store = Store::open(&path, Synchronous::Full).expect("open");
+            let store = Store::open(
+                &path,
+                StoreOptions {
+                    synchronous: Synchronous::Full,
+                    ..StoreOptions::default()
+                },
+            )
+            .expect("open");
             assert_eq!(store.path(), path);
             assert!(path.exists());
         }
@@ -2228,7 +2252,7 @@ mod tests {
         fn filled(dir: &tempfile::TempDir) -> Store {
             let mut store = open(dir);
             let batch: Vec<_> = (1..=10).map(|n| rec("line1", Kind::Tag, n)).collect();
-            store.append(&batch).expect("append");
+            store.append(Append::records(&batch)).expect("append");
             store
         }
 
@@ -2279,7 +2303,7 @@ mod tests {
             let mut big = rec("line1", Kind::Tag, 0);
             big.data = json!({ "s": "x".repeat(10_000) }).to_string();
             store
-                .append(&[big, rec("line1", Kind::Tag, 1)])
+                .append(Append::records(&[big, rec("line1", Kind::Tag, 1)]))
                 .expect("append");
             let got = store.read_after(&line1_tag(), 0, 100, 1000).expect("read");
             assert_eq!(got.len(), 1);
@@ -2294,11 +2318,11 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut store = open(&dir);
             store
-                .append(&[
+                .append(Append::records(&[
                     rec("b", Kind::Tag, 0),
                     rec("a", Kind::Oee, 1),
                     rec("a", Kind::Batch, 2),
-                ])
+                ]))
                 .expect("append");
             assert_eq!(
                 store.streams().expect("streams"),
@@ -2322,8 +2346,10 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut store = open(&dir);
             let batch: Vec<_> = (1..=5).map(|n| rec("line1", Kind::Tag, n)).collect();
-            store.append(&batch).expect("append");
-            store.append(&[rec("line2", Kind::Tag, 0)]).expect("append");
+            store.append(Append::records(&batch)).expect("append");
+            store
+                .append(Append::records(&[rec("line2", Kind::Tag, 0)]))
+                .expect("append");
             let rows = all(&store, &line1_tag());
             // Out of order on purpose: PUBACKs need not arrive in seq order.
             assert_eq!(store.ack(&[rows[3].id, rows[1].id]).expect("ack"), 2);
@@ -2337,7 +2363,9 @@ mod tests {
         fn unknown_and_repeated_ids_are_harmless() {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut store = open(&dir);
-            store.append(&[rec("line1", Kind::Tag, 1)]).expect("append");
+            store
+                .append(Append::records(&[rec("line1", Kind::Tag, 1)]))
+                .expect("append");
             let id = all(&store, &line1_tag())[0].id;
             assert_eq!(store.ack(&[id, id, 999_999, -1]).expect("ack"), 1);
             assert_eq!(store.ack(&[id]).expect("ack"), 0);
@@ -2349,12 +2377,16 @@ mod tests {
         fn row_ids_are_not_reused_after_the_newest_row_is_acked() {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut store = open(&dir);
-            store.append(&[rec("line1", Kind::Tag, 1)]).expect("append");
+            store
+                .append(Append::records(&[rec("line1", Kind::Tag, 1)]))
+                .expect("append");
             let old = all(&store, &line1_tag())[0].id;
             store.ack(&[old]).expect("ack");
             drop(store);
             let mut store = open(&dir);
-            store.append(&[rec("line1", Kind::Tag, 2)]).expect("append");
+            store
+                .append(Append::records(&[rec("line1", Kind::Tag, 2)]))
+                .expect("append");
             let new = all(&store, &line1_tag())[0].id;
             assert!(new > old, "a late ack of {old} must not hit the new row");
         }
@@ -2369,7 +2401,7 @@ mod tests {
             let mut store = open(&dir);
             let mut batch: Vec<_> = (1..=4).map(|n| rec("line1", Kind::Tag, n)).collect();
             batch.push(rec("line1", Kind::Batch, -5));
-            store.append(&batch).expect("append");
+            store.append(Append::records(&batch)).expect("append");
             let rows = all(&store, &line1_tag());
             store.ack(&[rows[0].id, rows[3].id]).expect("ack");
 
@@ -2421,7 +2453,9 @@ mod tests {
         fn integrity_check_passes_on_a_used_file() {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut store = open(&dir);
-            store.append(&[rec("line1", Kind::Tag, 1)]).expect("append");
+            store
+                .append(Append::records(&[rec("line1", Kind::Tag, 1)]))
+                .expect("append");
             store.integrity_check().expect("integrity");
         }
     }
@@ -2434,7 +2468,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("buffer.db");
             std::fs::write(&path, vec![0x42u8; 8192]).expect("write");
-            let err = match Store::open(&path, Synchronous::Normal) {
+            let err = match Store::open(&path, StoreOptions::default()) {
                 Ok(_) => panic!("garbage opened as a database"),
                 Err(err) => err,
             };
@@ -2452,7 +2486,7 @@ mod tests {
                     .expect("pragma");
             }
             assert!(matches!(
-                Store::open(&path, Synchronous::Normal),
+                Store::open(&path, StoreOptions::default()),
                 Err(BufferError::Corrupt { .. })
             ));
         }
@@ -2509,7 +2543,7 @@ mod tests {
                                     rec(&s.connection, s.kind, rng.below(1000) as i64)
                                 })
                                 .collect();
-                            let seqs = store.append(&batch).expect("append");
+                            let seqs = store.append(Append::records(&batch)).expect("append").seqs;
                             for (r, seq) in batch.iter().zip(&seqs) {
                                 let m = model
                                     .entry(StreamKey::new(r.connection.clone(), r.kind))
