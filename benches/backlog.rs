@@ -1,4 +1,4 @@
-//! Backlog benchmark (issue 3): does memory stay flat whatever the backlog?
+//! Backlog benchmark: does memory stay flat whatever the backlog?
 //! Prefills a buffer with N tag records (as an outage would), starts a real
 //! `plantgate run` on it against the embedded TLS broker, and prints the
 //! drain time and the agent's peak RSS for each N.

@@ -1,5 +1,5 @@
-//! SPEC 1.1: once an append has returned, the record survives `kill -9` at
-//! any instant. A child process (this same test binary, re-executed) appends
+//! Once an append has returned, the record survives `kill -9` at any
+//! instant (docs/guarantees.md). A child process (this same test binary, re-executed) appends
 //! in a loop and reports every commit; the parent SIGKILLs it mid-stream and
 //! checks the file, three times on the same database.
 

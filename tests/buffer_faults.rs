@@ -1,6 +1,6 @@
-//! SPEC 1.4 and the fault half of issue 3, on real SQLite files: size limit
-//! with priority lanes, age limit, a really full disk, corrupt files at
-//! start, dead letters (also from a second process's connection).
+//! The buffer's bounds and faults on real SQLite files (docs/guarantees.md):
+//! size limit with priority lanes, age limit, a really full disk, corrupt
+//! files at start, dead letters (also from a second process's connection).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -766,8 +766,8 @@ fn dead_lettered_agent_events_do_not_announce_themselves() {
     assert_eq!(store.stats().expect("stats").dead_letters, 1);
 }
 
-/// SPEC 1.11: a buffer whose records were all refused by the broker (dead
-/// letters) must still take new records: dead letters count against
+/// A buffer whose records were all refused by the broker (dead letters)
+/// must still take new records: dead letters count against
 /// `max_size` and are evicted along the same lanes, tags first, announced
 /// with reason `dead_letter`; `max_age` expires them too.
 #[test]

@@ -164,7 +164,7 @@ impl Model {
             );
         }
         if !e.dead_letters && e.reason != EvictionReason::MaxAge {
-            // Within a lane, dead letters go first (SPEC 1.11).
+            // Within a lane, dead letters go first.
             prop_assert_eq!(
                 self.dead_in_lane(e.kind == Kind::Tag),
                 0,
@@ -424,7 +424,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                         want.push(e);
                     }
                 }
-                // Then the dead letters, per stream, head first (SPEC 1.11).
+                // Then the dead letters, per stream, head first.
                 let dead_streams: std::collections::BTreeSet<StreamKey> =
                     model.dead.keys().map(|(k, _)| k.clone()).collect();
                 for key in dead_streams {

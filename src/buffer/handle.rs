@@ -181,7 +181,8 @@ impl BufferHandle {
 
     /// [`BufferHandle::append_with_states`] that hands the records and
     /// states back when they were not accepted, for callers that hold and
-    /// retry them (the ingest, SPEC 1.9).
+    /// retry them (the ingest: nothing offered to the buffer is dropped
+    /// silently, docs/guarantees.md).
     pub async fn try_append(
         &self,
         records: Vec<NewRecord>,
