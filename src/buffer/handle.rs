@@ -339,64 +339,11 @@ impl Worker {
                     held = self.gather_appends(&mut group);
                     self.commit_group(group);
                 }
-                Command::ProfileState { connection, reply } => {
-                    let _ = reply.send(self.store.profile_state(&connection));
-                }
-                Command::Streams { reply } => {
-                    let _ = reply.send(self.store.streams());
-                }
-                Command::ReadAfter {
-                    stream,
-                    after_seq,
-                    max_records,
-                    max_bytes,
-                    reply,
-                } => {
-                    let _ = reply.send(self.store.read_after(
-                        &stream,
-                        after_seq,
-                        max_records,
-                        max_bytes,
-                    ));
-                }
-                Command::Ack { ids, reply } => {
-                    let _ = reply.send(self.store.ack(&ids));
-                }
-                Command::Stats { reply } => {
-                    let _ = reply.send(self.store.stats());
-                }
-                Command::EvictExpired { now_ms, reply } => {
-                    let result = self.store.evict_expired(now_ms);
-                    if matches!(&result, Ok(e) if !e.is_empty()) {
-                        self.wake();
-                    }
-                    let _ = reply.send(result);
-                }
-                Command::DeadLetter { ids, reason, reply } => {
-                    let result = self.store.dead_letter(&ids, &reason);
-                    if matches!(result, Ok(n) if n > 0) {
-                        // Its system.error event is a new record.
-                        self.wake();
-                    }
-                    let _ = reply.send(result);
-                }
-                Command::DeadLetters { reply } => {
-                    let _ = reply.send(self.store.dead_letters());
-                }
-                Command::RetryDeadLetters { reply } => {
-                    let result = self.store.retry_dead_letters();
-                    if matches!(result, Ok(n) if n > 0) {
-                        self.wake();
-                    }
-                    let _ = reply.send(result);
-                }
-                Command::SetLimits { limits, reply } => {
-                    let _ = reply.send(self.store.set_limits(limits));
-                }
                 Command::Close { reply } => {
                     close_reply = Some(reply);
                     break;
                 }
+                other => self.answer(other),
             }
         }
         // Close the connection before answering `close()`, so the caller may
@@ -407,6 +354,66 @@ impl Worker {
         drop(store);
         if let Some(reply) = close_reply {
             let _ = reply.send(());
+        }
+    }
+
+    /// Runs one read or maintenance command and sends its answer.
+    fn answer(&mut self, command: Command) {
+        match command {
+            Command::ProfileState { connection, reply } => {
+                let _ = reply.send(self.store.profile_state(&connection));
+            }
+            Command::Streams { reply } => {
+                let _ = reply.send(self.store.streams());
+            }
+            Command::ReadAfter {
+                stream,
+                after_seq,
+                max_records,
+                max_bytes,
+                reply,
+            } => {
+                let result = self
+                    .store
+                    .read_after(&stream, after_seq, max_records, max_bytes);
+                let _ = reply.send(result);
+            }
+            Command::Ack { ids, reply } => {
+                let _ = reply.send(self.store.ack(&ids));
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.store.stats());
+            }
+            Command::EvictExpired { now_ms, reply } => {
+                let result = self.store.evict_expired(now_ms);
+                if matches!(&result, Ok(e) if !e.is_empty()) {
+                    self.wake();
+                }
+                let _ = reply.send(result);
+            }
+            Command::DeadLetter { ids, reason, reply } => {
+                let result = self.store.dead_letter(&ids, &reason);
+                if matches!(result, Ok(n) if n > 0) {
+                    // Its system.error event is a new record.
+                    self.wake();
+                }
+                let _ = reply.send(result);
+            }
+            Command::DeadLetters { reply } => {
+                let _ = reply.send(self.store.dead_letters());
+            }
+            Command::RetryDeadLetters { reply } => {
+                let result = self.store.retry_dead_letters();
+                if matches!(result, Ok(n) if n > 0) {
+                    self.wake();
+                }
+                let _ = reply.send(result);
+            }
+            Command::SetLimits { limits, reply } => {
+                let _ = reply.send(self.store.set_limits(limits));
+            }
+            // `run` handles these itself (coalescing, shutdown).
+            Command::Append { .. } | Command::Close { .. } => {}
         }
     }
 
