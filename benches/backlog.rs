@@ -8,8 +8,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use plantgate::buffer::Store;
-use plantgate::config::Synchronous;
+use plantgate::buffer::{Append, Store, StoreOptions};
 use plantgate::record::{Kind, NewRecord};
 use plantgate::sim::broker::EmbeddedBroker;
 
@@ -44,7 +43,7 @@ fn main() {
         let fill = Instant::now();
         {
             let mut store =
-                Store::open(&data_dir.join("buffer.db"), Synchronous::Normal).expect("store");
+                Store::open(&data_dir.join("buffer.db"), StoreOptions::default()).expect("store");
             let mut left = n;
             let mut i: u64 = 0;
             while left > 0 {
@@ -60,7 +59,7 @@ fn main() {
                         }
                     })
                     .collect();
-                store.append(&batch).expect("append");
+                store.append(Append::records(&batch)).expect("append");
                 left -= k;
             }
         }
@@ -94,7 +93,7 @@ fn main() {
         loop {
             std::thread::sleep(Duration::from_millis(200));
             peak = peak.max(vm_hwm_kib(pid));
-            let left = Store::open(&data_dir.join("buffer.db"), Synchronous::Normal)
+            let left = Store::open(&data_dir.join("buffer.db"), StoreOptions::default())
                 .and_then(|s| s.stats())
                 .map(|s| s.records)
                 .unwrap_or(u64::MAX);

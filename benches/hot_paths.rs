@@ -25,8 +25,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use opcua::types::{DataValue, DateTime, StatusCode, UAString, Variant};
 use serde_json::{json, Value};
 
-use plantgate::buffer::Store;
-use plantgate::config::{ConnectionConfig, Synchronous};
+use plantgate::buffer::{Append, Store, StoreOptions};
+use plantgate::config::ConnectionConfig;
 use plantgate::profile::{NodeKey, Profile, Sample, UnitParam, WcParam};
 use plantgate::record::{Kind, NewRecord, StoredRecord, StreamKey};
 use plantgate::source::value::{tag_record, variant_to_json, TagMeta};
@@ -126,7 +126,8 @@ fn new_records(from: u64, n: usize) -> Vec<NewRecord> {
 
 fn buffer_benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut store = Store::open(&dir.path().join("buffer.db"), Synchronous::Normal).expect("store");
+    let mut store =
+        Store::open(&dir.path().join("buffer.db"), StoreOptions::default()).expect("store");
     let stream = StreamKey::new("deltav-line1", Kind::Tag);
     let batch = new_records(0, BATCH);
     // Each timed operation leaves the buffer as it found it (the untimed
@@ -147,7 +148,11 @@ fn buffer_benches(c: &mut Criterion) {
             let mut spent = Duration::ZERO;
             for _ in 0..iters {
                 let t = Instant::now();
-                black_box(store.append(black_box(&batch)).expect("append"));
+                black_box(
+                    store
+                        .append(Append::records(black_box(&batch)))
+                        .expect("append"),
+                );
                 spent += t.elapsed();
                 let ids = read_all(&store);
                 store.ack(&ids).expect("ack");
@@ -155,7 +160,7 @@ fn buffer_benches(c: &mut Criterion) {
             spent
         })
     });
-    store.append(&batch).expect("prefill");
+    store.append(Append::records(&batch)).expect("prefill");
     g.bench_function("read_1000", |b| {
         b.iter(|| {
             let rows = store
@@ -171,7 +176,7 @@ fn buffer_benches(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             for _ in 0..iters {
-                store.append(&batch).expect("append");
+                store.append(Append::records(&batch)).expect("append");
                 let ids = read_all(&store);
                 let t = Instant::now();
                 let n = store.ack(black_box(&ids)).expect("ack");

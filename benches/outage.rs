@@ -12,8 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use plantgate::buffer::Store;
-use plantgate::config::Synchronous;
+use plantgate::buffer::{Store, StoreOptions};
 use plantgate::demo::{SeqTracker, Watcher};
 use plantgate::record::Kind;
 use plantgate::sim::broker::EmbeddedBroker;
@@ -42,7 +41,8 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 }
 
 fn pending(data_dir: &Path) -> (u64, u64) {
-    match Store::open(&data_dir.join("buffer.db"), Synchronous::Normal).and_then(|s| s.stats()) {
+    match Store::open(&data_dir.join("buffer.db"), StoreOptions::default()).and_then(|s| s.stats())
+    {
         Ok(st) => {
             let last = st
                 .streams

@@ -28,8 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use plantgate::buffer::Store;
-use plantgate::config::Synchronous;
+use plantgate::buffer::{Store, StoreOptions};
 use plantgate::demo::{SeqTracker, Watcher};
 use plantgate::record::Kind;
 use plantgate::sim::broker::{free_port, EmbeddedBroker, TestPki};
@@ -749,7 +748,7 @@ impl Agent {
     /// Records waiting in the buffer, and the last tag seq assigned (read
     /// from buffer.db: WAL lets us read while the agent writes).
     fn buffer_state(&self) -> Option<(u64, u64)> {
-        let store = Store::open(&self.data_dir.join("buffer.db"), Synchronous::Normal).ok()?;
+        let store = Store::open(&self.data_dir.join("buffer.db"), StoreOptions::default()).ok()?;
         let st = store.stats().ok()?;
         let last = st
             .streams

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{BufferHandle, Limits, Store};
+use crate::buffer::{BufferHandle, Limits, OpenMode, Store, StoreOptions};
 use crate::config::{Config, ConnectionConfig};
 use crate::status::{event_record, Batch, ConnState, ConnectionReporter, StatusBoard};
 use crate::supervise::supervise;
@@ -75,16 +75,19 @@ pub async fn start(
     } else {
         None
     };
-    let opened = Store::open_with(
+    let store = Store::open(
         &data_dir.join(crate::buffer::DB_FILE_NAME),
-        config.buffer.synchronous,
-        Limits::from_config(&config.buffer),
+        StoreOptions {
+            synchronous: config.buffer.synchronous,
+            limits: Limits::from_config(&config.buffer),
+            mode: OpenMode::Service,
+        },
     )?;
-    if let Some(q) = &opened.quarantined {
+    if let Some(q) = store.quarantined() {
         // The store has already recorded a system.error event for it.
         tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, "buffer database was corrupt; moved aside, started a fresh one");
     }
-    let (buffer, buffer_thread) = BufferHandle::spawn(opened.store);
+    let (buffer, buffer_thread) = BufferHandle::spawn(store);
     tracing::info!(path = %data_dir.join("buffer.db").display(), epoch = %buffer.epoch(), "buffer open");
     let board = StatusBoard::new();
     let health_cancel = CancellationToken::new();

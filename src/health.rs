@@ -536,13 +536,13 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::Store;
-    use crate::config::Synchronous;
+    use crate::buffer::{Store, StoreOptions};
 
     #[tokio::test]
     async fn a_dead_task_fails_the_pipeline_until_it_runs_again() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("buffer.db"), Synchronous::Normal).expect("open");
+        let store =
+            Store::open(&dir.path().join("buffer.db"), StoreOptions::default()).expect("open");
         let (buffer, thread) = BufferHandle::spawn(store);
         let board = StatusBoard::new();
         board.beat("uplink");

@@ -425,7 +425,11 @@ fn open_buffer(config: &config::Config) -> Result<plantgate::buffer::Store, Exit
         eprintln!("plantgate buffer: no buffer at {}", path.display());
         return Err(ExitCode::FAILURE);
     }
-    plantgate::buffer::Store::open(&path, config.buffer.synchronous).map_err(|e| {
+    let options = plantgate::buffer::StoreOptions {
+        synchronous: config.buffer.synchronous,
+        ..Default::default()
+    };
+    plantgate::buffer::Store::open(&path, options).map_err(|e| {
         eprintln!("plantgate buffer: {e}");
         ExitCode::FAILURE
     })

@@ -1,5 +1,5 @@
-//! docs/guarantees.md: once an append has returned, the record survives `kill -9` at
-//! any instant. A child process (this same test binary, re-executed) appends
+//! Once an append has returned, the record survives `kill -9` at any
+//! instant (docs/guarantees.md). A child process (this same test binary, re-executed) appends
 //! in a loop and reports every commit; the parent SIGKILLs it mid-stream and
 //! checks the file, three times on the same database.
 
@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use plantgate::buffer::{BufferHandle, Store};
+use plantgate::buffer::{Append, BufferHandle, Store, StoreOptions};
 use plantgate::config::Synchronous;
 use plantgate::record::{Kind, NewRecord, StreamKey};
 
@@ -101,17 +101,25 @@ fn crash_child() {
     let deadline = Instant::now() + 2 * BOUND;
     match mode {
         Mode::Store(sync) => {
-            let mut store = Store::open(Path::new(&path), sync).expect("child: open");
+            let options = StoreOptions {
+                synchronous: sync,
+                ..StoreOptions::default()
+            };
+            let mut store = Store::open(Path::new(&path), options).expect("child: open");
             let mut round = 0;
             while Instant::now() < deadline {
                 let batch = records(round);
-                let seqs = store.append(&batch).expect("child: append");
+                let seqs = store
+                    .append(Append::records(&batch))
+                    .expect("child: append")
+                    .seqs;
                 report(last_tag_seq(&batch, &seqs));
                 round += 1;
             }
         }
         Mode::Handle => {
-            let store = Store::open(Path::new(&path), Synchronous::Normal).expect("child: open");
+            let store =
+                Store::open(Path::new(&path), StoreOptions::default()).expect("child: open");
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -251,7 +259,7 @@ fn committed_records_survive_sigkill() {
         let reported = run_and_kill(&path, mode, 3 + 2 * round);
         assert!(reported > floor, "{mode:?}: child reported no progress");
 
-        let mut store = Store::open(&path, Synchronous::Normal).expect("reopen after kill");
+        let mut store = Store::open(&path, StoreOptions::default()).expect("reopen after kill");
         store.integrity_check().expect("integrity after kill");
         let epoch = epoch.get_or_insert_with(|| store.epoch().to_string());
         assert_eq!(store.epoch(), epoch.as_str(), "epoch changed across crash");
@@ -268,13 +276,14 @@ fn committed_records_survive_sigkill() {
         assert_eq!(stats.records, tags + batches, "counters match the rows");
 
         let next = store
-            .append(&[NewRecord {
+            .append(Append::records(&[NewRecord {
                 connection: "line1".into(),
                 kind: Kind::Tag,
                 ts_ms: 0,
                 data: serde_json::json!({ "after_crash": round }).to_string(),
-            }])
-            .expect("append after crash");
+            }]))
+            .expect("append after crash")
+            .seqs;
         assert_eq!(next, vec![tags + 1], "{mode:?}: seq continues after crash");
         floor = tags + 1;
     }

@@ -1,16 +1,30 @@
-//! docs/guarantees.md (bounded buffer, dead letters) with faults, on real SQLite files: size limit
-//! with priority lanes, age limit, a really full disk, corrupt files at
-//! start, dead letters (also from a second process's connection).
+//! The buffer's bounds and faults on real SQLite files (docs/guarantees.md):
+//! size limit with priority lanes, age limit, a really full disk, corrupt
+//! files at start, dead letters (also from a second process's connection).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use plantgate::buffer::{BufferError, Eviction, EvictionReason, Limits, Store};
-use plantgate::config::Synchronous;
+use plantgate::buffer::{
+    Append, BufferError, Eviction, EvictionReason, Limits, OpenMode, Store, StoreOptions,
+};
 use plantgate::record::{Kind, NewRecord, StoredRecord, StreamKey};
 use serde_json::{json, Value};
+
+/// The buffer as the service opens it: limits, full check, quarantine,
+/// disk reserve.
+fn open_service(path: &Path, limits: Limits) -> Result<Store, BufferError> {
+    Store::open(
+        path,
+        StoreOptions {
+            limits,
+            mode: OpenMode::Service,
+            ..StoreOptions::default()
+        },
+    )
+}
 
 fn rec(connection: &str, kind: Kind, ts_ms: i64, pad: usize) -> NewRecord {
     NewRecord {
@@ -111,9 +125,7 @@ fn tiny_max_size_evicts_tags_first_and_never_grows_past_the_limit() {
         max_size: MAX,
         max_age: Duration::MAX,
     };
-    let mut store = Store::open_with(&path, Synchronous::Normal, limits)
-        .expect("open")
-        .store;
+    let mut store = open_service(&path, limits).expect("open");
     let tag = StreamKey::new("line1", Kind::Tag);
     let tag2 = StreamKey::new("line2", Kind::Tag);
     let batch = StreamKey::new("line1", Kind::Batch);
@@ -133,7 +145,7 @@ fn tiny_max_size_evicts_tags_first_and_never_grows_past_the_limit() {
             })
             .collect();
         records.push(rec("line1", Kind::Batch, round, 60));
-        let report = store.append_with_report(&records).expect("append");
+        let report = store.append(Append::records(&records)).expect("append");
         batch_seqs.push(report.seqs[19]);
         for e in &report.evicted {
             assert_eq!(
@@ -161,7 +173,7 @@ fn tiny_max_size_evicts_tags_first_and_never_grows_past_the_limit() {
         let records: Vec<NewRecord> = (0..10)
             .map(|_| rec("line1", Kind::Batch, round, 150))
             .collect();
-        match store.append_with_report(&records) {
+        match store.append(Append::records(&records)) {
             Ok(report) => {
                 for e in &report.evicted {
                     if e.kind != Kind::Tag {
@@ -250,11 +262,9 @@ fn max_age_evicts_expired_heads_of_every_kind() {
         max_size: u64::MAX,
         max_age: Duration::from_millis(hour as u64),
     };
-    let mut store = Store::open_with(&path, Synchronous::Normal, limits)
-        .expect("open")
-        .store;
+    let mut store = open_service(&path, limits).expect("open");
     store
-        .append(&[
+        .append(Append::records(&[
             rec("line1", Kind::Tag, now - 3 * hour, 5),
             rec("line1", Kind::Tag, now - 2 * hour, 5),
             rec("line1", Kind::Tag, now - 10, 5),
@@ -262,7 +272,7 @@ fn max_age_evicts_expired_heads_of_every_kind() {
             // A young head protects the old row behind it.
             rec("mes", Kind::Oee, now, 5),
             rec("mes", Kind::Oee, now - 5 * hour, 5),
-        ])
+        ]))
         .expect("append");
     let evicted = store.evict_expired(now).expect("evict");
     assert_eq!(
@@ -327,11 +337,9 @@ fn disk_full_child() {
             max_size: 64 * 1024 * 1024,
             max_age: Duration::MAX,
         };
-        Store::open_with(Path::new(&path), Synchronous::Normal, limits)
-            .expect("child: open")
-            .store
+        open_service(Path::new(&path), limits).expect("child: open")
     } else {
-        Store::open(Path::new(&path), Synchronous::Normal).expect("child: open")
+        Store::open(Path::new(&path), StoreOptions::default()).expect("child: open")
     };
     let mut errors = 0;
     for round in 0..20_000i64 {
@@ -339,7 +347,7 @@ fn disk_full_child() {
             .map(|_| rec("line1", Kind::Tag, round, 200))
             .collect();
         records.push(rec("line1", Kind::Batch, round, 200));
-        match store.append_with_report(&records) {
+        match store.append(Append::records(&records)) {
             Ok(report) => {
                 for e in &report.evicted {
                     println!("evicted {} {} {}", e.kind, e.count, e.reason);
@@ -439,7 +447,7 @@ fn check_after_disk_full(path: &Path, run: &ChildRun, evicts: bool) {
             "the file size limit was reached: {summary:?}"
         );
     }
-    let mut store = Store::open(path, Synchronous::Normal).expect("reopen");
+    let mut store = Store::open(path, StoreOptions::default()).expect("reopen");
     store.integrity_check().expect("integrity after disk full");
     if evicts {
         // Operators are told: one system.error about the full disk.
@@ -470,8 +478,9 @@ fn check_after_disk_full(path: &Path, run: &ChildRun, evicts: bool) {
     }
     // Space is back (no limit in this process): appends work again.
     let next = store
-        .append(&[rec("line1", Kind::Batch, 0, 10)])
-        .expect("append after space freed");
+        .append(Append::records(&[rec("line1", Kind::Batch, 0, 10)]))
+        .expect("append after space freed")
+        .seqs;
     assert_eq!(next, vec![run.batches.last().copied().unwrap_or(0) + 1]);
 }
 
@@ -539,7 +548,7 @@ fn disk_full_on_a_small_tmpfs_evicts_and_stays_consistent() {
         }
     }
     {
-        let store = Store::open(&path, Synchronous::Normal).expect("reopen on the full tmpfs");
+        let store = Store::open(&path, StoreOptions::default()).expect("reopen on the full tmpfs");
         store
             .integrity_check()
             .expect("integrity on the full tmpfs");
@@ -550,19 +559,22 @@ fn disk_full_on_a_small_tmpfs_evicts_and_stays_consistent() {
 // ---------------------------------------------------------------- corruption
 
 fn populated(path: &Path) -> String {
-    let mut store = Store::open(path, Synchronous::Normal).expect("open");
+    let mut store = Store::open(path, StoreOptions::default()).expect("open");
     for round in 0..50 {
         let records: Vec<NewRecord> = (0..40)
             .map(|_| rec("line1", Kind::Tag, round, 300))
             .collect();
-        store.append(&records).expect("append");
+        store.append(Append::records(&records)).expect("append");
     }
     store.epoch().to_string()
 }
 
 fn assert_quarantined(path: &Path, original: &[u8], old_epoch: Option<&str>) {
-    let outcome = Store::open_with(path, Synchronous::Normal, Limits::NONE).expect("open_with");
-    let q = outcome.quarantined.expect("file must be quarantined");
+    let store = open_service(path, Limits::NONE).expect("open as the service");
+    let q = store
+        .quarantined()
+        .cloned()
+        .expect("file must be quarantined");
     assert!(
         q.moved_to
             .file_name()
@@ -576,7 +588,6 @@ fn assert_quarantined(path: &Path, original: &[u8], old_epoch: Option<&str>) {
         original,
         "original bytes kept"
     );
-    let store = outcome.store;
     if let Some(old) = old_epoch {
         assert_ne!(store.epoch(), old, "fresh file, new epoch");
     }
@@ -594,8 +605,8 @@ fn assert_quarantined(path: &Path, original: &[u8], old_epoch: Option<&str>) {
     store.integrity_check().expect("fresh file is sound");
     // A second open finds nothing wrong.
     drop(store);
-    let again = Store::open_with(path, Synchronous::Normal, Limits::NONE).expect("reopen");
-    assert!(again.quarantined.is_none());
+    let again = open_service(path, Limits::NONE).expect("reopen");
+    assert!(again.quarantined().is_none());
 }
 
 #[test]
@@ -641,7 +652,7 @@ fn the_cli_open_never_quarantines() {
     let path = dir.path().join("buffer.db");
     std::fs::write(&path, vec![0x42u8; 8192]).expect("write");
     assert!(matches!(
-        Store::open(&path, Synchronous::Normal),
+        Store::open(&path, StoreOptions::default()),
         Err(BufferError::Corrupt { .. })
     ));
     assert_eq!(std::fs::read(&path).expect("read"), vec![0x42u8; 8192]);
@@ -653,11 +664,9 @@ fn the_cli_open_never_quarantines() {
 fn dead_letters_move_list_and_retry_from_a_second_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("buffer.db");
-    let mut service = Store::open_with(&path, Synchronous::Normal, Limits::NONE)
-        .expect("open")
-        .store;
+    let mut service = open_service(&path, Limits::NONE).expect("open");
     let records: Vec<NewRecord> = (0..10).map(|i| rec("line1", Kind::Batch, i, 10)).collect();
-    service.append(&records).expect("append");
+    service.append(Append::records(&records)).expect("append");
     let batch = StreamKey::new("line1", Kind::Batch);
     let rows = all(&service, &batch);
     let rejected: Vec<i64> = rows[2..5].iter().map(|r| r.id).collect();
@@ -690,7 +699,7 @@ fn dead_letters_move_list_and_retry_from_a_second_connection() {
 
     // `plantgate buffer dead-letters|retry` opens the same file while the
     // service keeps its connection open.
-    let mut cli = Store::open(&path, Synchronous::Normal).expect("second open");
+    let mut cli = Store::open(&path, StoreOptions::default()).expect("second open");
     let listed = cli.dead_letters().expect("list");
     assert_eq!(listed.len(), 1);
     let dl = &listed[0];
@@ -736,8 +745,9 @@ fn dead_letters_move_list_and_retry_from_a_second_connection() {
     // New appends continue the seq, never reusing the retried ones.
     assert_eq!(
         service
-            .append(&[rec("line1", Kind::Batch, 0, 1)])
-            .expect("append"),
+            .append(Append::records(&[rec("line1", Kind::Batch, 0, 1)]))
+            .expect("append")
+            .seqs,
         vec![11]
     );
     service.integrity_check().expect("integrity");
@@ -747,8 +757,10 @@ fn dead_letters_move_list_and_retry_from_a_second_connection() {
 fn dead_lettered_agent_events_do_not_announce_themselves() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("buffer.db");
-    let mut store = Store::open(&path, Synchronous::Normal).expect("open");
-    store.append(&[rec("", Kind::Event, 0, 5)]).expect("append");
+    let mut store = Store::open(&path, StoreOptions::default()).expect("open");
+    store
+        .append(Append::records(&[rec("", Kind::Event, 0, 5)]))
+        .expect("append");
     let ids: Vec<i64> = all(&store, &agent_events()).iter().map(|r| r.id).collect();
     assert_eq!(store.dead_letter(&ids, "rejected").expect("dead letter"), 1);
     assert!(
@@ -758,8 +770,8 @@ fn dead_lettered_agent_events_do_not_announce_themselves() {
     assert_eq!(store.stats().expect("stats").dead_letters, 1);
 }
 
-/// docs/guarantees.md: a buffer whose records were all refused by the broker (dead
-/// letters) must still take new records: dead letters count against
+/// A buffer whose records were all refused by the broker (dead letters)
+/// must still take new records: dead letters count against
 /// `max_size` and are evicted along the same lanes, tags first, announced
 /// with reason `dead_letter`; `max_age` expires them too.
 #[test]
@@ -770,9 +782,7 @@ fn dead_letters_are_evicted_by_the_same_limits_and_announced() {
         max_size: 512 * 1024,
         max_age: Duration::from_secs(3600),
     };
-    let mut store = Store::open_with(&path, Synchronous::Normal, limits)
-        .expect("open")
-        .store;
+    let mut store = open_service(&path, limits).expect("open");
     let tags = StreamKey::new("line1", Kind::Tag);
     let batches = StreamKey::new("line1", Kind::Batch);
     // What a broker that refuses everything leaves behind: every record a
@@ -791,7 +801,9 @@ fn dead_letters_are_evicted_by_the_same_limits_and_announced() {
                 )
             })
             .collect();
-        store.append(&records).expect("append while room");
+        store
+            .append(Append::records(&records))
+            .expect("append while room");
         let ids: Vec<i64> = all(&store, &tags)
             .iter()
             .chain(all(&store, &batches).iter())
@@ -818,7 +830,7 @@ fn dead_letters_are_evicted_by_the_same_limits_and_announced() {
             })
             .collect();
         store
-            .append(&records)
+            .append(Append::records(&records))
             .expect("appends never fail because of dead letters");
     }
     assert!(

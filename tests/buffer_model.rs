@@ -13,8 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use plantgate::buffer::{Eviction, EvictionReason, Limits, Store};
-use plantgate::config::Synchronous;
+use plantgate::buffer::{Append, Eviction, EvictionReason, Limits, OpenMode, Store, StoreOptions};
 use plantgate::record::{Kind, NewRecord, StreamKey};
 use proptest::prelude::*;
 use serde_json::json;
@@ -165,7 +164,7 @@ impl Model {
             );
         }
         if !e.dead_letters && e.reason != EvictionReason::MaxAge {
-            // Within a lane, dead letters go first (docs/guarantees.md).
+            // Within a lane, dead letters go first.
             prop_assert_eq!(
                 self.dead_in_lane(e.kind == Kind::Tag),
                 0,
@@ -231,9 +230,12 @@ fn limits() -> Limits {
 }
 
 fn open(path: &Path) -> Store {
-    Store::open_with(path, Synchronous::Normal, limits())
-        .expect("open")
-        .store
+    let options = StoreOptions {
+        limits: limits(),
+        mode: OpenMode::Service,
+        ..StoreOptions::default()
+    };
+    Store::open(path, options).expect("open")
 }
 
 fn compare(store: &Store, model: &Model, step: usize) -> Result<(), TestCaseError> {
@@ -329,7 +331,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                         }
                     })
                     .collect();
-                let report = store.append_with_report(&records);
+                let report = store.append(Append::records(&records));
                 prop_assert!(
                     report.is_ok(),
                     "step {}: append failed: {:?}",
@@ -422,7 +424,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                         want.push(e);
                     }
                 }
-                // Then the dead letters, per stream, head first (docs/guarantees.md).
+                // Then the dead letters, per stream, head first.
                 let dead_streams: std::collections::BTreeSet<StreamKey> =
                     model.dead.keys().map(|(k, _)| k.clone()).collect();
                 for key in dead_streams {

@@ -231,7 +231,7 @@ fn buffer_commands_need_no_secrets() {
     drop(
         plantgate::buffer::Store::open(
             &data_dir.join(plantgate::buffer::DB_FILE_NAME),
-            plantgate::config::Synchronous::Normal,
+            plantgate::buffer::StoreOptions::default(),
         )
         .expect("buffer"),
     );

@@ -85,7 +85,7 @@ async fn sigterm_exits_zero_quickly_and_loses_nothing() {
     // Delivered ∪ still buffered = every seq ever assigned, 1..=last.
     let store = plantgate::buffer::Store::open(
         &data_dir.join("buffer.db"),
-        plantgate::config::Synchronous::Normal,
+        plantgate::buffer::StoreOptions::default(),
     )
     .expect("reopen buffer");
     let stats = store.stats().expect("stats");
@@ -150,7 +150,7 @@ async fn sigterm_with_the_broker_down_still_exits_zero_within_10s() {
         plant.sim.set_value("FIC-101/PV.CV", v);
         let pending = plantgate::buffer::Store::open(
             &data_dir.join("buffer.db"),
-            plantgate::config::Synchronous::Normal,
+            plantgate::buffer::StoreOptions::default(),
         )
         .and_then(|s| s.stats())
         .map(|s| s.records)

@@ -15,8 +15,7 @@ use std::time::Duration;
 use common::load::*;
 use common::mosquitto::{start_mosquitto, MosquittoOptions};
 use common::*;
-use plantgate::buffer::Store;
-use plantgate::config::Synchronous;
+use plantgate::buffer::{Append, Store, StoreOptions};
 use plantgate::demo::{Watcher, WatcherOptions};
 use plantgate::record::{now_ms, Kind, NewRecord};
 use plantgate::sim::broker::TestPki;
@@ -186,14 +185,17 @@ async fn oversized_event_is_dead_lettered(
     std::fs::create_dir_all(&data_dir).expect("data dir");
     {
         let mut store =
-            Store::open(&data_dir.join("buffer.db"), Synchronous::Normal).expect("buffer");
+            Store::open(&data_dir.join("buffer.db"), StoreOptions::default()).expect("buffer");
         let mut records = Vec::new();
         for connection in ["", "sim1"] {
             records.push(marker(connection, "before", 0));
             records.push(marker(connection, "big", 12_000));
             records.push(marker(connection, "after", 0));
         }
-        let seqs = store.append(&records).expect("append");
+        let seqs = store
+            .append(Append::records(&records))
+            .expect("append")
+            .seqs;
         assert_eq!(seqs, vec![1, 2, 3, 1, 2, 3]);
     }
     let sim = start_load_sim(dir.path(), 0, LOAD_HZ).await;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::{BufferError, DeadLetter, Eviction, Limits, ProfileState, Stats, Store};
+use super::{Append, BufferError, DeadLetter, Eviction, Limits, ProfileState, Stats, Store};
 use crate::record::{NewRecord, StoredRecord, StreamKey};
 
 /// Upper bound on records merged into one coalesced transaction, so a burst
@@ -169,7 +169,7 @@ impl BufferHandle {
     }
 
     /// [`BufferHandle::append`] with profile snapshots committed in the same
-    /// transaction (see [`Store::append_with_states`]). When appends are
+    /// transaction (see [`Store::append`]). When appends are
     /// coalesced, the last state of each connection wins.
     pub async fn append_with_states(
         &self,
@@ -181,7 +181,8 @@ impl BufferHandle {
 
     /// [`BufferHandle::append_with_states`] that hands the records and
     /// states back when they were not accepted, for callers that hold and
-    /// retry them (the ingest, SPEC 1.9).
+    /// retry them (the ingest: nothing offered to the buffer is dropped
+    /// silently, docs/guarantees.md).
     pub async fn try_append(
         &self,
         records: Vec<NewRecord>,
@@ -338,64 +339,11 @@ impl Worker {
                     held = self.gather_appends(&mut group);
                     self.commit_group(group);
                 }
-                Command::ProfileState { connection, reply } => {
-                    let _ = reply.send(self.store.profile_state(&connection));
-                }
-                Command::Streams { reply } => {
-                    let _ = reply.send(self.store.streams());
-                }
-                Command::ReadAfter {
-                    stream,
-                    after_seq,
-                    max_records,
-                    max_bytes,
-                    reply,
-                } => {
-                    let _ = reply.send(self.store.read_after(
-                        &stream,
-                        after_seq,
-                        max_records,
-                        max_bytes,
-                    ));
-                }
-                Command::Ack { ids, reply } => {
-                    let _ = reply.send(self.store.ack(&ids));
-                }
-                Command::Stats { reply } => {
-                    let _ = reply.send(self.store.stats());
-                }
-                Command::EvictExpired { now_ms, reply } => {
-                    let result = self.store.evict_expired(now_ms);
-                    if matches!(&result, Ok(e) if !e.is_empty()) {
-                        self.wake();
-                    }
-                    let _ = reply.send(result);
-                }
-                Command::DeadLetter { ids, reason, reply } => {
-                    let result = self.store.dead_letter(&ids, &reason);
-                    if matches!(result, Ok(n) if n > 0) {
-                        // Its system.error event is a new record.
-                        self.wake();
-                    }
-                    let _ = reply.send(result);
-                }
-                Command::DeadLetters { reply } => {
-                    let _ = reply.send(self.store.dead_letters());
-                }
-                Command::RetryDeadLetters { reply } => {
-                    let result = self.store.retry_dead_letters();
-                    if matches!(result, Ok(n) if n > 0) {
-                        self.wake();
-                    }
-                    let _ = reply.send(result);
-                }
-                Command::SetLimits { limits, reply } => {
-                    let _ = reply.send(self.store.set_limits(limits));
-                }
                 Command::Close { reply } => {
                     close_reply = Some(reply);
                     break;
                 }
+                other => self.answer(other),
             }
         }
         // Close the connection before answering `close()`, so the caller may
@@ -406,6 +354,66 @@ impl Worker {
         drop(store);
         if let Some(reply) = close_reply {
             let _ = reply.send(());
+        }
+    }
+
+    /// Runs one read or maintenance command and sends its answer.
+    fn answer(&mut self, command: Command) {
+        match command {
+            Command::ProfileState { connection, reply } => {
+                let _ = reply.send(self.store.profile_state(&connection));
+            }
+            Command::Streams { reply } => {
+                let _ = reply.send(self.store.streams());
+            }
+            Command::ReadAfter {
+                stream,
+                after_seq,
+                max_records,
+                max_bytes,
+                reply,
+            } => {
+                let result = self
+                    .store
+                    .read_after(&stream, after_seq, max_records, max_bytes);
+                let _ = reply.send(result);
+            }
+            Command::Ack { ids, reply } => {
+                let _ = reply.send(self.store.ack(&ids));
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.store.stats());
+            }
+            Command::EvictExpired { now_ms, reply } => {
+                let result = self.store.evict_expired(now_ms);
+                if matches!(&result, Ok(e) if !e.is_empty()) {
+                    self.wake();
+                }
+                let _ = reply.send(result);
+            }
+            Command::DeadLetter { ids, reason, reply } => {
+                let result = self.store.dead_letter(&ids, &reason);
+                if matches!(result, Ok(n) if n > 0) {
+                    // Its system.error event is a new record.
+                    self.wake();
+                }
+                let _ = reply.send(result);
+            }
+            Command::DeadLetters { reply } => {
+                let _ = reply.send(self.store.dead_letters());
+            }
+            Command::RetryDeadLetters { reply } => {
+                let result = self.store.retry_dead_letters();
+                if matches!(result, Ok(n) if n > 0) {
+                    self.wake();
+                }
+                let _ = reply.send(result);
+            }
+            Command::SetLimits { limits, reply } => {
+                let _ = reply.send(self.store.set_limits(limits));
+            }
+            // `run` handles these itself (coalescing, shutdown).
+            Command::Append { .. } | Command::Close { .. } => {}
         }
     }
 
@@ -453,10 +461,13 @@ impl Worker {
                 None => merged.push(state.clone()),
             }
         }
-        match self.store.append_with_states(&all, &merged) {
-            Ok(seqs) => {
+        match self.store.append(Append {
+            records: &all,
+            states: &merged,
+        }) {
+            Ok(report) => {
                 self.committed(all.len());
-                let mut seqs = seqs.into_iter();
+                let mut seqs = report.seqs.into_iter();
                 for (len, reply) in lens.into_iter().zip(replies) {
                     let _ = reply.send(Ok(seqs.by_ref().take(len).collect()));
                 }
@@ -479,10 +490,13 @@ impl Worker {
                 for ((len, reply), states) in lens.into_iter().zip(replies).zip(states_per_append) {
                     let part = all.get(start..start + len).unwrap_or_default();
                     start += len;
-                    let result = match self.store.append_with_states(part, &states) {
-                        Ok(seqs) => {
+                    let result = match self.store.append(Append {
+                        records: part,
+                        states: &states,
+                    }) {
+                        Ok(report) => {
                             self.committed(part.len());
-                            Ok(seqs)
+                            Ok(report.seqs)
                         }
                         Err(error) => Err(Refused {
                             error,
@@ -514,7 +528,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Synchronous;
+    use crate::buffer::StoreOptions;
     use crate::record::Kind;
     use serde_json::json;
     use std::time::Duration;
@@ -529,7 +543,7 @@ mod tests {
     }
 
     fn open(dir: &tempfile::TempDir) -> Store {
-        Store::open(&dir.path().join("buffer.db"), Synchronous::Normal).expect("open")
+        Store::open(&dir.path().join("buffer.db"), StoreOptions::default()).expect("open")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,7 @@
 //! The durable record buffer: the single point where a record becomes
-//! *accepted* (SPEC 1.1).
+//! *accepted* (docs/guarantees.md: a record is accepted once committed here,
+//! and only the broker's acknowledgement or an announced eviction removes
+//! it).
 //!
 //! # Design constraints
 //!
@@ -28,14 +30,16 @@
 //!    are never deleted, so a seq is never reused, not even after every row of
 //!    the stream was acked, nor across reopen.
 //! 2. Pending rows of a stream are therefore a subset of `1..next_seq`; rows
-//!    only disappear by [`Store::ack`] (or, later, announced eviction), so a
-//!    gap seen by a consumer is always explained.
+//!    only disappear by [`Store::ack`], by an announced eviction
+//!    (invariant 6) or into the dead letters, so a gap seen by a consumer is
+//!    always explained.
 //! 3. `epoch` is created in the same transaction as the schema and never
 //!    changes for that file. A new file is a new epoch, which is what tells
 //!    consumers that seqs restarted.
 //! 4. `streams.records` / `streams.bytes` equal the count and the sum of
-//!    `records.size` of that stream's pending rows; every statement that
-//!    inserts or deletes rows updates them in the same transaction.
+//!    `records.size` of that stream's pending rows (dead letters are not
+//!    counted there); every transaction that inserts, deletes or moves rows
+//!    updates them before it commits.
 //! 5. Row ids are never reused (`AUTOINCREMENT`): the uplink acks by id, and an
 //!    ack arriving late must not delete a newer row that inherited the id. A
 //!    dead-lettered row keeps its id and gets it back on retry.
@@ -46,44 +50,76 @@
 //!    `buffer.evicted` event per affected stream to the agent's own event
 //!    stream, naming the exact seq range, and adds the count to
 //!    `streams.evicted_total`. There is no eviction without its event.
-//! 7. **Priority lanes** (SPEC 1.4). Size eviction (`max_size`, `disk_full`)
-//!    takes `tag` rows oldest first across all tag streams (oldest = lowest
-//!    row id, i.e. arrival order); a row of any other kind is taken only in a
-//!    transaction that has already taken every remaining tag row. Age eviction
-//!    (`max_age`) applies to all kinds alike. **Dead letters are bounded
-//!    like pending rows** (SPEC 1.11): they take space in the same file,
-//!    so the same lanes evict them: within a
-//!    lane a stream's dead letters go before pending rows (they are the ones
-//!    the broker already refused), oldest first, and `max_age` expires them
-//!    too. Their `buffer.evicted` event says `"reason": "dead_letter"` and
-//!    names the limit in `"limit"`; `streams.evicted_total` counts them.
-//! 8. **Eviction terminates.** Each eviction transaction frees more accounted
-//!    bytes than its own events add, or it is rolled back and reported as
-//!    "nothing evictable"; events created by an eviction are never part of
-//!    that same eviction (ranges are chosen before they are inserted).
+//! 7. **Priority lanes** (docs/guarantees.md). Size eviction (`max_size`,
+//!    `disk_full`) takes `tag` rows oldest first across all tag streams
+//!    (oldest = lowest row id, i.e. arrival order); a row of any other kind
+//!    is taken only in a transaction that has already taken every remaining
+//!    tag row. Age eviction (`max_age`) applies to all kinds alike. **Dead
+//!    letters are bounded like pending rows**: they take space in the same
+//!    file, so the same lanes evict them: within a lane a stream's dead
+//!    letters go before pending rows (they are the ones the broker already
+//!    refused), oldest first, and `max_age` expires them too. Their
+//!    `buffer.evicted` event says `"reason": "dead_letter"` and names the
+//!    limit in `"limit"`; `streams.evicted_total` counts them.
+//! 8. **Eviction terminates.** Each size-eviction transaction frees more
+//!    accounted bytes than its own events add, or it deletes nothing and
+//!    reports "nothing evictable"; events created by an eviction are never
+//!    part of that same eviction (ranges are chosen before they are
+//!    inserted).
 //! 9. **Size bound.** With [`Limits::max_size`] set, `PRAGMA max_page_count`
 //!    holds the main file below `max_size` minus a WAL share (a quarter, at
-//!    most 64 MiB), and `wal_autocheckpoint`/`journal_size_limit` keep the WAL
-//!    inside that share, so SQLite itself refuses to grow past the limit
-//!    (`SQLITE_FULL`). Appends evict tags proactively when the pages in use
-//!    pass 90 % of the cap (down to 80 %), so the hard wall is rarely hit; when
-//!    it is, the append evicts along the lanes and retries, and fails with
-//!    [`BufferError::Full`] (nothing accepted) only when nothing is left.
-//!    A transaction larger than about an eighth of `max_size` can still push
-//!    the WAL past its share for a moment; records are never split to avoid
-//!    that, because an append is atomic by contract.
-//! 10. **Disk full** (`SQLITE_FULL` below `max_page_count`): the file is held
-//!     at the size it had when the disk filled (reason `disk_full` for what is
-//!     evicted from then on), so freed pages are reused instead of growing the
-//!     file. [`Store::evict_expired`] (called periodically) lifts that cap again
-//!     so a disk that got space back is used.
-//! 11. **Corruption is quarantined, never deleted.** [`Store::open_with`] runs
-//!     `PRAGMA quick_check` before writing anything (checkpoint-on-close is off
-//!     while probing, so the bad file keeps its bytes), moves a corrupt file and
-//!     its `-wal`/`-shm` to `buffer.db.corrupt-<UTC timestamp>[-wal|-shm]`,
-//!     starts a fresh file with a new epoch and records a `system.error` event in
-//!     it. I/O errors, a locked file or a newer schema are *not* corruption and
-//!     are returned as errors: moving a healthy file aside would lose data.
+//!    most 64 MiB) and, for the service, the disk reserve, and
+//!    `wal_autocheckpoint`/`journal_size_limit` keep the WAL inside its
+//!    share, so SQLite itself refuses to grow past the limit
+//!    (`SQLITE_FULL`). A transaction larger than about an eighth of
+//!    `max_size` can still push the WAL past its share for a moment; records
+//!    are never split to avoid that, because an append is atomic by
+//!    contract.
+//! 10. **Disk full** (`SQLITE_FULL` below `max_page_count`): the service's
+//!     reserve file (`buffer.db.reserve`) is released so the checkpoint and
+//!     the eviction have room, and the file is held at the size it had when
+//!     the disk filled (reason `disk_full` for what is evicted from then on),
+//!     so freed pages are reused instead of growing the file. One
+//!     `system.error` event says so. [`Store::evict_expired`] (called
+//!     periodically) lifts that cap again so a disk that got space back is
+//!     used.
+//! 11. **Corruption is quarantined, never deleted.** [`Store::open`] with
+//!     [`OpenMode::Service`] runs `PRAGMA quick_check` before writing
+//!     anything (checkpoint-on-close is off while probing, so the bad file
+//!     keeps its bytes), moves a corrupt file and its `-wal`/`-shm` to
+//!     `buffer.db.corrupt-<UTC timestamp>[-wal|-shm]`, starts a fresh file
+//!     with a new epoch and records a `system.error` event in it. I/O errors,
+//!     a locked file or a newer schema are *not* corruption and are returned
+//!     as errors: moving a healthy file aside would lose data.
+//!
+//! # How eviction runs
+//!
+//! Every eviction is a transaction of at most 4 096 rows that deletes head
+//! ranges and inserts their `buffer.evicted` events (invariant 6), so the
+//! WAL and the write lock stay bounded whatever the backlog. It is started
+//! from three places:
+//!
+//! - **Before an append**, when the pages in use plus what the append needs
+//!   pass 90 % of the page cap: tags only (lane "tags"), down to 80 %, so
+//!   that other kinds are kept as long as the file can physically hold them
+//!   and the hard wall is rarely hit.
+//! - **When an append hits the wall** (`SQLITE_FULL`): the store first tells
+//!   the size cap from a full disk (invariant 10), then evicts along both
+//!   lanes at least twice what the append needs, doubling on each retry.
+//!   When nothing is left to take the append fails with
+//!   [`BufferError::Full`] and nothing of it is accepted; the evictions made
+//!   until then stay committed and announced.
+//! - **Periodically**, [`Store::evict_expired`] removes every stream's
+//!   expired head (below). At the cap, deleting rows need not free a whole
+//!   page for the announcement, so an expiry transaction may borrow a few
+//!   pages of the WAL's share.
+//!
+//! Size eviction picks rows across streams by row id (arrival order),
+//! walking each stream's `(stream, seq)` index lazily, so memory is
+//! O(streams). Dead lettering and re-queueing never evict: at the cap they
+//! fail with [`BufferError::Full`] and move nothing (dead lettering is
+//! retried after the next append's eviction made room, re-queueing once the
+//! backlog has drained).
 //!
 //! # `max_age` is measured on `ts_ms`
 //!
@@ -97,7 +133,7 @@
 //! source timestamp) is evicted by the next `evict_expired` if it has not been
 //! delivered by then.
 //!
-//! # On-disk layout (`{data_dir}/buffer.db`, `PRAGMA user_version = 2`)
+//! # On-disk layout (`{data_dir}/buffer.db`, `PRAGMA user_version = 3`)
 //!
 //! ```text
 //! meta     (key TEXT PRIMARY KEY, value TEXT)         -- 'epoch' → 32 hex chars
@@ -122,7 +158,10 @@
 //!
 //! Rows reference their stream by a small integer instead of repeating the
 //! connection name, which keeps both the table and the `(stream, seq)` index
-//! compact at millions of rows. Version 1 and 2 files are upgraded in place.
+//! compact at millions of rows. Version 1 and 2 files are upgraded in place
+//! when they are opened; a file of a newer version is refused untouched.
+//!
+//! The code is split by concern under `store/` (see its module doc).
 
 mod handle;
 mod store;
@@ -132,7 +171,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::record::{Kind, StreamKey};
+use crate::config::Synchronous;
+use crate::record::{Kind, NewRecord, StreamKey};
 
 pub use handle::{BufferHandle, Refused, MAX_COALESCED_RECORDS};
 pub use store::{Store, ROW_OVERHEAD_BYTES};
@@ -187,7 +227,7 @@ pub enum BufferError {
 
 impl BufferError {
     /// True when SQLite reported a full disk: the caller should evict and
-    /// retry rather than treat the buffer as broken (SPEC 1.4).
+    /// retry rather than treat the buffer as broken.
     /// [`BufferError::Full`] means the buffer already did that and nothing was
     /// left to evict: the records were not accepted.
     pub fn is_disk_full(&self) -> bool {
@@ -297,24 +337,69 @@ impl Eviction {
     }
 }
 
-/// What [`Store::append_with_report`] did: the seqs of the accepted records
-/// (input order) and the evictions it had to make first, in the order they
-/// were committed.
+/// What one [`Store::append`] commits, atomically: records and the profile
+/// snapshots that go with them (either may be empty).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Append<'a> {
+    pub records: &'a [NewRecord],
+    /// Stored in the same transaction as `records`, replacing the previous
+    /// snapshot of their connection.
+    pub states: &'a [ProfileState],
+}
+
+impl<'a> Append<'a> {
+    /// Records and no profile state: what most appends are.
+    pub fn records(records: &'a [NewRecord]) -> Append<'a> {
+        Append {
+            records,
+            states: &[],
+        }
+    }
+}
+
+/// What [`Store::append`] did: the seqs of the accepted records (input
+/// order) and the evictions it had to make first, in the order they were
+/// committed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AppendReport {
     pub seqs: Vec<u64>,
     pub evicted: Vec<Eviction>,
 }
 
-/// Result of [`Store::open_with`].
-pub struct OpenOutcome {
-    pub store: Store,
-    /// Set when the file found at the path was corrupt and has been moved
-    /// aside; the fresh database already holds a `system.error` event saying
-    /// so.
-    pub quarantined: Option<Quarantined>,
+/// How [`Store::open`] opens the file. The default suits a command or a
+/// test: no limits, `synchronous = NORMAL`, [`OpenMode::Tool`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    pub synchronous: Synchronous,
+    pub limits: Limits,
+    pub mode: OpenMode,
 }
 
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            synchronous: Synchronous::Normal,
+            limits: Limits::NONE,
+            mode: OpenMode::Tool,
+        }
+    }
+}
+
+/// Who opens the file, which decides what the open may do to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OpenMode {
+    /// `plantgate buffer ...` and tests, which may run next to the service:
+    /// a cheap check only, a corrupt file is an error and stays where it is,
+    /// no disk reserve.
+    #[default]
+    Tool,
+    /// The service, owner of the file: `PRAGMA quick_check` over the whole
+    /// file, a corrupt file is quarantined (invariant 11), a disk reserve is
+    /// kept next to it (invariant 10).
+    Service,
+}
+
+/// A corrupt file found at open and moved aside: see [`Store::quarantined`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Quarantined {
     /// The corrupt file's new name (its `-wal`/`-shm`, if any, sit next to it

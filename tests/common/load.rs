@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use plantgate::buffer::Store;
-use plantgate::config::Synchronous;
+use plantgate::buffer::{Store, StoreOptions};
 use plantgate::record::Kind;
 
 use super::{agent_toml, init_tracing, Seen, PATIENCE};
@@ -62,7 +61,8 @@ pub fn load_toml(
 /// Pending records and the last assigned tag seq of `sim1`, read from the
 /// agent's buffer file (WAL: readable while the agent writes).
 pub fn buffer_state(data_dir: &Path) -> (u64, u64) {
-    let store = Store::open(&data_dir.join("buffer.db"), Synchronous::Normal).expect("open buffer");
+    let store =
+        Store::open(&data_dir.join("buffer.db"), StoreOptions::default()).expect("open buffer");
     let st = store.stats().expect("stats");
     let last = st
         .streams

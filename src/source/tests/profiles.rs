@@ -3,8 +3,7 @@
 //! committed with its records in a real buffer file across a restart.
 
 use super::*;
-use crate::buffer::{BufferHandle, Store};
-use crate::config::Synchronous;
+use crate::buffer::{BufferHandle, Store, StoreOptions};
 use crate::config::UnitConfig;
 use crate::status::Batch;
 
@@ -141,7 +140,7 @@ async fn deltav_batch_across_a_restart_has_no_duplicates() {
     units.take_over(UNIT).unwrap();
     let pki = client_pki(dir.path()).await;
     let db = dir.path().join("buffer.db");
-    let store = Store::open(&db, Synchronous::Normal).expect("open buffer");
+    let store = Store::open(&db, StoreOptions::default()).expect("open buffer");
     let (buffer, thread) = BufferHandle::spawn(store);
     let conn = deltav_conn(&server.endpoint());
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
@@ -243,7 +242,7 @@ async fn optomes_run_produces_oee_windows_and_downtime() {
     let pki = client_pki(dir.path()).await;
     let db = dir.path().join("buffer.db");
     let (buffer, thread) =
-        BufferHandle::spawn(Store::open(&db, Synchronous::Normal).expect("open buffer"));
+        BufferHandle::spawn(Store::open(&db, StoreOptions::default()).expect("open buffer"));
 
     let mut conn = conn_config("optomes-line1", &server.endpoint(), vec![]);
     conn.kind = ConnectionKind::Optomes;

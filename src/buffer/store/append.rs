@@ -1,0 +1,200 @@
+//! Accepting records: seqs assigned in the transaction that inserts the rows
+//! (invariant 1), profile snapshots committed with the records they go with,
+//! and eviction along the lanes when the rows do not fit.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::evict::{Lane, CHUNK_MIN_BYTES};
+use super::tx::{Counters, OnFull, Tx};
+use super::{accounted, is_sqlite_full, Store};
+use crate::buffer::{Append, AppendReport, BufferError, EvictionReason, ProfileState};
+use crate::record::{now_ms, Kind, NewRecord};
+
+/// Evict-and-retry rounds for one append that hits the hard wall. Each
+/// round frees at least twice what the append needs; more rounds than this
+/// means something other than space is wrong.
+const MAX_FULL_RETRIES: usize = 8;
+
+impl Store {
+    /// Accepts `input.records` and stores `input.states` in one transaction:
+    /// all of it is committed or none. A profile's records and the snapshot
+    /// saying it produced them therefore commit together, so a restart
+    /// neither repeats nor loses a derived record; with no records only the
+    /// states are written (the shutdown snapshot).
+    ///
+    /// The report holds the seqs in input order and the evictions made to
+    /// fit the records, in commit order. Those evictions are committed (each
+    /// with its `buffer.evicted` event) even when the append itself then
+    /// fails with [`BufferError::Full`], which means nothing was accepted
+    /// and nothing was left to evict.
+    pub fn append(&mut self, input: Append<'_>) -> Result<AppendReport, BufferError> {
+        let mut report = AppendReport::default();
+        if input.records.is_empty() && input.states.is_empty() {
+            return Ok(report);
+        }
+        let incoming: u64 = input
+            .records
+            .iter()
+            .map(|r| accounted(&r.data) as u64)
+            .sum();
+        if let Err(e) = self.relieve_pressure(incoming, &mut report.evicted) {
+            if !e.is_disk_full() {
+                return Err(e);
+            }
+            // The hard wall below still holds; relief is only an early start.
+            tracing::debug!(error = %e, "proactive eviction hit the wall");
+        }
+        let mut want = incoming.saturating_mul(2).max(CHUNK_MIN_BYTES);
+        let mut last_reason = EvictionReason::MaxSize;
+        for _ in 0..=MAX_FULL_RETRIES {
+            match self.insert(input) {
+                Ok(seqs) => {
+                    report.seqs = seqs;
+                    self.flush_disk_error();
+                    return Ok(report);
+                }
+                Err(e) if is_sqlite_full(&e) => {
+                    let reason = self.on_full(incoming)?;
+                    last_reason = reason;
+                    let freed = match self.evict(Lane::Any, want, reason, &mut report.evicted) {
+                        Ok(freed) => freed,
+                        Err(e) if e.is_disk_full() => 0,
+                        Err(e) => return Err(e),
+                    };
+                    if freed == 0 {
+                        break;
+                    }
+                    want = want.saturating_mul(2);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(BufferError::Full {
+            path: self.path.clone(),
+            reason: last_reason,
+            records: input.records.len(),
+        })
+    }
+
+    /// The last stored profile snapshot of `connection`, if any.
+    pub fn profile_state(&self, connection: &str) -> Result<Option<String>, BufferError> {
+        self.conn
+            .prepare_cached("SELECT snapshot FROM profile_state WHERE connection = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![connection], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(self.err("profile state"))
+    }
+
+    /// One attempt, no eviction: `SQLITE_FULL` comes back as it is.
+    pub(super) fn insert(&mut self, input: Append<'_>) -> Result<Vec<u64>, BufferError> {
+        self.write("append", OnFull::Pass, |tx| {
+            let seqs = insert_records(tx, input.records)?;
+            upsert_states(tx, input.states)?;
+            Ok(seqs)
+        })
+    }
+}
+
+/// Inserts records inside `tx`, assigning seqs and updating the stream
+/// counters (invariants 1 and 4). Shared by appends and by the events the
+/// buffer writes itself, so both follow the same rules.
+pub(super) fn insert_records(tx: &Tx<'_>, records: &[NewRecord]) -> Result<Vec<u64>, BufferError> {
+    let mut seqs = Vec::with_capacity(records.len());
+    let mut counters = Counters::default();
+    // Where each stream of the batch stands; a batch touches few streams,
+    // so a linear scan beats hashing owned keys.
+    let mut cursors: Vec<SeqCursor> = Vec::new();
+    let mut insert = tx
+        .stmt("INSERT INTO records (stream, seq, ts_ms, data, size) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    for record in records {
+        let slot = match cursors
+            .iter()
+            .position(|c| c.kind == record.kind && c.connection == record.connection)
+        {
+            Some(slot) => slot,
+            None => {
+                cursors.push(SeqCursor::find_or_create(
+                    tx,
+                    &record.connection,
+                    record.kind,
+                )?);
+                cursors.len() - 1
+            }
+        };
+        let cursor = &mut cursors[slot];
+        let seq = cursor.next_seq;
+        cursor.next_seq += 1;
+        let size = accounted(&record.data);
+        insert
+            .execute(params![cursor.stream, seq, record.ts_ms, record.data, size])
+            .map_err(tx.err())?;
+        counters.stream(cursor.stream).appended(seq, size);
+        seqs.push(seq as u64);
+    }
+    counters.write(tx)?;
+    Ok(seqs)
+}
+
+/// The next seq of one stream while a batch is inserted.
+struct SeqCursor<'a> {
+    connection: &'a str,
+    kind: Kind,
+    stream: i64,
+    next_seq: i64,
+}
+
+impl<'a> SeqCursor<'a> {
+    /// Reads the stream's `next_seq`, creating the stream (at seq 1) on its
+    /// first record.
+    fn find_or_create(
+        tx: &Tx<'_>,
+        connection: &'a str,
+        kind: Kind,
+    ) -> Result<SeqCursor<'a>, BufferError> {
+        let found: Option<(i64, i64)> = tx
+            .stmt("SELECT id, next_seq FROM streams WHERE connection = ?1 AND kind = ?2")?
+            .query_row(params![connection, kind.as_str()], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()
+            .map_err(tx.err())?;
+        let (stream, next_seq) = match found {
+            Some(found) => found,
+            None => (
+                tx.stmt(
+                    "INSERT INTO streams (connection, kind, next_seq) VALUES (?1, ?2, 1) \
+                     RETURNING id",
+                )?
+                .query_row(params![connection, kind.as_str()], |row| row.get(0))
+                .map_err(tx.err())?,
+                1,
+            ),
+        };
+        Ok(SeqCursor {
+            connection,
+            kind,
+            stream,
+            next_seq,
+        })
+    }
+}
+
+fn upsert_states(tx: &Tx<'_>, states: &[ProfileState]) -> Result<(), BufferError> {
+    if states.is_empty() {
+        return Ok(());
+    }
+    let now = now_ms();
+    let mut upsert = tx.stmt(
+        "INSERT INTO profile_state (connection, snapshot, updated_ms) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (connection) DO UPDATE SET snapshot = excluded.snapshot, \
+         updated_ms = excluded.updated_ms",
+    )?;
+    for state in states {
+        upsert
+            .execute(params![state.connection, state.snapshot, now])
+            .map_err(tx.err())?;
+    }
+    Ok(())
+}

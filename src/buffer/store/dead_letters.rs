@@ -1,0 +1,236 @@
+//! Rows the broker refused for good: moved out of the pending rows with
+//! their id, seq and data (nothing is lost), listed for operators, and
+//! re-queued on request. They count against the same limits as pending rows
+//! and are evicted by the same lanes (see `evict`).
+
+use rusqlite::{params, OptionalExtension};
+
+use super::append::insert_records;
+use super::tx::{Counters, OnFull, StreamDelta, Tx};
+use super::{agent_event, connection_value, Store};
+use crate::buffer::{BufferError, DeadLetter};
+use crate::record::{now_ms, Kind, NewRecord, StreamKey};
+
+impl Store {
+    /// Moves the rows with these ids (the records of a message the broker
+    /// rejected repeatedly) into the dead-letter table, keeping stream, seq,
+    /// timestamp, data and row id, and in the same transaction appends one
+    /// agent-level `system.error` event per affected stream naming them.
+    /// Rows of the agent's own event stream are moved without such an event:
+    /// announcing a rejected event with another event the broker may reject
+    /// the same way could go on forever; they still show in
+    /// [`Stats::dead_letters`](crate::buffer::Stats) and
+    /// [`Store::dead_letters`]. Unknown ids are ignored. Returns the number
+    /// of rows moved. At the size cap or on a full disk this fails with
+    /// [`BufferError::Full`] and moves nothing (the rows stay pending; the
+    /// next append's eviction makes room).
+    pub fn dead_letter(&mut self, ids: &[i64], reason: &str) -> Result<usize, BufferError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let now = now_ms();
+        let records = ids.len();
+        self.write("dead letter", OnFull::Refuse { records }, |tx| {
+            let moved = move_rows(tx, ids, reason, now)?;
+            let events = announcements(tx, &moved, reason, now)?;
+            insert_records(tx, &events)?;
+            Ok(moved
+                .iter()
+                .map(|d| d.records.unsigned_abs() as usize)
+                .sum())
+        })
+    }
+
+    /// The dead-letter table as runs (rows of one stream moved together for
+    /// the same reason), ordered by stream and seq. Holds one entry per run,
+    /// not per row.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, BufferError> {
+        let mut out = self.snapshot("dead letters", |tx| {
+            let names = tx.streams(false)?;
+            let mut out: Vec<DeadLetter> = Vec::new();
+            let mut last_stream = None;
+            let mut stmt = tx.stmt(
+                "SELECT stream, seq, size, reason, dead_ms FROM dead_letters \
+                 ORDER BY stream, seq",
+            )?;
+            let e = tx.err();
+            let mut rows = stmt.query([]).map_err(&e)?;
+            while let Some(row) = rows.next().map_err(&e)? {
+                let stream: i64 = row.get(0).map_err(&e)?;
+                let seq = row.get::<_, i64>(1).map_err(&e)? as u64;
+                let size = row.get::<_, i64>(2).map_err(&e)?.max(0) as u64;
+                let reason: String = row.get(3).map_err(&e)?;
+                let dead_ms: i64 = row.get(4).map_err(&e)?;
+                if let Some(run) = out.last_mut().filter(|run| {
+                    last_stream == Some(stream) && run.reason == reason && run.dead_at_ms == dead_ms
+                }) {
+                    run.last_seq = seq;
+                    run.count += 1;
+                    run.bytes += size;
+                    continue;
+                }
+                let Some(name) = names.iter().find(|n| n.id == stream) else {
+                    return Err(tx.corrupt(format!("dead letter of unknown stream {stream}")));
+                };
+                last_stream = Some(stream);
+                out.push(DeadLetter {
+                    connection: name.key.connection.clone(),
+                    kind: name.key.kind,
+                    first_seq: seq,
+                    last_seq: seq,
+                    count: 1,
+                    bytes: size,
+                    reason,
+                    dead_at_ms: dead_ms,
+                });
+            }
+            Ok(out)
+        })?;
+        out.sort_by(|a, b| {
+            (&a.connection, a.kind, a.first_seq).cmp(&(&b.connection, b.kind, b.first_seq))
+        });
+        Ok(out)
+    }
+
+    /// Moves every dead letter back into the pending records with its
+    /// original seq and row id: they will be published again, and consumers
+    /// drop duplicates by seq. One transaction; SQLite moves the rows without
+    /// loading them into memory. Returns the number of rows re-queued. A
+    /// running uplink has already passed those seqs: it must restart its
+    /// cursors for the streams whose `first_seq` went down. Re-queueing
+    /// never evicts: with no room (size cap or full disk) it fails with
+    /// [`BufferError::Full`] and moves nothing; retry once the backlog has
+    /// drained.
+    pub fn retry_dead_letters(&mut self) -> Result<usize, BufferError> {
+        let moved = self.write("retry dead letters", OnFull::Refuse { records: 0 }, |tx| {
+            let mut counters = Counters::default();
+            {
+                let mut stmt = tx
+                    .stmt("SELECT stream, count(*), sum(size) FROM dead_letters GROUP BY stream")?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .map_err(tx.err())?;
+                for row in rows {
+                    let (stream, rows, bytes) = row.map_err(tx.err())?;
+                    counters.stream(stream).requeued(rows, bytes);
+                }
+            }
+            if counters.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(
+                "INSERT INTO records (id, stream, seq, ts_ms, data, size) \
+                 SELECT id, stream, seq, ts_ms, data, size FROM dead_letters",
+                [],
+            )?;
+            let moved = tx.execute("DELETE FROM dead_letters", [])?;
+            counters.write(tx)?;
+            // Counted in the file, not in memory: the agent's uplink notices
+            // a retry run by another process and reads its streams again.
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('requeues', '1') \
+                 ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                [],
+            )?;
+            Ok(moved)
+        })?;
+        if moved > 0 {
+            tracing::info!(records = moved, "dead letters re-queued");
+        }
+        Ok(moved)
+    }
+}
+
+/// Moves the rows with these ids from `records` to `dead_letters` and
+/// updates the stream counters; returns what was moved, per stream.
+fn move_rows(tx: &Tx<'_>, ids: &[i64], reason: &str, now: i64) -> Result<Counters, BufferError> {
+    let mut moved = Counters::default();
+    let mut take =
+        tx.stmt("DELETE FROM records WHERE id = ?1 RETURNING stream, seq, ts_ms, data, size")?;
+    let mut keep = tx.stmt(
+        "INSERT INTO dead_letters (id, stream, seq, ts_ms, data, size, reason, dead_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for id in ids {
+        let row: Option<(i64, i64, i64, String, i64)> = take
+            .query_row(params![id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()
+            .map_err(tx.err())?;
+        let Some((stream, seq, ts_ms, data, size)) = row else {
+            continue;
+        };
+        keep.execute(params![id, stream, seq, ts_ms, data, size, reason, now])
+            .map_err(tx.err())?;
+        moved.stream(stream).removed(seq, size);
+    }
+    moved.write(tx)?;
+    Ok(moved)
+}
+
+/// One `system.error` per stream whose rows were moved, in stream order;
+/// none for the agent's own event stream (see [`Store::dead_letter`]).
+fn announcements(
+    tx: &Tx<'_>,
+    moved: &Counters,
+    reason: &str,
+    now: i64,
+) -> Result<Vec<NewRecord>, BufferError> {
+    let names = tx.streams(false)?;
+    let mut keyed: Vec<(&StreamKey, &StreamDelta)> = Vec::new();
+    for d in moved.iter() {
+        let Some(name) = names.iter().find(|n| n.id == d.stream) else {
+            return Err(tx.corrupt(format!("dead letter of unknown stream {}", d.stream)));
+        };
+        keyed.push((&name.key, d));
+    }
+    keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut events = Vec::new();
+    for (key, d) in keyed {
+        let Some((first, last)) = d.seqs else {
+            continue;
+        };
+        let rows = d.records.unsigned_abs();
+        tracing::error!(connection = %key.connection, kind = %key.kind, first_seq = first,
+            last_seq = last, count = rows, %reason, "records moved to dead letters");
+        if key.connection.is_empty() && key.kind == Kind::Event {
+            continue;
+        }
+        events.push(dead_letter_event(
+            &key.connection,
+            key.kind,
+            first as u64,
+            last as u64,
+            rows,
+            reason,
+            now,
+        ));
+    }
+    Ok(events)
+}
+
+/// The `system.error` event naming rows moved to dead letters.
+fn dead_letter_event(
+    connection: &str,
+    kind: Kind,
+    first_seq: u64,
+    last_seq: u64,
+    count: u64,
+    reason: &str,
+    ts_ms: i64,
+) -> NewRecord {
+    agent_event(
+        "system.error",
+        ts_ms,
+        serde_json::json!({
+            "message": "records moved to dead letters",
+            "connection": connection_value(connection),
+            "kind": kind.as_str(),
+            "first_seq": first_seq,
+            "last_seq": last_seq,
+            "count": count,
+            "reason": reason,
+        }),
+    )
+}
