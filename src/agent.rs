@@ -7,6 +7,7 @@
 //! commits everything they handed over (nothing accepted is dropped), and
 //! only then does the uplink publish `offline` and close.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,17 +67,57 @@ pub async fn start(
         path: data_dir.clone(),
         source,
     })?;
-    let tls = if config.mqtt.tls {
-        Some(crate::uplink::tls::client_config(
+    let tls = match config.mqtt.tls {
+        true => Some(crate::uplink::tls::client_config(
             config.mqtt.ca_file.as_deref(),
             config.mqtt.client_cert_file.as_deref(),
             config.mqtt.client_key_file.as_deref(),
-        )?)
-    } else {
-        None
+        )?),
+        false => None,
     };
+    let (buffer, buffer_thread) = open_buffer(&config)?;
+    let board = StatusBoard::new();
+    let health = match start_health(&config, &board, &buffer).await {
+        Ok(health) => health,
+        Err(e) => {
+            buffer.close().await;
+            return Err(e.into());
+        }
+    };
+    let health_addr = health.addr;
+    let (sink, sink_rx) = mpsc::channel::<Batch>(SINK_CAPACITY);
+    let ingest = Ingest::start(sink_rx, &buffer, &board);
+    let sources = start_sources(&config, sink, &buffer, &board).await;
+    let background = Background::start(&config, tls, &buffer, &board, sources.wants_dropped);
+    let running = Running {
+        sources_cancel: sources.cancel,
+        sources: sources.tasks,
+        ingest,
+        background,
+        health,
+        buffer: buffer.clone(),
+        buffer_thread,
+    };
+    let join = tokio::spawn(async move {
+        cancel.cancelled().await;
+        running.stop().await;
+    });
+    Ok((
+        Agent {
+            board,
+            buffer,
+            health_addr,
+        },
+        join,
+    ))
+}
+
+/// Opens the buffer in service mode (full check, quarantine of a corrupt
+/// file, disk reserve) on its own thread.
+fn open_buffer(config: &Config) -> Result<(BufferHandle, std::thread::JoinHandle<()>), AgentError> {
+    let path = config.agent.data_dir.join(crate::buffer::DB_FILE_NAME);
     let store = Store::open(
-        &data_dir.join(crate::buffer::DB_FILE_NAME),
+        &path,
         StoreOptions {
             synchronous: config.buffer.synchronous,
             limits: Limits::from_config(&config.buffer),
@@ -87,11 +128,25 @@ pub async fn start(
         // The store has already recorded a system.error event for it.
         tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, "buffer database was corrupt; moved aside, started a fresh one");
     }
-    let (buffer, buffer_thread) = BufferHandle::spawn(store);
-    tracing::info!(path = %data_dir.join("buffer.db").display(), epoch = %buffer.epoch(), "buffer open");
-    let board = StatusBoard::new();
-    let health_cancel = CancellationToken::new();
-    let health_state = Arc::new(crate::health::HealthState {
+    let (buffer, thread) = BufferHandle::spawn(store);
+    tracing::info!(path = %path.display(), epoch = %buffer.epoch(), "buffer open");
+    Ok((buffer, thread))
+}
+
+/// The health endpoint, listening and supervised.
+struct Health {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    cancel: CancellationToken,
+}
+
+async fn start_health(
+    config: &Config,
+    board: &Arc<StatusBoard>,
+    buffer: &BufferHandle,
+) -> Result<Health, crate::health::BindError> {
+    let cancel = CancellationToken::new();
+    let state = Arc::new(crate::health::HealthState {
         agent_id: config.agent.id.clone(),
         version: crate::VERSION,
         started: std::time::Instant::now(),
@@ -103,198 +158,227 @@ pub async fn start(
             .map(|c| (c.id.clone(), c.kind.as_str().to_string()))
             .collect(),
     });
-    let health_state_for_restart = health_state.clone();
-    let (health_addr, health_task) =
-        match crate::health::serve(config.health.listen, health_state, health_cancel.clone()).await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                buffer.close().await;
-                return Err(e.into());
-            }
-        };
-    tracing::info!(addr = %health_addr, "health endpoint listening");
-    let health_task = supervise_health(
-        health_addr,
-        health_state_for_restart,
-        health_task,
+    let (addr, first) =
+        crate::health::serve(config.health.listen, state.clone(), cancel.clone()).await?;
+    tracing::info!(%addr, "health endpoint listening");
+    let task = supervise_health(
+        addr,
+        state,
+        first,
         board.clone(),
         buffer.clone(),
-        health_cancel.clone(),
+        cancel.clone(),
     );
+    Ok(Health { addr, task, cancel })
+}
 
-    let (sink, sink_rx) = mpsc::channel::<Batch>(SINK_CAPACITY);
-    let sink_rx = Arc::new(Mutex::new(sink_rx));
-    let ingest_stop = CancellationToken::new();
-    let ingest_abort = CancellationToken::new();
-    let ingest = {
-        let on_death = agent_error(buffer.clone(), "ingest");
-        let (rx, buffer, board, abort) = (
-            sink_rx.clone(),
-            buffer.clone(),
-            board.clone(),
-            ingest_abort.clone(),
-        );
-        tokio::spawn(supervise(
-            "ingest".into(),
-            board.clone(),
-            ingest_stop.clone(),
-            move || crate::ingest::run(rx.clone(), buffer.clone(), board.clone(), abort.clone()),
-            on_death,
-        ))
-    };
+/// The ingest under its supervisor, with the tokens of its two-step stop.
+struct Ingest {
+    task: tokio::task::JoinHandle<()>,
+    /// From now on the ingest ending is the shutdown, not a death.
+    stop: CancellationToken,
+    /// Gives up retrying a refusing buffer; what is held is counted.
+    abort: CancellationToken,
+}
 
-    let sources_cancel = CancellationToken::new();
-    let pki_dir = data_dir.join("pki");
-    if !config.connections.is_empty() {
-        // One OPC UA application certificate for all connections, named after the agent.
-        let (dir, id) = (pki_dir.clone(), config.agent.id.clone());
-        match tokio::task::spawn_blocking(move || {
-            crate::source::pki::ensure_own_certificate(&dir, Some(&id))
-        })
-        .await
-        {
-            Ok(Ok(own)) => {
-                tracing::info!(application_uri = %own.application_uri, not_after = %own.not_after, "OPC UA application certificate")
-            }
-            // The connections report it as their offline reason and retry.
-            Ok(Err(e)) => tracing::error!(error = %e, "OPC UA application certificate"),
-            Err(e) => tracing::error!(error = %e, "OPC UA certificate setup failed"),
-        }
+impl Ingest {
+    fn start(rx: mpsc::Receiver<Batch>, buffer: &BufferHandle, board: &Arc<StatusBoard>) -> Ingest {
+        let rx = Arc::new(Mutex::new(rx));
+        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+        let (buffer2, board2, abort2) = (buffer.clone(), board.clone(), abort.clone());
+        let task = spawn_agent_task("ingest", board, buffer, stop.clone(), move || {
+            crate::ingest::run(rx.clone(), buffer2.clone(), board2.clone(), abort2.clone())
+        });
+        Ingest { task, stop, abort }
     }
-    let mut sources = Vec::new();
-    let mut wants_dropped = std::collections::HashMap::new();
+}
+
+/// The plant connections, each under its supervisor.
+struct Sources {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    cancel: CancellationToken,
+    /// Per connection, whether it announces intake loss (`source.dropped`).
+    wants_dropped: HashMap<String, bool>,
+}
+
+async fn start_sources(
+    config: &Config,
+    sink: mpsc::Sender<Batch>,
+    buffer: &BufferHandle,
+    board: &Arc<StatusBoard>,
+) -> Sources {
+    let pki_dir = config.agent.data_dir.join("pki");
+    if !config.connections.is_empty() {
+        ensure_own_certificate(&pki_dir, &config.agent.id).await;
+    }
+    let cancel = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut wants_dropped = HashMap::new();
     for conn in &config.connections {
         let reporter =
             ConnectionReporter::new(&conn.id, board.clone(), sink.clone(), conn.events.clone());
         wants_dropped.insert(conn.id.clone(), reporter.wants_event("source.dropped"));
-        sources.push(tokio::spawn(supervise_connection(
+        tasks.push(tokio::spawn(supervise_connection(
             conn.clone(),
             pki_dir.clone(),
             reporter,
             buffer.clone(),
             board.clone(),
-            sources_cancel.clone(),
+            cancel.clone(),
         )));
     }
-    drop(sink);
+    Sources {
+        tasks,
+        cancel,
+        wants_dropped,
+    }
+}
 
-    let uplink_cancel = CancellationToken::new();
-    let uplink = Arc::new(Uplink::new(
-        UplinkSettings {
-            mqtt: config.mqtt.clone(),
-            agent_id: config.agent.id.clone(),
-            site: config.agent.site.clone(),
-            version: crate::VERSION.to_string(),
-            boot_id: uuid::Uuid::new_v4().to_string(),
-            tls,
-        },
-        buffer.clone(),
-        board.clone(),
-    ));
-    let uplink_task = {
-        let cancel = uplink_cancel.clone();
-        tokio::spawn(supervise(
-            "uplink".into(),
-            board.clone(),
-            uplink_cancel.clone(),
-            move || {
-                let (uplink, cancel) = (uplink.clone(), cancel.clone());
-                async move { uplink.run(cancel).await }
+/// One OPC UA application certificate for all connections, named after the
+/// agent. A failure is logged; the connections report it as their offline
+/// reason and retry.
+async fn ensure_own_certificate(pki_dir: &std::path::Path, agent_id: &str) {
+    let (dir, id) = (pki_dir.to_path_buf(), agent_id.to_string());
+    let made = tokio::task::spawn_blocking(move || {
+        crate::source::pki::ensure_own_certificate(&dir, Some(&id))
+    })
+    .await;
+    match made {
+        Ok(Ok(own)) => {
+            tracing::info!(application_uri = %own.application_uri, not_after = %own.not_after, "OPC UA application certificate")
+        }
+        Ok(Err(e)) => tracing::error!(error = %e, "OPC UA application certificate"),
+        Err(e) => tracing::error!(error = %e, "OPC UA certificate setup failed"),
+    }
+}
+
+/// The tasks that stop after the ingest has drained: the uplink, buffer
+/// expiry, heap trimming and the intake-loss announcer.
+struct Background {
+    cancel: CancellationToken,
+    uplink: tokio::task::JoinHandle<()>,
+    /// Stopped before the uplink, so their last events still go out.
+    others: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Background {
+    fn start(
+        config: &Config,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        buffer: &BufferHandle,
+        board: &Arc<StatusBoard>,
+        wants_dropped: HashMap<String, bool>,
+    ) -> Background {
+        let cancel = CancellationToken::new();
+        let uplink = Arc::new(Uplink::new(
+            UplinkSettings {
+                mqtt: config.mqtt.clone(),
+                agent_id: config.agent.id.clone(),
+                site: config.agent.site.clone(),
+                version: crate::VERSION.to_string(),
+                boot_id: uuid::Uuid::new_v4().to_string(),
+                tls,
             },
-            agent_error(buffer.clone(), "uplink"),
-        ))
-    };
-
-    let expiry = {
-        let on_death = agent_error(buffer.clone(), "expiry");
-        let (buffer, cancel) = (buffer.clone(), uplink_cancel.clone());
-        tokio::spawn(supervise(
-            "expiry".into(),
+            buffer.clone(),
             board.clone(),
-            uplink_cancel.clone(),
-            move || expire_old_records(buffer.clone(), cancel.clone()),
-            on_death,
-        ))
-    };
-    let heap = {
-        let on_death = agent_error(buffer.clone(), "heap");
-        let cancel = uplink_cancel.clone();
-        tokio::spawn(supervise(
-            "heap".into(),
-            board.clone(),
-            uplink_cancel.clone(),
-            move || crate::heap::release_periodically(cancel.clone()),
-            on_death,
-        ))
-    };
-    let announcer = {
-        let on_death = agent_error(buffer.clone(), "announcer");
-        let (buffer, board2, cancel) = (buffer.clone(), board.clone(), uplink_cancel.clone());
+        ));
+        let c = cancel.clone();
+        let uplink = spawn_agent_task("uplink", board, buffer, cancel.clone(), move || {
+            let (uplink, cancel) = (uplink.clone(), c.clone());
+            async move { uplink.run(cancel).await }
+        });
+        let (b, c) = (buffer.clone(), cancel.clone());
+        let expiry = spawn_agent_task("expiry", board, buffer, cancel.clone(), move || {
+            expire_old_records(b.clone(), c.clone())
+        });
+        let c = cancel.clone();
+        let heap = spawn_agent_task("heap", board, buffer, cancel.clone(), move || {
+            crate::heap::release_periodically(c.clone())
+        });
+        let (b, board2, c) = (buffer.clone(), board.clone(), cancel.clone());
         let wants = Arc::new(wants_dropped);
-        tokio::spawn(supervise(
-            "announcer".into(),
-            board.clone(),
-            uplink_cancel.clone(),
-            move || {
-                crate::announce::run(
-                    board2.clone(),
-                    buffer.clone(),
-                    wants.clone(),
-                    cancel.clone(),
-                )
-            },
-            on_death,
-        ))
-    };
-    let buffer2 = buffer.clone();
-    let join = tokio::spawn(async move {
-        cancel.cancelled().await;
+        let announcer = spawn_agent_task("announcer", board, buffer, cancel.clone(), move || {
+            crate::announce::run(board2.clone(), b.clone(), wants.clone(), c.clone())
+        });
+        Background {
+            cancel,
+            uplink,
+            others: vec![expiry, heap, announcer],
+        }
+    }
+}
+
+/// Runs an agent-level task under its supervisor until `stop`; a death is
+/// announced by a `system.error` of the agent.
+fn spawn_agent_task<S, F>(
+    name: &'static str,
+    board: &Arc<StatusBoard>,
+    buffer: &BufferHandle,
+    stop: CancellationToken,
+    start: S,
+) -> tokio::task::JoinHandle<()>
+where
+    S: FnMut() -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(supervise(
+        name.into(),
+        board.clone(),
+        stop,
+        start,
+        agent_error(buffer.clone(), name),
+    ))
+}
+
+/// A started agent, stopped in order by [`Running::stop`].
+struct Running {
+    sources_cancel: CancellationToken,
+    sources: Vec<tokio::task::JoinHandle<()>>,
+    ingest: Ingest,
+    background: Background,
+    health: Health,
+    buffer: BufferHandle,
+    buffer_thread: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    /// Sources first, then the ingest drains what they handed over, then
+    /// the uplink publishes `offline` and closes, then the buffer.
+    async fn stop(self) {
         tracing::info!("shutting down");
-        sources_cancel.cancel();
+        self.sources_cancel.cancel();
         // From now on the ingest ending is the shutdown, not a death: it
         // ends by itself once the last source is gone and it has drained.
-        ingest_stop.cancel();
-        for s in sources {
-            if tokio::time::timeout(SOURCE_STOP, s).await.is_err() {
-                tracing::warn!("a connection did not stop in time");
-            }
+        self.ingest.stop.cancel();
+        // All connections stop at once, under one deadline.
+        let sources = futures::future::join_all(self.sources);
+        if tokio::time::timeout(SOURCE_STOP, sources).await.is_err() {
+            tracing::warn!("a connection did not stop in time");
         }
         // Every sender is gone now, so the ingest drains and ends; a buffer
         // that refuses gets INGEST_STOP, then what is held is counted.
-        let mut ingest = ingest;
+        let mut ingest = self.ingest.task;
         if tokio::time::timeout(INGEST_STOP, &mut ingest)
             .await
             .is_err()
         {
-            ingest_abort.cancel();
+            self.ingest.abort.cancel();
             let _ = ingest.await;
         }
-        uplink_cancel.cancel();
-        let _ = expiry.await;
-        let _ = heap.await;
+        let bg = self.background;
+        bg.cancel.cancel();
         // The last counts go out with the events the uplink still sends.
-        let _ = announcer.await;
-        if tokio::time::timeout(UPLINK_STOP, uplink_task)
-            .await
-            .is_err()
-        {
+        futures::future::join_all(bg.others).await;
+        if tokio::time::timeout(UPLINK_STOP, bg.uplink).await.is_err() {
             tracing::warn!("uplink did not stop in time");
         }
-        health_cancel.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(1), health_task).await;
-        buffer2.close().await;
-        let _ = tokio::task::spawn_blocking(move || buffer_thread.join()).await;
+        self.health.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.health.task).await;
+        self.buffer.close().await;
+        let thread = self.buffer_thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         tracing::info!("stopped");
-    });
-    Ok((
-        Agent {
-            board,
-            buffer,
-            health_addr,
-        },
-        join,
-    ))
+    }
 }
 
 /// Runs one connection under its supervisor: a panic or an unexpected end
@@ -439,13 +523,4 @@ async fn expire_old_records(buffer: BufferHandle, cancel: CancellationToken) {
             Err(e) => tracing::error!(error = %e, "expiring old records failed"),
         }
     }
-}
-
-/// `plantgate run`: starts, waits for `cancel`, stops cleanly.
-pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AgentError> {
-    let (_agent, join) = start(config, cancel).await?;
-    if let Err(e) = join.await {
-        tracing::error!(error = %e, "shutdown task failed");
-    }
-    Ok(())
 }

@@ -40,11 +40,6 @@ impl Kind {
     pub fn parse(s: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.as_str() == s)
     }
-
-    /// Tag records are the first to go when the buffer must drop (docs/guarantees.md).
-    pub fn is_low_priority(self) -> bool {
-        self == Kind::Tag
-    }
 }
 
 impl std::fmt::Display for Kind {

@@ -114,6 +114,21 @@ async fn sigterm_exits_zero_quickly_and_loses_nothing() {
     let missing: Vec<u64> = (1..=last).filter(|s| !have.contains(s)).collect();
     assert!(missing.is_empty(), "lost seqs {missing:?} of 1..={last}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // A clean stop ends every task on purpose: none of them is reported
+    // as died, neither in the log nor as an event (sent or still buffered).
+    assert!(!stderr.contains("task died"), "{stderr}");
+    let agent_events = store
+        .read_after(&StreamKey::new("", Kind::Event), 0, usize::MAX, usize::MAX)
+        .expect("read agent events");
+    let sent = seen
+        .messages
+        .iter()
+        .filter(|m| m.topic.contains("/events/"))
+        .map(|m| m.payload.to_string());
+    let buffered = agent_events.iter().map(|r| r.data.clone());
+    for text in sent.chain(buffered) {
+        assert!(!text.contains("task_died"), "{text}");
+    }
     plant.sim.shutdown().await;
 }
 

@@ -247,13 +247,26 @@ fn classify(error: &SourceError) -> ConnState {
 }
 
 fn classify_status(status: StatusCode) -> ConnState {
-    let name = value::status_name(status);
-    match name.as_str() {
-        "BadUserAccessDenied" | "BadIdentityTokenRejected" | "BadIdentityTokenInvalid" => {
+    use opcua::types::SubStatusCode as S;
+    match status.sub_code() {
+        S::BadUserAccessDenied | S::BadIdentityTokenRejected | S::BadIdentityTokenInvalid => {
             ConnState::AuthRequired
         }
-        "BadSecurityChecksFailed" => ConnState::Untrusted,
-        n if n.starts_with("BadCertificate") => ConnState::Untrusted,
+        S::BadSecurityChecksFailed
+        | S::BadCertificateInvalid
+        | S::BadCertificatePolicyCheckFailed
+        | S::BadCertificateTimeInvalid
+        | S::BadCertificateIssuerTimeInvalid
+        | S::BadCertificateHostNameInvalid
+        | S::BadCertificateUriInvalid
+        | S::BadCertificateUseNotAllowed
+        | S::BadCertificateIssuerUseNotAllowed
+        | S::BadCertificateUntrusted
+        | S::BadCertificateRevocationUnknown
+        | S::BadCertificateIssuerRevocationUnknown
+        | S::BadCertificateRevoked
+        | S::BadCertificateIssuerRevoked
+        | S::BadCertificateChainIncomplete => ConnState::Untrusted,
         _ => ConnState::Offline,
     }
 }

@@ -19,7 +19,7 @@ use opcua::types::{
     ByteString, DataChangeFilter, DataChangeNotification, DataChangeTrigger, DeadbandType,
     EndpointDescription, ExtensionObject, Guid, MessageSecurityMode, MonitoredItemCreateRequest,
     MonitoringMode, MonitoringParameters, NamespaceMap, NodeId, NotificationMessage, ReadValueId,
-    StatusChangeNotification, StatusCode, TimestampsToReturn, UserTokenType,
+    StatusChangeNotification, StatusCode, SubStatusCode, TimestampsToReturn, UserTokenType,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -161,13 +161,13 @@ fn size_limit_note(status: StatusCode) -> Option<String> {
         "{} MiB per message and string, {MAX_ARRAY_LENGTH} array elements",
         MAX_MESSAGE_BYTES / (1024 * 1024)
     );
-    match super::value::status_name(status).as_str() {
-        "BadDecodingError" => Some(format!(
+    match status.sub_code() {
+        SubStatusCode::BadDecodingError => Some(format!(
             "a server message could not be decoded: malformed or over the client's decoder limits of {limits}"
         )),
-        "BadEncodingLimitsExceeded" | "BadTcpMessageTooLarge" | "BadResponseTooLarge" => Some(
-            format!("a server message exceeded the client's decoder limits of {limits}"),
-        ),
+        _ if response_too_large(status) => Some(format!(
+            "a server message exceeded the client's decoder limits of {limits}"
+        )),
         _ => None,
     }
 }
@@ -176,8 +176,10 @@ fn size_limit_note(status: StatusCode) -> Option<String> {
 /// its values are lost (the transport survives).
 fn response_too_large(status: StatusCode) -> bool {
     matches!(
-        super::value::status_name(status).as_str(),
-        "BadEncodingLimitsExceeded" | "BadTcpMessageTooLarge" | "BadResponseTooLarge"
+        status.sub_code(),
+        SubStatusCode::BadEncodingLimitsExceeded
+            | SubStatusCode::BadTcpMessageTooLarge
+            | SubStatusCode::BadResponseTooLarge
     )
 }
 
@@ -320,11 +322,10 @@ fn offered(endpoints: &[EndpointDescription]) -> String {
 /// renamed by a configuration download): the tag is dropped from the
 /// subscription and retried like a tag that failed at subscribe time.
 pub(crate) fn node_gone(status: StatusCode) -> bool {
-    status.is_bad()
-        && matches!(
-            super::value::status_name(status).as_str(),
-            "BadNodeIdUnknown" | "BadNodeIdInvalid"
-        )
+    matches!(
+        status.sub_code(),
+        SubStatusCode::BadNodeIdUnknown | SubStatusCode::BadNodeIdInvalid
+    )
 }
 
 /// What the session's event loop reports to the connection task.
