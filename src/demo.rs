@@ -425,111 +425,112 @@ fn describe(topic: &str, payload: &Value) -> String {
     }
 }
 
+/// The demo's plant: a DeltaV and an OptoMES simulator, an embedded TLS
+/// broker and the proxy that cuts the agent off it.
+struct Plant {
+    broker: EmbeddedBroker,
+    proxy: CutProxy,
+    deltav: crate::sim::SimServer,
+    optomes: crate::sim::SimServer,
+}
+
+impl Plant {
+    async fn start(work: &std::path::Path) -> Result<Plant, DemoError> {
+        let broker = tokio::task::spawn_blocking(EmbeddedBroker::start)
+            .await
+            .map_err(setup("broker"))?
+            .map_err(setup("broker"))?;
+        let proxy = CutProxy::start(broker.v5_addr)
+            .await
+            .map_err(setup("proxy"))?;
+        let options = |speed: f64, pki: &str| -> Result<crate::sim::SimOptions, DemoError> {
+            Ok(crate::sim::SimOptions {
+                listen: "127.0.0.1:0".parse().map_err(setup("listen"))?,
+                seed: 7,
+                speed,
+                tags: 0,
+                rate_hz: 1.0,
+                user: None,
+                pki_dir: work.join(pki),
+            })
+        };
+        // Batches take hours of plant time; ten-fold shows several phases
+        // within a minute.
+        let deltav = crate::sim::start_deltav(options(10.0, "sim-pki")?)
+            .await
+            .map_err(setup("simulator"))?;
+        let optomes = crate::sim::start_optomes(options(1.0, "optomes-pki")?)
+            .await
+            .map_err(setup("OptoMES simulator"))?;
+        Ok(Plant {
+            broker,
+            proxy,
+            deltav,
+            optomes,
+        })
+    }
+
+    fn print(&self, config: &crate::config::Config) {
+        let (sim, optomes) = (&self.deltav, &self.optomes);
+        println!("plantgate demo");
+        println!(
+            "  DeltaV simulator  {}  (namespace {})",
+            sim.endpoint(),
+            sim.namespace_uri()
+        );
+        println!(
+            "  OptoMES simulator {}  (namespace {})",
+            optomes.endpoint(),
+            optomes.namespace_uri()
+        );
+        println!("  MQTT broker       mqtts://{} (embedded, TLS, fresh CA); agent connects through a cuttable proxy at {}", self.broker.v5_addr, self.proxy.addr());
+        println!(
+            "  buffer            {}",
+            config.agent.data_dir.join("buffer.db").display()
+        );
+        println!();
+    }
+}
+
 pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSummary, DemoError> {
-    let broker = tokio::task::spawn_blocking(EmbeddedBroker::start)
-        .await
-        .map_err(setup("broker"))?
-        .map_err(setup("broker"))?;
-    let proxy = CutProxy::start(broker.v5_addr)
-        .await
-        .map_err(setup("proxy"))?;
     let work = tempfile::Builder::new()
         .prefix("plantgate-demo-")
         .tempdir()
         .map_err(setup("temp dir"))?;
-    let sim = crate::sim::start_deltav(crate::sim::SimOptions {
-        listen: "127.0.0.1:0".parse().map_err(setup("listen"))?,
-        seed: 7,
-        // Batches take hours of plant time; ten-fold shows several phases
-        // within a minute.
-        speed: 10.0,
-        tags: 0,
-        rate_hz: 1.0,
-        user: None,
-        pki_dir: work.path().join("sim-pki"),
-    })
-    .await
-    .map_err(setup("simulator"))?;
-    let optomes = crate::sim::start_optomes(crate::sim::SimOptions {
-        listen: "127.0.0.1:0".parse().map_err(setup("listen"))?,
-        seed: 7,
-        speed: 1.0,
-        tags: 0,
-        rate_hz: 1.0,
-        user: None,
-        pki_dir: work.path().join("optomes-pki"),
-    })
-    .await
-    .map_err(setup("OptoMES simulator"))?;
+    let plant = Plant::start(work.path()).await?;
     let toml = demo_config_toml(
         &work.path().join("agent"),
-        proxy.addr(),
-        &broker.pki.ca_file,
-        (&sim.endpoint(), sim.namespace_uri()),
-        (&optomes.endpoint(), optomes.namespace_uri()),
+        plant.proxy.addr(),
+        &plant.broker.pki.ca_file,
+        (&plant.deltav.endpoint(), plant.deltav.namespace_uri()),
+        (&plant.optomes.endpoint(), plant.optomes.namespace_uri()),
     );
     let config = crate::config::load_from(&toml, &HashMap::new())
         .map_err(|e| DemoError::Setup(format!("demo config: {e}")))?
         .config;
+    plant.print(&config);
 
-    println!("plantgate demo");
-    println!(
-        "  DeltaV simulator  {}  (namespace {})",
-        sim.endpoint(),
-        sim.namespace_uri()
-    );
-    println!(
-        "  OptoMES simulator {}  (namespace {})",
-        optomes.endpoint(),
-        optomes.namespace_uri()
-    );
-    println!("  MQTT broker       mqtts://{} (embedded, TLS, fresh CA); agent connects through a cuttable proxy at {}", broker.v5_addr, proxy.addr());
-    println!(
-        "  buffer            {}",
-        config.agent.data_dir.join("buffer.db").display()
-    );
-    println!();
-
+    let broker = &plant.broker;
     let mut watcher = Watcher::connect(broker.v4_addr, &broker.pki.ca_file, "plantgate/#").await?;
     let agent_cancel = CancellationToken::new();
     let (agent, agent_join) = crate::agent::start(config, agent_cancel.clone())
         .await
         .map_err(setup("agent"))?;
-
+    let Plant {
+        proxy,
+        deltav,
+        optomes,
+        broker: _broker,
+    } = plant;
     let proxy = Arc::new(proxy);
     let outage_task = opts.outage.map(|len| {
-        let proxy = proxy.clone();
-        let buffer = agent.buffer.clone();
-        let cancel = cancel.clone();
-        // Cut a third of the way in (or after 5 s without --duration).
-        let at = opts
-            .duration
-            .map(|d| d / 3)
-            .unwrap_or(Duration::from_secs(5));
-        tokio::spawn(async move {
-            tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(at) => {} }
-            println!(
-                "{}  ---- outage: broker cut for {} s ----",
-                clock(),
-                len.as_secs()
-            );
-            proxy.cut();
-            let end = tokio::time::Instant::now() + len;
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            while tokio::time::Instant::now() < end {
-                tokio::select! { _ = cancel.cancelled() => break, _ = tick.tick() => {} }
-                if let Ok(st) = buffer.stats().await {
-                    println!(
-                        "{}  buffer   {} records waiting on disk ({} bytes)",
-                        clock(),
-                        st.records,
-                        st.bytes
-                    );
-                }
-            }
-            proxy.restore();
-            println!("{}  ---- broker back: draining the backlog ----", clock());
-        })
+        spawn_outage(
+            &opts,
+            len,
+            proxy.clone(),
+            agent.buffer.clone(),
+            cancel.clone(),
+        )
     });
 
     let mut tracker = SeqTracker::default();
@@ -546,14 +547,7 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
             _ = sleep_until => break,
             msg = watcher.rx.recv() => {
                 let Some((topic, payload)) = msg else { break };
-                let Ok(v) = serde_json::from_slice::<Value>(&payload) else {
-                    println!("{}  (unparsable message on {topic})", clock());
-                    continue;
-                };
-                if topic.contains("/data/") || topic.contains("/events/") {
-                    tracker.see_payload(&v);
-                }
-                println!("{}  {}", clock(), describe(&topic, &v));
+                show(&mut tracker, &topic, &payload);
             }
         }
     }
@@ -567,15 +561,66 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
     while let Ok(Some((topic, payload))) =
         tokio::time::timeout(Duration::from_millis(500), watcher.rx.recv()).await
     {
-        if let Ok(v) = serde_json::from_slice::<Value>(&payload) {
-            if topic.contains("/data/") || topic.contains("/events/") {
-                tracker.see_payload(&v);
-            }
-            println!("{}  {}", clock(), describe(&topic, &v));
-        }
+        show(&mut tracker, &topic, &payload);
     }
-    sim.shutdown().await;
+    deltav.shutdown().await;
     optomes.shutdown().await;
+    Ok(summarize(&tracker))
+}
+
+/// Prints one message as it arrives and counts its records.
+fn show(tracker: &mut SeqTracker, topic: &str, payload: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+        println!("{}  (unparsable message on {topic})", clock());
+        return;
+    };
+    if topic.contains("/data/") || topic.contains("/events/") {
+        tracker.see_payload(&v);
+    }
+    println!("{}  {}", clock(), describe(topic, &v));
+}
+
+/// `--outage`: cuts the broker a third of the way in (or after 5 s without
+/// `--duration`) for `len`, printing the backlog on disk meanwhile.
+fn spawn_outage(
+    opts: &DemoOptions,
+    len: Duration,
+    proxy: Arc<CutProxy>,
+    buffer: crate::buffer::BufferHandle,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let at = opts
+        .duration
+        .map(|d| d / 3)
+        .unwrap_or(Duration::from_secs(5));
+    tokio::spawn(async move {
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(at) => {} }
+        println!(
+            "{}  ---- outage: broker cut for {} s ----",
+            clock(),
+            len.as_secs()
+        );
+        proxy.cut();
+        let end = tokio::time::Instant::now() + len;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        while tokio::time::Instant::now() < end {
+            tokio::select! { _ = cancel.cancelled() => break, _ = tick.tick() => {} }
+            if let Ok(st) = buffer.stats().await {
+                println!(
+                    "{}  buffer   {} records waiting on disk ({} bytes)",
+                    clock(),
+                    st.records,
+                    st.bytes
+                );
+            }
+        }
+        proxy.restore();
+        println!("{}  ---- broker back: draining the backlog ----", clock());
+    })
+}
+
+/// The closing line the CI checks: records, duplicates, seq gaps.
+fn summarize(tracker: &SeqTracker) -> DemoSummary {
     println!();
     println!(
         "summary: {} records received, {} duplicates dropped, {} seq gaps{}",
@@ -591,11 +636,11 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
     for g in &tracker.gap_details {
         println!("  gap {g}");
     }
-    Ok(DemoSummary {
+    DemoSummary {
         received: tracker.received,
         duplicates: tracker.duplicates,
         gaps: tracker.gaps,
-    })
+    }
 }
 
 #[cfg(test)]

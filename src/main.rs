@@ -250,6 +250,7 @@ fn restrict_buffer_files(data_dir: &std::path::Path) {
 
 /// Cancels on SIGTERM or SIGINT.
 fn cancel_on_signals(cancel: CancellationToken) {
+    ignore_hangup();
     tokio::spawn(async move {
         let term = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -264,6 +265,25 @@ fn cancel_on_signals(cancel: CancellationToken) {
             _ = tokio::signal::ctrl_c() => {}
         }
         cancel.cancel();
+    });
+}
+
+/// SIGHUP's default action ends the process at once: no clean stop, the
+/// broker publishes the Last Will, and systemd counts it as a clean exit
+/// and does not restart it. The configuration is read only at start
+/// (docs/deployment.md), so a hang-up is logged and otherwise ignored.
+fn ignore_hangup() {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; it would end the process");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::warn!("SIGHUP ignored: the configuration is read at start only; restart the service to apply changes");
+        }
     });
 }
 
@@ -285,43 +305,59 @@ fn main() -> ExitCode {
     runtime.block_on(dispatch(cli.command))
 }
 
+/// `plantgate run`: the agent under systemd (READY, watchdog, STOPPING)
+/// until SIGTERM or Ctrl-C.
+async fn run_agent(config: config::Config) -> ExitCode {
+    restrict_buffer_files(&config.agent.data_dir);
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    let (agent, join) = match plantgate::agent::start(config, cancel.clone()).await {
+        Ok(started) => started,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    plantgate::systemd::notify_ready();
+    plantgate::systemd::spawn_watchdog(agent.board.clone(), agent.buffer.clone(), cancel.clone());
+    tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            cancel.cancelled().await;
+            plantgate::systemd::notify_stopping();
+        }
+    });
+    if let Err(e) = join.await {
+        tracing::error!(error = %e, "shutdown failed");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// `plantgate demo`: fails when the consumer saw a gap in any stream.
+async fn run_demo(duration: Option<u64>, outage: Option<u64>) -> ExitCode {
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    let opts = plantgate::demo::DemoOptions {
+        duration: duration.map(std::time::Duration::from_secs),
+        outage: outage.map(std::time::Duration::from_secs),
+    };
+    match plantgate::demo::run(opts, cancel).await {
+        Ok(summary) if summary.gaps == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("plantgate demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn dispatch(command: Command) -> ExitCode {
     match command {
-        Command::Run { config } => {
-            let path = config_path(config);
-            let config = match load_config(&path) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            restrict_buffer_files(&config.agent.data_dir);
-            let cancel = CancellationToken::new();
-            cancel_on_signals(cancel.clone());
-            let (agent, join) = match plantgate::agent::start(config, cancel.clone()).await {
-                Ok(started) => started,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            plantgate::systemd::notify_ready();
-            plantgate::systemd::spawn_watchdog(
-                agent.board.clone(),
-                agent.buffer.clone(),
-                cancel.clone(),
-            );
-            tokio::spawn({
-                let cancel = cancel.clone();
-                async move {
-                    cancel.cancelled().await;
-                    plantgate::systemd::notify_stopping();
-                }
-            });
-            if let Err(e) = join.await {
-                tracing::error!(error = %e, "shutdown failed");
-                return ExitCode::FAILURE;
-            }
-            ExitCode::SUCCESS
-        }
+        Command::Run { config } => match load_config(&config_path(config)) {
+            Ok(config) => run_agent(config).await,
+            Err(code) => code,
+        },
         Command::Check { config } => {
             let path = config_path(config);
             match load_config(&path) {
@@ -332,22 +368,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Demo { duration, outage } => {
-            let cancel = CancellationToken::new();
-            cancel_on_signals(cancel.clone());
-            let opts = plantgate::demo::DemoOptions {
-                duration: duration.map(std::time::Duration::from_secs),
-                outage: outage.map(std::time::Duration::from_secs),
-            };
-            match plantgate::demo::run(opts, cancel).await {
-                Ok(summary) if summary.gaps == 0 => ExitCode::SUCCESS,
-                Ok(_) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("plantgate demo: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Demo { duration, outage } => run_demo(duration, outage).await,
         Command::Simulate {
             kind,
             listen,
