@@ -801,49 +801,13 @@ async fn check_certificate_pin(
             rejected_file,
             pin_file,
         } => {
-            let new = notices
-                .changed_certificates
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(presented.clone());
-            if new {
-                let (file, fix) = match &rejected_file {
-                    Some(f) => (
-                        f.display().to_string(),
-                        format!("move {} to trusted/ (the pin follows)", f.display()),
-                    ),
-                    None => (
-                        String::new(),
-                        format!(
-                            "it is trusted for another endpoint already: delete {} to trust it on first use here",
-                            pin_file.display()
-                        ),
-                    ),
-                };
-                tracing::error!(
-                    connection = %conn.id,
-                    endpoint = %conn.endpoint,
-                    %pinned,
-                    %presented,
-                    rejected = %file,
-                    "server certificate changed since it was trusted on first use: refused"
-                );
-                notices
-                    .reporter
-                    .system_error(serde_json::json!({
-                        "error": "server_certificate_changed",
-                        "endpoint": conn.endpoint,
-                        "pinned_thumbprint": pinned,
-                        "presented_thumbprint": presented,
-                        "rejected_file": rejected_file.as_ref().map(|f| f.display().to_string()),
-                        "pin_file": pin_file.display().to_string(),
-                        "message": format!(
-                            "{} presents certificate {presented}, not {pinned} trusted there on first use: refused (connection untrusted). If the server's certificate was renewed on purpose, {fix}; otherwise another machine may be answering on this endpoint",
-                            conn.endpoint
-                        ),
-                    }))
-                    .await;
-            }
+            let changed = ChangedCertificate {
+                pinned: &pinned,
+                presented: &presented,
+                rejected_file: rejected_file.as_deref(),
+                pin_file: &pin_file,
+            };
+            announce_changed_certificate(conn, notices, changed).await;
             Err(SourceError::CertificateChanged {
                 endpoint: conn.endpoint.clone(),
                 pinned,
@@ -851,6 +815,68 @@ async fn check_certificate_pin(
             })
         }
     }
+}
+
+/// A server certificate other than the pinned one, as found by `check_pin`.
+struct ChangedCertificate<'a> {
+    pinned: &'a str,
+    presented: &'a str,
+    rejected_file: Option<&'a std::path::Path>,
+    pin_file: &'a std::path::Path,
+}
+
+/// Logs and announces (one `system.error` per certificate and connection
+/// start) a refused server certificate, with what the operator can do.
+async fn announce_changed_certificate(
+    conn: &ConnectionConfig,
+    notices: &Notices,
+    c: ChangedCertificate<'_>,
+) {
+    let new = notices
+        .changed_certificates
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(c.presented.to_string());
+    if !new {
+        return;
+    }
+    let (pinned, presented, pin_file) = (c.pinned, c.presented, c.pin_file);
+    let (file, fix) = match c.rejected_file {
+        Some(f) => (
+            f.display().to_string(),
+            format!("move {} to trusted/ (the pin follows)", f.display()),
+        ),
+        None => (
+            String::new(),
+            format!(
+                "it is trusted for another endpoint already: delete {} to trust it on first use here",
+                pin_file.display()
+            ),
+        ),
+    };
+    tracing::error!(
+        connection = %conn.id,
+        endpoint = %conn.endpoint,
+        %pinned,
+        %presented,
+        rejected = %file,
+        "server certificate changed since it was trusted on first use: refused"
+    );
+    notices
+        .reporter
+        .system_error(serde_json::json!({
+            "error": "server_certificate_changed",
+            "endpoint": conn.endpoint,
+            "pinned_thumbprint": pinned,
+            "presented_thumbprint": presented,
+            "rejected_file": c.rejected_file.map(|f| f.display().to_string()),
+            "pin_file": pin_file.display().to_string(),
+            "message": format!(
+                "{} presents certificate {presented}, not {pinned} trusted there on first use: refused (connection untrusted). If the server's certificate was renewed on purpose, {fix}; otherwise another machine may be answering on this endpoint",
+                conn.endpoint
+            ),
+        }))
+        .await;
 }
 
 pub(crate) async fn create_subscription(
