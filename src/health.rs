@@ -2,7 +2,6 @@
 //! `/metrics`. Read-only views of the status board and the buffer; it never
 //! shows a secret because nothing it reads holds one.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +11,13 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use prometheus_client::encoding::{
+    prometheus_text, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -250,113 +256,192 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
     .into_response()
 }
 
-/// Prometheus label value escaping (backslash, quote, newline).
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+// /metrics (docs/health.md#metrics): each scrape reads a snapshot of the
+// status board, the buffer and the process counters into a fresh
+// prometheus-client registry of constant metrics, which the library encodes
+// (names, types, label escaping, histogram series). The values are counted
+// where they happen; here they are only reported.
+
+/// Labels of the per-stream series.
+#[derive(Debug, EncodeLabelSet)]
+struct StreamLabels {
+    connection: String,
+    kind: &'static str,
+}
+
+#[derive(Debug, EncodeLabelSet)]
+struct ConnectionLabels {
+    connection: String,
+}
+
+#[derive(Debug, EncodeLabelSet)]
+struct ConnectionStateLabels {
+    connection: String,
+    state: &'static str,
+}
+
+#[derive(Debug, EncodeLabelSet)]
+struct DroppedLabels {
+    connection: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+#[derive(Debug, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, EncodeLabelSet)]
+struct TaskLabels {
+    task: String,
+}
+
+/// A metric family read from a snapshot: one constant per label set, in
+/// the order given (configuration order, then label order). The library's
+/// `Family` holds live metrics in a hash map, which would shuffle the
+/// series on every scrape.
+#[derive(Debug)]
+struct Series<L, M>(Vec<(L, M)>);
+
+impl<L: EncodeLabelSet, M: EncodeMetric + TypedMetric> EncodeMetric for Series<L, M> {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        for (labels, metric) in &self.0 {
+            metric.encode(encoder.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        M::TYPE
+    }
+}
+
+/// The publish-latency histogram as the status board counted it
+/// (`LATENCY_BUCKETS`, not cumulative, then +Inf).
+#[derive(Debug)]
+struct Latency(crate::status::Histogram);
+
+impl EncodeMetric for Latency {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        // The +Inf bucket is the total count, which the encoder adds.
+        let buckets: Vec<(f64, u64)> = crate::status::LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .zip(self.0.counts.iter().copied())
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(self.0.sum, self.0.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+fn counter(n: u64) -> ConstCounter {
+    ConstCounter::new(n)
+}
+
+fn gauge(n: u64) -> ConstGauge<u64> {
+    ConstGauge::new(n)
+}
+
+/// One series per buffer stream, in the buffer's order.
+fn per_stream<M>(
+    streams: &[crate::buffer::StreamStats],
+    metric: impl Fn(&crate::buffer::StreamStats) -> M,
+) -> Series<StreamLabels, M> {
+    Series(
+        streams
+            .iter()
+            .map(|s| {
+                let labels = StreamLabels {
+                    connection: s.connection.clone(),
+                    kind: s.kind.as_str(),
+                };
+                (labels, metric(s))
+            })
+            .collect(),
+    )
 }
 
 async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
-    let mut out = String::with_capacity(4096);
+    // Names are written out whole (the prefix aside) so that a metric found
+    // on a dashboard is found here by grep: no `Unit` suffixes. Counters are
+    // registered without `_total`, which the encoder appends. The library
+    // ends each help text with a period.
+    let mut r = Registry::with_prefix("plantgate");
     let mqtt = state.board.mqtt();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(out, "# HELP plantgate_{name} {help}");
-        let _ = writeln!(out, "# TYPE plantgate_{name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "plantgate_{name}{labels} {v}");
-        }
-    };
-    let one = |v: f64| vec![(String::new(), v)];
-    metric("up", "gauge", "The agent process is running.", &one(1.0));
-    metric(
+    r.register("up", "The agent process is running", gauge(1));
+    r.register(
         "uptime_seconds",
-        "gauge",
-        "Seconds since the agent started.",
-        &one(state.started.elapsed().as_secs_f64()),
+        "Seconds since the agent started",
+        ConstGauge::new(state.started.elapsed().as_secs_f64()),
     );
-    metric(
+    r.register(
         "mqtt_connected",
-        "gauge",
-        "1 while the MQTT session is up.",
-        &one(if mqtt.connected { 1.0 } else { 0.0 }),
+        "1 while the MQTT session is up",
+        gauge(u64::from(mqtt.connected)),
     );
-    metric(
-        "mqtt_connects_total",
-        "counter",
-        "MQTT sessions established.",
-        &one(mqtt.reconnects_total as f64),
+    r.register(
+        "mqtt_connects",
+        "MQTT sessions established",
+        counter(mqtt.reconnects_total),
     );
-    metric(
+    r.register(
         "mqtt_inflight_messages",
-        "gauge",
-        "MQTT messages submitted and not yet acknowledged.",
-        &one(mqtt.inflight as f64),
+        "MQTT messages submitted and not yet acknowledged",
+        gauge(mqtt.inflight as u64),
     );
-    metric(
-        "mqtt_rejected_total",
-        "counter",
-        "Publishes the broker refused (MQTT 5 PUBACK reason >= 0x80).",
-        &one(mqtt.rejected_total as f64),
+    r.register(
+        "mqtt_rejected",
+        "Publishes the broker refused (MQTT 5 PUBACK reason >= 0x80)",
+        counter(mqtt.rejected_total),
     );
-    let dead_lettered: Vec<(String, f64)> = mqtt
-        .dead_lettered_by_cause
-        .iter()
-        .map(|(c, n)| (format!("{{cause=\"{c}\"}}"), *n as f64))
-        .collect();
-    metric(
-        "mqtt_dead_lettered_total",
-        "counter",
-        "Records moved to dead letters by the uplink, by cause.",
-        &dead_lettered,
+    r.register(
+        "mqtt_dead_lettered",
+        "Records moved to dead letters by the uplink, by cause",
+        Series(
+            mqtt.dead_lettered_by_cause
+                .iter()
+                .map(|(cause, n)| (CauseLabels { cause }, counter(*n)))
+                .collect(),
+        ),
     );
-    metric(
+    r.register(
         "mqtt_payload_limit_bytes",
-        "gauge",
-        "Largest payload the uplink sends: max_message_bytes or the broker's Maximum Packet Size, whichever is smaller.",
-        &one(mqtt.payload_limit_bytes as f64),
+        "Largest payload the uplink sends: max_message_bytes or the broker's Maximum Packet Size, whichever is smaller",
+        gauge(mqtt.payload_limit_bytes as u64),
     );
-    metric(
-        "published_records_total",
-        "counter",
-        "Records acknowledged by the broker and deleted from the buffer.",
-        &one(mqtt.published_records_total as f64),
+    r.register(
+        "published_records",
+        "Records acknowledged by the broker and deleted from the buffer",
+        counter(mqtt.published_records_total),
     );
-    {
-        // Histogram series: the suffix (_bucket, _sum, _count) travels in
-        // the sample's label part, which `metric` prints right after the name.
-        let h = &mqtt.publish_latency;
-        let mut samples = Vec::new();
-        let mut cumulative = 0;
-        for (i, bound) in crate::status::LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += h.counts[i];
-            samples.push((format!("_bucket{{le=\"{bound}\"}}"), cumulative as f64));
-        }
-        samples.push(("_bucket{le=\"+Inf\"}".to_string(), h.count as f64));
-        samples.push(("_sum".to_string(), h.sum));
-        samples.push(("_count".to_string(), h.count as f64));
-        metric(
-            "publish_latency_seconds",
-            "histogram",
-            "Time from submitting a record message to its PUBACK.",
-            &samples,
-        );
-    }
-    let published: Vec<(String, f64)> = mqtt
-        .published_by_stream
-        .iter()
-        .map(|((c, k), n)| {
-            (
-                format!("{{connection=\"{}\",kind=\"{k}\"}}", label(c)),
-                *n as f64,
-            )
-        })
-        .collect();
-    metric(
-        "records_published_total",
-        "counter",
-        "Records acknowledged by the broker, per stream.",
-        &published,
+    r.register(
+        "publish_latency_seconds",
+        "Time from submitting a record message to its PUBACK",
+        Latency(mqtt.publish_latency.clone()),
+    );
+    r.register(
+        "records_published",
+        "Records acknowledged by the broker, per stream",
+        Series(
+            mqtt.published_by_stream
+                .iter()
+                .map(|((connection, kind), n)| {
+                    let labels = StreamLabels {
+                        connection: connection.clone(),
+                        kind,
+                    };
+                    (labels, counter(*n))
+                })
+                .collect(),
+        ),
     );
     let board = state.board.connections();
     let states = [
@@ -366,171 +451,159 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         "auth_required",
         "untrusted",
     ];
-    let mut conn_state = Vec::new();
-    let mut conn_records = Vec::new();
-    for (id, st) in &board {
-        for s in states {
-            conn_state.push((
-                format!("{{connection=\"{}\",state=\"{s}\"}}", label(id)),
-                if st.state.as_str() == s { 1.0 } else { 0.0 },
-            ));
-        }
-        conn_records.push((
-            format!("{{connection=\"{}\"}}", label(id)),
-            st.records_total as f64,
-        ));
-    }
-    metric(
+    r.register(
         "connection_state",
-        "gauge",
-        "1 for the current state of each plant connection.",
-        &conn_state,
+        "1 for the current state of each plant connection",
+        Series(
+            board
+                .iter()
+                .flat_map(|(id, st)| {
+                    states.into_iter().map(move |s| {
+                        let labels = ConnectionStateLabels {
+                            connection: id.clone(),
+                            state: s,
+                        };
+                        (labels, gauge(u64::from(st.state.as_str() == s)))
+                    })
+                })
+                .collect(),
+        ),
     );
     let mut dropped = Vec::new();
     for (id, st) in &board {
         for (reason, n) in &st.dropped {
-            dropped.push((
-                format!(
-                    "{{connection=\"{}\",reason=\"{}\"}}",
-                    label(id),
-                    reason.as_str()
-                ),
-                *n as f64,
-            ));
+            let labels = DroppedLabels {
+                connection: id.clone(),
+                reason: reason.as_str(),
+            };
+            dropped.push((labels, counter(*n)));
         }
     }
+    // The agent's own losses belong to no connection.
     for (reason, n) in state.board.agent_dropped() {
-        dropped.push((
-            format!("{{connection=\"\",reason=\"{}\"}}", reason.as_str()),
-            n as f64,
-        ));
+        let labels = DroppedLabels {
+            connection: String::new(),
+            reason: reason.as_str(),
+        };
+        dropped.push((labels, counter(n)));
     }
-    metric(
-        "intake_dropped_total",
-        "counter",
-        "Values that reached the agent but were not accepted, per connection and reason.",
-        &dropped,
+    r.register(
+        "intake_dropped",
+        "Values that reached the agent but were not accepted, per connection and reason",
+        Series(dropped),
     );
-    let restarts: Vec<(String, f64)> = state
-        .board
-        .task_restarts()
-        .into_iter()
-        .map(|(t, n)| (format!("{{task=\"{}\"}}", label(&t)), n as f64))
-        .collect();
-    metric(
+    r.register(
         "intake_queued_values",
-        "gauge",
-        "Values waiting between the OPC UA sessions and the buffer (bounded, docs/guarantees.md).",
-        &one(crate::source::intake::queued_values() as f64),
+        "Values waiting between the OPC UA sessions and the buffer (bounded, docs/guarantees.md)",
+        gauge(crate::source::intake::queued_values() as u64),
     );
-    metric(
-        "values_truncated_total",
-        "counter",
-        "Strings and arrays cut to the value limits (the record says so with a trailing marker).",
-        &one(crate::source::value::truncated_total() as f64),
+    r.register(
+        "values_truncated",
+        "Strings and arrays cut to the value limits (the record says so with a trailing marker)",
+        counter(crate::source::value::truncated_total()),
     );
     let conns = connection_stats();
-    metric(
+    r.register(
         "health_connections_open",
-        "gauge",
-        "Connections the health endpoint holds now.",
-        &one(conns.open as f64),
+        "Connections the health endpoint holds now",
+        gauge(conns.open),
     );
-    metric(
-        "health_connections_shed_total",
-        "counter",
-        "Health endpoint connections closed to protect it (docs/health.md), by reason.",
-        &[
+    r.register(
+        "health_connections_shed",
+        "Health endpoint connections closed to protect it (docs/health.md), by reason",
+        Series(vec![
             (
-                "{reason=\"header_timeout\"}".to_string(),
-                conns.shed_header_timeout_total as f64,
+                ReasonLabels {
+                    reason: "header_timeout",
+                },
+                counter(conns.shed_header_timeout_total),
             ),
             (
-                "{reason=\"over_limit\"}".to_string(),
-                conns.shed_over_limit_total as f64,
+                ReasonLabels {
+                    reason: "over_limit",
+                },
+                counter(conns.shed_over_limit_total),
             ),
             (
-                "{reason=\"refused\"}".to_string(),
-                conns.refused_total as f64,
+                ReasonLabels { reason: "refused" },
+                counter(conns.refused_total),
             ),
-        ],
+        ]),
     );
-    metric(
-        "task_restarts_total",
-        "counter",
-        "Supervised tasks that died (panicked or ended) and were restarted.",
-        &restarts,
+    r.register(
+        "task_restarts",
+        "Supervised tasks that died (panicked or ended) and were restarted",
+        Series(
+            state
+                .board
+                .task_restarts()
+                .into_iter()
+                .map(|(task, n)| (TaskLabels { task }, counter(n)))
+                .collect(),
+        ),
     );
-    metric(
-        "opcua_notifications_total",
-        "counter",
-        "Values and events received from each plant connection (records handed to the buffer).",
-        &conn_records,
+    r.register(
+        "opcua_notifications",
+        "Values and events received from each plant connection (records handed to the buffer)",
+        Series(
+            board
+                .iter()
+                .map(|(id, st)| {
+                    let labels = ConnectionLabels {
+                        connection: id.clone(),
+                    };
+                    (labels, counter(st.records_total))
+                })
+                .collect(),
+        ),
     );
     if let Ok(st) = buffer_stats(&state).await {
-        metric(
+        r.register(
             "buffer_records",
-            "gauge",
-            "Records waiting in the buffer.",
-            &one(st.records as f64),
+            "Records waiting in the buffer",
+            gauge(st.records),
         );
-        metric(
+        r.register(
             "buffer_bytes",
-            "gauge",
-            "Bytes of records waiting in the buffer.",
-            &one(st.bytes as f64),
+            "Bytes of records waiting in the buffer",
+            gauge(st.bytes),
         );
         let age = st
             .oldest_ts_ms
             .map(|t| ((now_ms() - t).max(0) as f64) / 1000.0)
             .unwrap_or(0.0);
-        metric(
+        r.register(
             "buffer_oldest_age_seconds",
-            "gauge",
-            "Age of the oldest waiting record.",
-            &one(age),
+            "Age of the oldest waiting record",
+            ConstGauge::new(age),
         );
-        metric(
+        r.register(
             "buffer_dead_letters",
-            "gauge",
-            "Records moved to dead letters after repeated broker rejection.",
-            &one(st.dead_letters as f64),
+            "Records moved to dead letters after repeated broker rejection",
+            gauge(st.dead_letters),
         );
-        let per = |f: &dyn Fn(&crate::buffer::StreamStats) -> f64| -> Vec<(String, f64)> {
-            st.streams
-                .iter()
-                .map(|s| {
-                    (
-                        format!(
-                            "{{connection=\"{}\",kind=\"{}\"}}",
-                            label(&s.connection),
-                            s.kind
-                        ),
-                        f(s),
-                    )
-                })
-                .collect()
-        };
-        metric(
+        r.register(
             "buffer_stream_records",
-            "gauge",
-            "Records waiting, per stream.",
-            &per(&|s| s.records as f64),
+            "Records waiting, per stream",
+            per_stream(&st.streams, |s| gauge(s.records)),
         );
-        metric(
-            "records_accepted_total",
-            "counter",
-            "Records committed to the buffer, per stream (next seq - 1).",
-            &per(&|s| s.next_seq.saturating_sub(1) as f64),
+        r.register(
+            "records_accepted",
+            "Records committed to the buffer, per stream (next seq - 1)",
+            per_stream(&st.streams, |s| counter(s.next_seq.saturating_sub(1))),
         );
-        metric(
-            "records_evicted_total",
-            "counter",
-            "Records dropped by the buffer limits, per stream.",
-            &per(&|s| s.evicted_total as f64),
+        r.register(
+            "records_evicted",
+            "Records dropped by the buffer limits, per stream",
+            per_stream(&st.streams, |s| counter(s.evicted_total)),
         );
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let mut out = String::with_capacity(4096);
+    if let Err(e) = prometheus_text::encode(&mut out, &r) {
+        // Writing to a String fails only if a value's formatting does.
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}")).into_response();
+    }
+    ([(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], out).into_response()
 }
 
 #[cfg(test)]

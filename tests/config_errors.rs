@@ -142,3 +142,80 @@ fn shipped_example_config_is_valid() {
     assert!(stdout.contains("REACTOR_101") && stdout.contains("LINE_A_FILLER"));
     assert!(!stdout.contains("from-credential") && !stderr.contains("from-credential"));
 }
+
+#[test]
+fn duration_mistakes_name_the_key_and_the_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        &dir,
+        r#"
+[agent]
+id = "gw1"
+site = "plant1"
+data_dir = "/tmp/x"
+
+[mqtt]
+url = "mqtts://broker:8883"
+keep_alive = "30"
+heartbeat_interval = "5M"
+reconnect_initial = "500us"
+
+[buffer]
+max_age = "7 parsecs"
+"#,
+    );
+    let out = plantgate()
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "stderr: {stderr}");
+    for (key, text) in [
+        ("mqtt.keep_alive", "\"30\""),
+        ("mqtt.heartbeat_interval", "\"5M\""),
+        ("mqtt.reconnect_initial", "\"500us\""),
+        ("buffer.max_age", "\"7 parsecs\""),
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.trim_start().starts_with(key) && l.contains(text)),
+            "{key} with {text} named in: {stderr}"
+        );
+    }
+}
+
+/// A fraction is read to the millisecond and printed back in the unit the
+/// effective configuration uses, so `check`'s output loads again.
+#[test]
+fn fractional_durations_load_and_print_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        &dir,
+        r#"
+[agent]
+id = "gw1"
+site = "plant1"
+data_dir = "/tmp/x"
+
+[mqtt]
+url = "mqtts://broker:8883"
+heartbeat_interval = "1.5s"
+reconnect_max = "2 minutes"
+"#,
+    );
+    let out = plantgate()
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(
+        stdout.contains("heartbeat_interval = \"1500ms\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("reconnect_max = \"2m\""), "{stdout}");
+}

@@ -1,63 +1,76 @@
 //! Human-written durations (`500ms`, `30s`, `1m30s`, `7d`) and sizes
 //! (`128KiB`, `1GiB`, `100KB`, `4096`), as used throughout docs/configuration.md.
+//! Durations are parsed by humantime; sizes by the hand-written parser below
+//! (see [`parse_size`] for why not bytesize).
 
 use std::time::Duration;
 
-/// Parses a duration made of one or more `<integer><unit>` parts, units
-/// `ms`, `s`, `m`, `h`, `d`. A bare number is refused: whether `30` means
-/// seconds or milliseconds is exactly the kind of guess that bites later.
+use humantime::DurationError;
+
+/// Parses a duration: one or more `<number><unit>` parts such as `500ms`,
+/// `30s`, `1m30s`, `1m 30s` or `1.5s` (docs/configuration.md). humantime
+/// does the parsing; around it plantgate keeps what its configurations have
+/// always relied on:
+/// - a bare number is refused (humantime does too, except `0`): whether `30`
+///   means seconds or milliseconds is exactly the kind of guess that bites
+///   later;
+/// - units are lower case: humantime reads `M` as months next to `m` for
+///   minutes, and a `5M` meant as minutes must not wait five months, so an
+///   upper-case letter is refused, as it always was;
+/// - whole milliseconds: the agent's timers, the OPC UA intervals and the
+///   effective configuration that `plantgate check` prints all count in
+///   milliseconds, so a finer part (`500us`, `1.0005s`) would be dropped
+///   silently;
+/// - at most `u64::MAX` milliseconds, the bound it always had.
+///
+/// Every error names the text, so the caller only adds the key path.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let text = s.trim();
     if text.is_empty() {
         return Err("empty duration (expected e.g. \"500ms\", \"30s\", \"5m\", \"7d\")".into());
     }
-    let bad = || {
-        format!(
-            "invalid duration {s:?} (expected e.g. \"500ms\", \"30s\", \"1m30s\", \"2h\", \"7d\")"
-        )
-    };
-    let mut rest = text;
-    let mut total_ms: u128 = 0;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(bad());
-        }
-        let number: u128 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
-        let factor: u128 = match &rest[..unit_len] {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            "" => {
-                return Err(format!(
-                    "duration {s:?} needs a unit: ms, s, m, h or d (e.g. \"30s\")"
-                ))
-            }
-            other => {
-                return Err(format!(
-                    "unknown duration unit {other:?} in {s:?} (use ms, s, m, h or d)"
-                ))
-            }
-        };
-        total_ms = number
-            .checked_mul(factor)
-            .and_then(|v| total_ms.checked_add(v))
-            .ok_or_else(|| format!("duration {s:?} is too large"))?;
-        rest = &rest[unit_len..];
-        // "1m 30s" reads naturally; tolerate the space.
-        rest = rest.trim_start();
+    if text.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err(format!(
+            "invalid duration {s:?}: units are lower case (ms, s, m, h, d; \"M\" would be months)"
+        ));
     }
-    let ms = u64::try_from(total_ms).map_err(|_| format!("duration {s:?} is too large"))?;
-    Ok(Duration::from_millis(ms))
+    let d = humantime::parse_duration(text).map_err(|e| match e {
+        DurationError::UnknownUnit { unit, .. } if unit.is_empty() => {
+            format!("duration {s:?} needs a unit: ms, s, m, h or d (e.g. \"30s\")")
+        }
+        DurationError::UnknownUnit { unit, .. } => {
+            format!("unknown duration unit {unit:?} in {s:?} (use ms, s, m, h or d)")
+        }
+        DurationError::NumberOverflow => format!("duration {s:?} is too large"),
+        _ => format!(
+            "invalid duration {s:?} (expected e.g. \"500ms\", \"30s\", \"1m30s\", \"2h\", \"7d\")"
+        ),
+    })?;
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!(
+            "duration {s:?} is finer than a millisecond, the smallest step the agent uses"
+        ));
+    }
+    if u64::try_from(d.as_millis()).is_err() {
+        return Err(format!("duration {s:?} is too large"));
+    }
+    Ok(d)
 }
 
 /// Parses a byte size: a plain integer (bytes) or an integer with a unit.
 /// `KiB`/`MiB`/`GiB`/`TiB` are powers of 1024, `KB`/`MB`/`GB`/`TB` powers of
-/// 1000, as their names say. Units are matched case-insensitively.
+/// 1000, as their names say. Units are matched case-insensitively
+/// (docs/configuration.md).
+///
+/// Hand-written rather than bytesize, whose parser would change what
+/// existing configurations mean: it reads a lone `k`, `m`, `g`, `t` as
+/// powers of 1000 where plantgate has always read them as powers of 1024
+/// (`max_size = "512m"` would shrink by 4.6 %, `"1g"` by 7 %, without a
+/// word), and it multiplies in `f64` and saturates, so `"99999999999TiB"`
+/// would become 16 EiB instead of an error. A wrapper fixing both has to
+/// split number and unit itself, which is most of this function; and
+/// [`format_size`] must stay exact for `plantgate check`, where bytesize's
+/// display rounds (`100000` is "97.7 KiB").
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let text = s.trim();
     let bad = || {
@@ -125,6 +138,41 @@ mod tests {
             parse_duration("1h1m1s1ms"),
             Ok(Duration::from_millis(3_661_001))
         );
+        // What humantime adds: fractions down to the millisecond, spelled
+        // out units, weeks, a space before the unit, and a bare zero.
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.25s"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5 minutes"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("30sec"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(14 * 86_400)));
+        assert_eq!(parse_duration("1 m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1000us"), Ok(Duration::from_millis(1)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+    }
+
+    /// Every duration the configuration docs and examples write reads as
+    /// it did before humantime (the hand-written parser's results).
+    #[test]
+    fn documented_durations_keep_their_values() {
+        for (text, ms) in [
+            ("500ms", 500),
+            ("250ms", 250),
+            ("1s", 1_000),
+            ("30s", 30_000),
+            ("60s", 60_000),
+            ("65535s", 65_535_000),
+            ("5m", 300_000),
+            ("1m30s", 90_000),
+            ("2h", 7_200_000),
+            ("7d", 604_800_000),
+            ("0s", 0),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(ms)),
+                "{text}"
+            );
+        }
     }
 
     #[test]
@@ -133,12 +181,21 @@ mod tests {
             "",
             "30",
             "abc",
-            "5 minutes",
-            "1.5s",
             "-1s",
             "s",
             "10x",
+            "1.5.5s",
             "99999999999999999999d",
+            "500000000000000000000000s",
+            // Upper case: `M` would be months in humantime.
+            "5M",
+            "30S",
+            // Finer than a millisecond.
+            "500us",
+            "1.0005s",
+            "10ns",
+            // Fits humantime's u64 seconds, not the agent's u64 milliseconds.
+            "18446744073709552s",
         ] {
             let err = parse_duration(bad).expect_err(bad);
             if !bad.is_empty() {
@@ -146,6 +203,14 @@ mod tests {
             }
         }
         assert!(parse_duration("30").unwrap_err().contains("needs a unit"));
+        assert!(parse_duration("10x")
+            .unwrap_err()
+            .contains("unknown duration unit"));
+        assert!(parse_duration("5M").unwrap_err().contains("lower case"));
+        assert!(parse_duration("500us").unwrap_err().contains("millisecond"));
+        assert!(parse_duration("18446744073709552s")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]
