@@ -412,7 +412,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 load_control,
                 ..Default::default()
             };
-            match plantgate::sim::run_simulator_with(&kind, opts, extras, cancel).await {
+            match plantgate::sim::run_simulator(&kind, opts, extras, cancel).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("plantgate simulate: {e}");

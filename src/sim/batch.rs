@@ -218,6 +218,39 @@ fn round_dp(v: f64, decimals: i32) -> f64 {
 /// (COMPLETE, or ABORTED with a FAIL_INDEX, or STOPPED), BATCH_ID cleared,
 /// IDLE.
 pub fn plan_batch(rng: &mut impl Rng, t0: f64, batch_id: String) -> BatchPlan {
+    // The draws happen in a fixed order (recipe, story, phases, end) so that
+    // one seed always tells the same stories.
+    let (recipe, params) = pick_recipe(rng);
+    let story = Story::draw(rng);
+    // A second between the recipe and BATCH_ID: the plant writes them in
+    // separate steps.
+    let mut writes: Vec<(f64, Write)> = start_batch_writes(&batch_id, recipe, &params)
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| (t0 + i as f64, w))
+        .collect();
+    let phases = phase_writes(rng, &story, t0 + 2.0, &mut writes);
+    let mut t = phases.t;
+    if !phases.ended {
+        writes.push((t, vec![pv(BSTATUS, COMPLETE)]));
+    }
+    // BATCH_ID cleared last, a few seconds after the final state.
+    t += rng.gen_range(3.0..8.0);
+    writes.push((t, vec![pv(BATCH_ID, "")]));
+    t += 2.0;
+    writes.push((t, idle_writes()));
+    BatchPlan {
+        batch_id,
+        recipe: recipe.to_string(),
+        params,
+        held: phases.held,
+        outcome: story.outcome,
+        writes,
+    }
+}
+
+/// A recipe and its parameters, each a little off the recipe's nominal value.
+fn pick_recipe(rng: &mut impl Rng) -> (&'static str, Vec<(String, f64)>) {
     let (recipe, charge, temp, time) = RECIPES[rng.gen_range(0..RECIPES.len())];
     let params = vec![
         (
@@ -233,40 +266,64 @@ pub fn plan_batch(rng: &mut impl Rng, t0: f64, batch_id: String) -> BatchPlan {
             round_dp(time * rng.gen_range(0.9..1.1), 0),
         ),
     ];
-    // Decide the batch's story up front: where a hold and an abnormal end
-    // happen (phase index and fraction of that phase).
-    let hold = rng
-        .gen_bool(P_HOLD)
-        .then(|| (rng.gen_range(0..PHASES.len()), rng.gen_range(0.2..0.6)));
-    let roll: f64 = rng.gen();
-    let outcome = if roll < P_ABORT {
-        Outcome::Aborted
-    } else if roll < P_ABORT + P_STOP {
-        Outcome::Stopped
-    } else {
-        Outcome::Complete
-    };
-    let end_at = (outcome != Outcome::Complete)
-        .then(|| (rng.gen_range(0..PHASES.len()), rng.gen_range(0.3..0.9)));
-    // A hold after the abnormal end would never happen.
-    let hold = hold.filter(|&(hp, hf)| match end_at {
-        Some((ep, ef)) => (hp, hf) < (ep, ef),
-        None => true,
-    });
+    (recipe, params)
+}
 
-    let mut writes: Vec<(f64, Write)> = Vec::new();
-    let mut t = t0;
-    for (i, w) in start_batch_writes(&batch_id, recipe, &params)
-        .into_iter()
-        .enumerate()
-    {
-        // A second between the recipe and BATCH_ID: the plant writes them in
-        // separate steps.
-        writes.push((t0 + i as f64, w));
+/// A batch's story, decided up front: where a hold and an abnormal end
+/// happen, each as (phase index, fraction of that phase).
+struct Story {
+    hold: Option<(usize, f64)>,
+    outcome: Outcome,
+    /// Some exactly when `outcome` is not `Complete`.
+    end_at: Option<(usize, f64)>,
+}
+
+impl Story {
+    fn draw(rng: &mut impl Rng) -> Story {
+        let hold = rng
+            .gen_bool(P_HOLD)
+            .then(|| (rng.gen_range(0..PHASES.len()), rng.gen_range(0.2..0.6)));
+        let roll: f64 = rng.gen();
+        let outcome = if roll < P_ABORT {
+            Outcome::Aborted
+        } else if roll < P_ABORT + P_STOP {
+            Outcome::Stopped
+        } else {
+            Outcome::Complete
+        };
+        let end_at = (outcome != Outcome::Complete)
+            .then(|| (rng.gen_range(0..PHASES.len()), rng.gen_range(0.3..0.9)));
+        // A hold after the abnormal end would never happen.
+        let hold = hold.filter(|&(hp, hf)| match end_at {
+            Some((ep, ef)) => (hp, hf) < (ep, ef),
+            None => true,
+        });
+        Story {
+            hold,
+            outcome,
+            end_at,
+        }
     }
-    t += 2.0;
+}
+
+/// Where the phases left the batch.
+struct PhasesEnd {
+    /// Time of the last state written.
+    t: f64,
+    held: bool,
+    /// Ended abnormally (ABORTED or STOPPED written).
+    ended: bool,
+}
+
+/// The phases from `t` on, RUNNING with the first, with the story's hold
+/// and abnormal end (which stops the phases).
+fn phase_writes(
+    rng: &mut impl Rng,
+    story: &Story,
+    mut t: f64,
+    writes: &mut Vec<(f64, Write)>,
+) -> PhasesEnd {
     let mut held = false;
-    let mut ended = false;
     for (i, phase) in PHASES.iter().enumerate() {
         let (lo, hi) = PHASE_SECONDS[i];
         let duration = rng.gen_range(lo..hi);
@@ -277,61 +334,71 @@ pub fn plan_batch(rng: &mut impl Rng, t0: f64, batch_id: String) -> BatchPlan {
             writes.push((t, vec![pv(PHASE, *phase)]));
         }
         let mut extra = 0.0;
-        if let Some((hp, hf)) = hold {
-            if hp == i {
-                let mut th = phase_start + duration * hf;
-                writes.push((th, vec![pv(BSTATUS, HOLDING)]));
-                th += rng.gen_range(2.0..5.0);
-                writes.push((th, vec![pv(BSTATUS, HELD)]));
-                th += rng.gen_range(10.0..40.0);
-                writes.push((th, vec![pv(BSTATUS, RESTARTING)]));
-                th += rng.gen_range(2.0..5.0);
-                writes.push((th, vec![pv(BSTATUS, RUNNING)]));
-                extra = th - (phase_start + duration * hf);
-                held = true;
-            }
+        if let Some((_, hf)) = story.hold.filter(|&(hp, _)| hp == i) {
+            extra = hold_writes(rng, phase_start + duration * hf, writes);
+            held = true;
         }
-        if let Some((ep, ef)) = end_at {
-            if ep == i {
-                let mut te = phase_start + duration * ef + extra;
-                match outcome {
-                    Outcome::Aborted => {
-                        let fail = rng.gen_range(1..=40);
-                        // FAIL_INDEX with ABORTING: the reason is known when
-                        // the abort starts.
-                        writes.push((te, vec![pv(FAIL_INDEX, fail), pv(BSTATUS, ABORTING)]));
-                        te += rng.gen_range(3.0..8.0);
-                        writes.push((te, vec![pv(BSTATUS, ABORTED)]));
-                    }
-                    _ => {
-                        writes.push((te, vec![pv(BSTATUS, STOPPING)]));
-                        te += rng.gen_range(3.0..8.0);
-                        writes.push((te, vec![pv(BSTATUS, STOPPED)]));
-                    }
-                }
-                t = te;
-                ended = true;
-                break;
-            }
+        if let Some((_, ef)) = story.end_at.filter(|&(ep, _)| ep == i) {
+            let t = abnormal_end_writes(
+                rng,
+                story.outcome,
+                phase_start + duration * ef + extra,
+                writes,
+            );
+            return PhasesEnd {
+                t,
+                held,
+                ended: true,
+            };
         }
         t = phase_start + duration + extra;
     }
-    if !ended {
-        writes.push((t, vec![pv(BSTATUS, COMPLETE)]));
-    }
-    // BATCH_ID cleared last, a few seconds after the final state.
-    t += rng.gen_range(3.0..8.0);
-    writes.push((t, vec![pv(BATCH_ID, "")]));
-    t += 2.0;
-    writes.push((t, idle_writes()));
-    BatchPlan {
-        batch_id,
-        recipe: recipe.to_string(),
-        params,
+    PhasesEnd {
+        t,
         held,
-        outcome,
-        writes,
+        ended: false,
     }
+}
+
+/// HOLDING, HELD, RESTARTING, RUNNING from `start` on; returns how long the
+/// hold delayed the phase.
+fn hold_writes(rng: &mut impl Rng, start: f64, writes: &mut Vec<(f64, Write)>) -> f64 {
+    let mut th = start;
+    writes.push((th, vec![pv(BSTATUS, HOLDING)]));
+    th += rng.gen_range(2.0..5.0);
+    writes.push((th, vec![pv(BSTATUS, HELD)]));
+    th += rng.gen_range(10.0..40.0);
+    writes.push((th, vec![pv(BSTATUS, RESTARTING)]));
+    th += rng.gen_range(2.0..5.0);
+    writes.push((th, vec![pv(BSTATUS, RUNNING)]));
+    th - start
+}
+
+/// ABORTING then ABORTED (with a FAIL_INDEX), or STOPPING then STOPPED,
+/// from `start` on; returns the time of the final state.
+fn abnormal_end_writes(
+    rng: &mut impl Rng,
+    outcome: Outcome,
+    start: f64,
+    writes: &mut Vec<(f64, Write)>,
+) -> f64 {
+    let mut te = start;
+    match outcome {
+        Outcome::Aborted => {
+            let fail = rng.gen_range(1..=40);
+            // FAIL_INDEX with ABORTING: the reason is known when the abort
+            // starts.
+            writes.push((te, vec![pv(FAIL_INDEX, fail), pv(BSTATUS, ABORTING)]));
+            te += rng.gen_range(3.0..8.0);
+            writes.push((te, vec![pv(BSTATUS, ABORTED)]));
+        }
+        _ => {
+            writes.push((te, vec![pv(BSTATUS, STOPPING)]));
+            te += rng.gen_range(3.0..8.0);
+            writes.push((te, vec![pv(BSTATUS, STOPPED)]));
+        }
+    }
+    te
 }
 
 /// Seed for one unit's random stream: different units, different stories.

@@ -109,7 +109,7 @@ pub async fn start_deltav(opts: SimOptions) -> Result<SimServer, SimError> {
 
 /// [`start_deltav`] with options beyond `SimOptions`.
 pub async fn start_deltav_with(opts: SimOptions, extras: SimExtras) -> Result<SimServer, SimError> {
-    let builder = SimBuilder::new_with(
+    let builder = SimBuilder::new(
         &opts,
         &extras,
         SimSpec {

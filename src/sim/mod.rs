@@ -90,7 +90,7 @@ pub struct SimExtras {
     /// `Overflow` info bit when publishing is much slower than sampling,
     /// for tests of docs/guarantees.md. (OPC UA sets no Overflow bit on a queue of 1.)
     pub max_queue_size: Option<usize>,
-    /// The load tags start paused, and [`run_simulator_with`] speaks the
+    /// The load tags start paused, and [`run_simulator`] speaks the
     /// line protocol of [`load`] on stdin/stdout (`simulate --load-control`,
     /// for benchmarks).
     pub load_control: bool,
@@ -114,18 +114,10 @@ pub enum SimError {
     Script(String),
 }
 
-/// Runs a simulator until `cancel` (`plantgate simulate`). Prints the endpoint
-/// so a user can paste it into a config.
+/// Runs a simulator until `cancel` (`plantgate simulate`), with `extras`
+/// (`SimExtras::default()` for none; e.g. the `--security` switches). Prints
+/// the endpoint so a user can paste it into a config.
 pub async fn run_simulator(
-    kind: &str,
-    opts: SimOptions,
-    cancel: CancellationToken,
-) -> Result<(), SimError> {
-    run_simulator_with(kind, opts, SimExtras::default(), cancel).await
-}
-
-/// [`run_simulator`] with [`SimExtras`] (e.g. `--security` switches).
-pub async fn run_simulator_with(
     kind: &str,
     opts: SimOptions,
     extras: SimExtras,
@@ -168,10 +160,18 @@ mod tests {
             // Cancelled up front: starts, prints its endpoint, stops.
             cancel.cancel();
             let opts = SimOptions::new(dir.path().join(kind));
-            run_simulator(kind, opts, cancel).await.expect(kind);
+            run_simulator(kind, opts, SimExtras::default(), cancel)
+                .await
+                .expect(kind);
         }
         let opts = SimOptions::new(dir.path().join("x"));
-        let err = run_simulator("scada", opts, CancellationToken::new()).await;
+        let err = run_simulator(
+            "scada",
+            opts,
+            SimExtras::default(),
+            CancellationToken::new(),
+        )
+        .await;
         assert!(matches!(err, Err(SimError::UnknownKind(k)) if k == "scada"));
     }
 }

@@ -337,7 +337,7 @@ pub async fn start_optomes_with(
     opts: SimOptions,
     extras: SimExtras,
 ) -> Result<SimServer, SimError> {
-    let builder = SimBuilder::new_with(
+    let builder = SimBuilder::new(
         &opts,
         &extras,
         SimSpec {

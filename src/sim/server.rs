@@ -292,117 +292,24 @@ pub struct SimBuilder {
 }
 
 impl SimBuilder {
-    pub async fn new(opts: &SimOptions, spec: SimSpec) -> Result<SimBuilder, SimError> {
-        Self::new_with(opts, &SimExtras::default(), spec).await
-    }
-
-    pub async fn new_with(
+    /// Binds `opts.listen` and builds (but does not start) the server of
+    /// `spec`; `extras` (`SimExtras::default()` for none) narrow what it
+    /// offers.
+    pub async fn new(
         opts: &SimOptions,
         extras: &SimExtras,
         spec: SimSpec,
     ) -> Result<SimBuilder, SimError> {
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .map_err(|e| SimError::Bind(opts.listen, e))?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| SimError::Bind(opts.listen, e))?;
-        // Clients connect to what we advertise; a wildcard address is not
-        // connectable, loopback is the useful default for a simulator.
-        let host: IpAddr = if local.ip().is_unspecified() {
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        } else {
-            local.ip()
-        };
-        let host_text = match host {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("[{v6}]"),
-        };
-        let endpoint = format!("opc.tcp://{host_text}:{}/", local.port());
-
+        let (listener, host_text, port) = bind(opts.listen).await?;
+        let endpoint = format!("opc.tcp://{host_text}:{port}/");
         std::fs::create_dir_all(&opts.pki_dir)
             .map_err(|e| SimError::Pki(opts.pki_dir.display().to_string(), e.to_string()))?;
-
-        let token_ids: Vec<String> = match &opts.user {
-            Some(_) => vec![USER_TOKEN_ID.to_string()],
-            None => vec![ANONYMOUS_USER_TOKEN_ID.to_string()],
-        };
-        let mut builder = ServerBuilder::new()
-            .application_name(format!("plantgate {} simulator", spec.name))
-            .application_uri(format!("urn:plantgate:sim:{}:server", spec.name))
-            .product_uri("urn:plantgate:sim")
-            .create_sample_keypair(true)
-            .pki_dir(&opts.pki_dir)
-            // A simulator: accept any client certificate.
-            .trust_client_certs(true)
-            .host(host_text.trim_matches(['[', ']']).to_string())
-            .port(local.port())
-            .discovery_urls(vec!["/".to_string()])
-            // Faster than the 100 ms default so short intervals behave as asked.
-            .subscription_poll_interval_ms(10)
-            .max_array_length(1_000_000)
-            .max_message_size(256 * 1024 * 1024)
-            .max_chunk_count(4096);
-        // Registered first, these push the simulator's namespace to a higher
-        // index: what a server restart with a changed configuration does.
-        for (i, uri) in extras.namespaces_before.iter().enumerate() {
-            builder = builder.with_node_manager(simple_node_manager(
-                NamespaceMetadata {
-                    namespace_uri: uri.clone(),
-                    ..Default::default()
-                },
-                &format!("{}-extra-{i}", spec.name),
-            ));
-        }
-        builder = builder.with_node_manager(simple_node_manager(
-            NamespaceMetadata {
-                namespace_uri: spec.namespace_uri.clone(),
-                ..Default::default()
-            },
-            &spec.name,
-        ));
-        let endpoints = sim_endpoints(&token_ids, extras.endpoints.as_deref());
-        let Some((default_endpoint, _)) = endpoints.first().cloned() else {
-            return Err(SimError::Build("no endpoint left to offer".into()));
-        };
-        for (id, endpoint) in endpoints {
-            builder = builder.add_endpoint(id, endpoint);
-        }
-        builder = builder.default_endpoint(default_endpoint);
-        if let Some((user, pass)) = &opts.user {
-            builder = builder.add_user_token(
-                USER_TOKEN_ID,
-                ServerUserToken::user_pass(user.clone(), pass.clone()),
-            );
-        }
-        {
-            let limits = builder.limits_mut();
-            limits.subscriptions.max_monitored_items_per_sub = 0;
-            limits.subscriptions.max_monitored_item_queue_size =
-                extras.max_queue_size.unwrap_or(100_000).max(1);
-            limits.subscriptions.min_sampling_interval_ms = 10.0;
-            limits.subscriptions.min_publishing_interval_ms = 10.0;
-            limits.subscriptions.max_notifications_per_publish = 20_000;
-            // Not "0 = unlimited" as documented: 0 keeps one message only.
-            limits.subscriptions.max_queued_notifications = 10_000;
-            limits.operational.max_monitored_items_per_call = 100_000;
-            limits.operational.max_nodes_per_read = 100_000;
-        }
-
+        let builder = base_builder(opts, &spec, &host_text, port);
+        let builder = with_namespaces(builder, extras, &spec);
+        let mut builder = with_endpoints(builder, opts, extras)?;
+        set_limits(&mut builder, extras);
         let (server, handle) = builder.build().map_err(SimError::Build)?;
-        let manager = handle
-            .node_managers()
-            .get_by_name::<SimpleNodeManager>(&spec.name)
-            .ok_or_else(|| SimError::Build("simple node manager missing".into()))?;
-        let index = handle
-            .get_namespace_index(&spec.namespace_uri)
-            .ok_or_else(|| SimError::Build("namespace not registered".into()))?;
-        let namespace = SimNamespace {
-            manager,
-            subscriptions: handle.subscriptions().clone(),
-            index,
-            uri: Arc::from(spec.namespace_uri.as_str()),
-        };
+        let namespace = sim_namespace(&handle, &spec)?;
         let cancel = handle.token().clone();
         Ok(SimBuilder {
             server,
@@ -449,6 +356,137 @@ impl SimBuilder {
             extensions: Vec::new(),
         }
     }
+}
+
+/// Binds `listen`; returns the listener and the host (bracketed if IPv6)
+/// and port to advertise.
+async fn bind(listen: SocketAddr) -> Result<(TcpListener, String, u16), SimError> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| SimError::Bind(listen, e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| SimError::Bind(listen, e))?;
+    // Clients connect to what we advertise; a wildcard address is not
+    // connectable, loopback is the useful default for a simulator.
+    let host: IpAddr = if local.ip().is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        local.ip()
+    };
+    let host_text = match host {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    Ok((listener, host_text, local.port()))
+}
+
+/// Identity, address, PKI and message sizes of the simulator of `spec`.
+fn base_builder(opts: &SimOptions, spec: &SimSpec, host_text: &str, port: u16) -> ServerBuilder {
+    ServerBuilder::new()
+        .application_name(format!("plantgate {} simulator", spec.name))
+        .application_uri(format!("urn:plantgate:sim:{}:server", spec.name))
+        .product_uri("urn:plantgate:sim")
+        .create_sample_keypair(true)
+        .pki_dir(&opts.pki_dir)
+        // A simulator: accept any client certificate.
+        .trust_client_certs(true)
+        .host(host_text.trim_matches(['[', ']']).to_string())
+        .port(port)
+        .discovery_urls(vec!["/".to_string()])
+        // Faster than the 100 ms default so short intervals behave as asked.
+        .subscription_poll_interval_ms(10)
+        .max_array_length(1_000_000)
+        .max_message_size(256 * 1024 * 1024)
+        .max_chunk_count(4096)
+}
+
+/// The node managers: `extras.namespaces_before`, then the simulator's own
+/// (named `spec.name`, which `sim_namespace` looks up).
+fn with_namespaces(
+    mut builder: ServerBuilder,
+    extras: &SimExtras,
+    spec: &SimSpec,
+) -> ServerBuilder {
+    // Registered first, these push the simulator's namespace to a higher
+    // index: what a server restart with a changed configuration does.
+    for (i, uri) in extras.namespaces_before.iter().enumerate() {
+        builder = builder.with_node_manager(simple_node_manager(
+            NamespaceMetadata {
+                namespace_uri: uri.clone(),
+                ..Default::default()
+            },
+            &format!("{}-extra-{i}", spec.name),
+        ));
+    }
+    builder.with_node_manager(simple_node_manager(
+        NamespaceMetadata {
+            namespace_uri: spec.namespace_uri.clone(),
+            ..Default::default()
+        },
+        &spec.name,
+    ))
+}
+
+/// The endpoints offered (all, or `extras.endpoints`), each accepting either
+/// anonymous or the one configured user, never both.
+fn with_endpoints(
+    mut builder: ServerBuilder,
+    opts: &SimOptions,
+    extras: &SimExtras,
+) -> Result<ServerBuilder, SimError> {
+    let token_ids: Vec<String> = match &opts.user {
+        Some(_) => vec![USER_TOKEN_ID.to_string()],
+        None => vec![ANONYMOUS_USER_TOKEN_ID.to_string()],
+    };
+    let endpoints = sim_endpoints(&token_ids, extras.endpoints.as_deref());
+    let Some((default_endpoint, _)) = endpoints.first().cloned() else {
+        return Err(SimError::Build("no endpoint left to offer".into()));
+    };
+    for (id, endpoint) in endpoints {
+        builder = builder.add_endpoint(id, endpoint);
+    }
+    builder = builder.default_endpoint(default_endpoint);
+    if let Some((user, pass)) = &opts.user {
+        builder = builder.add_user_token(
+            USER_TOKEN_ID,
+            ServerUserToken::user_pass(user.clone(), pass.clone()),
+        );
+    }
+    Ok(builder)
+}
+
+/// Limits generous enough for the load tests (docs/performance.md), except
+/// the monitored-item queue when `extras.max_queue_size` caps it.
+fn set_limits(builder: &mut ServerBuilder, extras: &SimExtras) {
+    let limits = builder.limits_mut();
+    limits.subscriptions.max_monitored_items_per_sub = 0;
+    limits.subscriptions.max_monitored_item_queue_size =
+        extras.max_queue_size.unwrap_or(100_000).max(1);
+    limits.subscriptions.min_sampling_interval_ms = 10.0;
+    limits.subscriptions.min_publishing_interval_ms = 10.0;
+    limits.subscriptions.max_notifications_per_publish = 20_000;
+    // Not "0 = unlimited" as documented: 0 keeps one message only.
+    limits.subscriptions.max_queued_notifications = 10_000;
+    limits.operational.max_monitored_items_per_call = 100_000;
+    limits.operational.max_nodes_per_read = 100_000;
+}
+
+/// The simulator's namespace in a built server: its node manager and index.
+fn sim_namespace(handle: &ServerHandle, spec: &SimSpec) -> Result<SimNamespace, SimError> {
+    let manager = handle
+        .node_managers()
+        .get_by_name::<SimpleNodeManager>(&spec.name)
+        .ok_or_else(|| SimError::Build("simple node manager missing".into()))?;
+    let index = handle
+        .get_namespace_index(&spec.namespace_uri)
+        .ok_or_else(|| SimError::Build("namespace not registered".into()))?;
+    Ok(SimNamespace {
+        manager,
+        subscriptions: handle.subscriptions().clone(),
+        index,
+        uri: Arc::from(spec.namespace_uri.as_str()),
+    })
 }
 
 /// All policies the product supports, with every mode each allows, or only
