@@ -100,7 +100,7 @@ pub async fn start(
         connections: config
             .connections
             .iter()
-            .map(|c| (c.id.clone(), c.kind.as_str().to_string()))
+            .map(|c| (c.id.clone(), c.kind().as_str().to_string()))
             .collect(),
     });
     let health_state_for_restart = health_state.clone();

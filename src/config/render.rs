@@ -10,6 +10,7 @@ use std::fmt::{self, Write as _};
 
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
+use super::keys;
 use super::model::Config;
 use super::units::format_size;
 
@@ -31,8 +32,8 @@ pub fn render(config: &Config) -> String {
     }
 }
 
-/// Keeps the output a loadable config: values derived from `mqtt.url` and
-/// the keys of other connection kinds would be rejected by the loader.
+/// Keeps the output a loadable config (values derived from `mqtt.url` would
+/// be rejected by the loader) written the way users write it.
 fn prune(root: &mut Vec<(String, Node)>) {
     for (key, value) in root.iter_mut() {
         match (key.as_str(), value) {
@@ -43,16 +44,13 @@ fn prune(root: &mut Vec<(String, Node)>) {
             ("buffer", Node::Table(buffer)) => human_sizes(buffer, "max_size"),
             ("connections", Node::Array(conns)) => {
                 for conn in conns.iter_mut() {
-                    let Node::Table(conn) = conn else { continue };
-                    let kind = conn.iter().find_map(|(k, v)| match (k.as_str(), v) {
-                        ("kind", Node::Str(s)) => Some(s.clone()),
-                        _ => None,
-                    });
-                    conn.retain(|(k, _)| match k.as_str() {
-                        "units" => kind.as_deref() == Some("deltav"),
-                        "work_centers" | "oee_window" => kind.as_deref() == Some("optomes"),
-                        _ => true,
-                    });
+                    if let Node::Table(conn) = conn {
+                        // The kind's own keys serialize after the common
+                        // ones; print them in the key table's order instead
+                        // (a key the table lacks goes last, where the reload
+                        // in the tests reports it as unknown).
+                        conn.sort_by_key(|(k, _)| keys::position(k).unwrap_or(usize::MAX));
+                    }
                 }
             }
             _ => {}
