@@ -943,6 +943,69 @@ impl Walker<'_> {
             self.check_keys(t, p, MQTT_KEYS);
         }
         let allow_plaintext = self.bool(t, p, "allow_plaintext", false);
+        let (url, host, port, tls) = self.mqtt_url(t, p, allow_plaintext);
+        let (ca_file, client_cert_file, client_key_file) = self.mqtt_tls_files(t, p);
+        let username = self.optional(t, p, "username");
+        let password = self.password(t, p);
+        let protocol = self.mqtt_protocol(t, p, username.is_some());
+
+        let topic_prefix = match self.string(t, p, "topic_prefix") {
+            None => "plantgate".to_string(),
+            Some(s) => {
+                if let Err(e) = check_topic_prefix(&s) {
+                    self.problem(join(p, "topic_prefix"), e);
+                }
+                s
+            }
+        };
+        let keep_alive = match self.duration(t, p, "keep_alive") {
+            None => Duration::from_secs(30),
+            // MQTT carries keep-alive as whole seconds in a u16.
+            Some(d) if d < Duration::from_secs(1) || d > Duration::from_secs(65_535) => {
+                self.problem(join(p, "keep_alive"), "must be between 1s and 65535s");
+                Duration::from_secs(30)
+            }
+            Some(d) => d,
+        };
+        let heartbeat_interval = self.duration_at_least(
+            t,
+            p,
+            "heartbeat_interval",
+            Duration::from_secs(30),
+            Duration::from_millis(1),
+        );
+        let max_message_bytes = self.max_message_bytes(t, p);
+        let (reconnect_initial, reconnect_max) = self.backoff(t, p);
+
+        MqttConfig {
+            url: url.unwrap_or_default(),
+            host,
+            port,
+            tls,
+            allow_plaintext,
+            ca_file,
+            client_cert_file,
+            client_key_file,
+            username,
+            password,
+            protocol,
+            topic_prefix,
+            keep_alive,
+            heartbeat_interval,
+            max_message_bytes,
+            reconnect_initial,
+            reconnect_max,
+        }
+    }
+
+    /// `url` as given plus its host, port and TLS flag; plaintext only with
+    /// `allow_plaintext` (docs/configuration.md, "[mqtt]").
+    fn mqtt_url(
+        &mut self,
+        t: Option<&Table>,
+        p: &str,
+        allow_plaintext: bool,
+    ) -> (Option<String>, String, u16, bool) {
         let url = self.required(t, p, "url", " (e.g. \"mqtts://broker.example.com:8883\")");
         let (host, port, tls) = match url.as_deref().map(parse_mqtt_url) {
             Some(Ok(parsed)) => parsed,
@@ -965,7 +1028,16 @@ impl Walker<'_> {
                 );
             }
         }
+        (url, host, port, tls)
+    }
 
+    /// `ca_file`, `client_cert_file`, `client_key_file`; mutual TLS needs
+    /// both of the client's.
+    fn mqtt_tls_files(
+        &mut self,
+        t: Option<&Table>,
+        p: &str,
+    ) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
         let ca_file = self.readable_file(t, p, "ca_file");
         let client_cert_file = self.readable_file(t, p, "client_cert_file");
         let client_key_file = self.readable_file(t, p, "client_key_file");
@@ -983,10 +1055,10 @@ impl Walker<'_> {
             ),
             _ => {}
         }
+        (ca_file, client_cert_file, client_key_file)
+    }
 
-        let username = self.optional(t, p, "username");
-        let password = self.password(t, p);
-
+    fn mqtt_protocol(&mut self, t: Option<&Table>, p: &str, has_username: bool) -> MqttProtocol {
         let protocol = match self.string(t, p, "protocol") {
             None => MqttProtocol::V5,
             Some(s) => match s.trim().to_ascii_lowercase().as_str() {
@@ -1002,7 +1074,7 @@ impl Walker<'_> {
             },
         };
         // MQTT 3.1.1 (3.1.2.9) forbids a password without a user name.
-        if protocol == MqttProtocol::V311 && username.is_none() && get(t, "username").is_none() {
+        if protocol == MqttProtocol::V311 && !has_username && get(t, "username").is_none() {
             if let Some(key) = PASSWORD_KEYS.iter().find(|k| get(t, k).is_some()) {
                 let key = *key;
                 self.problem(
@@ -1011,64 +1083,23 @@ impl Walker<'_> {
                 );
             }
         }
+        protocol
+    }
 
-        let topic_prefix = match self.string(t, p, "topic_prefix") {
-            None => "plantgate".to_string(),
-            Some(s) => {
-                if let Err(e) = check_topic_prefix(&s) {
-                    self.problem(join(p, "topic_prefix"), e);
-                }
-                s
-            }
-        };
-
-        let one_ms = Duration::from_millis(1);
-        let keep_alive = match self.duration(t, p, "keep_alive") {
-            None => Duration::from_secs(30),
-            // MQTT carries keep-alive as whole seconds in a u16.
-            Some(d) if d < Duration::from_secs(1) || d > Duration::from_secs(65_535) => {
-                self.problem(join(p, "keep_alive"), "must be between 1s and 65535s");
-                Duration::from_secs(30)
-            }
-            Some(d) => d,
-        };
-        let heartbeat_interval =
-            self.duration_at_least(t, p, "heartbeat_interval", Duration::from_secs(30), one_ms);
-
+    fn max_message_bytes(&mut self, t: Option<&Table>, p: &str) -> usize {
+        const DEFAULT: usize = 128 * 1024;
         const MIN_MSG: u64 = 1024;
         const MAX_MSG: u64 = 256 * 1024 * 1024;
-        let max_message_bytes = match self.size(t, p, "max_message_bytes") {
-            None => 128 * 1024,
+        match self.size(t, p, "max_message_bytes") {
+            None => DEFAULT,
             Some(n) if !(MIN_MSG..=MAX_MSG).contains(&n) => {
                 self.problem(
                     join(p, "max_message_bytes"),
                     format!("{n} bytes is outside 1KiB..256MiB"),
                 );
-                128 * 1024
+                DEFAULT
             }
-            Some(n) => usize::try_from(n).unwrap_or(128 * 1024),
-        };
-
-        let (reconnect_initial, reconnect_max) = self.backoff(t, p);
-
-        MqttConfig {
-            url: url.unwrap_or_default(),
-            host,
-            port,
-            tls,
-            allow_plaintext,
-            ca_file,
-            client_cert_file,
-            client_key_file,
-            username,
-            password,
-            protocol,
-            topic_prefix,
-            keep_alive,
-            heartbeat_interval,
-            max_message_bytes,
-            reconnect_initial,
-            reconnect_max,
+            Some(n) => usize::try_from(n).unwrap_or(DEFAULT),
         }
     }
 
