@@ -1,9 +1,37 @@
-//! The keys a `[[connections]]` entry accepts, per kind, as users write them
-//! (docs/configuration.md, "[[connections]]"). One table, read by the loader
-//! (unknown keys, keys of another kind) and by `plantgate check` (the order
-//! the keys print in), so a key is named once here and once in the model.
+//! The keys users write, per section (docs/configuration.md), and for a
+//! `[[connections]]` entry per kind. Read by the loader (unknown keys, keys of
+//! another kind) and by `plantgate check` (which keys print, and in which
+//! order), so a key is named once here and once in the model.
 
 use super::model::ConnectionKind;
+
+/// Top-level sections.
+pub(super) const TOP_KEYS: &[&str] = &["agent", "health", "mqtt", "buffer", "connections"];
+pub(super) const AGENT_KEYS: &[&str] = &["id", "site", "data_dir"];
+pub(super) const HEALTH_KEYS: &[&str] = &["listen"];
+pub(super) const MQTT_KEYS: &[&str] = &[
+    "url",
+    "allow_plaintext",
+    "ca_file",
+    "client_cert_file",
+    "client_key_file",
+    "username",
+    "password",
+    "password_env",
+    "password_file",
+    "password_credential",
+    "protocol",
+    "topic_prefix",
+    "keep_alive",
+    "heartbeat_interval",
+    "max_message_bytes",
+    "reconnect_initial",
+    "reconnect_max",
+];
+pub(super) const BUFFER_KEYS: &[&str] = &["max_size", "max_age", "synchronous"];
+pub(super) const UNIT_KEYS: &[&str] = &["name", "recipe_parameters"];
+pub(super) const WORK_CENTER_KEYS: &[&str] = &["name"];
+pub(super) const TAG_KEYS: &[&str] = &["name", "node", "sampling_interval", "deadband"];
 
 /// One key of a connection and the kinds that accept it.
 pub(super) struct ConnectionKey {

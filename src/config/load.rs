@@ -15,7 +15,10 @@ use std::time::Duration;
 
 use ::config::{Map, Source, Value, ValueKind};
 
-use super::keys;
+use super::keys::{
+    self, AGENT_KEYS, BUFFER_KEYS, HEALTH_KEYS, MQTT_KEYS, TAG_KEYS, TOP_KEYS, UNIT_KEYS,
+    WORK_CENTER_KEYS,
+};
 use super::model::*;
 use super::units::{parse_duration, parse_size};
 use crate::nodeid::NodeRef;
@@ -45,32 +48,6 @@ const DEFAULT_EVENTS: [&str; 5] = [
     "source.dropped",
 ];
 
-const TOP_KEYS: &[&str] = &["agent", "health", "mqtt", "buffer", "connections"];
-const AGENT_KEYS: &[&str] = &["id", "site", "data_dir"];
-const HEALTH_KEYS: &[&str] = &["listen"];
-const MQTT_KEYS: &[&str] = &[
-    "url",
-    "allow_plaintext",
-    "ca_file",
-    "client_cert_file",
-    "client_key_file",
-    "username",
-    "password",
-    "password_env",
-    "password_file",
-    "password_credential",
-    "protocol",
-    "topic_prefix",
-    "keep_alive",
-    "heartbeat_interval",
-    "max_message_bytes",
-    "reconnect_initial",
-    "reconnect_max",
-];
-const BUFFER_KEYS: &[&str] = &["max_size", "max_age", "synchronous"];
-const UNIT_KEYS: &[&str] = &["name", "recipe_parameters"];
-const WORK_CENTER_KEYS: &[&str] = &["name"];
-const TAG_KEYS: &[&str] = &["name", "node", "sampling_interval", "deadband"];
 const PASSWORD_KEYS: [&str; 4] = [
     "password",
     "password_env",

@@ -38,7 +38,8 @@ fn prune(root: &mut Vec<(String, Node)>) {
     for (key, value) in root.iter_mut() {
         match (key.as_str(), value) {
             ("mqtt", Node::Table(mqtt)) => {
-                mqtt.retain(|(k, _)| !matches!(k.as_str(), "host" | "port" | "tls"));
+                // host, port and tls are parsed from `url`, not keys.
+                mqtt.retain(|(k, _)| keys::MQTT_KEYS.contains(&k.as_str()));
                 human_sizes(mqtt, "max_message_bytes");
             }
             ("buffer", Node::Table(buffer)) => human_sizes(buffer, "max_size"),
