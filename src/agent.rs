@@ -155,7 +155,7 @@ async fn start_health(
         connections: config
             .connections
             .iter()
-            .map(|c| (c.id.clone(), c.kind.as_str().to_string()))
+            .map(|c| (c.id.clone(), c.kind().as_str().to_string()))
             .collect(),
     });
     let (addr, first) =

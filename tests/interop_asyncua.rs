@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use plantgate::config::{
-    ConnectionConfig, ConnectionKind, SecurityMode, SecurityPolicy, TagConfig, SECURITY_PAIRS,
+    ConnectionConfig, ProfileConfig, SecurityMode, SecurityPolicy, TagConfig, SECURITY_PAIRS,
 };
 use plantgate::record::{Kind, NewRecord};
 use plantgate::secret::Secret;
@@ -135,7 +135,6 @@ fn conn_config(id: &str, endpoint: &str) -> ConnectionConfig {
     };
     ConnectionConfig {
         id: id.into(),
-        kind: ConnectionKind::Generic,
         endpoint: endpoint.into(),
         security_policy: SecurityPolicy::None,
         security_mode: SecurityMode::None,
@@ -151,15 +150,12 @@ fn conn_config(id: &str, endpoint: &str) -> ConnectionConfig {
             "connection.auth_required".into(),
             "system.error".into(),
         ],
-        node_template: None,
-        oee_window: Duration::from_secs(60),
-        units: vec![],
-        work_centers: vec![],
         tags: vec![
             tag("Counter", &format!("nsu={NS};s=Line1/Counter")),
             tag("Temp", &format!("nsu={NS};s=Line1/Temp")),
             tag("State", &format!("nsu={NS};s=Line1/State")),
         ],
+        profile: ProfileConfig::Generic,
     }
 }
 

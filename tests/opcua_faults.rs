@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use plantgate::config::{
-    ConnectionConfig, ConnectionKind, SecurityMode, SecurityPolicy, TagConfig, UnitConfig,
+    ConnectionConfig, DeltavConfig, ProfileConfig, SecurityMode, SecurityPolicy, TagConfig,
+    UnitConfig,
 };
 use plantgate::record::{Kind, NewRecord};
 use plantgate::secret::Secret;
@@ -34,7 +35,6 @@ fn tag(name: &str, node: &str) -> TagConfig {
 fn conn_config(id: &str, endpoint: &str, tags: Vec<TagConfig>) -> ConnectionConfig {
     ConnectionConfig {
         id: id.into(),
-        kind: ConnectionKind::Generic,
         endpoint: endpoint.into(),
         security_policy: SecurityPolicy::None,
         security_mode: SecurityMode::None,
@@ -50,11 +50,8 @@ fn conn_config(id: &str, endpoint: &str, tags: Vec<TagConfig>) -> ConnectionConf
             "connection.auth_required".into(),
             "system.error".into(),
         ],
-        node_template: None,
-        oee_window: Duration::from_secs(60),
-        units: vec![],
-        work_centers: vec![],
         tags,
+        profile: ProfileConfig::Generic,
     }
 }
 
@@ -202,12 +199,13 @@ async fn oversized_profile_value_is_ignored_by_the_profile_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let server = sim(&dir.path().join("server-pki"), 0, false).await;
     let mut conn = conn_config("deltav-big", &server.endpoint(), vec![]);
-    conn.kind = ConnectionKind::Deltav;
-    conn.node_template = Some(format!("nsu={NS};s={{unit}}/{{param}}.CV"));
-    conn.units = vec![UnitConfig {
-        name: "REACTOR_101".into(),
-        recipe_parameters: vec![],
-    }];
+    conn.profile = ProfileConfig::Deltav(DeltavConfig {
+        node_template: Some(format!("nsu={NS};s={{unit}}/{{param}}.CV")),
+        units: vec![UnitConfig {
+            name: "REACTOR_101".into(),
+            recipe_parameters: vec![],
+        }],
+    });
     let mut c = Conn::start(conn, dir.path().join("pki"));
     c.wait_state(ConnState::Online).await;
 

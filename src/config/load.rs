@@ -15,6 +15,10 @@ use std::time::Duration;
 
 use ::config::{Map, Source, Value, ValueKind};
 
+use super::keys::{
+    self, AGENT_KEYS, BUFFER_KEYS, HEALTH_KEYS, MQTT_KEYS, TAG_KEYS, TOP_KEYS, UNIT_KEYS,
+    WORK_CENTER_KEYS,
+};
 use super::model::*;
 use super::units::{parse_duration, parse_size};
 use crate::nodeid::NodeRef;
@@ -44,55 +48,6 @@ const DEFAULT_EVENTS: [&str; 5] = [
     "source.dropped",
 ];
 
-const TOP_KEYS: &[&str] = &["agent", "health", "mqtt", "buffer", "connections"];
-const AGENT_KEYS: &[&str] = &["id", "site", "data_dir"];
-const HEALTH_KEYS: &[&str] = &["listen"];
-const MQTT_KEYS: &[&str] = &[
-    "url",
-    "allow_plaintext",
-    "ca_file",
-    "client_cert_file",
-    "client_key_file",
-    "username",
-    "password",
-    "password_env",
-    "password_file",
-    "password_credential",
-    "protocol",
-    "topic_prefix",
-    "keep_alive",
-    "heartbeat_interval",
-    "max_message_bytes",
-    "reconnect_initial",
-    "reconnect_max",
-];
-const BUFFER_KEYS: &[&str] = &["max_size", "max_age", "synchronous"];
-const CONNECTION_KEYS: &[&str] = &[
-    "id",
-    "kind",
-    "endpoint",
-    "security_policy",
-    "security_mode",
-    "username",
-    "password",
-    "password_env",
-    "password_file",
-    "password_credential",
-    "trust_unknown_server_cert",
-    "publishing_interval",
-    "sampling_interval",
-    "reconnect_initial",
-    "reconnect_max",
-    "events",
-    "node_template",
-    "oee_window",
-    "units",
-    "work_centers",
-    "tags",
-];
-const UNIT_KEYS: &[&str] = &["name", "recipe_parameters"];
-const WORK_CENTER_KEYS: &[&str] = &["name"];
-const TAG_KEYS: &[&str] = &["name", "node", "sampling_interval", "deadband"];
 const PASSWORD_KEYS: [&str; 4] = [
     "password",
     "password_env",
@@ -965,6 +920,69 @@ impl Walker<'_> {
             self.check_keys(t, p, MQTT_KEYS);
         }
         let allow_plaintext = self.bool(t, p, "allow_plaintext", false);
+        let (url, host, port, tls) = self.mqtt_url(t, p, allow_plaintext);
+        let (ca_file, client_cert_file, client_key_file) = self.mqtt_tls_files(t, p);
+        let username = self.optional(t, p, "username");
+        let password = self.password(t, p);
+        let protocol = self.mqtt_protocol(t, p, username.is_some());
+
+        let topic_prefix = match self.string(t, p, "topic_prefix") {
+            None => "plantgate".to_string(),
+            Some(s) => {
+                if let Err(e) = check_topic_prefix(&s) {
+                    self.problem(join(p, "topic_prefix"), e);
+                }
+                s
+            }
+        };
+        let keep_alive = match self.duration(t, p, "keep_alive") {
+            None => Duration::from_secs(30),
+            // MQTT carries keep-alive as whole seconds in a u16.
+            Some(d) if d < Duration::from_secs(1) || d > Duration::from_secs(65_535) => {
+                self.problem(join(p, "keep_alive"), "must be between 1s and 65535s");
+                Duration::from_secs(30)
+            }
+            Some(d) => d,
+        };
+        let heartbeat_interval = self.duration_at_least(
+            t,
+            p,
+            "heartbeat_interval",
+            Duration::from_secs(30),
+            Duration::from_millis(1),
+        );
+        let max_message_bytes = self.max_message_bytes(t, p);
+        let (reconnect_initial, reconnect_max) = self.backoff(t, p);
+
+        MqttConfig {
+            url: url.unwrap_or_default(),
+            host,
+            port,
+            tls,
+            allow_plaintext,
+            ca_file,
+            client_cert_file,
+            client_key_file,
+            username,
+            password,
+            protocol,
+            topic_prefix,
+            keep_alive,
+            heartbeat_interval,
+            max_message_bytes,
+            reconnect_initial,
+            reconnect_max,
+        }
+    }
+
+    /// `url` as given plus its host, port and TLS flag; plaintext only with
+    /// `allow_plaintext` (docs/configuration.md, "[mqtt]").
+    fn mqtt_url(
+        &mut self,
+        t: Option<&Table>,
+        p: &str,
+        allow_plaintext: bool,
+    ) -> (Option<String>, String, u16, bool) {
         let url = self.required(t, p, "url", " (e.g. \"mqtts://broker.example.com:8883\")");
         let (host, port, tls) = match url.as_deref().map(parse_mqtt_url) {
             Some(Ok(parsed)) => parsed,
@@ -987,7 +1005,16 @@ impl Walker<'_> {
                 );
             }
         }
+        (url, host, port, tls)
+    }
 
+    /// `ca_file`, `client_cert_file`, `client_key_file`; mutual TLS needs
+    /// both of the client's.
+    fn mqtt_tls_files(
+        &mut self,
+        t: Option<&Table>,
+        p: &str,
+    ) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
         let ca_file = self.readable_file(t, p, "ca_file");
         let client_cert_file = self.readable_file(t, p, "client_cert_file");
         let client_key_file = self.readable_file(t, p, "client_key_file");
@@ -1005,10 +1032,10 @@ impl Walker<'_> {
             ),
             _ => {}
         }
+        (ca_file, client_cert_file, client_key_file)
+    }
 
-        let username = self.optional(t, p, "username");
-        let password = self.password(t, p);
-
+    fn mqtt_protocol(&mut self, t: Option<&Table>, p: &str, has_username: bool) -> MqttProtocol {
         let protocol = match self.string(t, p, "protocol") {
             None => MqttProtocol::V5,
             Some(s) => match s.trim().to_ascii_lowercase().as_str() {
@@ -1024,7 +1051,7 @@ impl Walker<'_> {
             },
         };
         // MQTT 3.1.1 (3.1.2.9) forbids a password without a user name.
-        if protocol == MqttProtocol::V311 && username.is_none() && get(t, "username").is_none() {
+        if protocol == MqttProtocol::V311 && !has_username && get(t, "username").is_none() {
             if let Some(key) = PASSWORD_KEYS.iter().find(|k| get(t, k).is_some()) {
                 let key = *key;
                 self.problem(
@@ -1033,64 +1060,23 @@ impl Walker<'_> {
                 );
             }
         }
+        protocol
+    }
 
-        let topic_prefix = match self.string(t, p, "topic_prefix") {
-            None => "plantgate".to_string(),
-            Some(s) => {
-                if let Err(e) = check_topic_prefix(&s) {
-                    self.problem(join(p, "topic_prefix"), e);
-                }
-                s
-            }
-        };
-
-        let one_ms = Duration::from_millis(1);
-        let keep_alive = match self.duration(t, p, "keep_alive") {
-            None => Duration::from_secs(30),
-            // MQTT carries keep-alive as whole seconds in a u16.
-            Some(d) if d < Duration::from_secs(1) || d > Duration::from_secs(65_535) => {
-                self.problem(join(p, "keep_alive"), "must be between 1s and 65535s");
-                Duration::from_secs(30)
-            }
-            Some(d) => d,
-        };
-        let heartbeat_interval =
-            self.duration_at_least(t, p, "heartbeat_interval", Duration::from_secs(30), one_ms);
-
+    fn max_message_bytes(&mut self, t: Option<&Table>, p: &str) -> usize {
+        const DEFAULT: usize = 128 * 1024;
         const MIN_MSG: u64 = 1024;
         const MAX_MSG: u64 = 256 * 1024 * 1024;
-        let max_message_bytes = match self.size(t, p, "max_message_bytes") {
-            None => 128 * 1024,
+        match self.size(t, p, "max_message_bytes") {
+            None => DEFAULT,
             Some(n) if !(MIN_MSG..=MAX_MSG).contains(&n) => {
                 self.problem(
                     join(p, "max_message_bytes"),
                     format!("{n} bytes is outside 1KiB..256MiB"),
                 );
-                128 * 1024
+                DEFAULT
             }
-            Some(n) => usize::try_from(n).unwrap_or(128 * 1024),
-        };
-
-        let (reconnect_initial, reconnect_max) = self.backoff(t, p);
-
-        MqttConfig {
-            url: url.unwrap_or_default(),
-            host,
-            port,
-            tls,
-            allow_plaintext,
-            ca_file,
-            client_cert_file,
-            client_key_file,
-            username,
-            password,
-            protocol,
-            topic_prefix,
-            keep_alive,
-            heartbeat_interval,
-            max_message_bytes,
-            reconnect_initial,
-            reconnect_max,
+            Some(n) => usize::try_from(n).unwrap_or(DEFAULT),
         }
     }
 
@@ -1168,28 +1154,10 @@ impl Walker<'_> {
     }
 
     fn connection(&mut self, table: &Table, p: &str) -> ConnectionConfig {
-        self.check_keys(table, p, CONNECTION_KEYS);
+        self.check_keys(table, p, &keys::connection_key_names());
         let t = Some(table);
         let id = self.ident(t, p, "id").unwrap_or_default();
-
-        let kind = match self.required(t, p, "kind", " (deltav, optomes or generic)") {
-            None => None,
-            Some(s) => match s.trim().to_ascii_lowercase().as_str() {
-                "deltav" => Some(ConnectionKind::Deltav),
-                "optomes" => Some(ConnectionKind::Optomes),
-                "generic" => Some(ConnectionKind::Generic),
-                _ => {
-                    self.problem(
-                        join(p, "kind"),
-                        format!("{s:?} is not one of deltav, optomes, generic"),
-                    );
-                    None
-                }
-            },
-        };
-        if let Some(kind) = kind {
-            self.check_kind_keys(table, p, kind);
-        }
+        let kind = self.connection_kind(table, p);
 
         let endpoint = self.required(t, p, "endpoint", " (e.g. \"opc.tcp://10.1.2.3:4840\")");
         if let Some(e) = &endpoint {
@@ -1199,15 +1167,7 @@ impl Walker<'_> {
         }
 
         let (security_policy, security_mode) = self.security(t, p);
-        let username = self.optional(t, p, "username");
-        let password = self.password(t, p);
-        // OPC UA sends a password only inside a UserName identity token.
-        if get(t, "username").is_none() {
-            if let Some(key) = PASSWORD_KEYS.iter().find(|k| get(t, k).is_some()) {
-                let key = *key;
-                self.problem(join(p, "username"), format!("required with {key}"));
-            }
-        }
+        let (username, password) = self.opc_identity(t, p);
 
         let trust_unknown_server_cert = self.bool(t, p, "trust_unknown_server_cert", false);
         if trust_unknown_server_cert {
@@ -1229,35 +1189,109 @@ impl Walker<'_> {
             .duration(t, p, "sampling_interval")
             .unwrap_or(Duration::from_millis(250));
         let (reconnect_initial, reconnect_max) = self.backoff(t, p);
+        let events = self.events(t, p);
+        let profile = self.profile(t, p, kind);
 
-        let events = match self.string_array(t, p, "events") {
-            None => DEFAULT_EVENTS.iter().map(|s| s.to_string()).collect(),
-            Some(list) => {
-                let mut out: Vec<String> = Vec::new();
-                for (i, e) in list.into_iter().enumerate() {
-                    if !EVENT_TYPES.contains(&e.as_str()) {
-                        self.problem(
-                            format!("{}[{i}]", join(p, "events")),
-                            format!(
-                                "unknown event type {e:?} (known: {})",
-                                EVENT_TYPES.join(", ")
-                            ),
-                        );
-                    } else if !out.contains(&e) {
-                        out.push(e);
-                    }
-                }
-                out
-            }
+        let mut tags = Vec::new();
+        let mut tag_names = HashSet::new();
+        for (tp, tt) in self.table_array(t, p, "tags") {
+            tags.push(self.tag(tt, &tp, &mut tag_names));
+        }
+
+        ConnectionConfig {
+            id,
+            endpoint: endpoint.unwrap_or_default(),
+            security_policy,
+            security_mode,
+            username,
+            password,
+            trust_unknown_server_cert,
+            publishing_interval,
+            sampling_interval,
+            reconnect_initial,
+            reconnect_max,
+            events,
+            tags,
+            profile,
+        }
+    }
+
+    /// `kind`, and every key set here that this kind does not accept
+    /// (docs/configuration.md: a key of another kind is an error). None when
+    /// `kind` is missing or unknown, which is reported.
+    fn connection_kind(&mut self, table: &Table, p: &str) -> Option<ConnectionKind> {
+        let s = self.required(Some(table), p, "kind", " (deltav, optomes or generic)")?;
+        let Some(kind) = ConnectionKind::parse(&s) else {
+            let known: Vec<&str> = ConnectionKind::ALL.iter().map(|k| k.as_str()).collect();
+            self.problem(
+                join(p, "kind"),
+                format!("{s:?} is not one of {}", known.join(", ")),
+            );
+            return None;
         };
+        for entry in keys::CONNECTION_KEYS {
+            if !table.contains_key(entry.name) {
+                continue;
+            }
+            if let Some(message) = keys::kind_mismatch(entry.name, kind) {
+                self.problem(join(p, entry.name), message);
+            }
+        }
+        Some(kind)
+    }
 
+    /// `username` and the password; OPC UA sends a password only inside a
+    /// UserName identity token, so a password needs a user name.
+    fn opc_identity(&mut self, t: Option<&Table>, p: &str) -> (Option<String>, Option<Secret>) {
+        let username = self.optional(t, p, "username");
+        let password = self.password(t, p);
+        if get(t, "username").is_none() {
+            if let Some(key) = PASSWORD_KEYS.iter().find(|k| get(t, k).is_some()) {
+                let key = *key;
+                self.problem(join(p, "username"), format!("required with {key}"));
+            }
+        }
+        (username, password)
+    }
+
+    /// The connection's `events`, de-duplicated in the order given.
+    fn events(&mut self, t: Option<&Table>, p: &str) -> Vec<String> {
+        let Some(list) = self.string_array(t, p, "events") else {
+            return DEFAULT_EVENTS.iter().map(|s| s.to_string()).collect();
+        };
+        let mut out: Vec<String> = Vec::new();
+        for (i, e) in list.into_iter().enumerate() {
+            if !EVENT_TYPES.contains(&e.as_str()) {
+                self.problem(
+                    format!("{}[{i}]", join(p, "events")),
+                    format!(
+                        "unknown event type {e:?} (known: {})",
+                        EVENT_TYPES.join(", ")
+                    ),
+                );
+            } else if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    /// The kind's own keys. Every profile key is read whatever the kind, so a
+    /// key of another kind with a bad value reports both problems at once;
+    /// the result keeps only this kind's. An unknown kind yields `Generic`
+    /// (the load fails anyway, its problem was reported).
+    fn profile(
+        &mut self,
+        t: Option<&Table>,
+        p: &str,
+        kind: Option<ConnectionKind>,
+    ) -> ProfileConfig {
         let node_template = self.optional(t, p, "node_template");
         if let Some(tpl) = &node_template {
             if let Err(e) = check_node_template(tpl, kind) {
                 self.problem(join(p, "node_template"), e);
             }
         }
-
         let oee_window = self.duration_at_least(
             t,
             p,
@@ -1265,7 +1299,23 @@ impl Walker<'_> {
             Duration::from_secs(60),
             Duration::from_secs(1),
         );
+        let units = self.units(t, p);
+        let work_centers = self.work_centers(t, p);
+        match kind {
+            Some(ConnectionKind::Deltav) => ProfileConfig::Deltav(DeltavConfig {
+                node_template,
+                units,
+            }),
+            Some(ConnectionKind::Optomes) => ProfileConfig::Optomes(OptomesConfig {
+                node_template,
+                oee_window,
+                work_centers,
+            }),
+            Some(ConnectionKind::Generic) | None => ProfileConfig::Generic,
+        }
+    }
 
+    fn units(&mut self, t: Option<&Table>, p: &str) -> Vec<UnitConfig> {
         let mut units = Vec::new();
         let mut unit_names = HashSet::new();
         for (up, ut) in self.table_array(t, p, "units") {
@@ -1276,26 +1326,34 @@ impl Walker<'_> {
                     self.problem(join(&up, "name"), format!("duplicate unit {n:?}"));
                 }
             }
-            let mut params: Vec<String> = Vec::new();
-            let list = self
-                .string_array(Some(ut), &up, "recipe_parameters")
-                .unwrap_or_default();
-            for (j, param) in list.into_iter().enumerate() {
-                let pp = format!("{}[{j}]", join(&up, "recipe_parameters"));
-                if param.trim().is_empty() {
-                    self.problem(pp, "must not be empty");
-                } else if params.contains(&param) {
-                    self.problem(pp, format!("duplicate recipe parameter {param:?}"));
-                } else {
-                    params.push(param);
-                }
-            }
+            let recipe_parameters = self.recipe_parameters(ut, &up);
             units.push(UnitConfig {
                 name: name.unwrap_or_default(),
-                recipe_parameters: params,
+                recipe_parameters,
             });
         }
+        units
+    }
 
+    fn recipe_parameters(&mut self, unit: &Table, up: &str) -> Vec<String> {
+        let mut params: Vec<String> = Vec::new();
+        let list = self
+            .string_array(Some(unit), up, "recipe_parameters")
+            .unwrap_or_default();
+        for (j, param) in list.into_iter().enumerate() {
+            let pp = format!("{}[{j}]", join(up, "recipe_parameters"));
+            if param.trim().is_empty() {
+                self.problem(pp, "must not be empty");
+            } else if params.contains(&param) {
+                self.problem(pp, format!("duplicate recipe parameter {param:?}"));
+            } else {
+                params.push(param);
+            }
+        }
+        params
+    }
+
+    fn work_centers(&mut self, t: Option<&Table>, p: &str) -> Vec<WorkCenterConfig> {
         let mut work_centers = Vec::new();
         let mut wc_names = HashSet::new();
         for (wp, wt) in self.table_array(t, p, "work_centers") {
@@ -1310,67 +1368,7 @@ impl Walker<'_> {
                 name: name.unwrap_or_default(),
             });
         }
-
-        let mut tags = Vec::new();
-        let mut tag_names = HashSet::new();
-        for (tp, tt) in self.table_array(t, p, "tags") {
-            tags.push(self.tag(tt, &tp, &mut tag_names));
-        }
-
-        ConnectionConfig {
-            id,
-            kind: kind.unwrap_or(ConnectionKind::Generic),
-            endpoint: endpoint.unwrap_or_default(),
-            security_policy,
-            security_mode,
-            username,
-            password,
-            trust_unknown_server_cert,
-            publishing_interval,
-            sampling_interval,
-            reconnect_initial,
-            reconnect_max,
-            events,
-            node_template,
-            oee_window,
-            units,
-            work_centers,
-            tags,
-        }
-    }
-
-    fn check_kind_keys(&mut self, table: &Table, p: &str, kind: ConnectionKind) {
-        let rules: [(&str, &[ConnectionKind], &str); 4] = [
-            ("units", &[ConnectionKind::Deltav], "kind = \"deltav\""),
-            (
-                "work_centers",
-                &[ConnectionKind::Optomes],
-                "kind = \"optomes\"",
-            ),
-            (
-                "oee_window",
-                &[ConnectionKind::Optomes],
-                "kind = \"optomes\"",
-            ),
-            (
-                "node_template",
-                &[ConnectionKind::Deltav, ConnectionKind::Optomes],
-                "kind = \"deltav\" or \"optomes\"",
-            ),
-        ];
-        let name = match kind {
-            ConnectionKind::Deltav => "deltav",
-            ConnectionKind::Optomes => "optomes",
-            ConnectionKind::Generic => "generic",
-        };
-        for (key, allowed, which) in rules {
-            if table.contains_key(key) && !allowed.contains(&kind) {
-                self.problem(
-                    join(p, key),
-                    format!("only valid for {which}, this connection is kind = \"{name}\""),
-                );
-            }
-        }
+        work_centers
     }
 
     /// Secure by default (Basic256Sha256 + SignAndEncrypt). Setting only one

@@ -2,6 +2,7 @@
 //! overrides, validated in full (every problem reported with its key path),
 //! secrets resolved into [`crate::secret::Secret`].
 
+mod keys;
 mod load;
 pub mod model;
 mod render;

@@ -91,6 +91,21 @@ pub enum ConnectionKind {
 }
 
 impl ConnectionKind {
+    /// In the order docs/configuration.md lists them (and messages name them).
+    pub const ALL: [ConnectionKind; 3] = [
+        ConnectionKind::Deltav,
+        ConnectionKind::Optomes,
+        ConnectionKind::Generic,
+    ];
+
+    /// The `kind = "..."` value, case-insensitive as users may write it.
+    pub fn parse(s: &str) -> Option<ConnectionKind> {
+        let s = s.trim();
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s))
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionKind::Deltav => "deltav",
@@ -133,10 +148,12 @@ pub const SECURITY_PAIRS: [(SecurityPolicy, SecurityMode); 7] = [
     ),
 ];
 
+/// One `[[connections]]` entry: what every kind shares, the plain tags, and
+/// what only its kind has (docs/configuration.md, "Connections"). Which keys a
+/// kind accepts in the file is the table in `config/keys.rs`.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnectionConfig {
     pub id: String,
-    pub kind: ConnectionKind,
     pub endpoint: String,
     pub security_policy: SecurityPolicy,
     pub security_mode: SecurityMode,
@@ -152,13 +169,55 @@ pub struct ConnectionConfig {
     #[serde(with = "human_duration")]
     pub reconnect_max: Duration,
     pub events: Vec<String>,
+    pub tags: Vec<TagConfig>,
+    /// Serialized as `kind = "..."` plus the kind's own keys; `plantgate
+    /// check` puts them back in the order users write them.
+    #[serde(flatten)]
+    pub profile: ProfileConfig,
+}
+
+impl ConnectionConfig {
+    pub fn kind(&self) -> ConnectionKind {
+        self.profile.kind()
+    }
+}
+
+/// The keys only one kind of connection has (docs/configuration.md).
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ProfileConfig {
+    Deltav(DeltavConfig),
+    Optomes(OptomesConfig),
+    /// Tags only.
+    Generic,
+}
+
+impl ProfileConfig {
+    pub fn kind(&self) -> ConnectionKind {
+        match self {
+            ProfileConfig::Deltav(_) => ConnectionKind::Deltav,
+            ProfileConfig::Optomes(_) => ConnectionKind::Optomes,
+            ProfileConfig::Generic => ConnectionKind::Generic,
+        }
+    }
+}
+
+/// A DeltaV connection's batch units (docs/profiles.md).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DeltavConfig {
+    /// None means the profile's default template.
+    pub node_template: Option<String>,
+    pub units: Vec<UnitConfig>,
+}
+
+/// An OptoMES connection's work centers and OEE window (docs/profiles.md).
+#[derive(Clone, Debug, Serialize)]
+pub struct OptomesConfig {
     /// None means the profile's default template.
     pub node_template: Option<String>,
     #[serde(with = "human_duration")]
     pub oee_window: Duration,
-    pub units: Vec<UnitConfig>,
     pub work_centers: Vec<WorkCenterConfig>,
-    pub tags: Vec<TagConfig>,
 }
 
 #[derive(Clone, Debug, Serialize)]

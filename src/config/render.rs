@@ -10,6 +10,7 @@ use std::fmt::{self, Write as _};
 
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
+use super::keys;
 use super::model::Config;
 use super::units::format_size;
 
@@ -31,28 +32,26 @@ pub fn render(config: &Config) -> String {
     }
 }
 
-/// Keeps the output a loadable config: values derived from `mqtt.url` and
-/// the keys of other connection kinds would be rejected by the loader.
+/// Keeps the output a loadable config (values derived from `mqtt.url` would
+/// be rejected by the loader) written the way users write it.
 fn prune(root: &mut Vec<(String, Node)>) {
     for (key, value) in root.iter_mut() {
         match (key.as_str(), value) {
             ("mqtt", Node::Table(mqtt)) => {
-                mqtt.retain(|(k, _)| !matches!(k.as_str(), "host" | "port" | "tls"));
+                // host, port and tls are parsed from `url`, not keys.
+                mqtt.retain(|(k, _)| keys::MQTT_KEYS.contains(&k.as_str()));
                 human_sizes(mqtt, "max_message_bytes");
             }
             ("buffer", Node::Table(buffer)) => human_sizes(buffer, "max_size"),
             ("connections", Node::Array(conns)) => {
                 for conn in conns.iter_mut() {
-                    let Node::Table(conn) = conn else { continue };
-                    let kind = conn.iter().find_map(|(k, v)| match (k.as_str(), v) {
-                        ("kind", Node::Str(s)) => Some(s.clone()),
-                        _ => None,
-                    });
-                    conn.retain(|(k, _)| match k.as_str() {
-                        "units" => kind.as_deref() == Some("deltav"),
-                        "work_centers" | "oee_window" => kind.as_deref() == Some("optomes"),
-                        _ => true,
-                    });
+                    if let Node::Table(conn) = conn {
+                        // The kind's own keys serialize after the common
+                        // ones; print them in the key table's order instead
+                        // (a key the table lacks goes last, where the reload
+                        // in the tests reports it as unknown).
+                        conn.sort_by_key(|(k, _)| keys::position(k).unwrap_or(usize::MAX));
+                    }
                 }
             }
             _ => {}

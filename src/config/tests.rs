@@ -104,7 +104,7 @@ fn connection_defaults_are_secure() {
     let c = ok(&with_connection(DELTAV)).config;
     let conn = &c.connections[0];
     assert_eq!(conn.id, "deltav-line1");
-    assert_eq!(conn.kind, ConnectionKind::Deltav);
+    assert_eq!(conn.kind(), ConnectionKind::Deltav);
     assert_eq!(conn.security_policy, SecurityPolicy::Basic256Sha256);
     assert_eq!(conn.security_mode, SecurityMode::SignAndEncrypt);
     assert!(!conn.trust_unknown_server_cert);
@@ -122,9 +122,29 @@ fn connection_defaults_are_secure() {
             "source.dropped"
         ]
     );
-    assert!(conn.node_template.is_none());
-    assert_eq!(conn.oee_window, Duration::from_secs(60));
-    assert!(conn.units.is_empty() && conn.work_centers.is_empty() && conn.tags.is_empty());
+    let ProfileConfig::Deltav(dv) = &conn.profile else {
+        panic!("not a DeltaV profile: {:?}", conn.profile)
+    };
+    assert!(dv.node_template.is_none() && dv.units.is_empty() && conn.tags.is_empty());
+
+    let c = ok(&with_connection(
+        "id = \"m\"\nkind = \"optomes\"\nendpoint = \"opc.tcp://h:1\"",
+    ))
+    .config;
+    let ProfileConfig::Optomes(mes) = &c.connections[0].profile else {
+        panic!("not an OptoMES profile: {:?}", c.connections[0].profile)
+    };
+    assert_eq!(mes.oee_window, Duration::from_secs(60));
+    assert!(mes.node_template.is_none() && mes.work_centers.is_empty());
+    assert!(matches!(
+        ok(&with_connection(
+            "id = \"g\"\nkind = \"Generic\"\nendpoint = \"opc.tcp://h:1\""
+        ))
+        .config
+        .connections[0]
+            .profile,
+        ProfileConfig::Generic
+    ));
 }
 
 #[test]
@@ -238,14 +258,19 @@ node = "i=2258"
     assert_eq!(dv.password.as_ref().unwrap().expose(), "dv-secret");
     assert_eq!(dv.security_policy, SecurityPolicy::Aes256Sha256RsaPss);
     assert_eq!(dv.security_mode, SecurityMode::Sign);
-    assert_eq!(dv.units[0].recipe_parameters.len(), 3);
+    let ProfileConfig::Deltav(dv_profile) = &dv.profile else {
+        panic!("not a DeltaV profile: {:?}", dv.profile)
+    };
+    assert_eq!(dv_profile.units[0].recipe_parameters.len(), 3);
     assert_eq!(dv.tags[0].sampling_interval, Some(Duration::from_secs(1)));
     assert_eq!(dv.tags[0].deadband, Some(0.5));
     assert_eq!(dv.events, ["connection.status_changed", "buffer.evicted"]);
     let mes = &c.connections[1];
-    assert_eq!(mes.kind, ConnectionKind::Optomes);
-    assert_eq!(mes.oee_window, Duration::from_secs(300));
-    assert_eq!(mes.work_centers[0].name, "LINE_A_FILLER");
+    let ProfileConfig::Optomes(mes_profile) = &mes.profile else {
+        panic!("not an OptoMES profile: {:?}", mes.profile)
+    };
+    assert_eq!(mes_profile.oee_window, Duration::from_secs(300));
+    assert_eq!(mes_profile.work_centers[0].name, "LINE_A_FILLER");
     assert_eq!(mes.tags[0].deadband, Some(2.0));
     // Tag names are unique per connection, not globally.
     let gen = &c.connections[2];
@@ -1035,6 +1060,38 @@ fn render_is_toml_with_masked_secrets() {
         "derived values stay out: {out}"
     );
     assert!(out.contains("listen = \"127.0.0.1:9870\""));
+}
+
+/// `plantgate check` prints a connection's keys in the order of the key
+/// table (docs/configuration.md), `kind` second, whatever order the model
+/// serializes them in; keys of other kinds never show.
+#[test]
+fn render_keeps_the_documented_key_order_per_kind() {
+    let text = format!(
+        "{MINIMAL}\n[[connections]]\nid = \"m\"\nkind = \"optomes\"\nendpoint = \"opc.tcp://h:1\"\n\
+         node_template = \"ns=2;s={{work_center}}.{{param}}\"\n\
+         [[connections.work_centers]]\nname = \"L\"\n\
+         [[connections]]\nid = \"g\"\nkind = \"generic\"\nendpoint = \"opc.tcp://h:2\"\n"
+    );
+    let out = render(&ok(&text).config);
+    assert!(
+        out.contains(
+            "[[connections]]\nid = \"m\"\nkind = \"optomes\"\nendpoint = \"opc.tcp://h:1\"\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("\nnode_template = \"ns=2;s={work_center}.{param}\"\noee_window = \"1m\"\ntags = []\n\n[[connections.work_centers]]\nname = \"L\"\n"),
+        "{out}"
+    );
+    let generic = &out[out.find("id = \"g\"").unwrap_or(0)..];
+    assert!(
+        generic.starts_with("id = \"g\"\nkind = \"generic\"\n"),
+        "{out}"
+    );
+    for other in ["node_template", "oee_window", "units", "work_centers"] {
+        assert!(!generic.contains(other), "{out}");
+    }
 }
 
 #[test]

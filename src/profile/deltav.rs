@@ -72,7 +72,7 @@ use super::{
     as_int, as_text, check_envelope, NodeKey, NodeSpec, Output, ReadRequest, Sample, SnapshotError,
     UnitParam, SNAPSHOT_VERSION,
 };
-use crate::config::{ConnectionConfig, ConnectionKind, UnitConfig};
+use crate::config::{ConnectionConfig, ConnectionKind, DeltavConfig, UnitConfig};
 use crate::record::{Kind, NewRecord};
 
 /// Recipes still waiting for their Read answer, per unit. Only grows if the
@@ -171,10 +171,10 @@ fn apply_rank(param: UnitParam) -> u8 {
 }
 
 impl DeltaV {
-    pub fn new(conn: &ConnectionConfig) -> DeltaV {
-        let template = conn.node_template.as_deref().unwrap_or(DELTAV_DEFAULT);
+    pub fn new(conn: &ConnectionConfig, cfg: &DeltavConfig) -> DeltaV {
+        let template = cfg.node_template.as_deref().unwrap_or(DELTAV_DEFAULT);
         let mut nodes = Vec::new();
-        for (u, unit) in conn.units.iter().enumerate() {
+        for (u, unit) in cfg.units.iter().enumerate() {
             let params = UnitParam::FIXED
                 .into_iter()
                 .chain((0..unit.recipe_parameters.len()).map(UnitParam::RecipeParameter));
@@ -191,9 +191,9 @@ impl DeltaV {
         }
         DeltaV {
             connection: conn.id.clone(),
-            units: conn.units.clone(),
+            units: cfg.units.clone(),
             nodes,
-            state: vec![UnitState::default(); conn.units.len()],
+            state: vec![UnitState::default(); cfg.units.len()],
             next_read_id: 1,
             in_flight: HashMap::new(),
         }

@@ -46,7 +46,7 @@ mod testutil;
 
 use serde_json::Value;
 
-use crate::config::{ConnectionConfig, ConnectionKind};
+use crate::config::{ConnectionConfig, ConnectionKind, ProfileConfig};
 use crate::record::NewRecord;
 
 pub use deltav::DeltaV;
@@ -244,10 +244,10 @@ pub enum Profile {
 
 impl Profile {
     pub fn new(conn: &ConnectionConfig) -> Profile {
-        match conn.kind {
-            ConnectionKind::Deltav => Profile::Deltav(DeltaV::new(conn)),
-            ConnectionKind::Optomes => Profile::Optomes(OptoMes::new(conn)),
-            ConnectionKind::Generic => Profile::Generic(Generic::new(conn)),
+        match &conn.profile {
+            ProfileConfig::Deltav(cfg) => Profile::Deltav(DeltaV::new(conn, cfg)),
+            ProfileConfig::Optomes(cfg) => Profile::Optomes(OptoMes::new(conn, cfg)),
+            ProfileConfig::Generic => Profile::Generic(Generic::new(conn)),
         }
     }
 

@@ -70,7 +70,7 @@ use super::{
     as_f64, as_int, as_text, check_envelope, NodeKey, NodeSpec, Output, Sample, SnapshotError,
     WcParam, SNAPSHOT_VERSION,
 };
-use crate::config::{ConnectionConfig, ConnectionKind};
+use crate::config::{ConnectionConfig, ConnectionKind, OptomesConfig};
 use crate::record::{format_ts, Kind, NewRecord};
 
 /// Values queued per work center while waiting for their window to close.
@@ -189,10 +189,10 @@ struct WcSnapshot {
 }
 
 impl OptoMes {
-    pub fn new(conn: &ConnectionConfig) -> OptoMes {
-        let template = conn.node_template.as_deref().unwrap_or(OPTOMES_DEFAULT);
+    pub fn new(conn: &ConnectionConfig, cfg: &OptomesConfig) -> OptoMes {
+        let template = cfg.node_template.as_deref().unwrap_or(OPTOMES_DEFAULT);
         let mut nodes = Vec::new();
-        for (w, wc) in conn.work_centers.iter().enumerate() {
+        for (w, wc) in cfg.work_centers.iter().enumerate() {
             for param in WcParam::ALL {
                 nodes.push(NodeSpec {
                     key: NodeKey::WorkCenter {
@@ -208,13 +208,13 @@ impl OptoMes {
             i64::try_from(conn.publishing_interval.as_millis()).unwrap_or(i64::MAX / 4);
         OptoMes {
             connection: conn.id.clone(),
-            names: conn.work_centers.iter().map(|w| w.name.clone()).collect(),
+            names: cfg.work_centers.iter().map(|w| w.name.clone()).collect(),
             nodes,
-            window_ms: i64::try_from(conn.oee_window.as_millis())
+            window_ms: i64::try_from(cfg.oee_window.as_millis())
                 .unwrap_or(i64::MAX / 4)
                 .max(1),
             grace_ms: MIN_GRACE_MS.max(publishing_ms.saturating_mul(2)),
-            wcs: conn
+            wcs: cfg
                 .work_centers
                 .iter()
                 .map(|_| WorkCenter::default())

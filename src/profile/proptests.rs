@@ -249,7 +249,7 @@ struct Agent {
 impl Agent {
     fn new() -> Agent {
         let conn = testutil::deltav(&[(UNITS[0], &PARAMS), (UNITS[1], &PARAMS)]);
-        let profile = DeltaV::new(&conn);
+        let profile = DeltaV::new(&conn, testutil::deltav_of(&conn));
         Agent {
             conn,
             profile,
@@ -366,7 +366,7 @@ impl Agent {
 
     fn restart(&mut self, c: &mut Choices) {
         self.pending_reads.clear();
-        self.profile = DeltaV::new(&self.conn);
+        self.profile = DeltaV::new(&self.conn, testutil::deltav_of(&self.conn));
         let saved = self.saved.clone();
         assert_eq!(self.profile.restore(&saved), Ok(()));
         let out = self.profile.on_connected(self.now + 1);

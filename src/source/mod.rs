@@ -66,7 +66,7 @@ pub async fn run_connection(
     saved: Option<String>,
     cancel: CancellationToken,
 ) {
-    let profile = match conn.kind {
+    let profile = match conn.kind() {
         // Tags only: nothing to derive, nothing to persist.
         ConnectionKind::Generic => None,
         ConnectionKind::Deltav | ConnectionKind::Optomes => {

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::config::{ConnectionKind, SecurityMode, SecurityPolicy, TagConfig, SECURITY_PAIRS};
+use crate::config::{ProfileConfig, SecurityMode, SecurityPolicy, TagConfig, SECURITY_PAIRS};
 use crate::record::{Kind, NewRecord};
 use crate::secret::Secret;
 use crate::sim::{start_deltav, SimOptions, SimServer};
@@ -31,7 +31,6 @@ fn tag(name: &str, node: &str) -> TagConfig {
 fn conn_config(id: &str, endpoint: &str, tags: Vec<TagConfig>) -> ConnectionConfig {
     ConnectionConfig {
         id: id.into(),
-        kind: ConnectionKind::Generic,
         endpoint: endpoint.into(),
         security_policy: SecurityPolicy::None,
         security_mode: SecurityMode::None,
@@ -47,11 +46,8 @@ fn conn_config(id: &str, endpoint: &str, tags: Vec<TagConfig>) -> ConnectionConf
             "connection.auth_required".into(),
             "system.error".into(),
         ],
-        node_template: None,
-        oee_window: Duration::from_secs(60),
-        units: vec![],
-        work_centers: vec![],
         tags,
+        profile: ProfileConfig::Generic,
     }
 }
 

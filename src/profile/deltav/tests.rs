@@ -10,10 +10,13 @@ const R2: usize = 1;
 
 /// R1 has two recipe parameters, R2 none.
 fn profile() -> DeltaV {
-    DeltaV::new(&testutil::deltav(&[
-        ("REACTOR_101", &["CHARGE_AMT", "REACT_TEMP_SP"]),
-        ("REACTOR_102", &[]),
-    ]))
+    DeltaV::new(
+        &testutil::connection(ConnectionKind::Deltav),
+        &testutil::deltav_config(&[
+            ("REACTOR_101", &["CHARGE_AMT", "REACT_TEMP_SP"]),
+            ("REACTOR_102", &[]),
+        ]),
+    )
 }
 
 fn key(unit: usize, param: UnitParam) -> NodeKey {
@@ -113,9 +116,9 @@ fn nodes_from_default_and_custom_templates() {
     assert_eq!(find(key(R2, Phase)), Some("ns=2;s=REACTOR_102/PHASE.CV"));
     assert_eq!(find(key(R2, UnitParam::RecipeParameter(0))), None);
 
-    let mut conn = testutil::deltav(&[("R1", &["A"])]);
-    conn.node_template = Some("nsu=urn:plantgate:sim:deltav;s={unit}.{param}".into());
-    let nodes = DeltaV::new(&conn).nodes();
+    let mut cfg = testutil::deltav_config(&[("R1", &["A"])]);
+    cfg.node_template = Some("nsu=urn:plantgate:sim:deltav;s={unit}.{param}".into());
+    let nodes = DeltaV::new(&testutil::connection(ConnectionKind::Deltav), &cfg).nodes();
     assert_eq!(nodes[0].node, "nsu=urn:plantgate:sim:deltav;s=R1.BATCH_ID");
     assert_eq!(nodes[5].node, "nsu=urn:plantgate:sim:deltav;s=R1.A");
 }

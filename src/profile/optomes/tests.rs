@@ -17,10 +17,10 @@ const CAPPER: usize = 1;
 use WcParam::{DowntimeReason, GoodCount, IdealCycleTime, Product, RejectCount, State, WorkOrder};
 
 fn profile(window: Duration) -> OptoMes {
-    OptoMes::new(&testutil::optomes(
-        &["LINE_A_FILLER", "LINE_A_CAPPER"],
-        window,
-    ))
+    OptoMes::new(
+        &testutil::connection(ConnectionKind::Optomes),
+        &testutil::optomes_config(&["LINE_A_FILLER", "LINE_A_CAPPER"], window),
+    )
 }
 
 fn s(wc: usize, param: WcParam, value: Value, ts_ms: i64) -> Sample {
@@ -101,10 +101,10 @@ fn nodes_from_default_and_custom_templates() {
     );
     assert_eq!(nodes[10].node, "ns=2;s=LINE_A_CAPPER.GOOD_COUNT");
 
-    let mut conn = testutil::optomes(&["WC"], Duration::from_secs(60));
-    conn.node_template = Some("nsu=urn:plantgate:sim:optomes;s={work_center}/{param}".into());
+    let mut cfg = testutil::optomes_config(&["WC"], Duration::from_secs(60));
+    cfg.node_template = Some("nsu=urn:plantgate:sim:optomes;s={work_center}/{param}".into());
     assert_eq!(
-        OptoMes::new(&conn).nodes()[1].node,
+        OptoMes::new(&testutil::connection(ConnectionKind::Optomes), &cfg).nodes()[1].node,
         "nsu=urn:plantgate:sim:optomes;s=WC/WORK_ORDER"
     );
     assert_eq!(p.grace_ms(), 2_000);

@@ -4,19 +4,20 @@
 
 use super::*;
 use crate::buffer::{BufferHandle, Store, StoreOptions};
-use crate::config::UnitConfig;
+use crate::config::{DeltavConfig, UnitConfig};
 use crate::status::Batch;
 
 const UNIT: &str = "REACTOR_101";
 
 fn deltav_conn(endpoint: &str) -> ConnectionConfig {
     let mut conn = conn_config("deltav-line1", endpoint, vec![]);
-    conn.kind = ConnectionKind::Deltav;
-    conn.node_template = Some(format!("nsu={NS};s={{unit}}/{{param}}.CV"));
-    conn.units = vec![UnitConfig {
-        name: UNIT.into(),
-        recipe_parameters: vec!["CHARGE_AMT".into(), "REACT_TEMP_SP".into()],
-    }];
+    conn.profile = ProfileConfig::Deltav(DeltavConfig {
+        node_template: Some(format!("nsu={NS};s={{unit}}/{{param}}.CV")),
+        units: vec![UnitConfig {
+            name: UNIT.into(),
+            recipe_parameters: vec!["CHARGE_AMT".into(), "REACT_TEMP_SP".into()],
+        }],
+    });
     conn
 }
 
@@ -245,10 +246,11 @@ async fn optomes_run_produces_oee_windows_and_downtime() {
         BufferHandle::spawn(Store::open(&db, StoreOptions::default()).expect("open buffer"));
 
     let mut conn = conn_config("optomes-line1", &server.endpoint(), vec![]);
-    conn.kind = ConnectionKind::Optomes;
-    conn.node_template = Some("nsu=urn:plantgate:sim:optomes;s={work_center}.{param}".into());
-    conn.oee_window = Duration::from_millis(WINDOW_MS as u64);
-    conn.work_centers = vec![crate::config::WorkCenterConfig { name: WC.into() }];
+    conn.profile = ProfileConfig::Optomes(crate::config::OptomesConfig {
+        node_template: Some("nsu=urn:plantgate:sim:optomes;s={work_center}.{param}".into()),
+        oee_window: Duration::from_millis(WINDOW_MS as u64),
+        work_centers: vec![crate::config::WorkCenterConfig { name: WC.into() }],
+    });
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let run = Run::start(conn, pki, buffer.clone(), None, seen_tx);
     run.wait_online().await;
