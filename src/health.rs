@@ -375,13 +375,44 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
     // registered without `_total`, which the encoder appends. The library
     // ends each help text with a period.
     let mut r = Registry::with_prefix("plantgate");
-    let mqtt = state.board.mqtt();
     r.register("up", "The agent process is running", gauge(1));
     r.register(
         "uptime_seconds",
         "Seconds since the agent started",
         ConstGauge::new(state.started.elapsed().as_secs_f64()),
     );
+    register_mqtt(&mut r, &state.board.mqtt());
+    let board = state.board.connections();
+    register_intake(&mut r, &state.board, &board);
+    register_process(&mut r, &state.board);
+    r.register(
+        "opcua_notifications",
+        "Values and events received from each plant connection (records handed to the buffer)",
+        Series(
+            board
+                .iter()
+                .map(|(id, st)| {
+                    let labels = ConnectionLabels {
+                        connection: id.clone(),
+                    };
+                    (labels, counter(st.records_total))
+                })
+                .collect(),
+        ),
+    );
+    if let Ok(st) = buffer_stats(&state).await {
+        register_buffer(&mut r, &st);
+    }
+    let mut out = String::with_capacity(4096);
+    if let Err(e) = prometheus_text::encode(&mut out, &r) {
+        // Writing to a String fails only if a value's formatting does.
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}")).into_response();
+    }
+    ([(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], out).into_response()
+}
+
+/// The uplink's figures.
+fn register_mqtt(r: &mut Registry, mqtt: &crate::status::MqttStatus) {
     r.register(
         "mqtt_connected",
         "1 while the MQTT session is up",
@@ -443,7 +474,14 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
                 .collect(),
         ),
     );
-    let board = state.board.connections();
+}
+
+/// The plant connections' states and what the intake could not accept.
+fn register_intake(
+    r: &mut Registry,
+    status: &StatusBoard,
+    board: &[(String, crate::status::ConnStatus)],
+) {
     let states = [
         "connecting",
         "online",
@@ -470,7 +508,7 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         ),
     );
     let mut dropped = Vec::new();
-    for (id, st) in &board {
+    for (id, st) in board {
         for (reason, n) in &st.dropped {
             let labels = DroppedLabels {
                 connection: id.clone(),
@@ -480,7 +518,7 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         }
     }
     // The agent's own losses belong to no connection.
-    for (reason, n) in state.board.agent_dropped() {
+    for (reason, n) in status.agent_dropped() {
         let labels = DroppedLabels {
             connection: String::new(),
             reason: reason.as_str(),
@@ -502,6 +540,10 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         "Strings and arrays cut to the value limits (the record says so with a trailing marker)",
         counter(crate::source::value::truncated_total()),
     );
+}
+
+/// The health endpoint's own connections and the supervised tasks.
+fn register_process(r: &mut Registry, status: &StatusBoard) {
     let conns = connection_stats();
     r.register(
         "health_connections_open",
@@ -534,76 +576,56 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         "task_restarts",
         "Supervised tasks that died (panicked or ended) and were restarted",
         Series(
-            state
-                .board
+            status
                 .task_restarts()
                 .into_iter()
                 .map(|(task, n)| (TaskLabels { task }, counter(n)))
                 .collect(),
         ),
     );
+}
+
+/// What the buffer holds.
+fn register_buffer(r: &mut Registry, st: &Stats) {
     r.register(
-        "opcua_notifications",
-        "Values and events received from each plant connection (records handed to the buffer)",
-        Series(
-            board
-                .iter()
-                .map(|(id, st)| {
-                    let labels = ConnectionLabels {
-                        connection: id.clone(),
-                    };
-                    (labels, counter(st.records_total))
-                })
-                .collect(),
-        ),
+        "buffer_records",
+        "Records waiting in the buffer",
+        gauge(st.records),
     );
-    if let Ok(st) = buffer_stats(&state).await {
-        r.register(
-            "buffer_records",
-            "Records waiting in the buffer",
-            gauge(st.records),
-        );
-        r.register(
-            "buffer_bytes",
-            "Bytes of records waiting in the buffer",
-            gauge(st.bytes),
-        );
-        let age = st
-            .oldest_ts_ms
-            .map(|t| ((now_ms() - t).max(0) as f64) / 1000.0)
-            .unwrap_or(0.0);
-        r.register(
-            "buffer_oldest_age_seconds",
-            "Age of the oldest waiting record",
-            ConstGauge::new(age),
-        );
-        r.register(
-            "buffer_dead_letters",
-            "Records moved to dead letters after repeated broker rejection",
-            gauge(st.dead_letters),
-        );
-        r.register(
-            "buffer_stream_records",
-            "Records waiting, per stream",
-            per_stream(&st.streams, |s| gauge(s.records)),
-        );
-        r.register(
-            "records_accepted",
-            "Records committed to the buffer, per stream (next seq - 1)",
-            per_stream(&st.streams, |s| counter(s.next_seq.saturating_sub(1))),
-        );
-        r.register(
-            "records_evicted",
-            "Records dropped by the buffer limits, per stream",
-            per_stream(&st.streams, |s| counter(s.evicted_total)),
-        );
-    }
-    let mut out = String::with_capacity(4096);
-    if let Err(e) = prometheus_text::encode(&mut out, &r) {
-        // Writing to a String fails only if a value's formatting does.
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}")).into_response();
-    }
-    ([(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], out).into_response()
+    r.register(
+        "buffer_bytes",
+        "Bytes of records waiting in the buffer",
+        gauge(st.bytes),
+    );
+    let age = st
+        .oldest_ts_ms
+        .map(|t| ((now_ms() - t).max(0) as f64) / 1000.0)
+        .unwrap_or(0.0);
+    r.register(
+        "buffer_oldest_age_seconds",
+        "Age of the oldest waiting record",
+        ConstGauge::new(age),
+    );
+    r.register(
+        "buffer_dead_letters",
+        "Records moved to dead letters after repeated broker rejection",
+        gauge(st.dead_letters),
+    );
+    r.register(
+        "buffer_stream_records",
+        "Records waiting, per stream",
+        per_stream(&st.streams, |s| gauge(s.records)),
+    );
+    r.register(
+        "records_accepted",
+        "Records committed to the buffer, per stream (next seq - 1)",
+        per_stream(&st.streams, |s| counter(s.next_seq.saturating_sub(1))),
+    );
+    r.register(
+        "records_evicted",
+        "Records dropped by the buffer limits, per stream",
+        per_stream(&st.streams, |s| counter(s.evicted_total)),
+    );
 }
 
 #[cfg(test)]
