@@ -6,7 +6,7 @@
 //! `source` (OPC UA, driving a `profile`; `source::intake` bounds what it
 //! queues) → `status::RecordSink` → `ingest` (commits, holds and retries)
 //! → `buffer` (SQLite, the only place a record is accepted) → `uplink`
-//! (MQTT, deletes on PUBACK). `agent::run` wires it, every long-lived task
+//! (MQTT, deletes on PUBACK). `agent::start` wires it, every long-lived task
 //! under `supervise`; `status` is the shared board the uplink, `announce`
 //! (intake loss) and `health` read.
 
