@@ -14,6 +14,20 @@ fn write(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
     p
 }
 
+/// `plantgate check` on a config with this text: exit code, stdout, stderr.
+fn check(text: &str) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(&dir, text);
+    let out = plantgate()
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stdout, stderr)
+}
+
 #[test]
 fn check_names_all_three_mistakes_and_exits_78() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -145,9 +159,7 @@ fn shipped_example_config_is_valid() {
 
 #[test]
 fn duration_mistakes_name_the_key_and_the_text() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(
-        &dir,
+    let (code, _, stderr) = check(
         r#"
 [agent]
 id = "gw1"
@@ -164,13 +176,7 @@ reconnect_initial = "500us"
 max_age = "7 parsecs"
 "#,
     );
-    let out = plantgate()
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "stderr: {stderr}");
+    assert_eq!(code, Some(78), "stderr: {stderr}");
     for (key, text) in [
         ("mqtt.keep_alive", "\"30\""),
         ("mqtt.heartbeat_interval", "\"5M\""),
@@ -190,9 +196,7 @@ max_age = "7 parsecs"
 /// effective configuration uses, so `check`'s output loads again.
 #[test]
 fn fractional_durations_load_and_print_whole() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(
-        &dir,
+    let (code, stdout, stderr) = check(
         r#"
 [agent]
 id = "gw1"
@@ -205,14 +209,7 @@ heartbeat_interval = "1.5s"
 reconnect_max = "2 minutes"
 "#,
     );
-    let out = plantgate()
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .expect("runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(code, Some(0), "stderr: {stderr}");
     assert!(
         stdout.contains("heartbeat_interval = \"1500ms\""),
         "{stdout}"

@@ -195,15 +195,7 @@ impl Live {
                 &self.bad,
             )));
         }
-        reports
-            .report(
-                ctx.reporter,
-                &ctx.tags.plans,
-                &self.bad,
-                &self.items,
-                retry_every,
-            )
-            .await;
+        self.report_bad(ctx, reports, retry_every).await;
         // Without this the client may not send Publish requests on a new session.
         self.session.trigger_publish_now();
         self.clock.touch();
@@ -290,6 +282,19 @@ impl Live {
         keep_alive_window(interval, count)
     }
 
+    /// Announces tags newly unavailable (and forgets those monitored again).
+    async fn report_bad(&self, ctx: &Ctx<'_>, reports: &mut BadTagReports, retry_every: Duration) {
+        reports
+            .report(
+                ctx.reporter,
+                &ctx.tags.plans,
+                &self.bad,
+                &self.items,
+                retry_every,
+            )
+            .await;
+    }
+
     async fn disconnect(&self) {
         let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, self.session.disconnect()).await;
     }
@@ -323,15 +328,7 @@ impl Live {
                 if new {
                     bad_tags::merge(&mut self.bad, [(i, status)]);
                 }
-                reports
-                    .report(
-                        ctx.reporter,
-                        &ctx.tags.plans,
-                        &self.bad,
-                        &self.items,
-                        retry_every,
-                    )
-                    .await;
+                self.report_bad(ctx, reports, retry_every).await;
                 return Ok(new);
             }
             None => {
@@ -387,15 +384,7 @@ impl Live {
             )));
         }
         self.bad = still_bad;
-        reports
-            .report(
-                ctx.reporter,
-                &ctx.tags.plans,
-                &self.bad,
-                &self.items,
-                retry_every,
-            )
-            .await;
+        self.report_bad(ctx, reports, retry_every).await;
         Ok(())
     }
 
