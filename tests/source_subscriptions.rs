@@ -1,6 +1,8 @@
 //! A connection with more tags than one subscription holds (docs/performance.md: tags
 //! are spread over subscriptions of `TAGS_PER_SUBSCRIPTION`, 2 000): every
-//! tag of every subscription delivers, in order, with nothing dropped.
+//! tag of every subscription delivers, in order, with nothing dropped; a
+//! server that allows fewer subscriptions still gets every tag monitored,
+//! and the agent says so.
 
 mod common;
 
@@ -12,11 +14,21 @@ use std::collections::HashSet;
 const TAGS: usize = 4_100;
 const HZ: f64 = 1.0;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_tag_of_every_subscription_delivers() {
+/// The `system.error` announcing refused subscriptions, if one arrived.
+fn limited_notice(s: &Seen) -> Option<serde_json::Value> {
+    s.messages
+        .iter()
+        .find(|m| m.payload["details"]["error"] == "subscriptions_limited")
+        .map(|m| m.payload["details"].clone())
+}
+
+/// Runs the agent against a simulator of `TAGS` tags until every tag has
+/// delivered twice (and, when `announced`, the refusal was announced);
+/// checks order and that nothing was dropped.
+async fn every_tag_twice(extras: plantgate::sim::SimExtras, announced: bool) -> Seen {
     let broker = embedded_broker().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim = start_load_sim(dir.path(), TAGS, HZ).await;
+    let sim = start_load_sim_with(dir.path(), TAGS, HZ, extras).await;
     let data_dir = dir.path().join("agent");
     let toml = load_toml(
         &data_dir,
@@ -49,6 +61,12 @@ async fn every_tag_of_every_subscription_delivers() {
         twice.len() == TAGS
     })
     .await;
+    if announced {
+        seen.until("subscriptions_limited announced", |s| {
+            limited_notice(s).is_some()
+        })
+        .await;
+    }
     assert_eq!(seen.tracker.gaps, 0, "gaps: {:?}", seen.tracker.gap_details);
     assert_eq!(seen.tracker.duplicates, 0);
     let (_, body) = http_get(agent.health_addr, "/status").await;
@@ -60,4 +78,26 @@ async fn every_tag_of_every_subscription_delivers() {
         "nothing dropped: {st}"
     );
     agent.stop().await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_tag_of_every_subscription_delivers() {
+    let seen = every_tag_twice(plantgate::sim::SimExtras::default(), false).await;
+    assert_eq!(limited_notice(&seen), None, "no refusal to announce");
+}
+
+/// The server allows one subscription per session where the agent asks for
+/// three: the tags share it, and a `system.error` says what was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_allowing_fewer_subscriptions_still_gets_every_tag_and_is_announced() {
+    let extras = plantgate::sim::SimExtras {
+        max_subscriptions: Some(1),
+        ..Default::default()
+    };
+    let seen = every_tag_twice(extras, true).await;
+    let notice =
+        limited_notice(&seen).expect("a system.error announcing the refused subscriptions");
+    assert_eq!(notice["wanted"], 3, "{notice}");
+    assert_eq!(notice["created"], 1, "{notice}");
 }

@@ -90,6 +90,9 @@ pub struct SimExtras {
     /// `Overflow` info bit when publishing is much slower than sampling,
     /// for tests of docs/guarantees.md. (OPC UA sets no Overflow bit on a queue of 1.)
     pub max_queue_size: Option<usize>,
+    /// Cap on subscriptions per session (None = the library's default), for
+    /// tests of a server that refuses the agent's extra subscriptions.
+    pub max_subscriptions: Option<usize>,
     /// The load tags start paused, and [`run_simulator`] speaks the
     /// line protocol of [`load`] on stdin/stdout (`simulate --load-control`,
     /// for benchmarks).

@@ -463,6 +463,9 @@ fn set_limits(builder: &mut ServerBuilder, extras: &SimExtras) {
     limits.subscriptions.max_monitored_items_per_sub = 0;
     limits.subscriptions.max_monitored_item_queue_size =
         extras.max_queue_size.unwrap_or(100_000).max(1);
+    if let Some(n) = extras.max_subscriptions {
+        limits.subscriptions.max_subscriptions_per_session = n.max(1);
+    }
     limits.subscriptions.min_sampling_interval_ms = 10.0;
     limits.subscriptions.min_publishing_interval_ms = 10.0;
     limits.subscriptions.max_notifications_per_publish = 20_000;

@@ -582,6 +582,8 @@ pub(crate) struct Notices {
     /// Tag index -> when its last oversized value was announced.
     oversized: Mutex<HashMap<usize, Instant>>,
     response_too_large: Mutex<Option<Instant>>,
+    /// When a server's refusal of more subscriptions was last announced.
+    subscriptions_refused: Mutex<Option<Instant>>,
     cleartext_password: AtomicBool,
     /// Thumbprints already announced as a changed server certificate.
     changed_certificates: Mutex<HashSet<String>>,
@@ -595,6 +597,7 @@ impl Notices {
             pki_dir: pki_dir.to_path_buf(),
             oversized: Mutex::new(HashMap::new()),
             response_too_large: Mutex::new(None),
+            subscriptions_refused: Mutex::new(None),
             cleartext_password: AtomicBool::new(false),
             changed_certificates: Mutex::new(HashSet::new()),
         }
@@ -671,6 +674,41 @@ impl Notices {
             "limit_bytes": MAX_MESSAGE_BYTES,
             "message": format!(
                 "a publish response from the server was refused ({status}: {note}); the values it carried are lost (counted as dropped, reason value_too_large) and the connection stays up. A server value of this size cannot be read: shrink it on the server or stop monitoring that node"
+            ),
+        }));
+    }
+
+    /// The server allowed `created` of the `wanted` subscriptions: nothing
+    /// is lost (the tags share those it allowed), but fewer publish requests
+    /// are in flight, so a fast connection may deliver fewer values per
+    /// second and lose some in the server's queues (counted as
+    /// `opcua_queue_overflow`). Announced at most once per
+    /// [`REANNOUNCE_EVERY`].
+    fn subscriptions_refused(&self, wanted: usize, created: usize, error: &SourceError) {
+        let due = {
+            let mut last = self
+                .subscriptions_refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let due = due_again(*last);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        tracing::warn!(connection = %self.reporter.id(), %error, wanted, created,
+            "the server refused another subscription; the tags share the ones it allowed (fewer publish requests in flight)");
+        if !due {
+            return;
+        }
+        self.spawn_system_error(serde_json::json!({
+            "error": "subscriptions_limited",
+            "wanted": wanted,
+            "created": created,
+            "status": error.reason(),
+            "message": format!(
+                "the server allowed {created} of the {wanted} subscriptions the agent asked for ({}): every tag is still monitored, sharing the subscriptions allowed, but fewer publish requests are in flight, so at high rates the server may drop values (counted as opcua_queue_overflow). Raise the server's subscriptions-per-session limit",
+                error.reason()
             ),
         }));
     }
@@ -939,8 +977,9 @@ pub(crate) async fn create_subscriptions(
         match create_subscription(session, publishing_interval, notifier.clone()).await {
             Ok(id) => ids.push(id),
             Err(e) if !ids.is_empty() => {
-                tracing::warn!(connection = %notifier.connection, error = %e, wanted, created = ids.len(),
-                    "the server refused another subscription; the tags share the ones it allowed (fewer publish requests in flight)");
+                notifier
+                    .notices
+                    .subscriptions_refused(wanted, ids.len(), &e);
                 break;
             }
             Err(e) => return Err(e),
