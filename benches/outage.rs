@@ -79,7 +79,9 @@ async fn run_once(rate: u64, outage: Duration) -> Row {
     opts.speed = 0.0;
     opts.tags = TAGS;
     opts.rate_hz = rate as f64 / TAGS as f64;
-    let sim = plantgate::sim::start_deltav(opts).await.expect("sim");
+    let sim = plantgate::sim::start_deltav(opts, plantgate::sim::SimExtras::default())
+        .await
+        .expect("sim");
     let data_dir = dir.path().join("agent");
     let mut toml = format!(
         "[agent]\nid = \"bench-gw\"\nsite = \"bench\"\ndata_dir = {:?}\n\n[health]\nlisten = \"127.0.0.1:0\"\n\n\

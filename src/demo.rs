@@ -456,12 +456,16 @@ impl Plant {
         };
         // Batches take hours of plant time; ten-fold shows several phases
         // within a minute.
-        let deltav = crate::sim::start_deltav(options(10.0, "sim-pki")?)
-            .await
-            .map_err(setup("simulator"))?;
-        let optomes = crate::sim::start_optomes(options(1.0, "optomes-pki")?)
-            .await
-            .map_err(setup("OptoMES simulator"))?;
+        let deltav =
+            crate::sim::start_deltav(options(10.0, "sim-pki")?, crate::sim::SimExtras::default())
+                .await
+                .map_err(setup("simulator"))?;
+        let optomes = crate::sim::start_optomes(
+            options(1.0, "optomes-pki")?,
+            crate::sim::SimExtras::default(),
+        )
+        .await
+        .map_err(setup("OptoMES simulator"))?;
         Ok(Plant {
             broker,
             proxy,

@@ -22,7 +22,9 @@ async fn tiny_buffer_evicts_oldest_tags_and_announces_exact_ranges() {
     opts.speed = 0.0;
     opts.tags = 100;
     opts.rate_hz = 20.0;
-    let sim = plantgate::sim::start_deltav(opts).await.expect("sim");
+    let sim = plantgate::sim::start_deltav(opts, plantgate::sim::SimExtras::default())
+        .await
+        .expect("sim");
     let proxy = CutProxy::start(broker.v5_addr).await.expect("proxy");
     proxy.cut();
     let names: Vec<(String, String)> = (0..100)

@@ -64,7 +64,9 @@ async fn sim(pki: &Path, port: u16, user: bool) -> SimServer {
     if user {
         opts.user = Some(("operator".into(), "s3cret".into()));
     }
-    start_deltav(opts).await.expect("simulator starts")
+    start_deltav(opts, plantgate::sim::SimExtras::default())
+        .await
+        .expect("simulator starts")
 }
 
 /// The server certificate's thumbprint as the agent reports it.

@@ -22,7 +22,9 @@ async fn logs_of_a_run(log_format: &str, rust_log: &str) -> String {
     let mut opts = plantgate::sim::SimOptions::new(dir.path().join("sim-pki"));
     opts.speed = 0.0;
     opts.user = Some(("operator".into(), "the-right-one".into()));
-    let sim = plantgate::sim::start_deltav(opts).await.expect("sim");
+    let sim = plantgate::sim::start_deltav(opts, plantgate::sim::SimExtras::default())
+        .await
+        .expect("sim");
     let toml = agent_toml(
         &dir.path().join("agent"),
         broker.v5_addr,

@@ -165,21 +165,14 @@ impl BufferHandle {
     /// one transaction. Dropping the future after it was queued does not
     /// withdraw the records: they are still committed.
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<u64>, BufferError> {
-        self.append_with_states(records, Vec::new()).await
+        self.try_append(records, Vec::new())
+            .await
+            .map_err(|r| r.error)
     }
 
-    /// [`BufferHandle::append`] with profile snapshots committed in the same
-    /// transaction (see [`Store::append`]). When appends are
-    /// coalesced, the last state of each connection wins.
-    pub async fn append_with_states(
-        &self,
-        records: Vec<NewRecord>,
-        states: Vec<ProfileState>,
-    ) -> Result<Vec<u64>, BufferError> {
-        self.try_append(records, states).await.map_err(|r| r.error)
-    }
-
-    /// [`BufferHandle::append_with_states`] that hands the records and
+    /// Appends records with profile snapshots committed in the same
+    /// transaction (see [`Store::append`]; when appends are coalesced, the
+    /// last state of each connection wins), and hands the records and
     /// states back when they were not accepted, for callers that hold and
     /// retry them (the ingest: nothing offered to the buffer is dropped
     /// silently, docs/guarantees.md).
@@ -620,8 +613,7 @@ mod tests {
         for n in 1..=3 {
             let b = buffer.clone();
             tasks.push(tokio::spawn(async move {
-                b.append_with_states(vec![rec("a", n)], vec![state("a", n)])
-                    .await
+                b.try_append(vec![rec("a", n)], vec![state("a", n)]).await
             }));
             while buffer_len(&buffer) < n as usize {
                 tokio::task::yield_now().await;
@@ -629,7 +621,7 @@ mod tests {
         }
         let b = buffer.clone();
         tasks.push(tokio::spawn(async move {
-            b.append_with_states(Vec::new(), vec![state("b", 9)]).await
+            b.try_append(Vec::new(), vec![state("b", 9)]).await
         }));
         while buffer_len(&buffer) < 4 {
             tokio::task::yield_now().await;

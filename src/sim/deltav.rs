@@ -103,12 +103,7 @@ pub fn load_tag(i: usize) -> String {
 }
 
 /// Starts the DeltaV simulator (see module doc).
-pub async fn start_deltav(opts: SimOptions) -> Result<SimServer, SimError> {
-    start_deltav_with(opts, SimExtras::default()).await
-}
-
-/// [`start_deltav`] with options beyond `SimOptions`.
-pub async fn start_deltav_with(opts: SimOptions, extras: SimExtras) -> Result<SimServer, SimError> {
+pub async fn start_deltav(opts: SimOptions, extras: SimExtras) -> Result<SimServer, SimError> {
     let builder = SimBuilder::new(
         &opts,
         &extras,
@@ -473,7 +468,9 @@ mod tests {
         let mut opts = SimOptions::new(dir.join("pki"));
         opts.speed = speed;
         opts.seed = seed;
-        start_deltav(opts).await.expect("simulator starts")
+        start_deltav(opts, SimExtras::default())
+            .await
+            .expect("simulator starts")
     }
 
     /// Collects changes until `done` says so (or panics after WAIT).

@@ -18,9 +18,9 @@ use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
 
-pub use deltav::{start_deltav, start_deltav_with, DeltavUnits};
+pub use deltav::{start_deltav, DeltavUnits};
 pub use load::{LoadStats, LoadTags};
-pub use optomes::{start_optomes, start_optomes_with, OptomesWorkCenters};
+pub use optomes::{start_optomes, OptomesWorkCenters};
 pub use server::{SimBuilder, SimNamespace, SimServer, SimSpec, SimValue};
 
 #[derive(Clone)]
@@ -128,8 +128,8 @@ pub async fn run_simulator(
 ) -> Result<(), SimError> {
     let load_control = extras.load_control;
     let server = match kind {
-        "deltav" => start_deltav_with(opts, extras).await?,
-        "optomes" => start_optomes_with(opts, extras).await?,
+        "deltav" => start_deltav(opts, extras).await?,
+        "optomes" => start_optomes(opts, extras).await?,
         other => return Err(SimError::UnknownKind(other.to_string())),
     };
     println!(

@@ -328,15 +328,7 @@ impl ObjectCycle for WorkCenterCycle {
 }
 
 /// Starts the OptoMES simulator (see module doc).
-pub async fn start_optomes(opts: SimOptions) -> Result<SimServer, SimError> {
-    start_optomes_with(opts, SimExtras::default()).await
-}
-
-/// [`start_optomes`] with options beyond `SimOptions`.
-pub async fn start_optomes_with(
-    opts: SimOptions,
-    extras: SimExtras,
-) -> Result<SimServer, SimError> {
+pub async fn start_optomes(opts: SimOptions, extras: SimExtras) -> Result<SimServer, SimError> {
     let builder = SimBuilder::new(
         &opts,
         &extras,
@@ -674,7 +666,9 @@ mod e2e {
         let mut opts = SimOptions::new(dir.join("pki"));
         opts.speed = speed;
         opts.seed = seed;
-        start_optomes(opts).await.expect("simulator starts")
+        start_optomes(opts, SimExtras::default())
+            .await
+            .expect("simulator starts")
     }
 
     async fn collect_until(

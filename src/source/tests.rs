@@ -66,11 +66,14 @@ static KEYS: tokio::sync::OnceCell<tempfile::TempDir> = tokio::sync::OnceCell::c
 async fn keys() -> &'static std::path::Path {
     KEYS.get_or_init(|| async {
         let dir = tempfile::tempdir().unwrap();
-        start_deltav(SimOptions::new(dir.path().join("server")))
-            .await
-            .unwrap()
-            .shutdown()
-            .await;
+        start_deltav(
+            SimOptions::new(dir.path().join("server")),
+            crate::sim::SimExtras::default(),
+        )
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
         let conn = conn_config("keys", "opc.tcp://127.0.0.1:1/", vec![]);
         session::build_client(&conn, &dir.path().join("client")).unwrap();
         dir
@@ -109,7 +112,9 @@ async fn sim(dir: &std::path::Path, f: impl FnOnce(&mut SimOptions)) -> SimServe
     // Frozen process: only the test changes values.
     opts.speed = 0.0;
     f(&mut opts);
-    start_deltav(opts).await.expect("simulator starts")
+    start_deltav(opts, crate::sim::SimExtras::default())
+        .await
+        .expect("simulator starts")
 }
 
 struct Harness {
@@ -431,7 +436,7 @@ async fn missing_endpoint_names_policy_mode_and_offer() {
         endpoints: Some(vec![(P::None, M::None), (P::Basic256Sha256, M::Sign)]),
         ..Default::default()
     };
-    let server = crate::sim::start_deltav_with(opts, extras).await.unwrap();
+    let server = crate::sim::start_deltav(opts, extras).await.unwrap();
     let mut conn = conn_config(
         "noep",
         &server.endpoint(),
@@ -957,7 +962,7 @@ async fn restart_with_moved_namespace_re_resolves_and_resumes() {
         namespaces_before: vec!["urn:plantgate:test:inserted".into()],
         ..Default::default()
     };
-    let server = crate::sim::start_deltav_with(opts, extras).await.unwrap();
+    let server = crate::sim::start_deltav(opts, extras).await.unwrap();
     let restarted = tokio::time::Instant::now();
     assert_eq!(server.namespace_index(), old_ns + 1);
     // Initial values of the new subscription are the first data.

@@ -28,7 +28,7 @@ pub async fn start_load_sim_with(
     opts.speed = 0.0;
     opts.tags = tags;
     opts.rate_hz = hz;
-    plantgate::sim::start_deltav_with(opts, extras)
+    plantgate::sim::start_deltav(opts, extras)
         .await
         .expect("simulator")
 }

@@ -126,8 +126,10 @@ pub async fn start_plant_with(kind: &str) -> Plant {
     let mut opts = plantgate::sim::SimOptions::new(dir.path().join("sim-pki"));
     opts.speed = 0.0;
     let sim = match kind {
-        "deltav" => plantgate::sim::start_deltav(opts).await,
-        "optomes" => plantgate::sim::start_optomes(opts).await,
+        "deltav" => plantgate::sim::start_deltav(opts, plantgate::sim::SimExtras::default()).await,
+        "optomes" => {
+            plantgate::sim::start_optomes(opts, plantgate::sim::SimExtras::default()).await
+        }
         other => panic!("no simulator {other}"),
     }
     .expect("simulator starts");

@@ -48,7 +48,7 @@ impl Run {
             while let Some(batch) = rx.recv().await {
                 let records = batch.records.clone();
                 buffer
-                    .append_with_states(batch.records, batch.state.into_iter().collect())
+                    .try_append(batch.records, batch.state.into_iter().collect())
                     .await
                     .expect("append");
                 for r in records {
@@ -237,7 +237,9 @@ async fn optomes_run_produces_oee_windows_and_downtime() {
     copy_keys("server", &dir.path().join("server-pki")).await;
     let mut opts = SimOptions::new(dir.path().join("server-pki"));
     opts.speed = 0.0;
-    let server = crate::sim::start_optomes(opts).await.expect("simulator");
+    let server = crate::sim::start_optomes(opts, crate::sim::SimExtras::default())
+        .await
+        .expect("simulator");
     let wcs = server.optomes_work_centers().expect("work centers");
     wcs.take_over(WC).unwrap();
     let pki = client_pki(dir.path()).await;
