@@ -5,7 +5,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::append::insert_records;
+use super::insert::insert_records;
 use super::tx::{Counters, OnFull, StreamDelta, Tx};
 use super::{agent_event, connection_value, Store};
 use crate::buffer::{BufferError, DeadLetter};

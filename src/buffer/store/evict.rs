@@ -11,7 +11,7 @@
 
 use rusqlite::params;
 
-use super::append::insert_records;
+use super::insert::insert_records;
 use super::tx::{Counters, OnFull, StreamRow, Tx};
 use super::{accounted, agent_event, connection_value, is_sqlite_full, Store};
 use crate::buffer::{BufferError, Eviction, EvictionReason};

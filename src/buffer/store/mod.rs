@@ -18,6 +18,7 @@
 mod append;
 mod dead_letters;
 mod evict;
+mod insert;
 mod read;
 mod schema;
 mod space;
