@@ -277,7 +277,8 @@ fn profile_benches(c: &mut Criterion) {
         "[[connections.units]]\nname = \"REACTOR_101\"\n\
          recipe_parameters = [\"CHARGE_AMT\", \"REACT_TEMP_SP\", \"REACT_TIME\"]\n\
          [[connections.units]]\nname = \"REACTOR_102\"\n",
-    ));
+    ))
+    .expect("a DeltaV connection has a profile");
     deltav.on_connected(T0);
     let start = deltav.on_values(&[
         unit(UnitParam::Recipe, json!("PVC-STD"), T0),
@@ -314,7 +315,8 @@ fn profile_benches(c: &mut Criterion) {
         "oee_window = \"60s\"\n\
          [[connections.work_centers]]\nname = \"LINE_A_FILLER\"\n\
          [[connections.work_centers]]\nname = \"LINE_A_CAPPER\"\n",
-    ));
+    ))
+    .expect("an OptoMES connection has a profile");
     optomes.on_connected(T0);
     optomes.on_values(&[
         work_center(WcParam::State, json!("RUNNING"), T0),

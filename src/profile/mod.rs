@@ -34,7 +34,6 @@
 //!   right after [`Profile::new`] on start.
 
 pub mod deltav;
-pub mod generic;
 pub mod oee;
 pub mod optomes;
 pub mod template;
@@ -50,7 +49,6 @@ use crate::config::{ConnectionConfig, ConnectionKind, ProfileConfig};
 use crate::record::NewRecord;
 
 pub use deltav::DeltaV;
-pub use generic::Generic;
 pub use optomes::OptoMes;
 
 /// Identifies one node a profile needs. Indices refer to the connection's
@@ -239,15 +237,17 @@ pub(crate) fn check_envelope(
 pub enum Profile {
     Deltav(DeltaV),
     Optomes(OptoMes),
-    Generic(Generic),
 }
 
 impl Profile {
-    pub fn new(conn: &ConnectionConfig) -> Profile {
+    /// The connection's profile; None for `kind = "generic"`, whose tags
+    /// the source turns into records by itself (nothing to derive, nothing
+    /// to persist).
+    pub fn new(conn: &ConnectionConfig) -> Option<Profile> {
         match &conn.profile {
-            ProfileConfig::Deltav(cfg) => Profile::Deltav(DeltaV::new(conn, cfg)),
-            ProfileConfig::Optomes(cfg) => Profile::Optomes(OptoMes::new(conn, cfg)),
-            ProfileConfig::Generic => Profile::Generic(Generic::new(conn)),
+            ProfileConfig::Deltav(cfg) => Some(Profile::Deltav(DeltaV::new(conn, cfg))),
+            ProfileConfig::Optomes(cfg) => Some(Profile::Optomes(OptoMes::new(conn, cfg))),
+            ProfileConfig::Generic => None,
         }
     }
 
@@ -255,7 +255,6 @@ impl Profile {
         match self {
             Profile::Deltav(_) => ConnectionKind::Deltav,
             Profile::Optomes(_) => ConnectionKind::Optomes,
-            Profile::Generic(_) => ConnectionKind::Generic,
         }
     }
 
@@ -263,7 +262,6 @@ impl Profile {
         match self {
             Profile::Deltav(p) => p.nodes(),
             Profile::Optomes(p) => p.nodes(),
-            Profile::Generic(p) => p.nodes(),
         }
     }
 
@@ -271,7 +269,6 @@ impl Profile {
         match self {
             Profile::Deltav(p) => p.on_values(values),
             Profile::Optomes(p) => p.on_values(values),
-            Profile::Generic(p) => p.on_values(values),
         }
     }
 
@@ -279,7 +276,6 @@ impl Profile {
         match self {
             Profile::Deltav(p) => p.on_tick(now_ms),
             Profile::Optomes(p) => p.on_tick(now_ms),
-            Profile::Generic(p) => p.on_tick(now_ms),
         }
     }
 
@@ -287,7 +283,6 @@ impl Profile {
         match self {
             Profile::Deltav(p) => p.on_read(request_id, results),
             Profile::Optomes(p) => p.on_read(request_id, results),
-            Profile::Generic(p) => p.on_read(request_id, results),
         }
     }
 
@@ -295,7 +290,6 @@ impl Profile {
         match self {
             Profile::Deltav(p) => p.on_disconnected(at_ms),
             Profile::Optomes(p) => p.on_disconnected(at_ms),
-            Profile::Generic(p) => p.on_disconnected(at_ms),
         }
     }
 
@@ -303,7 +297,6 @@ impl Profile {
         match self {
             Profile::Deltav(p) => p.on_connected(at_ms),
             Profile::Optomes(p) => p.on_connected(at_ms),
-            Profile::Generic(p) => p.on_connected(at_ms),
         }
     }
 
@@ -313,7 +306,6 @@ impl Profile {
         match self {
             Profile::Deltav(p) => p.snapshot(),
             Profile::Optomes(p) => p.snapshot(),
-            Profile::Generic(p) => p.snapshot(),
         }
     }
 
@@ -324,7 +316,6 @@ impl Profile {
         match self {
             Profile::Deltav(p) => p.restore(snapshot),
             Profile::Optomes(p) => p.restore(snapshot),
-            Profile::Generic(p) => p.restore(snapshot),
         }
     }
 }
@@ -395,18 +386,11 @@ mod tests {
             sampling_interval: None,
             deadband: None,
         });
-        let mut p = Profile::new(&generic);
-        assert_eq!(p.kind(), ConnectionKind::Generic);
-        // Tags stay with the source.
-        assert!(p.nodes().is_empty());
-        assert!(p.on_connected(1).is_empty());
-        assert!(p.on_tick(1_000_000).is_empty());
-        assert!(p.on_disconnected(2).is_empty());
-        assert!(p.on_read(1, &[]).is_empty());
-        let snap = p.snapshot();
-        assert_eq!(p.restore(&snap), Ok(()));
+        // Tags stay with the source: a generic connection has no profile.
+        assert!(Profile::new(&generic).is_none());
 
-        let mut d = Profile::new(&testutil::deltav(&[("R1", &["A"])]));
+        let deltav = Profile::new(&testutil::deltav(&[("R1", &["A"])]));
+        let mut d = deltav.expect("a DeltaV profile");
         assert_eq!(d.kind(), ConnectionKind::Deltav);
         assert_eq!(d.nodes().len(), 6);
         let out = d.on_values(&[Sample {
@@ -421,13 +405,15 @@ mod tests {
         assert_eq!(out.records.len(), 1);
         assert_eq!(out.reads.len(), 1);
         let saved = d.snapshot();
-        let mut d2 = Profile::new(&testutil::deltav(&[("R1", &["A"])]));
+        let mut d2 = Profile::new(&testutil::deltav(&[("R1", &["A"])])).expect("profile");
         assert_eq!(d2.restore(&saved), Ok(()));
         assert_eq!(d2.snapshot(), saved);
-        // A snapshot of another kind is refused, the profile stays fresh.
-        assert!(p.restore(&saved).is_err());
-
         let o = Profile::new(&testutil::optomes(&["WC"], Duration::from_secs(60)));
+        let mut o = o.expect("an OptoMES profile");
+        // A snapshot of another kind is refused, the profile stays fresh.
+        let fresh = o.snapshot();
+        assert!(o.restore(&saved).is_err());
+        assert_eq!(o.snapshot(), fresh);
         assert_eq!(o.kind(), ConnectionKind::Optomes);
         assert_eq!(o.nodes().len(), 7);
     }

@@ -22,21 +22,22 @@ const FORWARD_BATCH: usize = 5_000;
 /// How often the profile gets a clock tick (OEE windows close on ticks).
 const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Builds the connection's profile and restores its saved snapshot. A
+/// Builds the connection's profile (None for a generic connection: tags
+/// only, nothing to derive or persist) and restores its saved snapshot. A
 /// snapshot that cannot be used is logged and ignored: the profile starts
 /// fresh, which at worst repeats an event already reported (at-least-once).
-pub(super) fn restored_profile(conn: &ConnectionConfig, saved: Option<&str>) -> Profile {
-    let mut profile = Profile::new(conn);
+pub(super) fn restored_profile(conn: &ConnectionConfig, saved: Option<&str>) -> Option<Profile> {
+    let mut profile = Profile::new(conn)?;
     if let Some(text) = saved {
         let result = serde_json::from_str::<serde_json::Value>(text)
             .map_err(|e| crate::profile::SnapshotError::Malformed(e.to_string()))
             .and_then(|snapshot| profile.restore(&snapshot));
         if let Err(e) = result {
             tracing::warn!(connection = %conn.id, error = %e, "saved profile state not usable; starting fresh");
-            profile = Profile::new(conn);
+            return Profile::new(conn);
         }
     }
-    profile
+    Some(profile)
 }
 
 struct Driver {

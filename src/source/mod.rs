@@ -46,7 +46,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::{ConnectionConfig, ConnectionKind};
+use crate::config::ConnectionConfig;
 use crate::status::{ConnState, ConnectionReporter};
 
 use intake::Feed;
@@ -66,13 +66,7 @@ pub async fn run_connection(
     saved: Option<String>,
     cancel: CancellationToken,
 ) {
-    let profile = match conn.kind() {
-        // Tags only: nothing to derive, nothing to persist.
-        ConnectionKind::Generic => None,
-        ConnectionKind::Deltav | ConnectionKind::Optomes => {
-            Some(driver::restored_profile(&conn, saved.as_deref()))
-        }
-    };
+    let profile = driver::restored_profile(&conn, saved.as_deref());
     let tags = tags::TagTable::new(&conn, profile.as_ref());
     let (records_tx, records_rx) = intake::channel(reporter.intake_loss());
     let (reads_tx, mut reads_rx) = mpsc::unbounded_channel();
