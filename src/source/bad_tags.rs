@@ -8,19 +8,20 @@ use std::time::Duration;
 use opcua::types::StatusCode;
 
 use super::session::{Item, TagPlan};
+use super::tags::TagIndex;
 use super::value;
 use crate::status::ConnectionReporter;
 
 /// Tags that cannot be monitored now: (index into the plans, why), sorted
 /// by index.
-pub(super) type BadTags = Vec<(usize, StatusCode)>;
+pub(super) type BadTags = Vec<(TagIndex, StatusCode)>;
 
 /// What has been announced, across the sessions of one connection: one
 /// `system.error` per tag that became bad (or bad with another status), so
 /// an outage of a node is one event, not one per reconnect or retry.
 #[derive(Default)]
 pub(super) struct BadTagReports {
-    reported: HashMap<usize, StatusCode>,
+    reported: HashMap<TagIndex, StatusCode>,
 }
 
 impl BadTagReports {
@@ -29,8 +30,8 @@ impl BadTagReports {
         &mut self,
         reporter: &ConnectionReporter,
         plans: &[TagPlan],
-        bad: &[(usize, StatusCode)],
-        monitored: &HashMap<usize, Item>,
+        bad: &[(TagIndex, StatusCode)],
+        monitored: &HashMap<TagIndex, Item>,
         retry_every: Duration,
     ) {
         for (i, status) in bad {
@@ -38,7 +39,7 @@ impl BadTagReports {
                 continue;
             }
             self.reported.insert(*i, *status);
-            let tag = &plans[*i].meta;
+            let tag = &plans[i.get()].meta;
             let status = value::status_name(*status);
             tracing::warn!(connection = %reporter.id(), tag = %tag.name, node = %tag.node, %status, "tag unavailable");
             reporter
@@ -56,7 +57,7 @@ impl BadTagReports {
         }
         for i in monitored.keys() {
             if self.reported.remove(i).is_some() {
-                let tag = &plans[*i].meta;
+                let tag = &plans[i.get()].meta;
                 tracing::info!(connection = %reporter.id(), tag = %tag.name, node = %tag.node, "tag available again");
             }
         }
@@ -64,7 +65,7 @@ impl BadTagReports {
 }
 
 /// Merges `more` into `bad`, keeping it sorted by tag index.
-pub(super) fn merge(bad: &mut BadTags, more: impl IntoIterator<Item = (usize, StatusCode)>) {
+pub(super) fn merge(bad: &mut BadTags, more: impl IntoIterator<Item = (TagIndex, StatusCode)>) {
     bad.extend(more);
     bad.sort_by_key(|(i, _)| *i);
 }

@@ -19,7 +19,7 @@ use super::intake::{Feed, FeedTx};
 use super::session::{
     self, Item, LoopEvent, Monitored, Notices, PublishClock, SourceError, Subscriptions,
 };
-use super::tags::TagTable;
+use super::tags::{TagIndex, TagTable};
 use super::value;
 use crate::config::ConnectionConfig;
 use crate::profile::{NodeKey, ReadRequest};
@@ -107,7 +107,7 @@ struct Live {
     /// Tags that cannot be monitored now.
     bad: BadTags,
     /// Monitored items, by tag index.
-    items: HashMap<usize, Item>,
+    items: HashMap<TagIndex, Item>,
     /// The profile's nodes as resolved on this session, for its reads.
     nodes: HashMap<NodeKey, NodeId>,
 }
@@ -363,7 +363,7 @@ impl Live {
             bad_tags::merge(&mut still_bad, monitored.refused);
             // Profile nodes that resolve now become readable too (a
             // namespace that appeared after a server download).
-            let created: HashMap<usize, Item> = monitored.created.into_iter().collect();
+            let created: HashMap<TagIndex, Item> = monitored.created.into_iter().collect();
             let resolved = retry.iter().filter(|(i, _)| created.contains_key(i));
             self.nodes.extend(
                 ctx.tags
@@ -371,7 +371,7 @@ impl Live {
             );
             self.items.extend(created);
         }
-        let changed: Vec<(usize, StatusCode)> = still_bad
+        let changed: Vec<(TagIndex, StatusCode)> = still_bad
             .iter()
             .filter(|(i, s)| !self.bad.iter().any(|(j, t)| i == j && s == t))
             .copied()

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use super::intake::Feed;
 use super::pki::{OwnCertificate, PinCheck};
+use super::tags::TagIndex;
 use super::value::{
     bad_tag_record, oversized, tag_record, too_large_record, value_ts_ms, variant_to_json, TagMeta,
     MAX_STRING_VALUE_BYTES,
@@ -337,7 +338,7 @@ pub(crate) enum LoopEvent {
     /// The server ended our subscription (StatusChangeNotification).
     SubscriptionStatus(StatusCode),
     /// A monitored node reported that it no longer exists: (tag index, why).
-    NodeGone(usize, StatusCode),
+    NodeGone(TagIndex, StatusCode),
 }
 
 /// Drives the session event loop on its own task. It stops at the first
@@ -510,10 +511,8 @@ impl OnSubscriptionNotificationCore for Notifier {
                     continue;
                 };
                 for item in change.monitored_items.into_iter().flatten() {
-                    // Client handles are tag index + 1 (see `monitor_tags`).
-                    let Some((index, tag)) = (item.client_handle as usize)
-                        .checked_sub(1)
-                        .and_then(|i| self.tags.get(i).map(|t| (i, t)))
+                    let Some((index, tag)) = TagIndex::from_client_handle(item.client_handle)
+                        .and_then(|i| self.tags.get(i.get()).map(|t| (i, t)))
                     else {
                         continue;
                     };
@@ -521,7 +520,7 @@ impl OnSubscriptionNotificationCore for Notifier {
                     if status.overflow() {
                         self.records.server_overflow(&tag.name);
                     }
-                    let profile = self.profile.get(index).copied().flatten();
+                    let profile = self.profile.get(index.get()).copied().flatten();
                     let too_large = item.value.value.as_ref().and_then(oversized);
                     if let Some(bytes) = too_large {
                         // Costs this tag a bad record (a profile node: a
@@ -580,7 +579,7 @@ pub(crate) struct Notices {
     loss: IntakeLoss,
     pki_dir: PathBuf,
     /// Tag index -> when its last oversized value was announced.
-    oversized: Mutex<HashMap<usize, Instant>>,
+    oversized: Mutex<HashMap<TagIndex, Instant>>,
     response_too_large: Mutex<Option<Instant>>,
     /// When a server's refusal of more subscriptions was last announced.
     subscriptions_refused: Mutex<Option<Instant>>,
@@ -607,7 +606,7 @@ impl Notices {
     /// [`MAX_STRING_VALUE_BYTES`]): counted as intake loss, announced by a
     /// `system.error` at most once per [`REANNOUNCE_EVERY`] and tag. Sync:
     /// called from the subscription callback.
-    pub(crate) fn value_too_large(&self, index: usize, tag: &TagMeta, bytes: usize) {
+    pub(crate) fn value_too_large(&self, index: TagIndex, tag: &TagMeta, bytes: usize) {
         self.loss
             .record(DropReason::ValueTooLarge, 1, Some(tag.name.as_str()));
         let due = {
@@ -945,9 +944,9 @@ pub(crate) struct Subscriptions {
 
 impl Subscriptions {
     /// The subscription tag `index` belongs to.
-    pub(crate) fn of_tag(&self, index: usize) -> u32 {
+    pub(crate) fn of_tag(&self, index: TagIndex) -> u32 {
         // Never empty: `create_subscriptions` fails without a first one.
-        let slot = (index / TAGS_PER_SUBSCRIPTION) % self.ids.len().max(1);
+        let slot = (index.get() / TAGS_PER_SUBSCRIPTION) % self.ids.len().max(1);
         self.ids.get(slot).copied().unwrap_or_default()
     }
 
@@ -989,7 +988,7 @@ pub(crate) async fn create_subscriptions(
 }
 
 fn item_request(
-    index: usize,
+    index: TagIndex,
     node: NodeId,
     plan: &TagPlan,
     publishing_interval: Duration,
@@ -1013,7 +1012,7 @@ fn item_request(
         item_to_monitor: ReadValueId::from(node),
         monitoring_mode: MonitoringMode::Reporting,
         requested_parameters: MonitoringParameters {
-            client_handle: (index + 1) as u32,
+            client_handle: index.client_handle(),
             sampling_interval: sampling_ms,
             filter,
             queue_size,
@@ -1033,8 +1032,8 @@ pub(crate) struct Item {
 /// server refused, with its status (for bad records and retry).
 #[derive(Default)]
 pub(crate) struct Monitored {
-    pub created: Vec<(usize, Item)>,
-    pub refused: Vec<(usize, StatusCode)>,
+    pub created: Vec<(TagIndex, Item)>,
+    pub refused: Vec<(TagIndex, StatusCode)>,
 }
 
 /// Creates monitored items for `which` (indexes into `plans`), each in the
@@ -1043,10 +1042,10 @@ pub(crate) async fn monitor_tags(
     session: &Session,
     subscriptions: &Subscriptions,
     plans: &[TagPlan],
-    which: &[(usize, NodeId)],
+    which: &[(TagIndex, NodeId)],
     publishing_interval: Duration,
 ) -> Result<Monitored, SourceError> {
-    let mut groups: std::collections::BTreeMap<u32, Vec<(usize, NodeId)>> = Default::default();
+    let mut groups: std::collections::BTreeMap<u32, Vec<(TagIndex, NodeId)>> = Default::default();
     for (i, node) in which {
         groups
             .entry(subscriptions.of_tag(*i))
@@ -1072,14 +1071,14 @@ async fn monitor_in(
     session: &Session,
     subscription_id: u32,
     plans: &[TagPlan],
-    which: &[(usize, NodeId)],
+    which: &[(TagIndex, NodeId)],
     publishing_interval: Duration,
     out: &mut Monitored,
 ) -> Result<(), SourceError> {
     for chunk in which.chunks(MONITORED_ITEMS_CHUNK) {
         let requests = chunk
             .iter()
-            .map(|(i, node)| item_request(*i, node.clone(), &plans[*i], publishing_interval))
+            .map(|(i, node)| item_request(*i, node.clone(), &plans[i.get()], publishing_interval))
             .collect();
         let results = session
             .create_monitored_items(subscription_id, TimestampsToReturn::Both, requests)
@@ -1134,13 +1133,13 @@ pub(crate) async fn read_namespaces(session: &Session) -> Result<NamespaceMap, S
 pub(crate) fn bad_records(
     connection: &str,
     plans: &[TagPlan],
-    bad: &[(usize, StatusCode)],
+    bad: &[(TagIndex, StatusCode)],
 ) -> Vec<NewRecord> {
     // A profile node is not a tag: its outage shows in the system.error
     // event and in the profile's own records, not as a `tag` record.
     bad.iter()
-        .filter(|(i, _)| plans[*i].profile.is_none())
-        .map(|(i, status)| bad_tag_record(connection, &plans[*i].meta, *status))
+        .filter(|(i, _)| plans[i.get()].profile.is_none())
+        .map(|(i, status)| bad_tag_record(connection, &plans[i.get()].meta, *status))
         .collect()
 }
 

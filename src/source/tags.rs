@@ -16,6 +16,29 @@ use super::value::TagMeta;
 use crate::config::ConnectionConfig;
 use crate::profile::{NodeKey, Profile};
 
+/// A tag's place in its connection's tag table: the same on every session
+/// and retry, so it names the tag everywhere (its monitored item's client
+/// handle, its subscription, its bad-tag bookkeeping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct TagIndex(usize);
+
+impl TagIndex {
+    pub(crate) fn get(self) -> usize {
+        self.0
+    }
+
+    /// The client handle of the tag's monitored item: index + 1, because the
+    /// server echoes it in every notification and 0 reads as "unset".
+    pub(crate) fn client_handle(self) -> u32 {
+        u32::try_from(self.0 + 1).unwrap_or(u32::MAX)
+    }
+
+    /// The tag a notification's client handle names, if any.
+    pub(crate) fn from_client_handle(handle: u32) -> Option<TagIndex> {
+        (handle as usize).checked_sub(1).map(TagIndex)
+    }
+}
+
 pub(super) struct TagTable {
     pub plans: Vec<TagPlan>,
     /// The plans' metadata, shared with the subscription callbacks.
@@ -49,29 +72,29 @@ impl TagTable {
     /// Splits the tags into resolvable (with their NodeId) and bad (with
     /// status). Unparseable node ids are bad for good; unknown namespaces
     /// are retried.
-    pub(super) fn resolve(&self, namespaces: &NamespaceMap) -> (Vec<(usize, NodeId)>, BadTags) {
-        let all: Vec<usize> = (0..self.plans.len()).collect();
+    pub(super) fn resolve(&self, namespaces: &NamespaceMap) -> (Vec<(TagIndex, NodeId)>, BadTags) {
+        let all: Vec<TagIndex> = (0..self.plans.len()).map(TagIndex).collect();
         self.resolve_indexes(all, namespaces)
     }
 
     /// [`TagTable::resolve`] for the tags of `bad` only.
     pub(super) fn resolve_some(
         &self,
-        bad: &[(usize, StatusCode)],
+        bad: &[(TagIndex, StatusCode)],
         namespaces: &NamespaceMap,
-    ) -> (Vec<(usize, NodeId)>, BadTags) {
+    ) -> (Vec<(TagIndex, NodeId)>, BadTags) {
         self.resolve_indexes(bad.iter().map(|(i, _)| *i).collect(), namespaces)
     }
 
     fn resolve_indexes(
         &self,
-        indexes: Vec<usize>,
+        indexes: Vec<TagIndex>,
         namespaces: &NamespaceMap,
-    ) -> (Vec<(usize, NodeId)>, BadTags) {
+    ) -> (Vec<(TagIndex, NodeId)>, BadTags) {
         let mut ok = Vec::with_capacity(indexes.len());
         let mut bad = Vec::new();
         for i in indexes {
-            match &self.plans[i].node {
+            match &self.plans[i.0].node {
                 None => bad.push((i, StatusCode::BadNodeIdInvalid)),
                 Some(node) => match session::resolve(node, namespaces) {
                     Ok(id) => ok.push((i, id)),
@@ -83,10 +106,13 @@ impl TagTable {
     }
 
     /// The profile's nodes among `resolved`, for its reads.
-    pub(super) fn profile_nodes(&self, resolved: &[(usize, NodeId)]) -> HashMap<NodeKey, NodeId> {
+    pub(super) fn profile_nodes(
+        &self,
+        resolved: &[(TagIndex, NodeId)],
+    ) -> HashMap<NodeKey, NodeId> {
         resolved
             .iter()
-            .filter_map(|(i, id)| self.plans[*i].profile.map(|k| (k, id.clone())))
+            .filter_map(|(i, id)| self.plans[i.0].profile.map(|k| (k, id.clone())))
             .collect()
     }
 
