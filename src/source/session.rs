@@ -650,17 +650,7 @@ impl Notices {
         // How many values the response held is unknown: at least one.
         self.loss.record(DropReason::ValueTooLarge, 1, None);
         let status = super::value::status_name(status);
-        let due = {
-            let mut last = self
-                .response_too_large
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let due = due_again(*last);
-            if due {
-                *last = Some(Instant::now());
-            }
-            due
-        };
+        let due = claim_due(&self.response_too_large);
         if !due {
             tracing::warn!(connection = %self.reporter.id(), %status, "publish response too large for the decoder limits (again); its values are lost");
             return;
@@ -684,17 +674,7 @@ impl Notices {
     /// `opcua_queue_overflow`). Announced at most once per
     /// [`REANNOUNCE_EVERY`].
     fn subscriptions_refused(&self, wanted: usize, created: usize, error: &SourceError) {
-        let due = {
-            let mut last = self
-                .subscriptions_refused
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let due = due_again(*last);
-            if due {
-                *last = Some(Instant::now());
-            }
-            due
-        };
+        let due = claim_due(&self.subscriptions_refused);
         tracing::warn!(connection = %self.reporter.id(), %error, wanted, created,
             "the server refused another subscription; the tags share the ones it allowed (fewer publish requests in flight)");
         if !due {
@@ -725,6 +705,17 @@ impl Notices {
             }
         }
     }
+}
+
+/// Whether an announcement last made at `slot` is due again; if so, marks
+/// it made now.
+fn claim_due(slot: &Mutex<Option<Instant>>) -> bool {
+    let mut last = slot.lock().unwrap_or_else(|e| e.into_inner());
+    let due = due_again(*last);
+    if due {
+        *last = Some(Instant::now());
+    }
+    due
 }
 
 fn due_again(last: Option<Instant>) -> bool {
