@@ -42,6 +42,26 @@ async fn sigterm_exits_zero_quickly_and_loses_nothing() {
         s.tracker.last_seq("sim1", "tag").unwrap_or(0) >= 5
     })
     .await;
+    // A hang-up neither stops nor disturbs it: the configuration is read at
+    // start only, and SIGHUP's default action would end the process without
+    // a clean stop.
+    let pid = child.id().to_string();
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let before = seen.tracker.last_seq("sim1", "tag").unwrap_or(0);
+    seen.until("data flowing after SIGHUP", |s| {
+        v += 1.0;
+        plant.sim.set_value("FIC-101/PV.CV", v);
+        s.tracker.last_seq("sim1", "tag").unwrap_or(0) >= before + 3
+    })
+    .await;
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "SIGHUP ended the agent"
+    );
     // Keep values changing right up to the signal.
     for _ in 0..20 {
         v += 1.0;
@@ -114,6 +134,7 @@ async fn sigterm_exits_zero_quickly_and_loses_nothing() {
     let missing: Vec<u64> = (1..=last).filter(|s| !have.contains(s)).collect();
     assert!(missing.is_empty(), "lost seqs {missing:?} of 1..={last}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("SIGHUP ignored"), "{stderr}");
     // A clean stop ends every task on purpose: none of them is reported
     // as died, neither in the log nor as an event (sent or still buffered).
     assert!(!stderr.contains("task died"), "{stderr}");
