@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{BufferHandle, Limits, OpenMode, Store, StoreOptions};
 use crate::config::{Config, ConnectionConfig};
-use crate::status::{event_record, Batch, ConnState, ConnectionReporter, StatusBoard};
+use crate::record::{EventType, NewRecord};
+use crate::status::{Batch, ConnState, ConnectionReporter, StatusBoard};
 use crate::supervise::supervise;
 use crate::uplink::{Uplink, UplinkSettings};
 
@@ -217,7 +218,10 @@ async fn start_sources(
     for conn in &config.connections {
         let reporter =
             ConnectionReporter::new(&conn.id, board.clone(), sink.clone(), conn.events.clone());
-        wants_dropped.insert(conn.id.clone(), reporter.wants_event("source.dropped"));
+        wants_dropped.insert(
+            conn.id.clone(),
+            reporter.wants_event(EventType::SourceDropped),
+        );
         tasks.push(tokio::spawn(supervise_connection(
             conn.clone(),
             pki_dir.clone(),
@@ -486,9 +490,9 @@ fn agent_error(
     move |death| {
         let buffer = buffer.clone();
         Box::pin(async move {
-            let ev = event_record(
+            let ev = NewRecord::event(
                 "",
-                "system.error",
+                EventType::SystemError,
                 serde_json::json!({
                     "error": "task_died",
                     "task": task,

@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::BufferHandle;
-use crate::status::{event_record, StatusBoard};
+use crate::record::{EventType, NewRecord};
+use crate::status::StatusBoard;
 
 /// How often intake loss is announced.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
@@ -40,9 +41,9 @@ pub async fn run(
                 // A connection's `events` list filters events about it;
                 // the agent's own records always announce.
                 if r.connection.is_empty() || wants.get(&r.connection).copied().unwrap_or(true) {
-                    events.push(event_record(
+                    events.push(NewRecord::event(
                         &r.connection,
-                        "source.dropped",
+                        EventType::SourceDropped,
                         serde_json::json!({
                             "reason": r.reason.as_str(),
                             "count": r.count,

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::buffer::{BufferHandle, ProfileState, Refused};
-use crate::record::NewRecord;
-use crate::status::{event_record, Batch, DropReason, StatusBoard};
+use crate::record::{EventType, NewRecord};
+use crate::status::{Batch, DropReason, StatusBoard};
 
 /// Records merged into one append.
 const INGEST_BATCH: usize = 10_000;
@@ -87,9 +87,9 @@ async fn commit(
                         "buffer accepts records again"
                     );
                     if blocked >= BLOCKED_WORTH_AN_EVENT {
-                        let ev = event_record(
+                        let ev = NewRecord::event(
                             "",
-                            "system.error",
+                            EventType::SystemError,
                             serde_json::json!({
                                 "error": "buffer_blocked",
                                 "message": format!(

@@ -83,6 +83,29 @@ pub struct NewRecord {
 }
 
 impl NewRecord {
+    /// An event record (docs/mqtt.md, "Events") stamped now. `connection`
+    /// is "" for the agent's own events. Every event is built here, so its
+    /// shape is the same whoever raises it.
+    pub fn event(connection: &str, event: EventType, details: serde_json::Value) -> NewRecord {
+        NewRecord::event_at(connection, event, now_ms(), details)
+    }
+
+    /// An event record with a given time (the buffer stamps its own events
+    /// with the time of the transaction that raises them).
+    pub fn event_at(
+        connection: &str,
+        event: EventType,
+        ts_ms: i64,
+        details: serde_json::Value,
+    ) -> NewRecord {
+        NewRecord {
+            connection: connection.to_string(),
+            kind: Kind::Event,
+            ts_ms,
+            data: serde_json::json!({ "type": event.as_str(), "details": details }).to_string(),
+        }
+    }
+
     /// `data` parsed (for tests and diagnostics; Null if it is not JSON,
     /// which no constructor here produces).
     pub fn data_json(&self) -> serde_json::Value {
@@ -98,6 +121,64 @@ impl NewRecord {
             },
             _ => None,
         }
+    }
+}
+
+/// The event types of docs/mqtt.md ("Events"): the `type` of an event
+/// record, the last level of its topic, and what a connection's `events`
+/// list names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum EventType {
+    #[serde(rename = "connection.status_changed")]
+    ConnectionStatusChanged,
+    #[serde(rename = "connection.auth_required")]
+    ConnectionAuthRequired,
+    #[serde(rename = "sync.completed")]
+    SyncCompleted,
+    #[serde(rename = "system.error")]
+    SystemError,
+    #[serde(rename = "buffer.evicted")]
+    BufferEvicted,
+    #[serde(rename = "source.dropped")]
+    SourceDropped,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 6] = [
+        EventType::ConnectionStatusChanged,
+        EventType::ConnectionAuthRequired,
+        EventType::SyncCompleted,
+        EventType::SystemError,
+        EventType::BufferEvicted,
+        EventType::SourceDropped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::ConnectionStatusChanged => "connection.status_changed",
+            EventType::ConnectionAuthRequired => "connection.auth_required",
+            EventType::SyncCompleted => "sync.completed",
+            EventType::SystemError => "system.error",
+            EventType::BufferEvicted => "buffer.evicted",
+            EventType::SourceDropped => "source.dropped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// So a list of event types reads against the names users write.
+impl PartialEq<&str> for EventType {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 
@@ -149,5 +230,23 @@ mod tests {
             assert_eq!(Kind::parse(k.as_str()), Some(k));
         }
         assert_eq!(Kind::parse("nope"), None);
+    }
+
+    #[test]
+    fn event_types_have_one_name_in_serde_and_topics() {
+        for e in EventType::ALL {
+            assert_eq!(EventType::parse(e.as_str()), Some(e));
+            assert_eq!(serde_json::json!(e), e.as_str());
+        }
+        let ev = NewRecord::event(
+            "c1",
+            EventType::SystemError,
+            serde_json::json!({"error": "x"}),
+        );
+        assert_eq!(ev.kind, Kind::Event);
+        assert_eq!(
+            ev.data_json(),
+            serde_json::json!({"type": "system.error", "details": {"error": "x"}})
+        );
     }
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::buffer::ProfileState;
-use crate::record::{now_ms, Kind, NewRecord};
+use crate::record::{now_ms, EventType, NewRecord};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -531,16 +531,6 @@ impl IntoIterator for Batch {
 /// them to the buffer.
 pub type RecordSink = mpsc::Sender<Batch>;
 
-/// Builds an event record (docs/mqtt.md). `connection` is "" for agent events.
-pub fn event_record(connection: &str, event_type: &str, details: serde_json::Value) -> NewRecord {
-    NewRecord {
-        connection: connection.to_string(),
-        kind: Kind::Event,
-        ts_ms: now_ms(),
-        data: serde_json::json!({ "type": event_type, "details": details }).to_string(),
-    }
-}
-
 /// What a connection task uses to report: its state (to the board, hence the
 /// retained status, and as a `connection.status_changed` event filtered by
 /// the connection's `events` list) and its records.
@@ -549,11 +539,16 @@ pub struct ConnectionReporter {
     id: String,
     board: Arc<StatusBoard>,
     sink: RecordSink,
-    events: Arc<Vec<String>>,
+    events: Arc<Vec<EventType>>,
 }
 
 impl ConnectionReporter {
-    pub fn new(id: &str, board: Arc<StatusBoard>, sink: RecordSink, events: Vec<String>) -> Self {
+    pub fn new(
+        id: &str,
+        board: Arc<StatusBoard>,
+        sink: RecordSink,
+        events: Vec<EventType>,
+    ) -> Self {
         board.register_connection(id);
         ConnectionReporter {
             id: id.to_string(),
@@ -575,8 +570,8 @@ impl ConnectionReporter {
         }
     }
 
-    pub fn wants_event(&self, event_type: &str) -> bool {
-        self.events.iter().any(|e| e == event_type)
+    pub fn wants_event(&self, event: EventType) -> bool {
+        self.events.contains(&event)
     }
 
     /// Records a state change; emits `connection.status_changed` if it is one.
@@ -588,10 +583,10 @@ impl ConnectionReporter {
             return;
         }
         tracing::info!(connection = %self.id, state = state.as_str(), previous = previous.as_str(), reason, "connection state changed");
-        if self.wants_event("connection.status_changed") {
-            let ev = event_record(
+        if self.wants_event(EventType::ConnectionStatusChanged) {
+            let ev = NewRecord::event(
                 &self.id,
-                "connection.status_changed",
+                EventType::ConnectionStatusChanged,
                 serde_json::json!({"state": state.as_str(), "previous": previous.as_str(), "reason": reason}),
             );
             self.send(vec![ev]).await;
@@ -599,9 +594,9 @@ impl ConnectionReporter {
     }
 
     /// Emits an event about this connection if its `events` list wants it.
-    pub async fn event(&self, event_type: &str, details: serde_json::Value) {
-        if self.wants_event(event_type) {
-            self.send(vec![event_record(&self.id, event_type, details)])
+    pub async fn event(&self, event: EventType, details: serde_json::Value) {
+        if self.wants_event(event) {
+            self.send(vec![NewRecord::event(&self.id, event, details)])
                 .await;
         }
     }
@@ -610,14 +605,14 @@ impl ConnectionReporter {
     /// missing), subject to the connection's `events` list like every event
     /// about the connection.
     pub async fn system_error(&self, details: serde_json::Value) {
-        self.event("system.error", details).await;
+        self.event(EventType::SystemError, details).await;
     }
 
     /// An event about the agent itself (connection `null`, agent stream),
     /// not filtered by this connection's `events` list: used for things the
     /// connections share, such as the OPC UA application certificate.
-    pub async fn agent_event(&self, event_type: &str, details: serde_json::Value) {
-        self.send(vec![event_record("", event_type, details)]).await;
+    pub async fn agent_event(&self, event: EventType, details: serde_json::Value) {
+        self.send(vec![NewRecord::event("", event, details)]).await;
     }
 
     /// Hands records to the buffer. Waits when the buffer is behind

@@ -146,9 +146,9 @@ fn conn_config(id: &str, endpoint: &str) -> ConnectionConfig {
         reconnect_initial: Duration::from_millis(200),
         reconnect_max: Duration::from_secs(1),
         events: vec![
-            "connection.status_changed".into(),
-            "connection.auth_required".into(),
-            "system.error".into(),
+            plantgate::record::EventType::ConnectionStatusChanged,
+            plantgate::record::EventType::ConnectionAuthRequired,
+            plantgate::record::EventType::SystemError,
         ],
         tags: vec![
             tag("Counter", &format!("nsu={NS};s=Line1/Counter")),

@@ -46,9 +46,9 @@ fn conn_config(id: &str, endpoint: &str, tags: Vec<TagConfig>) -> ConnectionConf
         reconnect_initial: Duration::from_millis(200),
         reconnect_max: Duration::from_secs(1),
         events: vec![
-            "connection.status_changed".into(),
-            "connection.auth_required".into(),
-            "system.error".into(),
+            plantgate::record::EventType::ConnectionStatusChanged,
+            plantgate::record::EventType::ConnectionAuthRequired,
+            plantgate::record::EventType::SystemError,
         ],
         tags,
         profile: ProfileConfig::Generic,

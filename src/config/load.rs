@@ -22,6 +22,7 @@ use super::keys::{
 use super::model::*;
 use super::units::{parse_duration, parse_size};
 use crate::nodeid::NodeRef;
+use crate::record::EventType;
 use crate::secret::Secret;
 
 /// EX_CONFIG from sysexits.h; systemd's `RestartPreventExitStatus=78` keys on it.
@@ -31,21 +32,13 @@ const ENV_PREFIX: &str = "PLANTGATE";
 /// The origin the `config` crate stamps on values from environment variables.
 const ENV_ORIGIN: &str = "the environment";
 
-const EVENT_TYPES: [&str; 6] = [
-    "connection.status_changed",
-    "connection.auth_required",
-    "sync.completed",
-    "system.error",
-    "buffer.evicted",
-    "source.dropped",
-];
 /// Loss is never silent by default (docs/guarantees.md): `source.dropped` is on.
-const DEFAULT_EVENTS: [&str; 5] = [
-    "connection.status_changed",
-    "connection.auth_required",
-    "sync.completed",
-    "system.error",
-    "source.dropped",
+const DEFAULT_EVENTS: [EventType; 5] = [
+    EventType::ConnectionStatusChanged,
+    EventType::ConnectionAuthRequired,
+    EventType::SyncCompleted,
+    EventType::SystemError,
+    EventType::SourceDropped,
 ];
 
 const PASSWORD_KEYS: [&str; 4] = [
@@ -1255,22 +1248,22 @@ impl Walker<'_> {
     }
 
     /// The connection's `events`, de-duplicated in the order given.
-    fn events(&mut self, t: Option<&Table>, p: &str) -> Vec<String> {
+    fn events(&mut self, t: Option<&Table>, p: &str) -> Vec<EventType> {
         let Some(list) = self.string_array(t, p, "events") else {
-            return DEFAULT_EVENTS.iter().map(|s| s.to_string()).collect();
+            return DEFAULT_EVENTS.to_vec();
         };
-        let mut out: Vec<String> = Vec::new();
+        let mut out: Vec<EventType> = Vec::new();
         for (i, e) in list.into_iter().enumerate() {
-            if !EVENT_TYPES.contains(&e.as_str()) {
-                self.problem(
-                    format!("{}[{i}]", join(p, "events")),
-                    format!(
-                        "unknown event type {e:?} (known: {})",
-                        EVENT_TYPES.join(", ")
-                    ),
-                );
-            } else if !out.contains(&e) {
-                out.push(e);
+            match EventType::parse(&e) {
+                None => {
+                    let known: Vec<&str> = EventType::ALL.iter().map(|e| e.as_str()).collect();
+                    self.problem(
+                        format!("{}[{i}]", join(p, "events")),
+                        format!("unknown event type {e:?} (known: {})", known.join(", ")),
+                    );
+                }
+                Some(e) if !out.contains(&e) => out.push(e),
+                Some(_) => {}
             }
         }
         out

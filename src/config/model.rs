@@ -168,7 +168,7 @@ pub struct ConnectionConfig {
     pub reconnect_initial: Duration,
     #[serde(with = "human_duration")]
     pub reconnect_max: Duration,
-    pub events: Vec<String>,
+    pub events: Vec<crate::record::EventType>,
     pub tags: Vec<TagConfig>,
     /// Serialized as `kind = "..."` plus the kind's own keys; `plantgate
     /// check` puts them back in the order users write them.

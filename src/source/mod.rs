@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::ConnectionConfig;
+use crate::record::EventType;
 use crate::status::{ConnState, ConnectionReporter};
 
 use intake::Feed;
@@ -151,7 +152,7 @@ async fn reconnect(
         if next == ConnState::AuthRequired && state != ConnState::AuthRequired {
             reporter
                 .event(
-                    "connection.auth_required",
+                    EventType::ConnectionAuthRequired,
                     serde_json::json!({ "status": reason, "endpoint": conn.endpoint }),
                 )
                 .await;
@@ -225,7 +226,7 @@ async fn watch_expiry(own: pki::OwnCertificate, reporter: ConnectionReporter) {
         if let Some(details) = pki::expiry_warning(&own, chrono::Utc::now()) {
             if pki::claim_expiry_warning(&own.cert_path) {
                 tracing::warn!(certificate = %own.cert_path.display(), not_after = %own.not_after, "OPC UA application certificate expires soon");
-                reporter.agent_event("system.error", details).await;
+                reporter.agent_event(EventType::SystemError, details).await;
             }
         }
         tokio::time::sleep(DAY).await;

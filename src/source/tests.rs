@@ -42,9 +42,9 @@ fn conn_config(id: &str, endpoint: &str, tags: Vec<TagConfig>) -> ConnectionConf
         reconnect_initial: Duration::from_millis(100),
         reconnect_max: Duration::from_millis(500),
         events: vec![
-            "connection.status_changed".into(),
-            "connection.auth_required".into(),
-            "system.error".into(),
+            crate::record::EventType::ConnectionStatusChanged,
+            crate::record::EventType::ConnectionAuthRequired,
+            crate::record::EventType::SystemError,
         ],
         tags,
         profile: ProfileConfig::Generic,

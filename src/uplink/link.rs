@@ -15,8 +15,8 @@ use super::mqtt::{MqttEvent, Session, SessionError};
 use super::payload::{self, Heartbeat};
 use super::topics::PayloadLimit;
 use super::{Uplink, MAX_RECORDS_PER_MESSAGE, SHUTDOWN_FLUSH, WINDOW};
-use crate::record::{now_ms, Kind, StoredRecord, StreamKey};
-use crate::status::{event_record, ConnState, DEAD_LETTER_REFUSED, DEAD_LETTER_TOO_LARGE};
+use crate::record::{now_ms, EventType, Kind, NewRecord, StoredRecord, StreamKey};
+use crate::status::{ConnState, DEAD_LETTER_REFUSED, DEAD_LETTER_TOO_LARGE};
 use crate::throttle::Throttle;
 
 /// `details.message` of the `system.error` event announcing dead letters,
@@ -307,9 +307,9 @@ impl<'a> Link<'a> {
         }
         up.board.add_dead_lettered(DEAD_LETTER_TOO_LARGE, count);
         if stream.connection.is_empty() && stream.kind == Kind::Event && !is_notice {
-            let notice = event_record(
+            let notice = NewRecord::event(
                 "",
-                "system.error",
+                EventType::SystemError,
                 serde_json::json!({
                     "message": DEAD_LETTER_NOTICE,
                     "connection": null,
@@ -425,9 +425,9 @@ impl<'a> Link<'a> {
             duration_ms = ms,
             "backlog delivered"
         );
-        let ev = event_record(
+        let ev = NewRecord::event(
             "",
-            "sync.completed",
+            EventType::SyncCompleted,
             serde_json::json!({"records": done.records, "duration_ms": ms}),
         );
         if let Err(e) = self.up.buffer.append(vec![ev]).await {

@@ -231,7 +231,11 @@ impl Uplink {
         };
         let max_message_bytes = self.settings.mqtt.max_message_bytes;
         let limit = PayloadLimit::new(max_message_bytes, broker_max_packet);
-        let room = limit.for_topic(&self.topics.event("connection.status_changed"));
+        let room = limit.for_topic(
+            &self
+                .topics
+                .event(crate::record::EventType::ConnectionStatusChanged.as_str()),
+        );
         if room < topics::MIN_PAYLOAD_BYTES {
             return Err(ConnectError::BrokerTooSmall {
                 max_packet: broker_max_packet.unwrap_or(0),

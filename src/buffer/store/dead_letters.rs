@@ -9,7 +9,7 @@ use super::insert::insert_records;
 use super::tx::{Counters, OnFull, StreamDelta, Tx};
 use super::{agent_event, connection_value, Store};
 use crate::buffer::{BufferError, DeadLetter};
-use crate::record::{now_ms, Kind, NewRecord, StreamKey};
+use crate::record::{now_ms, EventType, Kind, NewRecord, StreamKey};
 
 impl Store {
     /// Moves the rows with these ids (the records of a message the broker
@@ -221,7 +221,7 @@ fn dead_letter_event(
     ts_ms: i64,
 ) -> NewRecord {
     agent_event(
-        "system.error",
+        EventType::SystemError,
         ts_ms,
         serde_json::json!({
             "message": "records moved to dead letters",

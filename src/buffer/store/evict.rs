@@ -15,7 +15,7 @@ use super::insert::insert_records;
 use super::tx::{Counters, OnFull, StreamRow, Tx};
 use super::{accounted, agent_event, connection_value, is_sqlite_full, Store};
 use crate::buffer::{BufferError, Eviction, EvictionReason};
-use crate::record::{now_ms, Kind, NewRecord};
+use crate::record::{now_ms, EventType, Kind, NewRecord};
 
 /// One eviction transaction takes at most this many rows: bounded WAL growth
 /// and bounded write-lock time, whatever the backlog.
@@ -508,5 +508,5 @@ fn eviction_event(e: &Eviction, ts_ms: i64) -> NewRecord {
         details["reason"] = "dead_letter".into();
         details["limit"] = e.reason.as_str().into();
     }
-    agent_event("buffer.evicted", ts_ms, details)
+    agent_event(EventType::BufferEvicted, ts_ms, details)
 }

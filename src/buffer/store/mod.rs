@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, ErrorCode};
 
 use super::{BufferError, Limits, OpenMode, Quarantined, StoreOptions};
-use crate::record::{now_ms, Kind, NewRecord};
+use crate::record::{now_ms, EventType, Kind, NewRecord};
 use schema::{Check, OpenError};
 
 /// Accounted per-row cost on top of the JSON text (row header, ids, seq,
@@ -123,7 +123,7 @@ impl Store {
             }
         };
         let event = agent_event(
-            "system.error",
+            EventType::SystemError,
             now_ms(),
             serde_json::json!({
                 "message": "buffer database was corrupt and has been moved aside",
@@ -213,15 +213,9 @@ fn accounted(data: &str) -> i64 {
     data.len() as i64 + ROW_OVERHEAD_BYTES as i64
 }
 
-/// An event of the agent itself (connection ""), as `status::event_record`
-/// builds them; duplicated here so the buffer does not depend on `status`.
-fn agent_event(event_type: &str, ts_ms: i64, details: serde_json::Value) -> NewRecord {
-    NewRecord {
-        connection: String::new(),
-        kind: Kind::Event,
-        ts_ms,
-        data: serde_json::json!({ "type": event_type, "details": details }).to_string(),
-    }
+/// An event of the agent itself (connection "").
+fn agent_event(event: EventType, ts_ms: i64, details: serde_json::Value) -> NewRecord {
+    NewRecord::event_at("", event, ts_ms, details)
 }
 
 /// The `connection` of an event's details: `null` for the agent itself.

@@ -4,7 +4,7 @@
 
 use super::{agent_event, sidecar, Store};
 use crate::buffer::{Append, BufferError, EvictionReason, Limits};
-use crate::record::now_ms;
+use crate::record::{now_ms, EventType};
 
 /// `max_page_count` accepted by SQLite as "no limit".
 const UNLIMITED_PAGES: u64 = 4_294_967_294;
@@ -198,7 +198,7 @@ impl Store {
         if self.disk_cap_pages.is_none() {
             let max_size = self.limits.max_size;
             self.pending_disk_error = Some(agent_event(
-                "system.error",
+                EventType::SystemError,
                 now_ms(),
                 serde_json::json!({
                     "message": "disk full: the buffer is held at its current size and evicts per the priority lanes",
