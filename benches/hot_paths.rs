@@ -34,7 +34,7 @@ use plantgate::uplink::payload::{encode_batch, fit};
 
 /// 2026-11-28T10:00:00Z.
 const T0: i64 = 1_795_860_000_000;
-/// Records per buffer operation: what one busy ingest batch holds.
+/// Records per buffer operation: what one busy coalesced transaction holds.
 const BATCH: usize = 1_000;
 /// Values per iteration of the `value` benches.
 const VALUES: usize = 1_000;

@@ -1,24 +1,23 @@
 //! `plantgate run`: wires the long-lived tasks (one per connection, the
-//! ingest, the uplink, buffer expiry, the intake-loss announcer), each under
-//! a supervisor (`supervise`, docs/guarantees.md), and shuts them down in order on
-//! one cancellation token.
+//! uplink, buffer expiry, the intake-loss announcer), each under a
+//! supervisor (`supervise`, docs/guarantees.md), around the buffer's own
+//! thread, and shuts them down in order on one cancellation token.
 //!
-//! Shutdown order matters for docs/guarantees.md: sources stop first, the ingest then
-//! commits everything they handed over (nothing accepted is dropped), and
-//! only then does the uplink publish `offline` and close.
+//! Shutdown order matters for docs/guarantees.md: sources stop first, the
+//! buffer then commits everything they handed over (nothing accepted is
+//! dropped), and only then does the uplink publish `offline` and close.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{BufferHandle, Limits, OpenMode, Store, StoreOptions};
 use crate::config::{Config, ConnectionConfig};
 use crate::record::{EventType, NewRecord};
-use crate::status::{Batch, ConnState, ConnectionReporter, StatusBoard};
+use crate::status::{ConnState, ConnectionReporter, StatusBoard};
 use crate::supervise::supervise;
 use crate::uplink::{Uplink, UplinkSettings};
 
@@ -31,21 +30,19 @@ pub enum AgentError {
     },
     #[error("opening the buffer: {0}")]
     Buffer(#[from] crate::buffer::BufferError),
+    #[error("starting the buffer thread: {0}")]
+    BufferThread(String),
     #[error("{0}")]
     Tls(#[from] crate::uplink::tls::TlsError),
     #[error("{0}")]
     Health(#[from] crate::health::BindError),
 }
 
-/// Room for batches between sources and the ingest; sources wait when full
-/// (back-pressure) rather than dropping. A batch holds up to a few thousand
-/// records, so this bounds the records in RAM while the buffer is stalled.
-const SINK_CAPACITY: usize = 16;
 /// Bound on how long sources get to stop on shutdown.
 const SOURCE_STOP: Duration = Duration::from_secs(3);
-/// Bound on how long the ingest may keep retrying a refusing buffer at
+/// Bound on how long the buffer may keep retrying records it refuses at
 /// shutdown; what it still holds then is counted as dropped.
-const INGEST_STOP: Duration = Duration::from_secs(3);
+const BUFFER_FLUSH: Duration = Duration::from_secs(3);
 const UPLINK_STOP: Duration = Duration::from_secs(5);
 
 /// Everything a running agent exposes to its embedder (demo, tests).
@@ -76,8 +73,8 @@ pub async fn start(
         )?),
         false => None,
     };
-    let (buffer, buffer_thread) = open_buffer(&config)?;
     let board = StatusBoard::new();
+    let (buffer, buffer_thread) = open_buffer(&config, &board)?;
     let health = match start_health(&config, &board, &buffer).await {
         Ok(health) => health,
         Err(e) => {
@@ -86,14 +83,11 @@ pub async fn start(
         }
     };
     let health_addr = health.addr;
-    let (sink, sink_rx) = mpsc::channel::<Batch>(SINK_CAPACITY);
-    let ingest = Ingest::start(sink_rx, &buffer, &board);
-    let sources = start_sources(&config, sink, &buffer, &board).await;
+    let sources = start_sources(&config, &buffer, &board).await;
     let background = Background::start(&config, tls, &buffer, &board, sources.wants_dropped);
     let running = Running {
         sources_cancel: sources.cancel,
         sources: sources.tasks,
-        ingest,
         background,
         health,
         buffer: buffer.clone(),
@@ -115,7 +109,10 @@ pub async fn start(
 
 /// Opens the buffer in service mode (full check, quarantine of a corrupt
 /// file, disk reserve) on its own thread.
-fn open_buffer(config: &Config) -> Result<(BufferHandle, std::thread::JoinHandle<()>), AgentError> {
+fn open_buffer(
+    config: &Config,
+    board: &Arc<StatusBoard>,
+) -> Result<(BufferHandle, std::thread::JoinHandle<()>), AgentError> {
     let path = config.agent.data_dir.join(crate::buffer::DB_FILE_NAME);
     let store = Store::open(
         &path,
@@ -129,7 +126,8 @@ fn open_buffer(config: &Config) -> Result<(BufferHandle, std::thread::JoinHandle
         // The store has already recorded a system.error event for it.
         tracing::error!(moved_to = %q.moved_to.display(), reason = %q.reason, "buffer database was corrupt; moved aside, started a fresh one");
     }
-    let (buffer, thread) = BufferHandle::spawn(store);
+    let (buffer, thread) = BufferHandle::try_spawn(store, board.clone())
+        .map_err(|e| AgentError::BufferThread(e.to_string()))?;
     tracing::info!(path = %path.display(), epoch = %buffer.epoch(), "buffer open");
     Ok((buffer, thread))
 }
@@ -173,27 +171,6 @@ async fn start_health(
     Ok(Health { addr, task, cancel })
 }
 
-/// The ingest under its supervisor, with the tokens of its two-step stop.
-struct Ingest {
-    task: tokio::task::JoinHandle<()>,
-    /// From now on the ingest ending is the shutdown, not a death.
-    stop: CancellationToken,
-    /// Gives up retrying a refusing buffer; what is held is counted.
-    abort: CancellationToken,
-}
-
-impl Ingest {
-    fn start(rx: mpsc::Receiver<Batch>, buffer: &BufferHandle, board: &Arc<StatusBoard>) -> Ingest {
-        let rx = Arc::new(Mutex::new(rx));
-        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
-        let (buffer2, board2, abort2) = (buffer.clone(), board.clone(), abort.clone());
-        let task = spawn_agent_task("ingest", board, buffer, stop.clone(), move || {
-            crate::ingest::run(rx.clone(), buffer2.clone(), board2.clone(), abort2.clone())
-        });
-        Ingest { task, stop, abort }
-    }
-}
-
 /// The plant connections, each under its supervisor.
 struct Sources {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -204,7 +181,6 @@ struct Sources {
 
 async fn start_sources(
     config: &Config,
-    sink: mpsc::Sender<Batch>,
     buffer: &BufferHandle,
     board: &Arc<StatusBoard>,
 ) -> Sources {
@@ -216,8 +192,12 @@ async fn start_sources(
     let mut tasks = Vec::new();
     let mut wants_dropped = HashMap::new();
     for conn in &config.connections {
-        let reporter =
-            ConnectionReporter::new(&conn.id, board.clone(), sink.clone(), conn.events.clone());
+        let reporter = ConnectionReporter::new(
+            &conn.id,
+            board.clone(),
+            buffer.outlet(),
+            conn.events.clone(),
+        );
         wants_dropped.insert(
             conn.id.clone(),
             reporter.wants_event(EventType::SourceDropped),
@@ -256,7 +236,7 @@ async fn ensure_own_certificate(pki_dir: &std::path::Path, agent_id: &str) {
     }
 }
 
-/// The tasks that stop after the ingest has drained: the uplink, buffer
+/// The tasks that stop after the buffer has taken what the sources handed over: the uplink, buffer
 /// expiry, heap trimming and the intake-loss announcer.
 struct Background {
     cancel: CancellationToken,
@@ -338,7 +318,6 @@ where
 struct Running {
     sources_cancel: CancellationToken,
     sources: Vec<tokio::task::JoinHandle<()>>,
-    ingest: Ingest,
     background: Background,
     health: Health,
     buffer: BufferHandle,
@@ -346,29 +325,19 @@ struct Running {
 }
 
 impl Running {
-    /// Sources first, then the ingest drains what they handed over, then
-    /// the uplink publishes `offline` and closes, then the buffer.
+    /// Sources first, then the buffer commits what they handed over, then
+    /// the uplink publishes `offline` and closes, then the buffer closes.
     async fn stop(self) {
         tracing::info!("shutting down");
         self.sources_cancel.cancel();
-        // From now on the ingest ending is the shutdown, not a death: it
-        // ends by itself once the last source is gone and it has drained.
-        self.ingest.stop.cancel();
         // All connections stop at once, under one deadline.
         let sources = futures::future::join_all(self.sources);
         if tokio::time::timeout(SOURCE_STOP, sources).await.is_err() {
             tracing::warn!("a connection did not stop in time");
         }
-        // Every sender is gone now, so the ingest drains and ends; a buffer
-        // that refuses gets INGEST_STOP, then what is held is counted.
-        let mut ingest = self.ingest.task;
-        if tokio::time::timeout(INGEST_STOP, &mut ingest)
-            .await
-            .is_err()
-        {
-            self.ingest.abort.cancel();
-            let _ = ingest.await;
-        }
+        // A buffer that refuses gets BUFFER_FLUSH, then what it holds is
+        // counted as dropped.
+        self.buffer.flush(BUFFER_FLUSH).await;
         let bg = self.background;
         bg.cancel.cancel();
         // The last counts go out with the events the uplink still sends.

@@ -638,8 +638,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store =
             Store::open(&dir.path().join("buffer.db"), StoreOptions::default()).expect("open");
-        let (buffer, thread) = BufferHandle::spawn(store);
         let board = StatusBoard::new();
+        let (buffer, thread) = BufferHandle::spawn(store, board.clone());
         board.beat("uplink");
         assert_eq!(pipeline_fault(&board, &buffer, LOOP_SILENCE).await, None);
         board.task_died("connection line1", "panicked: overflow");

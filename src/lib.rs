@@ -4,11 +4,12 @@
 //!
 //! Data path (one direction, one durable hand-off):
 //! `source` (OPC UA, driving a `profile`; `source::intake` bounds what it
-//! queues) → `status::RecordSink` → `ingest` (commits, holds and retries)
-//! → `buffer` (SQLite, the only place a record is accepted) → `uplink`
-//! (MQTT, deletes on PUBACK). `agent::start` wires it, every long-lived task
-//! under `supervise`; `status` is the shared board the uplink, `announce`
-//! (intake loss) and `health` read.
+//! queues) → `buffer::Outlet` (the bounded queue into the buffer) → the
+//! buffer worker (coalesces, commits, holds and retries; SQLite is the only
+//! place a record is accepted) → `uplink` (MQTT, deletes on PUBACK).
+//! `agent::start` wires it, every long-lived task under `supervise`;
+//! `status` is the shared board the buffer reports its intake to and the
+//! uplink, `announce` (intake loss) and `health` read.
 
 pub mod agent;
 pub mod announce;
@@ -18,7 +19,6 @@ pub mod config;
 pub mod demo;
 pub mod health;
 pub mod heap;
-pub mod ingest;
 pub mod nodeid;
 pub mod profile;
 pub mod record;

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use crate::buffer::ProfileState;
+use crate::buffer::{IntakeObserver, Outlet, ProfileState, Submission};
 use crate::record::{now_ms, EventType, NewRecord};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -191,7 +191,7 @@ struct Inner {
     dead_tasks: BTreeMap<String, (i64, String)>,
     /// Task deaths since start, by task name.
     task_restarts: BTreeMap<String, u64>,
-    /// Set while the buffer refuses appends that the ingest keeps retrying:
+    /// Set while the buffer refuses submitted records and holds them:
     /// since when, and the buffer's error.
     intake_blocked: Option<(i64, String)>,
 }
@@ -272,13 +272,15 @@ impl StatusBoard {
         Some(previous)
     }
 
-    pub fn add_records(&self, id: &str, count: u64, last_ts_ms: Option<i64>) {
+    /// `count` records of connection `id` were committed to the buffer.
+    pub fn add_records(&self, id: &str, count: u64, newest_ts_ms: i64) {
         let mut inner = self.write();
         if let Some(c) = inner.connections.get_mut(id) {
             c.records_total += count;
-            if last_ts_ms.is_some() {
-                c.last_value_ts_ms = last_ts_ms;
-            }
+            c.last_value_ts_ms = Some(
+                c.last_value_ts_ms
+                    .map_or(newest_ts_ms, |t| t.max(newest_ts_ms)),
+            );
         }
     }
 
@@ -355,19 +357,15 @@ impl StatusBoard {
         self.read().task_restarts.clone()
     }
 
-    /// The buffer refuses appends (`Some(error)`) or takes them again (`None`).
-    /// Returns how long it had been refusing when it recovers.
-    pub fn set_intake_blocked(&self, error: Option<&str>) -> Option<std::time::Duration> {
+    /// The buffer refuses records (`Some(error)`) or takes them again (`None`).
+    pub fn set_intake_blocked(&self, error: Option<&str>) {
         let mut inner = self.write();
         match error {
             Some(e) => {
                 let since = inner.intake_blocked.as_ref().map_or(now_ms(), |b| b.0);
                 inner.intake_blocked = Some((since, e.to_string()));
-                None
             }
-            None => inner.intake_blocked.take().map(|(since, _)| {
-                std::time::Duration::from_millis((now_ms() - since).max(0) as u64)
-            }),
+            None => inner.intake_blocked = None,
         }
     }
 
@@ -499,38 +497,6 @@ impl StatusBoard {
     }
 }
 
-/// What a connection hands to the ingest in one go: records and, when a
-/// profile produced them, the profile snapshot that must commit in the same
-/// transaction (docs/profiles.md: no duplicate batch events across restarts).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Batch {
-    pub records: Vec<NewRecord>,
-    pub state: Option<ProfileState>,
-}
-
-impl Batch {
-    pub fn records(records: Vec<NewRecord>) -> Self {
-        Batch {
-            records,
-            state: None,
-        }
-    }
-}
-
-/// Receivers that only care about records can `extend` with a batch.
-impl IntoIterator for Batch {
-    type Item = NewRecord;
-    type IntoIter = std::vec::IntoIter<NewRecord>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.records.into_iter()
-    }
-}
-
-/// Where sources and profiles hand their records; the ingest task commits
-/// them to the buffer.
-pub type RecordSink = mpsc::Sender<Batch>;
-
 /// What a connection task uses to report: its state (to the board, hence the
 /// retained status, and as a `connection.status_changed` event filtered by
 /// the connection's `events` list) and its records.
@@ -538,22 +504,17 @@ pub type RecordSink = mpsc::Sender<Batch>;
 pub struct ConnectionReporter {
     id: String,
     board: Arc<StatusBoard>,
-    sink: RecordSink,
+    outlet: Outlet,
     events: Arc<Vec<EventType>>,
 }
 
 impl ConnectionReporter {
-    pub fn new(
-        id: &str,
-        board: Arc<StatusBoard>,
-        sink: RecordSink,
-        events: Vec<EventType>,
-    ) -> Self {
+    pub fn new(id: &str, board: Arc<StatusBoard>, outlet: Outlet, events: Vec<EventType>) -> Self {
         board.register_connection(id);
         ConnectionReporter {
             id: id.to_string(),
             board,
-            sink,
+            outlet,
             events: Arc::new(events),
         }
     }
@@ -589,15 +550,15 @@ impl ConnectionReporter {
                 EventType::ConnectionStatusChanged,
                 serde_json::json!({"state": state.as_str(), "previous": previous.as_str(), "reason": reason}),
             );
-            self.send(vec![ev]).await;
+            self.send(Submission::records(vec![ev])).await;
         }
     }
 
     /// Emits an event about this connection if its `events` list wants it.
     pub async fn event(&self, event: EventType, details: serde_json::Value) {
         if self.wants_event(event) {
-            self.send(vec![NewRecord::event(&self.id, event, details)])
-                .await;
+            let ev = NewRecord::event(&self.id, event, details);
+            self.send(Submission::records(vec![ev])).await;
         }
     }
 
@@ -612,47 +573,56 @@ impl ConnectionReporter {
     /// not filtered by this connection's `events` list: used for things the
     /// connections share, such as the OPC UA application certificate.
     pub async fn agent_event(&self, event: EventType, details: serde_json::Value) {
-        self.send(vec![NewRecord::event("", event, details)]).await;
+        let ev = NewRecord::event("", event, details);
+        self.send(Submission::records(vec![ev])).await;
     }
 
     /// Hands records to the buffer. Waits when the buffer is behind
     /// (back-pressure), never drops.
     pub async fn records(&self, records: Vec<NewRecord>) {
-        if records.is_empty() {
-            return;
+        if !records.is_empty() {
+            self.send(Submission::records(records)).await;
         }
-        let last_ts = records.iter().map(|r| r.ts_ms).max();
-        self.board
-            .add_records(&self.id, records.len() as u64, last_ts);
-        self.send(records).await;
     }
 
     /// Hands records together with this connection's profile snapshot (JSON
     /// text); both commit in one transaction. Sent even without records (a
     /// snapshot at shutdown).
     pub async fn records_with_state(&self, records: Vec<NewRecord>, snapshot: String) {
-        if !records.is_empty() {
-            let last_ts = records.iter().map(|r| r.ts_ms).max();
-            self.board
-                .add_records(&self.id, records.len() as u64, last_ts);
-        }
-        let batch = Batch {
-            records,
-            state: Some(ProfileState {
-                connection: self.id.clone(),
-                snapshot,
-            }),
+        let state = ProfileState {
+            connection: self.id.clone(),
+            snapshot,
         };
-        if self.sink.send(batch).await.is_err() {
-            tracing::debug!(connection = %self.id, "record sink closed");
-        }
+        self.send(Submission::with_state(records, state)).await;
     }
 
-    async fn send(&self, records: Vec<NewRecord>) {
-        if self.sink.send(Batch::records(records)).await.is_err() {
-            // Only during shutdown: the ingest task is gone.
-            tracing::debug!(connection = %self.id, "record sink closed");
+    async fn send(&self, submission: Submission) {
+        if self.outlet.submit(submission).await.is_err() {
+            // Only during shutdown: the buffer is closed.
+            tracing::debug!(connection = %self.id, "buffer closed; nothing more is handed over");
         }
+    }
+}
+
+/// The buffer reports how its intake fares here: what it committed
+/// (`records_total`), what it had to drop (`buffer_refused`, announced by
+/// `source.dropped`), whether it is holding records (`/status` `intake`)
+/// and that its worker is alive (the watchdog's `buffer` loop).
+impl IntakeObserver for StatusBoard {
+    fn accepted(&self, connection: &str, records: u64, newest_ts_ms: i64) {
+        self.add_records(connection, records, newest_ts_ms);
+    }
+
+    fn dropped(&self, connection: &str, records: u64, sample_tag: Option<&str>) {
+        self.add_dropped(connection, DropReason::BufferRefused, records, sample_tag);
+    }
+
+    fn blocked(&self, reason: Option<&str>) {
+        self.set_intake_blocked(reason);
+    }
+
+    fn alive(&self) {
+        self.beat("buffer");
     }
 }
 

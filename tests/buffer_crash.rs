@@ -126,7 +126,8 @@ fn crash_child() {
                 .build()
                 .expect("child: runtime");
             rt.block_on(async move {
-                let (buffer, _thread) = BufferHandle::spawn(store);
+                let (buffer, _thread) =
+                    BufferHandle::spawn(store, std::sync::Arc::new(plantgate::buffer::Unobserved));
                 // Several concurrent producers, so the kill can also land in
                 // a coalesced transaction.
                 let tasks: Vec<_> = (0..HANDLE_TASKS as u64)

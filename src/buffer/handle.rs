@@ -4,143 +4,79 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::{Append, BufferError, DeadLetter, Eviction, Limits, ProfileState, Stats, Store};
+use super::intake::{IntakeObserver, Outlet, QUEUED_RECORDS};
+use super::worker::{Command, Reply, Worker};
+use super::{BufferError, DeadLetter, Eviction, Limits, Stats, Store};
 use crate::record::{NewRecord, StoredRecord, StreamKey};
 
 /// Upper bound on records merged into one coalesced transaction, so a burst
 /// cannot hold the write lock (and delay acks and reads) for long. A single
-/// larger append is still committed whole: its atomicity is the contract.
+/// larger submission is still committed whole: its atomicity is the contract.
 pub const MAX_COALESCED_RECORDS: usize = 10_000;
 
-/// Bounded so producers feel back-pressure when the disk falls behind,
-/// instead of queueing unbounded batches in RAM.
+/// Bounded so callers feel back-pressure when the disk falls behind,
+/// instead of queueing unbounded commands in RAM.
 const QUEUE_DEPTH: usize = 1024;
-
-type Reply<T> = oneshot::Sender<Result<T, BufferError>>;
-
-/// One queued append: its records, the profile states that go with them, and
-/// where to send the seqs.
-type AppendJob = (Vec<NewRecord>, Vec<ProfileState>, AppendReply);
-
-/// An append the buffer did not accept, with what it was given, so the
-/// caller can hold and retry it without having kept a copy.
-#[derive(Debug)]
-pub struct Refused {
-    pub error: BufferError,
-    pub records: Vec<NewRecord>,
-    pub states: Vec<ProfileState>,
-}
-
-type AppendReply = oneshot::Sender<Result<Vec<u64>, Refused>>;
-
-enum Command {
-    Append {
-        records: Vec<NewRecord>,
-        states: Vec<ProfileState>,
-        reply: AppendReply,
-    },
-    ProfileState {
-        connection: String,
-        reply: Reply<Option<String>>,
-    },
-    Streams {
-        reply: Reply<Vec<StreamKey>>,
-    },
-    ReadAfter {
-        stream: StreamKey,
-        after_seq: u64,
-        max_records: usize,
-        max_bytes: usize,
-        reply: Reply<Vec<StoredRecord>>,
-    },
-    Ack {
-        ids: Vec<i64>,
-        reply: Reply<usize>,
-    },
-    Stats {
-        reply: Reply<Stats>,
-    },
-    EvictExpired {
-        now_ms: i64,
-        reply: Reply<Vec<Eviction>>,
-    },
-    DeadLetter {
-        ids: Vec<i64>,
-        reason: String,
-        reply: Reply<usize>,
-    },
-    DeadLetters {
-        reply: Reply<Vec<DeadLetter>>,
-    },
-    RetryDeadLetters {
-        reply: Reply<usize>,
-    },
-    SetLimits {
-        limits: Limits,
-        reply: Reply<()>,
-    },
-    Close {
-        reply: oneshot::Sender<()>,
-    },
-}
 
 #[derive(Clone)]
 pub struct BufferHandle {
     tx: mpsc::Sender<Command>,
+    outlet: Outlet,
     epoch: Arc<str>,
     appended: Arc<Notify>,
     commits: Arc<AtomicU64>,
 }
 
-/// The thread side, split from [`BufferHandle::spawn`] so tests can queue
-/// work before the thread starts.
-struct Worker {
-    store: Store,
-    rx: mpsc::Receiver<Command>,
-    appended: Arc<Notify>,
-    commits: Arc<AtomicU64>,
-}
-
 impl BufferHandle {
-    /// Moves `store` onto a dedicated thread named `plantgate-buffer`.
+    /// Moves `store` onto a dedicated thread named `plantgate-buffer`;
+    /// `observer` hears how the intake fares (the agent's status board).
     ///
     /// # Panics
     /// If the OS refuses to create a thread, like [`std::thread::spawn`];
     /// use [`BufferHandle::try_spawn`] to handle that.
-    pub fn spawn(store: Store) -> (BufferHandle, std::thread::JoinHandle<()>) {
-        match Self::try_spawn(store) {
+    pub fn spawn(
+        store: Store,
+        observer: Arc<dyn IntakeObserver>,
+    ) -> (BufferHandle, std::thread::JoinHandle<()>) {
+        match Self::try_spawn(store, observer) {
             Ok(spawned) => spawned,
             Err(e) => panic!("cannot start the buffer thread: {e}"),
         }
     }
 
-    pub fn try_spawn(store: Store) -> std::io::Result<(BufferHandle, std::thread::JoinHandle<()>)> {
-        let (handle, worker) = Self::unstarted(store);
+    pub fn try_spawn(
+        store: Store,
+        observer: Arc<dyn IntakeObserver>,
+    ) -> std::io::Result<(BufferHandle, std::thread::JoinHandle<()>)> {
+        let (handle, worker) = Self::unstarted(store, observer);
+        // The thread's own runtime serves only its timers (retry backoff,
+        // the alive beat); the store's calls block it by design.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
         let thread = std::thread::Builder::new()
             .name("plantgate-buffer".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || worker.run(runtime))?;
         Ok((handle, thread))
     }
 
-    fn unstarted(store: Store) -> (BufferHandle, Worker) {
+    fn unstarted(store: Store, observer: Arc<dyn IntakeObserver>) -> (BufferHandle, Worker) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (outlet, intake) = Outlet::queue(QUEUED_RECORDS);
         let appended = Arc::new(Notify::new());
         let commits = Arc::new(AtomicU64::new(0));
         let handle = BufferHandle {
             tx,
+            outlet,
             epoch: Arc::from(store.epoch()),
             appended: appended.clone(),
             commits: commits.clone(),
         };
-        let worker = Worker {
-            store,
-            rx,
-            appended,
-            commits,
-        };
+        let worker = Worker::new(store, rx, intake, observer, appended, commits);
         (handle, worker)
     }
 
@@ -161,56 +97,30 @@ impl BufferHandle {
     }
 
     /// Resolves once the records are committed (accepted), with their seqs in
-    /// input order. Appends queued while another commit runs are merged into
-    /// one transaction. Dropping the future after it was queued does not
-    /// withdraw the records: they are still committed.
+    /// input order, or with the store's error (nothing held or retried:
+    /// for the agent's own events, whose callers log a failure). Submissions
+    /// queued at the time join the same transaction. Dropping the future
+    /// after it was queued does not withdraw the records.
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<u64>, BufferError> {
-        self.try_append(records, Vec::new())
+        self.request(|reply| Command::Append { records, reply })
             .await
-            .map_err(|r| r.error)
     }
 
-    /// Appends records with profile snapshots committed in the same
-    /// transaction (see [`Store::append`]; when appends are coalesced, the
-    /// last state of each connection wins), and hands the records and
-    /// states back when they were not accepted, for callers that hold and
-    /// retry them (the ingest: nothing offered to the buffer is dropped
-    /// silently, docs/guarantees.md).
-    pub async fn try_append(
-        &self,
-        records: Vec<NewRecord>,
-        states: Vec<ProfileState>,
-    ) -> Result<Vec<u64>, Refused> {
-        let (reply, answer) = oneshot::channel();
-        if let Err(mpsc::error::SendError(command)) = self
-            .tx
-            .send(Command::Append {
-                records,
-                states,
-                reply,
-            })
-            .await
-        {
-            let (records, states) = match command {
-                Command::Append {
-                    records, states, ..
-                } => (records, states),
-                _ => (Vec::new(), Vec::new()),
-            };
-            return Err(Refused {
-                error: BufferError::Closed,
-                records,
-                states,
-            });
-        }
-        match answer.await {
-            Ok(result) => result,
-            // The worker dropped the command unanswered: it is closing.
-            Err(_) => Err(Refused {
-                error: BufferError::Closed,
-                records: Vec::new(),
-                states: Vec::new(),
-            }),
+    /// Where connections submit their records (the one hand-off,
+    /// [`Outlet`]): committed in coalesced transactions, held and retried
+    /// while the store refuses for a passing reason, and reported to the
+    /// observer either way.
+    pub fn outlet(&self) -> Outlet {
+        self.outlet.clone()
+    }
+
+    /// Waits until everything submitted before the call is committed; what
+    /// the store still refuses after `within` is dropped and reported.
+    /// For shutdown, once the connections have stopped.
+    pub async fn flush(&self, within: Duration) {
+        let (reply, done) = oneshot::channel();
+        if self.tx.send(Command::Flush { within, reply }).await.is_ok() {
+            let _ = done.await;
         }
     }
 
@@ -298,7 +208,8 @@ impl BufferHandle {
         self.commits.load(Ordering::Relaxed)
     }
 
-    /// Finishes everything queued before this call, closes the database and
+    /// Finishes everything queued before this call (submissions the store
+    /// refuses now are dropped and reported), closes the database and
     /// stops the thread. Later calls on any clone fail with
     /// [`BufferError::Closed`]. Idempotent.
     pub async fn close(&self) {
@@ -309,219 +220,10 @@ impl BufferHandle {
     }
 }
 
-impl Worker {
-    fn run(mut self) {
-        let mut held: Option<Command> = None;
-        let mut close_reply = None;
-        loop {
-            let command = match held.take() {
-                Some(command) => command,
-                None => match self.rx.blocking_recv() {
-                    Some(command) => command,
-                    // Every handle is gone.
-                    None => break,
-                },
-            };
-            match command {
-                Command::Append {
-                    records,
-                    states,
-                    reply,
-                } => {
-                    let mut group = vec![(records, states, reply)];
-                    held = self.gather_appends(&mut group);
-                    self.commit_group(group);
-                }
-                Command::Close { reply } => {
-                    close_reply = Some(reply);
-                    break;
-                }
-                other => self.answer(other),
-            }
-        }
-        // Close the connection before answering `close()`, so the caller may
-        // reopen or remove the file as soon as it returns. Commands still
-        // queued are dropped here, which answers them with `Closed`.
-        let Worker { store, rx, .. } = self;
-        drop(rx);
-        drop(store);
-        if let Some(reply) = close_reply {
-            let _ = reply.send(());
-        }
-    }
-
-    /// Runs one read or maintenance command and sends its answer.
-    fn answer(&mut self, command: Command) {
-        match command {
-            Command::ProfileState { connection, reply } => {
-                let _ = reply.send(self.store.profile_state(&connection));
-            }
-            Command::Streams { reply } => {
-                let _ = reply.send(self.store.streams());
-            }
-            Command::ReadAfter {
-                stream,
-                after_seq,
-                max_records,
-                max_bytes,
-                reply,
-            } => {
-                let result = self
-                    .store
-                    .read_after(&stream, after_seq, max_records, max_bytes);
-                let _ = reply.send(result);
-            }
-            Command::Ack { ids, reply } => {
-                let _ = reply.send(self.store.ack(&ids));
-            }
-            Command::Stats { reply } => {
-                let _ = reply.send(self.store.stats());
-            }
-            Command::EvictExpired { now_ms, reply } => {
-                let result = self.store.evict_expired(now_ms);
-                if matches!(&result, Ok(e) if !e.is_empty()) {
-                    self.wake();
-                }
-                let _ = reply.send(result);
-            }
-            Command::DeadLetter { ids, reason, reply } => {
-                let result = self.store.dead_letter(&ids, &reason);
-                if matches!(result, Ok(n) if n > 0) {
-                    // Its system.error event is a new record.
-                    self.wake();
-                }
-                let _ = reply.send(result);
-            }
-            Command::DeadLetters { reply } => {
-                let _ = reply.send(self.store.dead_letters());
-            }
-            Command::RetryDeadLetters { reply } => {
-                let result = self.store.retry_dead_letters();
-                if matches!(result, Ok(n) if n > 0) {
-                    self.wake();
-                }
-                let _ = reply.send(result);
-            }
-            Command::SetLimits { limits, reply } => {
-                let _ = reply.send(self.store.set_limits(limits));
-            }
-            // `run` handles these itself (coalescing, shutdown).
-            Command::Append { .. } | Command::Close { .. } => {}
-        }
-    }
-
-    /// Pulls the appends that are already queued into `group`, up to
-    /// [`MAX_COALESCED_RECORDS`]. Returns the first command that could not
-    /// join, to be processed next so the queue order is kept.
-    fn gather_appends(&mut self, group: &mut Vec<AppendJob>) -> Option<Command> {
-        let mut total: usize = group.iter().map(|(r, _, _)| r.len()).sum();
-        while total < MAX_COALESCED_RECORDS {
-            match self.rx.try_recv() {
-                Ok(Command::Append {
-                    records,
-                    states,
-                    reply,
-                }) if total + records.len() <= MAX_COALESCED_RECORDS => {
-                    total += records.len();
-                    group.push((records, states, reply));
-                }
-                Ok(other) => return Some(other),
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-
-    fn commit_group(&mut self, group: Vec<AppendJob>) {
-        let mut lens = Vec::with_capacity(group.len());
-        let mut replies: Vec<AppendReply> = Vec::with_capacity(group.len());
-        let mut all = Vec::new();
-        // Kept per append for the one-by-one retry below.
-        let mut states_per_append: Vec<Vec<ProfileState>> = Vec::with_capacity(group.len());
-        for (records, states, reply) in group {
-            lens.push(records.len());
-            replies.push(reply);
-            all.extend(records);
-            states_per_append.push(states);
-        }
-        // Queue order is production order: a later snapshot of a connection
-        // supersedes an earlier one, and committing only the last is exact
-        // because all the records of the group commit with it.
-        let mut merged: Vec<ProfileState> = Vec::new();
-        for state in states_per_append.iter().flatten() {
-            match merged.iter_mut().find(|s| s.connection == state.connection) {
-                Some(slot) => *slot = state.clone(),
-                None => merged.push(state.clone()),
-            }
-        }
-        match self.store.append(Append {
-            records: &all,
-            states: &merged,
-        }) {
-            Ok(report) => {
-                self.committed(all.len());
-                let mut seqs = report.seqs.into_iter();
-                for (len, reply) in lens.into_iter().zip(replies) {
-                    let _ = reply.send(Ok(seqs.by_ref().take(len).collect()));
-                }
-            }
-            Err(error) if replies.len() == 1 => {
-                if let Some(reply) = replies.pop() {
-                    let _ = reply.send(Err(Refused {
-                        error,
-                        records: all,
-                        states: merged,
-                    }));
-                }
-            }
-            Err(e) => {
-                // Retry one by one so each caller gets its own verdict: a
-                // disk that is nearly full may still take the smaller ones.
-                tracing::warn!(error = %e, appends = replies.len(),
-                    "coalesced buffer append failed; retrying individually");
-                let mut start = 0;
-                for ((len, reply), states) in lens.into_iter().zip(replies).zip(states_per_append) {
-                    let part = all.get(start..start + len).unwrap_or_default();
-                    start += len;
-                    let result = match self.store.append(Append {
-                        records: part,
-                        states: &states,
-                    }) {
-                        Ok(report) => {
-                            self.committed(part.len());
-                            Ok(report.seqs)
-                        }
-                        Err(error) => Err(Refused {
-                            error,
-                            records: part.to_vec(),
-                            states,
-                        }),
-                    };
-                    let _ = reply.send(result);
-                }
-            }
-        }
-    }
-
-    fn committed(&self, records: usize) {
-        if records == 0 {
-            return;
-        }
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        self.wake();
-    }
-
-    /// New rows to publish: wake current waiters and leave a permit.
-    fn wake(&self) {
-        self.appended.notify_waiters();
-        self.appended.notify_one();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::StoreOptions;
+    use crate::buffer::{ProfileState, StoreOptions, Submission, Unobserved};
     use crate::record::Kind;
     use serde_json::json;
     use std::time::Duration;
@@ -542,7 +244,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_get_distinct_continuous_seqs() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (buffer, thread) = BufferHandle::spawn(open(&dir));
+        let (buffer, thread) = BufferHandle::spawn(open(&dir), Arc::new(Unobserved));
         let tasks: Vec<_> = (0..50)
             .map(|t| {
                 let buffer = buffer.clone();
@@ -571,65 +273,92 @@ mod tests {
         thread.join().expect("thread");
     }
 
+    /// What the worker reported, in order.
+    #[derive(Default)]
+    struct Log(std::sync::Mutex<Vec<String>>);
+
+    impl Log {
+        fn push(&self, line: String) {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+        fn lines(&self) -> Vec<String> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        }
+    }
+
+    impl IntakeObserver for Log {
+        fn accepted(&self, c: &str, n: u64, _: i64) {
+            self.push(format!("accepted {c} {n}"));
+        }
+        fn dropped(&self, c: &str, n: u64, _: Option<&str>) {
+            self.push(format!("dropped {c} {n}"));
+        }
+        fn blocked(&self, reason: Option<&str>) {
+            self.push(format!("blocked {}", reason.is_some()));
+        }
+        fn alive(&self) {}
+    }
+
+    fn start(worker: Worker) -> std::thread::JoinHandle<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        std::thread::spawn(move || worker.run(runtime))
+    }
+
     #[tokio::test]
-    async fn queued_appends_commit_in_one_transaction() {
+    async fn queued_submissions_commit_in_one_transaction_and_are_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (buffer, worker) = BufferHandle::unstarted(open(&dir));
-        let tasks: Vec<_> = (0..100)
-            .map(|t| {
-                let buffer = buffer.clone();
-                tokio::spawn(async move { buffer.append(vec![rec("a", t), rec("b", t)]).await })
-            })
-            .collect();
-        while buffer.tx.max_capacity() - buffer.tx.capacity() < 100 {
-            tokio::task::yield_now().await;
+        let log = Arc::new(Log::default());
+        let (buffer, worker) = BufferHandle::unstarted(open(&dir), log.clone());
+        let outlet = buffer.outlet();
+        for t in 0..100 {
+            outlet
+                .submit(Submission::records(vec![rec("a", t), rec("b", t)]))
+                .await
+                .expect("queued");
         }
-        let thread = std::thread::spawn(move || worker.run());
-        let mut a_seqs = Vec::new();
-        for task in tasks {
-            let seqs = task.await.expect("task").expect("append");
-            assert_eq!(seqs[0], seqs[1], "streams a and b advance together");
-            a_seqs.push(seqs[0]);
-        }
-        a_seqs.sort_unstable();
-        assert_eq!(a_seqs, (1..=100).collect::<Vec<u64>>());
-        assert_eq!(buffer.commits(), 1, "100 queued appends, one transaction");
-        drop(buffer);
+        let thread = start(worker);
+        buffer.flush(Duration::from_secs(30)).await;
+        assert_eq!(
+            buffer.commits(),
+            1,
+            "100 queued submissions, one transaction"
+        );
+        assert_eq!(buffer.stats().await.expect("stats").records, 200);
+        assert_eq!(log.lines(), vec!["accepted a 100", "accepted b 100"]);
+        // Seqs follow the submission order within each stream.
+        let rows = buffer
+            .read_after(StreamKey::new("a", Kind::Tag), 0, 1000, usize::MAX)
+            .await
+            .expect("read");
+        let order: Vec<i64> = rows.iter().map(|r| r.ts_ms).collect();
+        assert_eq!(order, (0..100).collect::<Vec<i64>>());
+        drop((buffer, outlet));
         thread
             .join()
             .expect("thread ends when all handles are dropped");
     }
 
     #[tokio::test]
-    async fn coalesced_appends_keep_the_last_state_per_connection() {
+    async fn coalesced_submissions_keep_the_last_state_per_connection() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (buffer, worker) = BufferHandle::unstarted(open(&dir));
+        let (buffer, worker) = BufferHandle::unstarted(open(&dir), Arc::new(Unobserved));
         let state = |c: &str, n: i64| ProfileState {
             connection: c.into(),
             snapshot: format!("{{\"n\":{n}}}"),
         };
         // Queued in order before the thread runs: one transaction.
-        let mut tasks = Vec::new();
+        let outlet = buffer.outlet();
         for n in 1..=3 {
-            let b = buffer.clone();
-            tasks.push(tokio::spawn(async move {
-                b.try_append(vec![rec("a", n)], vec![state("a", n)]).await
-            }));
-            while buffer_len(&buffer) < n as usize {
-                tokio::task::yield_now().await;
-            }
+            let s = Submission::with_state(vec![rec("a", n)], state("a", n));
+            outlet.submit(s).await.expect("queued");
         }
-        let b = buffer.clone();
-        tasks.push(tokio::spawn(async move {
-            b.try_append(Vec::new(), vec![state("b", 9)]).await
-        }));
-        while buffer_len(&buffer) < 4 {
-            tokio::task::yield_now().await;
-        }
-        let thread = std::thread::spawn(move || worker.run());
-        for task in tasks {
-            task.await.expect("task").expect("append");
-        }
+        let s = Submission::with_state(Vec::new(), state("b", 9));
+        outlet.submit(s).await.expect("queued");
+        let thread = start(worker);
+        buffer.flush(Duration::from_secs(30)).await;
         assert_eq!(buffer.commits(), 1, "one transaction for the group");
         assert_eq!(
             buffer.profile_state("a").await.expect("state").as_deref(),
@@ -644,14 +373,84 @@ mod tests {
         thread.join().expect("thread");
     }
 
-    fn buffer_len(buffer: &BufferHandle) -> usize {
-        buffer.tx.max_capacity() - buffer.tx.capacity()
+    /// Another connection to the file takes the write lock, as
+    /// `sqlite3 buffer.db` or `plantgate buffer retry` would.
+    fn lock(dir: &tempfile::TempDir) -> rusqlite::Connection {
+        let other = rusqlite::Connection::open(dir.path().join("buffer.db")).expect("open");
+        other.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        other
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_refused_under_a_lock_are_held_while_reads_go_on_then_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Arc::new(Log::default());
+        let (buffer, thread) = BufferHandle::spawn(open(&dir), log.clone());
+        let other = lock(&dir);
+        let outlet = buffer.outlet();
+        outlet
+            .submit(Submission::records(vec![rec("a", 1), rec("a", 2)]))
+            .await
+            .expect("queued");
+        while !log.lines().contains(&"blocked true".to_string()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Held, not dropped; the worker still answers reads.
+        assert_eq!(buffer.stats().await.expect("stats").records, 0);
+        outlet
+            .submit(Submission::records(vec![rec("a", 3)]))
+            .await
+            .expect("queued behind the held ones");
+        other.execute_batch("ROLLBACK").expect("unlock");
+        buffer.flush(Duration::from_secs(60)).await;
+        let rows = buffer
+            .read_after(StreamKey::new("a", Kind::Tag), 0, 10, usize::MAX)
+            .await
+            .expect("read");
+        assert_eq!(
+            rows.iter().map(|r| r.ts_ms).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        let lines = log.lines();
+        assert!(!lines.iter().any(|l| l.starts_with("dropped")), "{lines:?}");
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("accepted a 1"),
+            "{lines:?}"
+        );
+        assert!(lines.contains(&"blocked false".to_string()), "{lines:?}");
+        buffer.close().await;
+        thread.join().expect("thread");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_that_cannot_wait_longer_drops_and_reports_what_is_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Arc::new(Log::default());
+        let (buffer, thread) = BufferHandle::spawn(open(&dir), log.clone());
+        let other = lock(&dir);
+        buffer
+            .outlet()
+            .submit(Submission::records(vec![rec("a", 1), rec("a", 2)]))
+            .await
+            .expect("queued");
+        buffer.flush(Duration::from_millis(100)).await;
+        let lines = log.lines();
+        assert!(lines.contains(&"dropped a 2".to_string()), "{lines:?}");
+        assert!(
+            !lines.iter().any(|l| l.starts_with("accepted")),
+            "{lines:?}"
+        );
+        drop(other);
+        assert_eq!(buffer.stats().await.expect("stats").records, 0);
+        buffer.close().await;
+        thread.join().expect("thread");
     }
 
     #[tokio::test]
     async fn appended_wakes_a_waiter_and_remembers_a_missed_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (buffer, _thread) = BufferHandle::spawn(open(&dir));
+        let (buffer, _thread) = BufferHandle::spawn(open(&dir), Arc::new(Unobserved));
         let notify = buffer.appended();
 
         let waiter = tokio::spawn({
@@ -681,7 +480,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(&dir);
         let epoch = store.epoch().to_string();
-        let (buffer, thread) = BufferHandle::spawn(store);
+        let (buffer, thread) = BufferHandle::spawn(store, Arc::new(Unobserved));
         assert_eq!(&*buffer.epoch(), epoch);
         assert_eq!(
             buffer.append(vec![]).await.expect("append"),

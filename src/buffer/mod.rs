@@ -164,7 +164,9 @@
 //! The code is split by concern under `store/` (see its module doc).
 
 mod handle;
+pub mod intake;
 mod store;
+mod worker;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -174,7 +176,8 @@ use serde::Serialize;
 use crate::config::Synchronous;
 use crate::record::{Kind, NewRecord, StreamKey};
 
-pub use handle::{BufferHandle, Refused, MAX_COALESCED_RECORDS};
+pub use handle::{BufferHandle, MAX_COALESCED_RECORDS};
+pub use intake::{IntakeObserver, Outlet, Submission, Unobserved};
 pub use store::{Store, ROW_OVERHEAD_BYTES};
 
 /// A profile snapshot (JSON text) to store with the records it goes with.

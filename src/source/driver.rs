@@ -1,5 +1,5 @@
-//! The connection's driver: one task that hands tag records to the reporter
-//! and runs the profile (publishes, ticks, connection changes, answers to
+//! The connection's driver: one task that hands tag records to the buffer's
+//! outlet (through the reporter) and runs the profile (publishes, ticks, connection changes, answers to
 //! its reads). One task owns the profile, so its inputs are applied in the
 //! order the session produced them. Records and the snapshot after them go
 //! out together, so they commit in one transaction.
@@ -15,9 +15,6 @@ use crate::config::ConnectionConfig;
 use crate::profile::{Output, Profile, ReadRequest};
 use crate::record::{now_ms, NewRecord};
 use crate::status::ConnectionReporter;
-
-/// Records handed to the reporter in one go when the driver is behind.
-const FORWARD_BATCH: usize = 5_000;
 
 /// How often the profile gets a clock tick (OEE windows close on ticks).
 const TICK: std::time::Duration = std::time::Duration::from_secs(1);
@@ -72,28 +69,13 @@ pub(super) async fn drive(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop = false;
     while !stop {
+        // One feed at a time, handed over at once: the buffer worker
+        // gathers what queues up into its transactions.
         tokio::select! {
-            feed = rx.recv() => {
-                let mut next = feed;
-                loop {
-                    match next {
-                        None | Some(Feed::Stop) => {
-                            stop = true;
-                            break;
-                        }
-                        Some(feed) => d.apply(feed),
-                    }
-                    // Coalesce what queued up while the buffer was busy:
-                    // fewer, larger commits.
-                    if d.pending.len() >= FORWARD_BATCH {
-                        break;
-                    }
-                    match rx.try_recv() {
-                        Some(feed) => next = Some(feed),
-                        None => break,
-                    }
-                }
-            }
+            feed = rx.recv() => match feed {
+                None | Some(Feed::Stop) => stop = true,
+                Some(feed) => d.apply(feed),
+            },
             _ = tick.tick(), if d.profile.is_some() => {
                 if let Some(out) = d.profile.as_mut().map(|p| p.on_tick(now_ms())) {
                     d.output(out);

@@ -168,12 +168,6 @@ impl FeedRx {
         self.took(&feed);
         Some(feed)
     }
-
-    pub(crate) fn try_recv(&mut self) -> Option<Feed> {
-        let feed = self.rx.try_recv().ok()?;
-        self.took(&feed);
-        Some(feed)
-    }
 }
 
 #[cfg(test)]
@@ -194,8 +188,8 @@ mod tests {
     #[tokio::test]
     async fn over_budget_values_are_dropped_and_counted_samples_pass() {
         let board = StatusBoard::new();
-        let (sink, _sink_rx) = mpsc::channel(1);
-        let reporter = ConnectionReporter::new("c1", board.clone(), sink, Vec::new());
+        let (outlet, _queue) = crate::buffer::Outlet::queue(1);
+        let reporter = ConnectionReporter::new("c1", board.clone(), outlet, Vec::new());
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let (tx, mut rx) = channel_within(&COUNTER, 3, reporter.intake_loss());
         tx.send(Feed::records(vec![tag("A"), tag("B")]))
@@ -211,7 +205,9 @@ mod tests {
         // Room again once the driver took the first.
         tx.send(Feed::records(vec![tag("E"), tag("F"), tag("G")]))
             .expect("queued");
-        assert!(matches!(rx.try_recv(), Some(Feed::Publish { records, .. }) if records.len() == 3));
+        assert!(
+            matches!(rx.recv().await, Some(Feed::Publish { records, .. }) if records.len() == 3)
+        );
         let c1 = &board.connections()[0].1;
         assert_eq!(c1.dropped[&DropReason::QueueFull], 2);
         let reports = board.take_drop_reports();

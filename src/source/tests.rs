@@ -117,10 +117,14 @@ async fn sim(dir: &std::path::Path, f: impl FnOnce(&mut SimOptions)) -> SimServe
         .expect("simulator starts")
 }
 
+/// Records a test's own queue holds: the test reads it as it waits, so
+/// this only bounds memory.
+const TEST_QUEUE: usize = 1_000_000;
+
 struct Harness {
     id: String,
     board: Arc<StatusBoard>,
-    rx: mpsc::Receiver<crate::status::Batch>,
+    rx: mpsc::UnboundedReceiver<crate::buffer::Submission>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -128,7 +132,7 @@ struct Harness {
 impl Harness {
     fn start(conn: ConnectionConfig, pki: std::path::PathBuf) -> Harness {
         let board = StatusBoard::new();
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = crate::buffer::Outlet::queue(TEST_QUEUE);
         let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
         let cancel = CancellationToken::new();
         let id = conn.id.clone();
@@ -1190,7 +1194,7 @@ async fn twenty_connections_in_one_process() {
     // One PKI for all, as in the agent.
     let pki = client_pki(dir.path()).await;
     let board = StatusBoard::new();
-    let (tx, mut rx) = mpsc::channel::<crate::status::Batch>(4096);
+    let (tx, mut rx) = crate::buffer::Outlet::queue(TEST_QUEUE);
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
     let mut expected: Vec<(String, &SimServer)> = Vec::new();

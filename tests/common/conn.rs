@@ -19,7 +19,7 @@ use super::PATIENCE;
 pub struct Conn {
     pub id: String,
     pub board: Arc<StatusBoard>,
-    pub rx: mpsc::Receiver<plantgate::status::Batch>,
+    pub rx: mpsc::UnboundedReceiver<plantgate::buffer::Submission>,
     pub seen: Vec<NewRecord>,
     pub cancel: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
@@ -28,7 +28,8 @@ pub struct Conn {
 impl Conn {
     pub fn start(conn: ConnectionConfig, pki: PathBuf) -> Conn {
         let board = StatusBoard::new();
-        let (tx, rx) = mpsc::channel(1024);
+        // The test reads the queue as it waits; the bound only caps memory.
+        let (tx, rx) = plantgate::buffer::Outlet::queue(1_000_000);
         let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
         let cancel = CancellationToken::new();
         let id = conn.id.clone();

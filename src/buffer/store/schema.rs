@@ -21,7 +21,7 @@ pub(super) const SCHEMA_VERSION: i64 = 3;
 /// Long enough to ride out a checkpoint or a short `plantgate buffer ...`
 /// command holding the write lock; short, because every buffer command
 /// queues behind a waiting one (reads, acks, `/healthz`'s probe). A longer
-/// lock fails the append, and the ingest holds the records and retries
+/// lock fails the append, and the buffer worker holds the records and retries
 /// (docs/guarantees.md: nothing is dropped silently at the intake); acks
 /// and maintenance are retried by their callers.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);

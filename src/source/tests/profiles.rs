@@ -3,9 +3,8 @@
 //! committed with its records in a real buffer file across a restart.
 
 use super::*;
-use crate::buffer::{BufferHandle, Store, StoreOptions};
+use crate::buffer::{BufferHandle, Outlet, Store, StoreOptions, Unobserved};
 use crate::config::{DeltavConfig, UnitConfig};
-use crate::status::Batch;
 
 const UNIT: &str = "REACTOR_101";
 
@@ -21,9 +20,9 @@ fn deltav_conn(endpoint: &str) -> ConnectionConfig {
     conn
 }
 
-/// One run of `run_connection` whose batches are committed to a real
-/// buffer (records and profile state in one transaction, as the agent's
-/// ingest does) and copied to `seen`.
+/// One run of `run_connection` whose submissions are committed to a real
+/// buffer (records and profile state in one transaction, as in the agent)
+/// and copied to `seen` once committed.
 struct Run {
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -40,17 +39,17 @@ impl Run {
         seen: mpsc::UnboundedSender<NewRecord>,
     ) -> Run {
         let board = StatusBoard::new();
-        let (tx, mut rx) = mpsc::channel::<Batch>(1024);
+        let (tx, mut rx) = Outlet::queue(TEST_QUEUE);
         let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run_connection(conn, pki, reporter, saved, cancel.clone()));
         let pump = tokio::spawn(async move {
+            let outlet = buffer.outlet();
             while let Some(batch) = rx.recv().await {
                 let records = batch.records.clone();
-                buffer
-                    .try_append(batch.records, batch.state.into_iter().collect())
-                    .await
-                    .expect("append");
+                outlet.submit(batch).await.expect("submit");
+                // Committed before the test sees it, as in the agent.
+                buffer.flush(WAIT).await;
                 for r in records {
                     let _ = seen.send(r);
                 }
@@ -142,7 +141,7 @@ async fn deltav_batch_across_a_restart_has_no_duplicates() {
     let pki = client_pki(dir.path()).await;
     let db = dir.path().join("buffer.db");
     let store = Store::open(&db, StoreOptions::default()).expect("open buffer");
-    let (buffer, thread) = BufferHandle::spawn(store);
+    let (buffer, thread) = BufferHandle::spawn(store, std::sync::Arc::new(Unobserved));
     let conn = deltav_conn(&server.endpoint());
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let mut got = Vec::new();
@@ -244,8 +243,10 @@ async fn optomes_run_produces_oee_windows_and_downtime() {
     wcs.take_over(WC).unwrap();
     let pki = client_pki(dir.path()).await;
     let db = dir.path().join("buffer.db");
-    let (buffer, thread) =
-        BufferHandle::spawn(Store::open(&db, StoreOptions::default()).expect("open buffer"));
+    let (buffer, thread) = BufferHandle::spawn(
+        Store::open(&db, StoreOptions::default()).expect("open buffer"),
+        std::sync::Arc::new(Unobserved),
+    );
 
     let mut conn = conn_config("optomes-line1", &server.endpoint(), vec![]);
     conn.profile = ProfileConfig::Optomes(crate::config::OptomesConfig {
