@@ -223,6 +223,7 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
                 "dropped_total": st.map(|s| s.dropped_total()).unwrap_or(0),
                 "dropped": st.map(|s| json!(s.dropped)).unwrap_or_else(|| json!({})),
                 "last_value_ts": ts_or_null(st.and_then(|s| s.last_value_ts_ms)),
+                "subscriptions": st.and_then(|s| s.subscriptions),
             })
         })
         .collect();
@@ -387,7 +388,7 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
     register_process(&mut r, &state.board);
     r.register(
         "opcua_notifications",
-        "Values and events received from each plant connection (records handed to the buffer)",
+        "Values and events received from each plant connection (records committed to the buffer)",
         Series(
             board
                 .iter()
@@ -506,6 +507,30 @@ fn register_intake(
                 })
                 .collect(),
         ),
+    );
+    let subscriptions = |pick: fn(&crate::status::Subscriptions) -> usize| {
+        Series(
+            board
+                .iter()
+                .filter_map(|(id, st)| {
+                    let s = st.subscriptions.as_ref()?;
+                    let labels = ConnectionLabels {
+                        connection: id.clone(),
+                    };
+                    Some((labels, gauge(pick(s) as u64)))
+                })
+                .collect(),
+        )
+    };
+    r.register(
+        "opcua_subscriptions",
+        "OPC UA subscriptions of each connection's current session",
+        subscriptions(|s| s.created),
+    );
+    r.register(
+        "opcua_subscriptions_wanted",
+        "OPC UA subscriptions each connection asked for (more than it has: the server limits them)",
+        subscriptions(|s| s.wanted),
     );
     let mut dropped = Vec::new();
     for (id, st) in board {

@@ -42,6 +42,16 @@ pub struct ConnStatus {
     pub last_value_ts_ms: Option<i64>,
     /// Values that reached the agent but were not accepted (docs/guarantees.md), by reason.
     pub dropped: BTreeMap<DropReason, u64>,
+    /// OPC UA subscriptions of the current (or last) session: how many the
+    /// agent asked for and how many the server allowed (fewer means fewer
+    /// publish requests in flight, docs/performance.md).
+    pub subscriptions: Option<Subscriptions>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Subscriptions {
+    pub wanted: usize,
+    pub created: usize,
 }
 
 impl ConnStatus {
@@ -53,6 +63,7 @@ impl ConnStatus {
             records_total: 0,
             last_value_ts_ms: None,
             dropped: BTreeMap::new(),
+            subscriptions: None,
         }
     }
 
@@ -281,6 +292,13 @@ impl StatusBoard {
                 c.last_value_ts_ms
                     .map_or(newest_ts_ms, |t| t.max(newest_ts_ms)),
             );
+        }
+    }
+
+    /// The subscriptions a session of connection `id` set up.
+    pub fn set_subscriptions(&self, id: &str, subscriptions: Subscriptions) {
+        if let Some(c) = self.write().connections.get_mut(id) {
+            c.subscriptions = Some(subscriptions);
         }
     }
 
@@ -521,6 +539,12 @@ impl ConnectionReporter {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The subscriptions this connection's session set up.
+    pub fn set_subscriptions(&self, wanted: usize, created: usize) {
+        self.board
+            .set_subscriptions(&self.id, Subscriptions { wanted, created });
     }
 
     /// A handle the OPC UA callback uses to count values it could not pass on.

@@ -24,8 +24,13 @@ fn limited_notice(s: &Seen) -> Option<serde_json::Value> {
 
 /// Runs the agent against a simulator of `TAGS` tags until every tag has
 /// delivered twice (and, when `announced`, the refusal was announced);
-/// checks order and that nothing was dropped.
-async fn every_tag_twice(extras: plantgate::sim::SimExtras, announced: bool) -> Seen {
+/// checks order, that nothing was dropped, and that `/status` and
+/// `/metrics` show `(wanted, created)` subscriptions.
+async fn every_tag_twice(
+    extras: plantgate::sim::SimExtras,
+    announced: bool,
+    subscriptions: (u64, u64),
+) -> Seen {
     let broker = embedded_broker().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let sim = start_load_sim_with(dir.path(), TAGS, HZ, extras).await;
@@ -77,13 +82,26 @@ async fn every_tag_twice(extras: plantgate::sim::SimExtras, announced: bool) -> 
         serde_json::json!({}),
         "nothing dropped: {st}"
     );
+    let (wanted, created) = subscriptions;
+    assert_eq!(
+        st["connections"][0]["subscriptions"],
+        serde_json::json!({"wanted": wanted, "created": created}),
+        "{st}"
+    );
+    let (_, metrics) = http_get(agent.health_addr, "/metrics").await;
+    for line in [
+        format!("plantgate_opcua_subscriptions{{connection=\"sim1\"}} {created}"),
+        format!("plantgate_opcua_subscriptions_wanted{{connection=\"sim1\"}} {wanted}"),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
     agent.stop().await;
     seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_tag_of_every_subscription_delivers() {
-    let seen = every_tag_twice(plantgate::sim::SimExtras::default(), false).await;
+    let seen = every_tag_twice(plantgate::sim::SimExtras::default(), false, (3, 3)).await;
     assert_eq!(limited_notice(&seen), None, "no refusal to announce");
 }
 
@@ -95,7 +113,7 @@ async fn a_server_allowing_fewer_subscriptions_still_gets_every_tag_and_is_annou
         max_subscriptions: Some(1),
         ..Default::default()
     };
-    let seen = every_tag_twice(extras, true).await;
+    let seen = every_tag_twice(extras, true, (3, 1)).await;
     let notice =
         limited_notice(&seen).expect("a system.error announcing the refused subscriptions");
     assert_eq!(notice["wanted"], 3, "{notice}");

@@ -8,8 +8,7 @@ use std::time::Duration;
 use opcua::types::StatusCode;
 
 use super::session::{Item, TagPlan};
-use super::tags::TagIndex;
-use super::value;
+use super::value::{self, TagIndex};
 use crate::status::ConnectionReporter;
 
 /// Tags that cannot be monitored now: (index into the plans, why), sorted

@@ -19,8 +19,9 @@ use super::intake::{Feed, FeedTx};
 use super::session::{
     self, Item, LoopEvent, Monitored, Notices, PublishClock, SourceError, Subscriptions,
 };
-use super::tags::{TagIndex, TagTable};
+use super::tags::TagTable;
 use super::value;
+use super::value::TagIndex;
 use crate::config::ConnectionConfig;
 use crate::profile::{NodeKey, ReadRequest};
 use crate::record::now_ms;

@@ -26,10 +26,9 @@ use tokio::task::JoinHandle;
 
 use super::intake::Feed;
 use super::pki::{OwnCertificate, PinCheck};
-use super::tags::TagIndex;
 use super::value::{
-    bad_tag_record, oversized, tag_record, too_large_record, value_ts_ms, variant_to_json, TagMeta,
-    MAX_STRING_VALUE_BYTES,
+    bad_tag_record, oversized, tag_record, too_large_record, value_ts_ms, variant_to_json,
+    TagIndex, TagMeta, MAX_STRING_VALUE_BYTES,
 };
 use crate::config::{ConnectionConfig, SecurityMode, SecurityPolicy, TagConfig};
 use crate::nodeid::{Identifier, Namespace, NodeRef};
@@ -975,6 +974,10 @@ pub(crate) async fn create_subscriptions(
             Err(e) => return Err(e),
         }
     }
+    notifier
+        .notices
+        .reporter
+        .set_subscriptions(wanted, ids.len());
     Ok(Subscriptions { ids })
 }
 

@@ -12,32 +12,9 @@ use tokio::sync::mpsc;
 use super::bad_tags::BadTags;
 use super::intake::FeedTx;
 use super::session::{self, LoopEvent, Notices, Notifier, TagPlan};
-use super::value::TagMeta;
+use super::value::{TagIndex, TagMeta};
 use crate::config::ConnectionConfig;
 use crate::profile::{NodeKey, Profile};
-
-/// A tag's place in its connection's tag table: the same on every session
-/// and retry, so it names the tag everywhere (its monitored item's client
-/// handle, its subscription, its bad-tag bookkeeping).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct TagIndex(usize);
-
-impl TagIndex {
-    pub(crate) fn get(self) -> usize {
-        self.0
-    }
-
-    /// The client handle of the tag's monitored item: index + 1, because the
-    /// server echoes it in every notification and 0 reads as "unset".
-    pub(crate) fn client_handle(self) -> u32 {
-        u32::try_from(self.0 + 1).unwrap_or(u32::MAX)
-    }
-
-    /// The tag a notification's client handle names, if any.
-    pub(crate) fn from_client_handle(handle: u32) -> Option<TagIndex> {
-        (handle as usize).checked_sub(1).map(TagIndex)
-    }
-}
 
 pub(super) struct TagTable {
     pub plans: Vec<TagPlan>,
@@ -73,7 +50,7 @@ impl TagTable {
     /// status). Unparseable node ids are bad for good; unknown namespaces
     /// are retried.
     pub(super) fn resolve(&self, namespaces: &NamespaceMap) -> (Vec<(TagIndex, NodeId)>, BadTags) {
-        let all: Vec<TagIndex> = (0..self.plans.len()).map(TagIndex).collect();
+        let all: Vec<TagIndex> = (0..self.plans.len()).map(TagIndex::new).collect();
         self.resolve_indexes(all, namespaces)
     }
 
@@ -94,7 +71,7 @@ impl TagTable {
         let mut ok = Vec::with_capacity(indexes.len());
         let mut bad = Vec::new();
         for i in indexes {
-            match &self.plans[i.0].node {
+            match &self.plans[i.get()].node {
                 None => bad.push((i, StatusCode::BadNodeIdInvalid)),
                 Some(node) => match session::resolve(node, namespaces) {
                     Ok(id) => ok.push((i, id)),
@@ -112,7 +89,7 @@ impl TagTable {
     ) -> HashMap<NodeKey, NodeId> {
         resolved
             .iter()
-            .filter_map(|(i, id)| self.plans[i.0].profile.map(|k| (k, id.clone())))
+            .filter_map(|(i, id)| self.plans[i.get()].profile.map(|k| (k, id.clone())))
             .collect()
     }
 

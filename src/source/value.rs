@@ -205,6 +205,34 @@ fn oversized_at(v: &Variant, depth: usize) -> Option<usize> {
     (len > MAX_STRING_VALUE_BYTES).then_some(len)
 }
 
+/// A tag's place in its connection's tag table: the same on every session
+/// and retry, so it names the tag everywhere (its monitored item's client
+/// handle, its subscription, its bad-tag bookkeeping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct TagIndex(usize);
+
+impl TagIndex {
+    /// Tag `i` of its connection's tag table (`source::tags`).
+    pub(crate) fn new(i: usize) -> TagIndex {
+        TagIndex(i)
+    }
+
+    pub(crate) fn get(self) -> usize {
+        self.0
+    }
+
+    /// The client handle of the tag's monitored item: index + 1, because the
+    /// server echoes it in every notification and 0 reads as "unset".
+    pub(crate) fn client_handle(self) -> u32 {
+        u32::try_from(self.0 + 1).unwrap_or(u32::MAX)
+    }
+
+    /// The tag a notification's client handle names, if any.
+    pub(crate) fn from_client_handle(handle: u32) -> Option<TagIndex> {
+        (handle as usize).checked_sub(1).map(TagIndex)
+    }
+}
+
 /// One tag's configuration as the record carries it.
 #[derive(Clone, Debug)]
 pub struct TagMeta {
