@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::buffer::{BufferHandle, Limits, OpenMode, Store, StoreOptions};
 use crate::config::{Config, ConnectionConfig};
 use crate::record::{EventType, NewRecord};
-use crate::status::{ConnState, ConnectionReporter, StatusBoard};
+use crate::source::ConnectionReporter;
+use crate::status::{ConnState, StatusBoard};
 use crate::supervise::supervise;
 use crate::uplink::{Uplink, UplinkSettings};
 

@@ -477,6 +477,34 @@ fn register_mqtt(r: &mut Registry, mqtt: &crate::status::MqttStatus) {
     );
 }
 
+/// Each connection's OPC UA subscriptions: asked for and created.
+fn register_subscriptions(r: &mut Registry, board: &[(String, crate::status::ConnStatus)]) {
+    let subscriptions = |pick: fn(&crate::status::Subscriptions) -> usize| {
+        Series(
+            board
+                .iter()
+                .filter_map(|(id, st)| {
+                    let s = st.subscriptions.as_ref()?;
+                    let labels = ConnectionLabels {
+                        connection: id.clone(),
+                    };
+                    Some((labels, gauge(pick(s) as u64)))
+                })
+                .collect(),
+        )
+    };
+    r.register(
+        "opcua_subscriptions",
+        "OPC UA subscriptions of each connection's current session",
+        subscriptions(|s| s.created),
+    );
+    r.register(
+        "opcua_subscriptions_wanted",
+        "OPC UA subscriptions each connection asked for (more than it has: the server limits them)",
+        subscriptions(|s| s.wanted),
+    );
+}
+
 /// The plant connections' states and what the intake could not accept.
 fn register_intake(
     r: &mut Registry,
@@ -508,30 +536,7 @@ fn register_intake(
                 .collect(),
         ),
     );
-    let subscriptions = |pick: fn(&crate::status::Subscriptions) -> usize| {
-        Series(
-            board
-                .iter()
-                .filter_map(|(id, st)| {
-                    let s = st.subscriptions.as_ref()?;
-                    let labels = ConnectionLabels {
-                        connection: id.clone(),
-                    };
-                    Some((labels, gauge(pick(s) as u64)))
-                })
-                .collect(),
-        )
-    };
-    r.register(
-        "opcua_subscriptions",
-        "OPC UA subscriptions of each connection's current session",
-        subscriptions(|s| s.created),
-    );
-    r.register(
-        "opcua_subscriptions_wanted",
-        "OPC UA subscriptions each connection asked for (more than it has: the server limits them)",
-        subscriptions(|s| s.wanted),
-    );
+    register_subscriptions(r, board);
     let mut dropped = Vec::new();
     for (id, st) in board {
         for (reason, n) in &st.dropped {
@@ -558,7 +563,7 @@ fn register_intake(
     r.register(
         "intake_queued_values",
         "Values waiting between the OPC UA sessions and the buffer (bounded, docs/guarantees.md)",
-        gauge(crate::source::intake::queued_values() as u64),
+        gauge(crate::source::feed::queued_values() as u64),
     );
     r.register(
         "values_truncated",

@@ -3,7 +3,7 @@
 //! forwards it over TLS MQTT.
 //!
 //! Data path (one direction, one durable hand-off):
-//! `source` (OPC UA, driving a `profile`; `source::intake` bounds what it
+//! `source` (OPC UA, driving a `profile`; `source::feed` bounds what it
 //! queues) → `buffer::Outlet` (the bounded queue into the buffer) → the
 //! buffer worker (coalesces, commits, holds and retries; SQLite is the only
 //! place a record is accepted) → `uplink` (MQTT, deletes on PUBACK).

@@ -1,6 +1,8 @@
-//! Shared, cheap-to-read state of the agent: connection states, MQTT state and
-//! counters. Every component writes here; the uplink (retained status,
-//! heartbeat) and the health endpoint read it.
+//! The status board: shared, cheap-to-read state of the agent (connection
+//! states, MQTT state, counters, task health). Connections write through
+//! their `source::ConnectionReporter`, the buffer reports its intake
+//! (`buffer::IntakeObserver`), the uplink its session; the uplink (retained
+//! status, heartbeat), `announce` and the health endpoint read it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -8,8 +10,8 @@ use std::sync::{Arc, RwLock};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::buffer::{IntakeObserver, Outlet, ProfileState, Submission};
-use crate::record::{now_ms, EventType, NewRecord};
+use crate::buffer::IntakeObserver;
+use crate::record::now_ms;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -515,119 +517,6 @@ impl StatusBoard {
     }
 }
 
-/// What a connection task uses to report: its state (to the board, hence the
-/// retained status, and as a `connection.status_changed` event filtered by
-/// the connection's `events` list) and its records.
-#[derive(Clone)]
-pub struct ConnectionReporter {
-    id: String,
-    board: Arc<StatusBoard>,
-    outlet: Outlet,
-    events: Arc<Vec<EventType>>,
-}
-
-impl ConnectionReporter {
-    pub fn new(id: &str, board: Arc<StatusBoard>, outlet: Outlet, events: Vec<EventType>) -> Self {
-        board.register_connection(id);
-        ConnectionReporter {
-            id: id.to_string(),
-            board,
-            outlet,
-            events: Arc::new(events),
-        }
-    }
-
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// The subscriptions this connection's session set up.
-    pub fn set_subscriptions(&self, wanted: usize, created: usize) {
-        self.board
-            .set_subscriptions(&self.id, Subscriptions { wanted, created });
-    }
-
-    /// A handle the OPC UA callback uses to count values it could not pass on.
-    pub fn intake_loss(&self) -> IntakeLoss {
-        IntakeLoss {
-            board: self.board.clone(),
-            connection: Arc::from(self.id.as_str()),
-        }
-    }
-
-    pub fn wants_event(&self, event: EventType) -> bool {
-        self.events.contains(&event)
-    }
-
-    /// Records a state change; emits `connection.status_changed` if it is one.
-    pub async fn set_state(&self, state: ConnState, reason: &str) {
-        let Some(previous) = self.board.set_connection_state(&self.id, state, reason) else {
-            return;
-        };
-        if previous == state {
-            return;
-        }
-        tracing::info!(connection = %self.id, state = state.as_str(), previous = previous.as_str(), reason, "connection state changed");
-        if self.wants_event(EventType::ConnectionStatusChanged) {
-            let ev = NewRecord::event(
-                &self.id,
-                EventType::ConnectionStatusChanged,
-                serde_json::json!({"state": state.as_str(), "previous": previous.as_str(), "reason": reason}),
-            );
-            self.send(Submission::records(vec![ev])).await;
-        }
-    }
-
-    /// Emits an event about this connection if its `events` list wants it.
-    pub async fn event(&self, event: EventType, details: serde_json::Value) {
-        if self.wants_event(event) {
-            let ev = NewRecord::event(&self.id, event, details);
-            self.send(Submission::records(vec![ev])).await;
-        }
-    }
-
-    /// A `system.error` event about this connection (e.g. a node that went
-    /// missing), subject to the connection's `events` list like every event
-    /// about the connection.
-    pub async fn system_error(&self, details: serde_json::Value) {
-        self.event(EventType::SystemError, details).await;
-    }
-
-    /// An event about the agent itself (connection `null`, agent stream),
-    /// not filtered by this connection's `events` list: used for things the
-    /// connections share, such as the OPC UA application certificate.
-    pub async fn agent_event(&self, event: EventType, details: serde_json::Value) {
-        let ev = NewRecord::event("", event, details);
-        self.send(Submission::records(vec![ev])).await;
-    }
-
-    /// Hands records to the buffer. Waits when the buffer is behind
-    /// (back-pressure), never drops.
-    pub async fn records(&self, records: Vec<NewRecord>) {
-        if !records.is_empty() {
-            self.send(Submission::records(records)).await;
-        }
-    }
-
-    /// Hands records together with this connection's profile snapshot (JSON
-    /// text); both commit in one transaction. Sent even without records (a
-    /// snapshot at shutdown).
-    pub async fn records_with_state(&self, records: Vec<NewRecord>, snapshot: String) {
-        let state = ProfileState {
-            connection: self.id.clone(),
-            snapshot,
-        };
-        self.send(Submission::with_state(records, state)).await;
-    }
-
-    async fn send(&self, submission: Submission) {
-        if self.outlet.submit(submission).await.is_err() {
-            // Only during shutdown: the buffer is closed.
-            tracing::debug!(connection = %self.id, "buffer closed; nothing more is handed over");
-        }
-    }
-}
-
 /// The buffer reports how its intake fares here: what it committed
 /// (`records_total`), what it had to drop (`buffer_refused`, announced by
 /// `source.dropped`), whether it is holding records (`/status` `intake`)
@@ -647,21 +536,6 @@ impl IntakeObserver for StatusBoard {
 
     fn alive(&self) {
         self.beat("buffer");
-    }
-}
-
-/// Counts one connection's intake loss (docs/guarantees.md); see
-/// [`StatusBoard::add_dropped`]. Cheap to clone and synchronous.
-#[derive(Clone)]
-pub struct IntakeLoss {
-    board: Arc<StatusBoard>,
-    connection: Arc<str>,
-}
-
-impl IntakeLoss {
-    pub fn record(&self, reason: DropReason, count: u64, sample_tag: Option<&str>) {
-        self.board
-            .add_dropped(&self.connection, reason, count, sample_tag);
     }
 }
 

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use opcua::types::StatusCode;
 
+use super::reporter::ConnectionReporter;
 use super::session::{Item, TagPlan};
 use super::value::{self, TagIndex};
-use crate::status::ConnectionReporter;
 
 /// Tags that cannot be monitored now: (index into the plans, why), sorted
 /// by index.

@@ -10,11 +10,11 @@
 
 use tokio::sync::mpsc;
 
-use super::intake::{Feed, FeedRx};
+use super::feed::{Feed, FeedRx};
+use super::reporter::ConnectionReporter;
 use crate::config::ConnectionConfig;
 use crate::profile::{Output, Profile, ReadRequest};
 use crate::record::{now_ms, NewRecord};
-use crate::status::ConnectionReporter;
 
 /// How often the profile gets a clock tick (OEE windows close on ticks).
 const TICK: std::time::Duration = std::time::Duration::from_secs(1);

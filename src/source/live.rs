@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::bad_tags::{self, BadTagReports, BadTags};
-use super::intake::{Feed, FeedTx};
+use super::feed::{Feed, FeedTx};
+use super::reporter::ConnectionReporter;
 use super::session::{
     self, Item, LoopEvent, Monitored, Notices, PublishClock, SourceError, Subscriptions,
 };
@@ -25,7 +26,7 @@ use super::value::TagIndex;
 use crate::config::ConnectionConfig;
 use crate::profile::{NodeKey, ReadRequest};
 use crate::record::now_ms;
-use crate::status::{ConnState, ConnectionReporter};
+use crate::status::ConnState;
 
 /// How long a fresh session may take from TCP connect to activated.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);

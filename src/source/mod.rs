@@ -9,9 +9,9 @@
 //!   forever even on rejected credentials and its subscriptions can go silent
 //!   after a reconnect.
 //! - The subscription callback runs on the OPC UA event loop; it converts and
-//!   pushes one Vec per publish response into the intake queue (`intake`),
+//!   pushes one Vec per publish response into the feed queue (`feed`),
 //!   bounded by a value budget. A driver task (`driver`) hands them to the
-//!   reporter (which waits on the bounded queue into the buffer) and runs
+//!   reporter (which waits on the buffer's bounded outlet) and runs
 //!   the profile, so the event loop never blocks and a value is only
 //!   dropped, counted and announced, when a stalled buffer has filled both
 //!   queues (docs/guarantees.md). The profile's reads go to the live session
@@ -20,8 +20,10 @@
 //! Files: this one is the reconnect loop; `live` one session (open, watch,
 //! reads); `tags` the tag table; `bad_tags` tags that cannot be monitored;
 //! `session` the OPC UA building blocks (client, endpoint checks,
-//! subscriptions, the callback); `intake` the queue to the driver; `value`
-//! OPC UA values as records; `pki` the agent's own certificate.
+//! subscriptions, the callback); `feed` the queue to the driver;
+//! `reporter` what the connection reports through (state, events, records
+//! to the buffer's outlet); `value` OPC UA values as records and the tag's
+//! identity; `pki` the agent's own certificate.
 //! - States: `connecting` until the first subscription is up, `online` while
 //!   subscribed, then `offline` / `auth_required` / `untrusted` with the
 //!   status code name as reason. Retries while not online do not flap through
@@ -29,9 +31,10 @@
 
 mod bad_tags;
 mod driver;
-pub mod intake;
+pub mod feed;
 mod live;
 pub mod pki;
+mod reporter;
 mod session;
 mod tags;
 pub mod value;
@@ -48,9 +51,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::ConnectionConfig;
 use crate::record::EventType;
-use crate::status::{ConnState, ConnectionReporter};
+use crate::status::ConnState;
 
-use intake::Feed;
+use feed::Feed;
+pub use reporter::{ConnectionReporter, IntakeLoss};
 pub use session::SourceError;
 
 /// How long the driver may take to hand over what it holds at the stop.
@@ -69,7 +73,7 @@ pub async fn run_connection(
 ) {
     let profile = driver::restored_profile(&conn, saved.as_deref());
     let tags = tags::TagTable::new(&conn, profile.as_ref());
-    let (records_tx, records_rx) = intake::channel(reporter.intake_loss());
+    let (records_tx, records_rx) = feed::channel(reporter.intake_loss());
     let (reads_tx, mut reads_rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(driver::drive(
         records_rx,

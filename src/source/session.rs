@@ -1,6 +1,8 @@
-//! One OPC UA session of a connection, from endpoint discovery to a running
-//! subscription. Everything here is a single attempt; retrying is the
-//! caller's job (`source::run_connection`).
+//! The OPC UA building blocks a session is made of (`live` puts them
+//! together): the client and its endpoint checks, identity, namespaces,
+//! subscriptions and monitored items, the subscription callback that turns
+//! data changes into records (`Notifier`), and what it announces
+//! (`Notices`). Each call is a single attempt; retrying is the caller's job.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -24,8 +26,9 @@ use opcua::types::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::intake::Feed;
+use super::feed::Feed;
 use super::pki::{OwnCertificate, PinCheck};
+use super::reporter::{ConnectionReporter, IntakeLoss};
 use super::value::{
     bad_tag_record, oversized, tag_record, too_large_record, value_ts_ms, variant_to_json,
     TagIndex, TagMeta, MAX_STRING_VALUE_BYTES,
@@ -34,7 +37,7 @@ use crate::config::{ConnectionConfig, SecurityMode, SecurityPolicy, TagConfig};
 use crate::nodeid::{Identifier, Namespace, NodeRef};
 use crate::profile::{NodeKey, Sample};
 use crate::record::NewRecord;
-use crate::status::{ConnectionReporter, DropReason, IntakeLoss};
+use crate::status::DropReason;
 
 /// Per-request timeout; also bounds endpoint discovery and connecting.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -487,7 +490,7 @@ pub(crate) struct Notifier {
     pub tags: Arc<Vec<Arc<TagMeta>>>,
     /// Per plan index: the profile node it is, if any.
     pub profile: Arc<Vec<Option<NodeKey>>>,
-    pub records: super::intake::FeedTx,
+    pub records: super::feed::FeedTx,
     pub events: mpsc::UnboundedSender<LoopEvent>,
     /// Counts and announces values too large for a record.
     pub notices: Arc<Notices>,

@@ -10,7 +10,7 @@ use opcua::types::{NamespaceMap, NodeId, StatusCode};
 use tokio::sync::mpsc;
 
 use super::bad_tags::BadTags;
-use super::intake::FeedTx;
+use super::feed::FeedTx;
 use super::session::{self, LoopEvent, Notices, Notifier, TagPlan};
 use super::value::{TagIndex, TagMeta};
 use crate::config::ConnectionConfig;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use plantgate::config::ConnectionConfig;
 use plantgate::record::{Kind, NewRecord};
 use plantgate::source::run_connection;
-use plantgate::status::{ConnState, ConnectionReporter, DropReason, StatusBoard};
+use plantgate::source::ConnectionReporter;
+use plantgate::status::{ConnState, DropReason, StatusBoard};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

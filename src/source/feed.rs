@@ -1,10 +1,10 @@
-//! The hand-off from the OPC UA session to the connection's driver task
-//! (docs/guarantees.md: loss at the intake is never silent).
+//! The feed queue: the hand-off from the OPC UA session to the connection's
+//! driver task (docs/guarantees.md: loss at the intake is never silent).
 //!
 //! The subscription callback runs on the OPC UA event loop and must never
 //! block it, so this queue cannot make the callback wait. It is bounded by a
 //! budget of queued values instead: while the driver is behind (it waits on
-//! the bounded queue into the buffer, which waits on a slow or locked
+//! the buffer's bounded outlet, which waits on a slow or locked
 //! database), values beyond the budget are dropped, counted as `queue_full`
 //! and announced by `source.dropped`. Back-pressure therefore reaches the
 //! OPC UA server first: the driver stops taking, this budget absorbs the
@@ -18,9 +18,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
+use super::reporter::IntakeLoss;
 use crate::profile::{NodeKey, Sample};
 use crate::record::NewRecord;
-use crate::status::{DropReason, IntakeLoss};
+use crate::status::DropReason;
 
 /// What the session side hands to the connection's driver task, in order.
 pub(crate) enum Feed {
@@ -174,7 +175,8 @@ impl FeedRx {
 mod tests {
     use super::*;
     use crate::record::{Kind, NewRecord};
-    use crate::status::{ConnectionReporter, StatusBoard};
+    use crate::source::ConnectionReporter;
+    use crate::status::StatusBoard;
 
     fn tag(name: &str) -> NewRecord {
         NewRecord {
