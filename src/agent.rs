@@ -157,6 +157,7 @@ async fn start_health(
             .iter()
             .map(|c| (c.id.clone(), c.kind().as_str().to_string()))
             .collect(),
+        buffer_max_bytes: config.buffer.max_size,
     });
     let (addr, first) =
         crate::health::serve(config.health.listen, state.clone(), cancel.clone()).await?;

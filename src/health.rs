@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{BufferHandle, Stats};
+use crate::rate::{headroom_seconds, PerSecond};
 use crate::record::{format_ts, now_ms};
 use crate::status::StatusBoard;
 
@@ -51,6 +52,8 @@ pub struct HealthState {
     pub buffer: BufferHandle,
     /// (id, kind) of every configured connection, in config order.
     pub connections: Vec<(String, String)>,
+    /// `buffer.max_size`, for the headroom estimate.
+    pub buffer_max_bytes: u64,
 }
 
 /// Binds `addr` now (so a bad address is a clear start-up error) and serves
@@ -197,6 +200,7 @@ fn ts_or_null(ms: Option<i64>) -> Value {
 
 async fn status(State(state): State<Arc<HealthState>>) -> Response {
     let mqtt = state.board.mqtt();
+    let rate = state.board.intake_rate();
     let buffer = match buffer_stats(&state).await {
         Ok(st) => json!({
             "records": st.records,
@@ -204,6 +208,8 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
             "oldest_ts": ts_or_null(st.oldest_ts_ms),
             "evicted_total": st.evicted_total,
             "dead_letters": st.dead_letters,
+            "bytes_per_record": bytes_per_record(&st, rate),
+            "headroom_s": headroom_seconds(state.buffer_max_bytes, st.bytes, rate).map(|s| s.round() as u64),
         }),
         Err(e) => json!({"error": e}),
     };
@@ -245,6 +251,7 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
             "blocked_since": ts_or_null(state.board.intake_blocked().map(|b| b.0)),
             "blocked_reason": state.board.intake_blocked().map(|b| b.1),
             "agent_dropped": state.board.agent_dropped(),
+            "records_per_s": rate.map(|r| r.records.round() as u64),
         },
         "tasks": {
             "dead": state.board.dead_tasks().into_iter().map(|(n, since, why)| json!({
@@ -403,6 +410,12 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
     );
     if let Ok(st) = buffer_stats(&state).await {
         register_buffer(&mut r, &st);
+        register_headroom(
+            &mut r,
+            &st,
+            state.buffer_max_bytes,
+            state.board.intake_rate(),
+        );
     }
     let mut out = String::with_capacity(4096);
     if let Err(e) = prometheus_text::encode(&mut out, &r) {
@@ -613,6 +626,42 @@ fn register_process(r: &mut Registry, status: &StatusBoard) {
                 .collect(),
         ),
     );
+}
+
+/// The intake rate and how long the free buffer lasts at it; each only
+/// once it is known (a few seconds after the start, and while records
+/// come in).
+fn register_headroom(r: &mut Registry, st: &Stats, max_bytes: u64, rate: Option<PerSecond>) {
+    if let Some(rate) = rate {
+        r.register(
+            "intake_records_per_second",
+            "Records the buffer accepted per second over the last minute",
+            ConstGauge::new(rate.records),
+        );
+    }
+    if let Some(b) = bytes_per_record(st, rate) {
+        r.register(
+            "buffer_bytes_per_record",
+            "What a record takes of buffer.max_size, on average",
+            ConstGauge::new(b),
+        );
+    }
+    if let Some(s) = headroom_seconds(max_bytes, st.bytes, rate) {
+        r.register(
+            "buffer_headroom_seconds",
+            "How long the free buffer lasts at the current intake rate if nothing were delivered",
+            ConstGauge::new(s),
+        );
+    }
+}
+
+/// Bytes per record: of the records waiting, or else of those coming in.
+fn bytes_per_record(st: &Stats, rate: Option<PerSecond>) -> Option<f64> {
+    if st.records > 0 {
+        return Some((st.bytes as f64 / st.records as f64).round());
+    }
+    rate.filter(|r| r.records > 0.0)
+        .map(|r| (r.bytes / r.records).round())
 }
 
 /// What the buffer holds.

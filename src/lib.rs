@@ -21,6 +21,7 @@ pub mod health;
 pub mod heap;
 pub mod nodeid;
 pub mod profile;
+pub mod rate;
 pub mod record;
 pub mod secret;
 pub mod sim;

@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::buffer::IntakeObserver;
+use crate::rate::{IntakeRate, PerSecond};
 use crate::record::now_ms;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -188,7 +189,6 @@ impl Histogram {
     }
 }
 
-#[derive(Default)]
 struct Inner {
     connections: BTreeMap<String, ConnStatus>,
     mqtt: MqttStatus,
@@ -207,6 +207,24 @@ struct Inner {
     /// Set while the buffer refuses submitted records and holds them:
     /// since when, and the buffer's error.
     intake_blocked: Option<(i64, String)>,
+    /// Records and bytes the buffer accepted per second (the headroom).
+    intake_rate: IntakeRate,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            connections: BTreeMap::new(),
+            mqtt: MqttStatus::default(),
+            beats: BTreeMap::new(),
+            unannounced: BTreeMap::new(),
+            agent_dropped: BTreeMap::new(),
+            dead_tasks: BTreeMap::new(),
+            task_restarts: BTreeMap::new(),
+            intake_blocked: None,
+            intake_rate: IntakeRate::new(std::time::Instant::now()),
+        }
+    }
 }
 
 /// The board. Writers bump a watch counter so readers (the uplink publishing
@@ -389,6 +407,14 @@ impl StatusBoard {
         }
     }
 
+    /// Records and bytes the buffer accepted per second over the last
+    /// minute (None in the first seconds).
+    pub fn intake_rate(&self) -> Option<PerSecond> {
+        self.write()
+            .intake_rate
+            .per_second(std::time::Instant::now())
+    }
+
     /// Since when and why the buffer refuses appends, if it does.
     pub fn intake_blocked(&self) -> Option<(i64, String)> {
         self.read().intake_blocked.clone()
@@ -522,8 +548,11 @@ impl StatusBoard {
 /// `source.dropped`), whether it is holding records (`/status` `intake`)
 /// and that its worker is alive (the watchdog's `buffer` loop).
 impl IntakeObserver for StatusBoard {
-    fn accepted(&self, connection: &str, records: u64, newest_ts_ms: i64) {
+    fn accepted(&self, connection: &str, records: u64, bytes: u64, newest_ts_ms: i64) {
         self.add_records(connection, records, newest_ts_ms);
+        self.write()
+            .intake_rate
+            .add(std::time::Instant::now(), records, bytes);
     }
 
     fn dropped(&self, connection: &str, records: u64, sample_tag: Option<&str>) {

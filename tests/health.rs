@@ -24,6 +24,23 @@ async fn wait_http(addr: std::net::SocketAddr, path: &str, want: u16) -> String 
     }
 }
 
+/// `/status` once `ok` holds for it.
+async fn wait_status(addr: std::net::SocketAddr, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, body) = http_get(addr, "/status").await;
+        let st: Value = serde_json::from_str(&body).expect("status json");
+        if ok(&st) {
+            return st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/status never got there: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_endpoint_tracks_the_broker() {
     let plant = start_plant().await;
@@ -80,6 +97,31 @@ async fn health_endpoint_tracks_the_broker() {
         "dead_letters",
     ] {
         assert!(st["buffer"].get(k).is_some(), "buffer.{k}: {body}");
+    }
+    // Once records came in for a few seconds: how long the free buffer
+    // lasts at that rate, and what a record takes.
+    let st = wait_status(addr, |st| st["buffer"]["headroom_s"].is_u64()).await;
+    let per_record = st["buffer"]["bytes_per_record"].as_f64().unwrap_or(0.0);
+    assert!(
+        per_record > plantgate::buffer::ROW_OVERHEAD_BYTES as f64,
+        "{st}"
+    );
+    assert!(st["intake"]["records_per_s"].is_u64(), "{st}");
+    // A handful of records a second against 1 GiB: far more than a day.
+    assert!(
+        st["buffer"]["headroom_s"].as_u64().unwrap_or(0) > 86_400,
+        "{st}"
+    );
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    for name in [
+        "plantgate_buffer_headroom_seconds ",
+        "plantgate_buffer_bytes_per_record ",
+        "plantgate_intake_records_per_second ",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "{name}in:\n{metrics}"
+        );
     }
     let c = &st["connections"][0];
     assert_eq!(c["id"], "sim1");

@@ -287,7 +287,7 @@ mod tests {
     }
 
     impl IntakeObserver for Log {
-        fn accepted(&self, c: &str, n: u64, _: i64) {
+        fn accepted(&self, c: &str, n: u64, _: u64, _: i64) {
             self.push(format!("accepted {c} {n}"));
         }
         fn dropped(&self, c: &str, n: u64, _: Option<&str>) {

@@ -110,9 +110,10 @@ impl Outlet {
 /// agent's status board implements it (`records_total`, drops, the
 /// `intake` block of `/status`, the watchdog).
 pub trait IntakeObserver: Send + Sync {
-    /// `records` of `connection` (events not counted) were committed; the
-    /// newest has `newest_ts_ms`.
-    fn accepted(&self, connection: &str, records: u64, newest_ts_ms: i64);
+    /// `records` of `connection` (events not counted) were committed,
+    /// taking `bytes` of the buffer's `max_size`; the newest has
+    /// `newest_ts_ms`.
+    fn accepted(&self, connection: &str, records: u64, bytes: u64, newest_ts_ms: i64);
     /// `records` of `connection` could not be stored and were dropped
     /// (`sample_tag`: one tag among them, for the operator).
     fn dropped(&self, connection: &str, records: u64, sample_tag: Option<&str>);
@@ -128,29 +129,32 @@ pub trait IntakeObserver: Send + Sync {
 pub struct Unobserved;
 
 impl IntakeObserver for Unobserved {
-    fn accepted(&self, _: &str, _: u64, _: i64) {}
+    fn accepted(&self, _: &str, _: u64, _: u64, _: i64) {}
     fn dropped(&self, _: &str, _: u64, _: Option<&str>) {}
     fn blocked(&self, _: Option<&str>) {}
     fn alive(&self) {}
 }
 
 /// Tells `observer` what one commit accepted: per connection, the records
-/// that are not events and the newest of their timestamps.
+/// that are not events, what they take of `max_size`, and the newest of
+/// their timestamps.
 pub(super) fn report_accepted(observer: &dyn IntakeObserver, records: &[NewRecord]) {
-    let mut per: Vec<(&str, u64, i64)> = Vec::new();
+    let mut per: Vec<(&str, u64, u64, i64)> = Vec::new();
     for r in records.iter().filter(|r| r.kind != Kind::Event) {
+        let bytes = r.data.len() as u64 + super::ROW_OVERHEAD_BYTES;
         // Records of one connection arrive together: the last entry is
         // nearly always the one.
-        match per.iter_mut().rev().find(|(c, _, _)| *c == r.connection) {
+        match per.iter_mut().rev().find(|(c, ..)| *c == r.connection) {
             Some(entry) => {
                 entry.1 += 1;
-                entry.2 = entry.2.max(r.ts_ms);
+                entry.2 += bytes;
+                entry.3 = entry.3.max(r.ts_ms);
             }
-            None => per.push((&r.connection, 1, r.ts_ms)),
+            None => per.push((&r.connection, 1, bytes, r.ts_ms)),
         }
     }
-    for (connection, n, newest) in per {
-        observer.accepted(connection, n, newest);
+    for (connection, n, bytes, newest) in per {
+        observer.accepted(connection, n, bytes, newest);
     }
 }
 
@@ -241,7 +245,7 @@ mod tests {
     struct Seen(std::sync::Mutex<Vec<(String, u64, String)>>);
 
     impl IntakeObserver for Seen {
-        fn accepted(&self, c: &str, n: u64, newest: i64) {
+        fn accepted(&self, c: &str, n: u64, _: u64, newest: i64) {
             self.0
                 .lock()
                 .expect("lock")
