@@ -286,10 +286,15 @@ impl Background {
         let announcer = spawn_agent_task("announcer", board, buffer, cancel.clone(), move || {
             crate::announce::run(board2.clone(), b.clone(), wants.clone(), c.clone())
         });
+        let (b, board2, c) = (buffer.clone(), board.clone(), cancel.clone());
+        let (max_bytes, threshold) = (config.buffer.max_size, config.buffer.headroom_warning);
+        let headroom = spawn_agent_task("headroom", board, buffer, cancel.clone(), move || {
+            crate::headroom::watch(board2.clone(), b.clone(), max_bytes, threshold, c.clone())
+        });
         Background {
             cancel,
             uplink,
-            others: vec![expiry, heap, announcer],
+            others: vec![expiry, heap, announcer, headroom],
         }
     }
 }

@@ -246,6 +246,8 @@ reconnect_max = "2s"
 
 [buffer]
 max_size = "64MiB"
+# A small buffer for a short demo: warn only if it would not last 5 minutes.
+headroom_warning = "5m"
 
 [[connections]]
 id = "deltav-sim"

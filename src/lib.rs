@@ -17,6 +17,7 @@ pub mod backoff;
 pub mod buffer;
 pub mod config;
 pub mod demo;
+pub mod headroom;
 pub mod health;
 pub mod heap;
 pub mod nodeid;

@@ -28,7 +28,7 @@ pub(super) const MQTT_KEYS: &[&str] = &[
     "reconnect_initial",
     "reconnect_max",
 ];
-pub(super) const BUFFER_KEYS: &[&str] = &["max_size", "max_age", "synchronous"];
+pub(super) const BUFFER_KEYS: &[&str] = &["max_size", "max_age", "synchronous", "headroom_warning"];
 pub(super) const UNIT_KEYS: &[&str] = &["name", "recipe_parameters"];
 pub(super) const WORK_CENTER_KEYS: &[&str] = &["name"];
 pub(super) const TAG_KEYS: &[&str] = &["name", "node", "sampling_interval", "deadband"];

@@ -1139,10 +1139,14 @@ impl Walker<'_> {
                 }
             },
         };
+        let headroom_warning = self
+            .duration(t, p, "headroom_warning")
+            .unwrap_or(Duration::from_secs(3_600));
         BufferConfig {
             max_size,
             max_age,
             synchronous,
+            headroom_warning,
         }
     }
 

@@ -80,6 +80,10 @@ pub struct BufferConfig {
     #[serde(with = "human_duration")]
     pub max_age: Duration,
     pub synchronous: Synchronous,
+    /// A `system.error` (`buffer_headroom_low`) when the free buffer would
+    /// last less than this at the current intake rate; zero turns it off.
+    #[serde(with = "human_duration")]
+    pub headroom_warning: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -96,6 +96,7 @@ fn minimal_config_gets_spec_defaults() {
     assert_eq!(c.buffer.max_size, 1 << 30);
     assert_eq!(c.buffer.max_age, Duration::from_secs(7 * 86_400));
     assert_eq!(c.buffer.synchronous, Synchronous::Normal);
+    assert_eq!(c.buffer.headroom_warning, Duration::from_secs(3_600));
     assert!(c.connections.is_empty());
 }
 
@@ -186,6 +187,7 @@ reconnect_max = "2m"
 max_size = "512MiB"
 max_age = "2d"
 synchronous = "full"
+headroom_warning = "0s"
 
 [[connections]]
 id = "deltav-line1"
@@ -254,6 +256,7 @@ node = "i=2258"
     assert_eq!(c.mqtt.reconnect_max, Duration::from_secs(120));
     assert_eq!(c.mqtt.max_message_bytes, 256 * 1024);
     assert_eq!(c.buffer.synchronous, Synchronous::Full);
+    assert_eq!(c.buffer.headroom_warning, Duration::ZERO, "0s turns it off");
     let dv = &c.connections[0];
     assert_eq!(dv.password.as_ref().unwrap().expose(), "dv-secret");
     assert_eq!(dv.security_policy, SecurityPolicy::Aes256Sha256RsaPss);
@@ -532,6 +535,11 @@ fn other_mqtt_values() {
         &format!("{MINIMAL}\n[buffer]\nsynchronous = \"off\""),
         "buffer.synchronous",
         "\"off\"",
+    );
+    one_problem(
+        &format!("{MINIMAL}\n[buffer]\nheadroom_warning = \"soon\""),
+        "buffer.headroom_warning",
+        "soon",
     );
 }
 
