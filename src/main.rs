@@ -512,6 +512,75 @@ fn buffer_retry(config: &config::Config) -> ExitCode {
     }
 }
 
+/// Bytes per record and how long the free buffer lasts at the running
+/// agent's intake rate (its `/status`, docs/health.md); the rate is only
+/// known while an agent runs with this config.
+fn headroom_line(config: &config::Config, st: &plantgate::buffer::Stats) -> String {
+    let max = config.buffer.max_size;
+    let free = max.saturating_sub(st.bytes);
+    let per_record = match st.records {
+        0 => "-".to_string(),
+        n => format!("{}", st.bytes / n),
+    };
+    let space = format!(
+        "bytes per record: {per_record}; free: {} of {} MiB",
+        free / (1 << 20),
+        max / (1 << 20)
+    );
+    match running_agent_status(config) {
+        Some(status) => match (
+            status["intake"]["records_per_s"].as_u64(),
+            status["buffer"]["headroom_s"].as_u64(),
+        ) {
+            (Some(rate), Some(headroom)) => format!(
+                "{space}; at {rate} records/s the free buffer holds {}",
+                human_span(headroom)
+            ),
+            _ => format!("{space}; the running agent takes in nothing now"),
+        },
+        None => format!(
+            "{space}; intake rate unknown (no agent answering on {})",
+            config.health.listen
+        ),
+    }
+}
+
+/// `3h 12min`, `12 min`, `45 s`.
+fn human_span(seconds: u64) -> String {
+    match seconds {
+        s if s >= 3_600 => format!("{} h {} min", s / 3_600, s % 3_600 / 60),
+        s if s >= 60 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// The running agent's `/status`, read from its health endpoint (loopback
+/// when it listens on every address); None when nothing answers in 2 s.
+fn running_agent_status(config: &config::Config) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut addr = config.health.listen;
+    if addr.port() == 0 {
+        return None;
+    }
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let timeout = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
+    stream
+        .write_all(format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return None;
+    }
+    serde_json::from_str(body).ok()
+}
+
 fn buffer_stats(config: &config::Config) -> ExitCode {
     let store = match open_buffer(config) {
         Ok(s) => s,
@@ -532,6 +601,7 @@ fn buffer_stats(config: &config::Config) -> ExitCode {
                 st.evicted_total,
                 st.dead_letters
             );
+            println!("{}", headroom_line(config, &st));
             println!(
                 "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10} {:>10}",
                 "connection", "kind", "records", "bytes", "first_seq", "last_seq", "evicted"
