@@ -391,12 +391,21 @@ impl Worker {
             }
             return;
         }
-        // Each part on its own, so each gets its own verdict: a disk that
-        // is nearly full may still take the smaller ones.
-        tracing::warn!(error = %error, parts = shares.len(),
-            "coalesced buffer append failed; retrying part by part");
+        let out_of_space = error.is_disk_full();
+        let reason = error.to_string();
+        tracing::warn!(error = %reason, parts = shares.len(),
+            "coalesced buffer append failed; deciding part by part");
         for (range, state, reply) in shares {
             let records = all.get(range).unwrap_or_default();
+            // A lock or a stalled disk fails every part alike, each after
+            // the busy timeout: submissions are held together, in order,
+            // without trying each. Out of space, each part tries on its
+            // own (a nearly full disk may still take the smaller ones), but
+            // none overtakes one that is held.
+            if reply.is_none() && (!out_of_space || self.held.is_some()) {
+                self.hold(records.to_vec(), state, &reason);
+                continue;
+            }
             let states: Vec<ProfileState> = state.iter().cloned().collect();
             match self.store.append(Append {
                 records,
@@ -430,11 +439,11 @@ impl Worker {
             None if matches!(error, BufferError::Full { .. }) => {
                 self.drop_records(&records, &error.to_string())
             }
-            None => self.hold(records, state, error),
+            None => self.hold(records, state, &error.to_string()),
         }
     }
 
-    fn hold(&mut self, records: Vec<NewRecord>, state: Option<ProfileState>, error: BufferError) {
+    fn hold(&mut self, records: Vec<NewRecord>, state: Option<ProfileState>, reason: &str) {
         let held = self.held.get_or_insert_with(|| {
             let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
             Held {
@@ -450,12 +459,11 @@ impl Worker {
         if let Some(state) = state {
             merge_state(&mut held.states, state);
         }
-        let reason = error.to_string();
-        if let Some(repeats) = held.quiet.check(&reason) {
+        if let Some(repeats) = held.quiet.check(reason) {
             tracing::error!(error = %reason, records = held.records.len(), repeats,
                 "buffer refuses records; holding them and retrying");
         }
-        self.observer.blocked(Some(&reason));
+        self.observer.blocked(Some(reason));
     }
 
     fn retry_held(&mut self) {
