@@ -141,6 +141,76 @@ async fn a_locked_buffer_holds_records_back_and_loses_none() {
     agent.stop().await;
 }
 
+/// The broker acknowledges messages while another process holds the
+/// buffer's write lock, so the agent cannot delete their rows when the
+/// PUBACKs come. It keeps the deletes and retries them: once the lock is
+/// gone the delivered backlog leaves the disk in the same MQTT session,
+/// instead of staying there (and being sent again) until the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_acknowledged_under_a_lock_are_deleted_once_it_is_gone() {
+    init_tracing();
+    let broker = tokio::task::spawn_blocking(plantgate::sim::broker::EmbeddedBroker::start)
+        .await
+        .expect("broker thread")
+        .expect("embedded broker");
+    let proxy = plantgate::sim::proxy::CutProxy::start(broker.v5_addr)
+        .await
+        .expect("proxy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim = start_load_sim(dir.path(), LOAD_TAGS, LOAD_HZ).await;
+    let data_dir = dir.path().join("agent");
+    let toml = load_toml(
+        &data_dir,
+        proxy.addr(),
+        &broker.pki.ca_file,
+        "v5",
+        &sim,
+        LOAD_TAGS,
+    );
+    let mut seen = watch(broker.v4_addr, &broker.pki.ca_file).await;
+    let agent = run_agent(&toml).await;
+    seen.until("tag data flows", |s| {
+        s.tracker.last_seq("sim1", "tag").is_some()
+    })
+    .await;
+
+    // A backlog on disk while the broker is out of reach.
+    proxy.cut();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while agent.buffer.stats().await.expect("stats").records < 3_000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no backlog built up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Locked, then the broker is back: the backlog is read (WAL readers
+    // pass the lock) and acknowledged, but cannot be deleted yet.
+    let mut lock = hold_write_lock(&data_dir.join("buffer.db"), LOCK_SECS).await;
+    let reconnects = agent.board.mqtt().reconnects_total;
+    proxy.restore();
+    let status = lock.wait().await.expect("lock holder ends");
+    assert!(status.success());
+    assert!(
+        agent.board.mqtt().reconnects_total > reconnects,
+        "the uplink came back while the lock was held"
+    );
+    let session = agent.board.mqtt().reconnects_total;
+    drop(sim);
+    let last = wait_drained(&agent.buffer, "sim1").await;
+    seen.until("every tag seq delivered", |s| {
+        s.tracker.last_seq("sim1", "tag") >= Some(last)
+    })
+    .await;
+    assert_eq!(seen.tracker.gaps, 0, "gaps: {:?}", seen.tracker.gap_details);
+    assert_eq!(
+        agent.board.mqtt().reconnects_total,
+        session,
+        "drained in the same MQTT session"
+    );
+    agent.stop().await;
+}
+
 /// The python server, misbehaving (tests/asyncua_absurd.py).
 async fn absurd_server(pki: &std::path::Path) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;

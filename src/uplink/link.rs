@@ -41,6 +41,10 @@ pub(super) struct Link<'a> {
     quiet: Throttle,
     /// The buffer's count of re-queues when last looked at.
     requeues: u64,
+    /// Messages the broker acknowledged whose rows the buffer could not
+    /// delete yet (a lock held by another process): retried every second,
+    /// so a delivered backlog does not stay on disk until the next session.
+    undeleted: Vec<Batch>,
 }
 
 impl<'a> Link<'a> {
@@ -62,6 +66,7 @@ impl<'a> Link<'a> {
             published_states: HashMap::new(),
             quiet: Throttle::new(Duration::from_secs(300)),
             requeues,
+            undeleted: Vec::new(),
         }
     }
 
@@ -119,9 +124,32 @@ impl<'a> Link<'a> {
                 _ = &mut notified, if room => {}
                 // A stream held back after a refusal may go again.
                 _ = tokio::time::sleep_until(release.unwrap_or_else(Instant::now)), if release.is_some() => {}
-                _ = rescan.tick() => self.rewind_requeued().await,
+                _ = rescan.tick() => {
+                    self.delete_acknowledged().await;
+                    self.rewind_requeued().await;
+                }
             }
         }
+    }
+
+    /// Deletes the rows of acknowledged messages that the buffer could not
+    /// delete when their PUBACK came, all in one try (a lock makes each
+    /// try wait the busy timeout); kept for the next second if it fails.
+    async fn delete_acknowledged(&mut self) {
+        if self.undeleted.is_empty() {
+            return;
+        }
+        let up = self.up;
+        let ids: Vec<i64> = self.undeleted.iter().flat_map(|b| b.ids.clone()).collect();
+        if up.buffer.ack(ids).await.is_err() {
+            return;
+        }
+        for batch in std::mem::take(&mut self.undeleted) {
+            let n = batch.ids.len() as u64;
+            up.board
+                .add_published(&batch.stream, n, batch.submitted.elapsed());
+        }
+        tracing::info!("rows of acknowledged messages deleted after the buffer took deletes again");
     }
 
     /// Rows put back into the buffer (dead letters re-queued by `plantgate
@@ -375,7 +403,12 @@ impl<'a> Link<'a> {
                     Ok(_) => up
                         .board
                         .add_published(&batch.stream, n, batch.submitted.elapsed()),
-                    Err(e) => tracing::error!(error = %e, "buffer ack failed; rows will be resent"),
+                    Err(e) => {
+                        if let Some(repeats) = self.quiet.check("buffer ack failed") {
+                            tracing::error!(error = %e, repeats, "buffer ack failed; retrying the delete every second (the rows are resent only if the session ends first)");
+                        }
+                        self.undeleted.push(batch.clone());
+                    }
                 }
                 let done = self.delivery.delivered(&batch, Instant::now());
                 self.announce_sync(done).await;
