@@ -13,11 +13,6 @@ use super::worker::{Command, Reply, Worker};
 use super::{BufferError, DeadLetter, Eviction, Limits, Stats, Store};
 use crate::record::{NewRecord, StoredRecord, StreamKey};
 
-/// Upper bound on records merged into one coalesced transaction, so a burst
-/// cannot hold the write lock (and delay acks and reads) for long. A single
-/// larger submission is still committed whole: its atomicity is the contract.
-pub const MAX_COALESCED_RECORDS: usize = 10_000;
-
 /// Bounded so callers feel back-pressure when the disk falls behind,
 /// instead of queueing unbounded commands in RAM.
 const QUEUE_DEPTH: usize = 1024;

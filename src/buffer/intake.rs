@@ -16,9 +16,15 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use super::ProfileState;
 use crate::record::{Kind, NewRecord};
 
+/// Upper bound on records the worker merges into one coalesced
+/// transaction, so a burst cannot hold the write lock (and delay acks and
+/// reads) for long. A single larger submission is still committed whole:
+/// its atomicity is the contract.
+pub const MAX_COALESCED_RECORDS: usize = 10_000;
+
 /// Records that may wait in the queue: twice what one transaction takes,
 /// so the next commit is gathered while one runs (about 10 MB of JSON).
-pub const QUEUED_RECORDS: usize = 2 * super::MAX_COALESCED_RECORDS;
+pub const QUEUED_RECORDS: usize = 2 * MAX_COALESCED_RECORDS;
 
 /// What a connection hands over in one go: records and, when a profile
 /// produced them, the profile snapshot that commits in the same transaction

@@ -176,8 +176,8 @@ use serde::Serialize;
 use crate::config::Synchronous;
 use crate::record::{Kind, NewRecord, StreamKey};
 
-pub use handle::{BufferHandle, MAX_COALESCED_RECORDS};
-pub use intake::{IntakeObserver, Outlet, Submission, Unobserved};
+pub use handle::BufferHandle;
+pub use intake::{IntakeObserver, Outlet, Submission, Unobserved, MAX_COALESCED_RECORDS};
 pub use store::{Store, ROW_OVERHEAD_BYTES};
 
 /// A profile snapshot (JSON text) to store with the records it goes with.

@@ -19,11 +19,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
-use super::intake::{report_accepted, report_dropped, IntakeObserver, Submission};
-use super::{
-    Append, BufferError, DeadLetter, Eviction, Limits, ProfileState, Stats, Store,
-    MAX_COALESCED_RECORDS,
+use super::intake::{
+    report_accepted, report_dropped, IntakeObserver, Submission, MAX_COALESCED_RECORDS,
 };
+use super::{Append, BufferError, DeadLetter, Eviction, Limits, ProfileState, Stats, Store};
 use crate::backoff::Backoff;
 use crate::record::{EventType, NewRecord, StoredRecord, StreamKey};
 use crate::throttle::Throttle;
