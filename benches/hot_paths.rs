@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use plantgate::buffer::{Append, Store, StoreOptions};
 use plantgate::config::ConnectionConfig;
 use plantgate::profile::{NodeKey, Profile, Sample, UnitParam, WcParam};
-use plantgate::record::{Kind, NewRecord, StoredRecord, StreamKey};
+use plantgate::record::{Kind, NewRecord, RecordId, StoredRecord, StreamKey};
 use plantgate::source::value::{tag_record, variant_to_json, TagMeta};
 use plantgate::uplink::payload::{encode_batch, fit};
 
@@ -132,7 +132,7 @@ fn buffer_benches(c: &mut Criterion) {
     let batch = new_records(0, BATCH);
     // Each timed operation leaves the buffer as it found it (the untimed
     // rest of the cycle undoes it), so the file does not grow run to run.
-    let read_all = |store: &Store| -> Vec<i64> {
+    let read_all = |store: &Store| -> Vec<RecordId> {
         store
             .read_after(&stream, 0, usize::MAX, usize::MAX)
             .expect("read")
@@ -194,7 +194,10 @@ fn uplink_benches(c: &mut Criterion) {
         .into_iter()
         .enumerate()
         .map(|(i, r)| StoredRecord {
-            id: i as i64 + 1,
+            id: RecordId {
+                stream: 1,
+                seq: i as i64 + 1,
+            },
             connection: r.connection,
             kind: r.kind,
             seq: i as u64 + 1,

@@ -185,14 +185,22 @@ impl PartialEq<&str> for EventType {
 /// A record as the buffer holds it: accepted, with its row id and seq.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredRecord {
-    /// SQLite rowid; what the uplink acks.
-    pub id: i64,
+    /// What the uplink acks.
+    pub id: RecordId,
     pub connection: String,
     pub kind: Kind,
     pub seq: u64,
     pub ts_ms: i64,
     /// `data` as compact JSON text, exactly as it will be published.
     pub data: String,
+}
+
+/// A stored record's identity in the buffer: its stream's row and its seq,
+/// neither ever reused (an ack arriving late cannot remove another record).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordId {
+    pub stream: i64,
+    pub seq: i64,
 }
 
 impl StoredRecord {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use plantgate::buffer::{
     Append, BufferError, Eviction, EvictionReason, Limits, OpenMode, Store, StoreOptions,
 };
-use plantgate::record::{Kind, NewRecord, StoredRecord, StreamKey};
+use plantgate::record::{Kind, NewRecord, RecordId, StoredRecord, StreamKey};
 use serde_json::{json, Value};
 
 /// The buffer as the service opens it: limits, full check, quarantine,
@@ -26,13 +26,34 @@ fn open_service(path: &Path, limits: Limits) -> Result<Store, BufferError> {
     )
 }
 
+/// A record of about `pad` bytes that does not compress: the buffer stores
+/// segments compressed, so a repeated character would take no room at all
+/// and no limit would ever be reached.
 fn rec(connection: &str, kind: Kind, ts_ms: i64, pad: usize) -> NewRecord {
     NewRecord {
         connection: connection.into(),
         kind,
         ts_ms,
-        data: json!({ "pad": "x".repeat(pad) }).to_string(),
+        data: json!({ "pad": noise(pad) }).to_string(),
     }
+}
+
+/// `len` characters of a 64-letter alphabet, different on every call.
+fn noise(len: usize) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut x = STATE.fetch_add(0x6A09_E667_F3BC_C909, Ordering::Relaxed);
+    (0..len)
+        .map(|_| {
+            // xorshift64*
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            let r = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            ALPHABET[(r >> 58) as usize] as char
+        })
+        .collect()
 }
 
 fn all(store: &Store, stream: &StreamKey) -> Vec<StoredRecord> {
@@ -635,10 +656,21 @@ fn damaged_page_is_quarantined() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("buffer.db");
     let epoch = populated(&path);
+    // Scribble over the middle of the page that roots the segments table:
+    // structure SQLite's own check must catch (damage inside a segment's
+    // data is the segment checksum's job: see
+    // `damaged_segment_is_dropped_and_announced`).
+    let root: i64 = rusqlite::Connection::open(&path)
+        .expect("open")
+        .query_row(
+            "SELECT rootpage FROM sqlite_schema WHERE name = 'segments'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("root page");
     let mut bytes = std::fs::read(&path).expect("read");
-    // Scribble over the middle of a page well inside the records table.
     let page = 4096;
-    let at = (bytes.len() / page / 2) * page + 100;
+    let at = (root as usize - 1) * page + 100;
     for b in &mut bytes[at..at + 1000] {
         *b = 0xA5;
     }
@@ -669,7 +701,7 @@ fn dead_letters_move_list_and_retry_from_a_second_connection() {
     service.append(Append::records(&records)).expect("append");
     let batch = StreamKey::new("line1", Kind::Batch);
     let rows = all(&service, &batch);
-    let rejected: Vec<i64> = rows[2..5].iter().map(|r| r.id).collect();
+    let rejected: Vec<RecordId> = rows[2..5].iter().map(|r| r.id).collect();
     assert_eq!(
         service
             .dead_letter(&rejected, "PUBACK 0x97 payload too large")
@@ -761,7 +793,7 @@ fn dead_lettered_agent_events_do_not_announce_themselves() {
     store
         .append(Append::records(&[rec("", Kind::Event, 0, 5)]))
         .expect("append");
-    let ids: Vec<i64> = all(&store, &agent_events()).iter().map(|r| r.id).collect();
+    let ids: Vec<RecordId> = all(&store, &agent_events()).iter().map(|r| r.id).collect();
     assert_eq!(store.dead_letter(&ids, "rejected").expect("dead letter"), 1);
     assert!(
         all(&store, &agent_events()).is_empty(),
@@ -804,7 +836,7 @@ fn dead_letters_are_evicted_by_the_same_limits_and_announced() {
         store
             .append(Append::records(&records))
             .expect("append while room");
-        let ids: Vec<i64> = all(&store, &tags)
+        let ids: Vec<RecordId> = all(&store, &tags)
             .iter()
             .chain(all(&store, &batches).iter())
             .map(|r| r.id)

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use plantgate::buffer::{Append, Eviction, EvictionReason, Limits, OpenMode, Store, StoreOptions};
-use plantgate::record::{Kind, NewRecord, StreamKey};
+use plantgate::record::{Kind, NewRecord, RecordId, StreamKey};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -314,7 +314,7 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
     let mut store = open(&path);
     let mut model = Model::default();
     // (stream, seq, id) of rows returned by reads, newest last.
-    let mut reads: Vec<(StreamKey, u64, i64)> = Vec::new();
+    let mut reads: Vec<(StreamKey, u64, RecordId)> = Vec::new();
     let mut n = 0u64;
     for (step, action) in actions.into_iter().enumerate() {
         match action {
@@ -373,13 +373,13 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                 reads.drain(..excess);
             }
             Action::Ack(mask) => {
-                let chosen: Vec<(StreamKey, u64, i64)> = reads
+                let chosen: Vec<(StreamKey, u64, RecordId)> = reads
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| mask & (1 << (i % 64)) != 0)
                     .map(|(_, r)| r.clone())
                     .collect();
-                let ids: Vec<i64> = chosen.iter().map(|r| r.2).collect();
+                let ids: Vec<RecordId> = chosen.iter().map(|r| r.2).collect();
                 let acked = store.ack(&ids).expect("ack");
                 let mut want = 0;
                 for (key, seq, _) in &chosen {
@@ -458,14 +458,14 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(got, want, "step {}: expired", step);
             }
             Action::DeadLetter(mask) => {
-                let chosen: Vec<(StreamKey, u64, i64)> = reads
+                let chosen: Vec<(StreamKey, u64, RecordId)> = reads
                     .iter()
                     .rev()
                     .enumerate()
                     .filter(|(i, _)| mask & (1 << i) != 0)
                     .map(|(_, r)| r.clone())
                     .collect();
-                let ids: Vec<i64> = chosen.iter().map(|r| r.2).collect();
+                let ids: Vec<RecordId> = chosen.iter().map(|r| r.2).collect();
                 let moved = match store.dead_letter(&ids, "rejected") {
                     Ok(moved) => moved,
                     // At the cap: nothing moved, the model stays as it is.

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::intake::{IntakeObserver, Outlet, QUEUED_RECORDS};
 use super::worker::{Command, Reply, Worker};
 use super::{BufferError, DeadLetter, Eviction, Limits, Stats, Store};
-use crate::record::{NewRecord, StoredRecord, StreamKey};
+use crate::record::{NewRecord, RecordId, StoredRecord, StreamKey};
 
 /// Bounded so callers feel back-pressure when the disk falls behind,
 /// instead of queueing unbounded commands in RAM.
@@ -149,7 +149,7 @@ impl BufferHandle {
     }
 
     /// See [`Store::ack`].
-    pub async fn ack(&self, ids: Vec<i64>) -> Result<usize, BufferError> {
+    pub async fn ack(&self, ids: Vec<RecordId>) -> Result<usize, BufferError> {
         self.request(|reply| Command::Ack { ids, reply }).await
     }
 
@@ -166,7 +166,11 @@ impl BufferHandle {
 
     /// See [`Store::dead_letter`]: for records the broker rejected
     /// repeatedly.
-    pub async fn dead_letter(&self, ids: Vec<i64>, reason: String) -> Result<usize, BufferError> {
+    pub async fn dead_letter(
+        &self,
+        ids: Vec<RecordId>,
+        reason: String,
+    ) -> Result<usize, BufferError> {
         self.request(|reply| Command::DeadLetter { ids, reason, reply })
             .await
     }

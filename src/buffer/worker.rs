@@ -24,7 +24,7 @@ use super::intake::{
 };
 use super::{Append, BufferError, DeadLetter, Eviction, Limits, ProfileState, Stats, Store};
 use crate::backoff::Backoff;
-use crate::record::{EventType, NewRecord, StoredRecord, StreamKey};
+use crate::record::{EventType, NewRecord, RecordId, StoredRecord, StreamKey};
 use crate::throttle::Throttle;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, BufferError>>;
@@ -65,7 +65,7 @@ pub(super) enum Command {
         reply: Reply<Vec<StoredRecord>>,
     },
     Ack {
-        ids: Vec<i64>,
+        ids: Vec<RecordId>,
         reply: Reply<usize>,
     },
     Stats {
@@ -76,7 +76,7 @@ pub(super) enum Command {
         reply: Reply<Vec<Eviction>>,
     },
     DeadLetter {
-        ids: Vec<i64>,
+        ids: Vec<RecordId>,
         reason: String,
         reply: Reply<usize>,
     },

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::record::StreamKey;
+use crate::record::{RecordId, StreamKey};
 
 /// A message the broker refuses (MQTT 5 reason code >= 0x80) is sent this
 /// many times in a session, then its records go to the dead letters so the
@@ -50,7 +50,7 @@ pub fn rejection_delay(attempts: u32) -> Duration {
 pub struct Batch {
     pub stream: StreamKey,
     /// Row ids, in seq order.
-    pub ids: Vec<i64>,
+    pub ids: Vec<RecordId>,
     pub first_seq: u64,
     pub last_seq: u64,
     pub submitted: Instant,
@@ -118,8 +118,8 @@ pub struct Delivery {
     cursors: HashMap<StreamKey, u64>,
     /// Streams held back after a refusal, until when.
     holds: HashMap<StreamKey, Instant>,
-    /// Refusals per message (keyed by its first row id) in this session.
-    rejections: HashMap<i64, u32>,
+    /// Refusals per message (keyed by its first record id) in this session.
+    rejections: HashMap<RecordId, u32>,
     /// The backlog found at connect time, until it is delivered.
     backlog: Option<Backlog>,
     /// Records acknowledged in this session (reported by `sync.completed`).
@@ -211,7 +211,11 @@ impl Delivery {
                 return refused.map(|reason| Action::ControlRefused { topic, reason })
             }
         };
-        let key = batch.ids.first().copied().unwrap_or(0);
+        let key = batch
+            .ids
+            .first()
+            .copied()
+            .unwrap_or(RecordId { stream: 0, seq: 0 });
         let Some(reason) = refused else {
             self.rejections.remove(&key);
             return Some(Action::Delete(batch));

@@ -15,7 +15,7 @@ use super::mqtt::{MqttEvent, Session, SessionError};
 use super::payload::{self, Heartbeat};
 use super::topics::PayloadLimit;
 use super::{Uplink, MAX_RECORDS_PER_MESSAGE, SHUTDOWN_FLUSH, WINDOW};
-use crate::record::{now_ms, EventType, Kind, NewRecord, StoredRecord, StreamKey};
+use crate::record::{now_ms, EventType, Kind, NewRecord, RecordId, StoredRecord, StreamKey};
 use crate::status::{ConnState, DEAD_LETTER_REFUSED, DEAD_LETTER_TOO_LARGE};
 use crate::throttle::Throttle;
 
@@ -140,7 +140,7 @@ impl<'a> Link<'a> {
             return;
         }
         let up = self.up;
-        let ids: Vec<i64> = self.undeleted.iter().flat_map(|b| b.ids.clone()).collect();
+        let ids: Vec<RecordId> = self.undeleted.iter().flat_map(|b| b.ids.clone()).collect();
         if up.buffer.ack(ids).await.is_err() {
             return;
         }

@@ -220,7 +220,10 @@ mod tests {
 
     fn rec(seq: u64, data: &str) -> StoredRecord {
         StoredRecord {
-            id: seq as i64,
+            id: crate::record::RecordId {
+                stream: 1,
+                seq: seq as i64,
+            },
             connection: "deltav-line1".into(),
             kind: Kind::Tag,
             seq,

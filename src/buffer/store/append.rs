@@ -5,9 +5,9 @@
 use rusqlite::{params, OptionalExtension};
 
 use super::evict::{Lane, CHUNK_MIN_BYTES};
-use super::insert::insert_records;
+use super::insert::Prepared;
 use super::tx::{OnFull, Tx};
-use super::{accounted, is_sqlite_full, Store};
+use super::{is_sqlite_full, Store};
 use crate::buffer::{Append, AppendReport, BufferError, EvictionReason, ProfileState};
 use crate::record::now_ms;
 
@@ -33,11 +33,13 @@ impl Store {
         if input.records.is_empty() && input.states.is_empty() {
             return Ok(report);
         }
-        let incoming: u64 = input
-            .records
-            .iter()
-            .map(|r| accounted(&r.data) as u64)
-            .sum();
+        // Encoded once, before the write lock is taken, for every round below.
+        let prepared = {
+            let mut segs = self.segments.borrow_mut();
+            Prepared::new(&mut segs.codec, input.records)
+                .map_err(|e| self.corrupt(format!("cannot encode records: {e}")))?
+        };
+        let incoming = prepared.bytes();
         if let Err(e) = self.relieve_pressure(incoming, &mut report.evicted) {
             if !e.is_disk_full() {
                 return Err(e);
@@ -48,7 +50,7 @@ impl Store {
         let mut want = incoming.saturating_mul(2).max(CHUNK_MIN_BYTES);
         let mut last_reason = EvictionReason::MaxSize;
         for _ in 0..=MAX_FULL_RETRIES {
-            match self.insert(input) {
+            match self.insert(&prepared, input.states) {
                 Ok(seqs) => {
                     report.seqs = seqs;
                     self.flush_disk_error();
@@ -89,10 +91,14 @@ impl Store {
     }
 
     /// One attempt, no eviction: `SQLITE_FULL` comes back as it is.
-    pub(super) fn insert(&mut self, input: Append<'_>) -> Result<Vec<u64>, BufferError> {
+    pub(super) fn insert(
+        &mut self,
+        prepared: &Prepared<'_>,
+        states: &[ProfileState],
+    ) -> Result<Vec<u64>, BufferError> {
         self.write("append", OnFull::Pass, |tx| {
-            let seqs = insert_records(tx, input.records)?;
-            upsert_states(tx, input.states)?;
+            let seqs = prepared.insert(tx)?;
+            upsert_states(tx, states)?;
             Ok(seqs)
         })
     }

@@ -3,13 +3,17 @@
 //! re-queued on request. They count against the same limits as pending rows
 //! and are evicted by the same lanes (see `evict`).
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 
 use super::insert::insert_records;
+use super::read::for_each_segment;
+use super::segment::{self, Entry};
+use super::segrow::{NewSegment, SegRow};
+use super::seqset::SeqSet;
 use super::tx::{Counters, OnFull, StreamDelta, Tx};
-use super::{agent_event, connection_value, Store};
+use super::{accounted, agent_event, connection_value, Store};
 use crate::buffer::{BufferError, DeadLetter};
-use crate::record::{now_ms, EventType, Kind, NewRecord, StreamKey};
+use crate::record::{now_ms, EventType, Kind, NewRecord, RecordId, StreamKey};
 
 impl Store {
     /// Moves the rows with these ids (the records of a message the broker
@@ -24,14 +28,17 @@ impl Store {
     /// of rows moved. At the size cap or on a full disk this fails with
     /// [`BufferError::Full`] and moves nothing (the rows stay pending; the
     /// next append's eviction makes room).
-    pub fn dead_letter(&mut self, ids: &[i64], reason: &str) -> Result<usize, BufferError> {
+    pub fn dead_letter(&mut self, ids: &[RecordId], reason: &str) -> Result<usize, BufferError> {
         if ids.is_empty() {
             return Ok(0);
         }
         let now = now_ms();
         let records = ids.len();
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
         self.write("dead letter", OnFull::Refuse { records }, |tx| {
-            let moved = move_rows(tx, ids, reason, now)?;
+            let moved = move_rows(tx, &ids, reason, now)?;
             let events = announcements(tx, &moved, reason, now)?;
             insert_records(tx, &events)?;
             Ok(moved
@@ -104,26 +111,14 @@ impl Store {
     pub fn retry_dead_letters(&mut self) -> Result<usize, BufferError> {
         let moved = self.write("retry dead letters", OnFull::Refuse { records: 0 }, |tx| {
             let mut counters = Counters::default();
-            {
-                let mut stmt = tx
-                    .stmt("SELECT stream, count(*), sum(size) FROM dead_letters GROUP BY stream")?;
-                let rows = stmt
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .map_err(tx.err())?;
-                for row in rows {
-                    let (stream, rows, bytes) = row.map_err(tx.err())?;
-                    counters.stream(stream).requeued(rows, bytes);
-                }
+            let mut moved = 0usize;
+            for stream in tx.streams(false)? {
+                moved += requeue_stream(tx, stream.id, &mut counters)?;
             }
-            if counters.is_empty() {
+            if moved == 0 {
                 return Ok(0);
             }
-            tx.execute(
-                "INSERT INTO records (id, stream, seq, ts_ms, data, size) \
-                 SELECT id, stream, seq, ts_ms, data, size FROM dead_letters",
-                [],
-            )?;
-            let moved = tx.execute("DELETE FROM dead_letters", [])?;
+            tx.execute("DELETE FROM dead_letters", [])?;
             counters.write(tx)?;
             // Counted in the file, not in memory: the agent's uplink notices
             // a retry run by another process and reads its streams again.
@@ -141,32 +136,132 @@ impl Store {
     }
 }
 
-/// Moves the rows with these ids from `records` to `dead_letters` and
-/// updates the stream counters; returns what was moved, per stream.
-fn move_rows(tx: &Tx<'_>, ids: &[i64], reason: &str, now: i64) -> Result<Counters, BufferError> {
+/// Moves the pending records with these ids (sorted) from their segments
+/// to `dead_letters` and updates the stream counters; returns what was
+/// moved, per stream.
+fn move_rows(
+    tx: &Tx<'_>,
+    ids: &[RecordId],
+    reason: &str,
+    now: i64,
+) -> Result<Counters, BufferError> {
     let mut moved = Counters::default();
-    let mut take =
-        tx.stmt("DELETE FROM records WHERE id = ?1 RETURNING stream, seq, ts_ms, data, size")?;
     let mut keep = tx.stmt(
-        "INSERT INTO dead_letters (id, stream, seq, ts_ms, data, size, reason, dead_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO dead_letters (stream, seq, ts_ms, data, size, reason, dead_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
-    for id in ids {
-        let row: Option<(i64, i64, i64, String, i64)> = take
-            .query_row(params![id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .optional()
+    for_each_segment(tx, ids, |row, seqs| {
+        // Decoded first: a segment taken whole is deleted at once.
+        let seg = tx.decode(row)?;
+        let taken = tx.take_from(row, seqs, &mut moved)?;
+        for &i in &taken.indexes {
+            let e = seg.get(i);
+            keep.execute(params![
+                row.stream,
+                e.seq,
+                e.ts_ms,
+                e.data,
+                accounted(e.data),
+                reason,
+                now
+            ])
             .map_err(tx.err())?;
-        let Some((stream, seq, ts_ms, data, size)) = row else {
-            continue;
-        };
-        keep.execute(params![id, stream, seq, ts_ms, data, size, reason, now])
-            .map_err(tx.err())?;
-        moved.stream(stream).removed(seq, size);
-    }
+        }
+        Ok(())
+    })?;
     moved.write(tx)?;
     Ok(moved)
+}
+
+/// Puts a stream's dead letters back among its pending records with the
+/// seqs they had: into the segment whose span holds them (rewritten under
+/// a new id, so no decoded copy anywhere is stale) or, where no segment is
+/// left, into new segments in the gaps. Segment spans stay disjoint.
+fn requeue_stream(tx: &Tx<'_>, stream: i64, counters: &mut Counters) -> Result<usize, BufferError> {
+    let mut letters: Vec<(i64, i64, String)> = Vec::new();
+    {
+        let mut stmt =
+            tx.stmt("SELECT seq, ts_ms, data FROM dead_letters WHERE stream = ?1 ORDER BY seq")?;
+        let rows = stmt
+            .query_map(params![stream], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(tx.err())?;
+        for row in rows {
+            letters.push(row.map_err(tx.err())?);
+        }
+    }
+    letters.dedup_by_key(|l| l.0);
+    let mut i = 0;
+    while i < letters.len() {
+        let holder = tx.segment_holding(stream, letters[i].0)?;
+        // The letters that go together: those in the holder's span, or
+        // those before the next segment's span.
+        let end = match &holder {
+            Some(row) => letters[i..].partition_point(|l| l.0 <= row.last_seq),
+            None => {
+                let next = tx
+                    .segments_after(stream, letters[i].0)?
+                    .next()?
+                    .map_or(i64::MAX, |row| row.first_seq);
+                letters[i..].partition_point(|l| l.0 < next)
+            }
+        } + i;
+        let group = &letters[i..end];
+        requeue_into(tx, stream, holder, group, counters)?;
+        i = end;
+    }
+    Ok(letters.len())
+}
+
+/// Writes `holder` (if any) again with `letters` pending in it.
+fn requeue_into(
+    tx: &Tx<'_>,
+    stream: i64,
+    holder: Option<SegRow>,
+    letters: &[(i64, i64, String)],
+    counters: &mut Counters,
+) -> Result<(), BufferError> {
+    let seg;
+    let mut entries: Vec<Entry<'_>> = letters
+        .iter()
+        .map(|(seq, ts_ms, data)| Entry {
+            seq: *seq,
+            ts_ms: *ts_ms,
+            data,
+        })
+        .collect();
+    let mut gone = SeqSet::default();
+    let mut old_size = 0;
+    if let Some(row) = &holder {
+        seg = tx.decode(row)?;
+        gone = row.gone.clone();
+        for e in &entries {
+            gone.remove(e.seq);
+        }
+        // A letter still in the blob (moved there from this segment)
+        // keeps the blob's copy.
+        entries.retain(|e| seg.position(e.seq).is_err());
+        entries.extend(seg.iter());
+        entries.sort_unstable_by_key(|e| e.seq);
+        old_size = row.size;
+        tx.delete_segment(row.id)?;
+    }
+    let pending_before = holder.as_ref().map_or(0, |row| row.pending);
+    for run in segment::runs(&entries, |e| e.data.len()) {
+        let blob = tx
+            .segments
+            .borrow_mut()
+            .codec
+            .encode(run)
+            .map_err(|e| tx.corrupt(format!("cannot encode records: {e}")))?;
+        let mut run_gone = SeqSet::default();
+        for e in run.iter().filter(|e| gone.contains(e.seq)) {
+            run_gone.insert(e.seq);
+        }
+        let row = tx.insert_segment(stream, NewSegment::of(&blob, run, run_gone))?;
+        counters.stream(stream).grew(row.pending, row.size);
+    }
+    counters.stream(stream).grew(-pending_before, -old_size);
+    Ok(())
 }
 
 /// One `system.error` per stream whose rows were moved, in stream order;

@@ -12,14 +12,17 @@
 use rusqlite::params;
 
 use super::insert::insert_records;
+use super::segrow::{pending_after, SegRow};
 use super::tx::{Counters, OnFull, StreamRow, Tx};
 use super::{accounted, agent_event, connection_value, is_sqlite_full, Store};
 use crate::buffer::{BufferError, Eviction, EvictionReason};
 use crate::record::{now_ms, EventType, Kind, NewRecord};
 
-/// One eviction transaction takes at most this many rows: bounded WAL growth
-/// and bounded write-lock time, whatever the backlog.
+/// One eviction transaction takes at most this many records...
 const CHUNK_MAX_ROWS: usize = 4096;
+/// ...and at most this many segments: bounded WAL growth and bounded
+/// write-lock time, whatever the backlog.
+const CHUNK_MAX_SEGMENTS: usize = 64;
 /// Smallest amount an eviction aims to free: below that, the event records
 /// it writes would eat a noticeable part of what it frees.
 pub(super) const CHUNK_MIN_BYTES: u64 = 16 * 1024;
@@ -41,17 +44,9 @@ const EXPIRY_HEADROOM_PAGES: u64 = 8;
 /// bounded by the same limits (docs/guarantees.md, dead letters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Table {
-    Records,
+    /// Pending records, in segments.
+    Segments,
     DeadLetters,
-}
-
-impl Table {
-    fn name(self) -> &'static str {
-        match self {
-            Table::Records => "records",
-            Table::DeadLetters => "dead_letters",
-        }
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -62,8 +57,8 @@ pub(super) enum Lane {
     Any,
 }
 
-/// A head range chosen for eviction, before it is deleted: every row of
-/// `table` of the stream with `first_seq <= seq <= last_seq`.
+/// A head range chosen for eviction, before it is deleted: every record
+/// of `table` of the stream with `first_seq <= seq <= last_seq`.
 struct Range {
     table: Table,
     stream: StreamRow,
@@ -71,6 +66,9 @@ struct Range {
     last_seq: i64,
     count: i64,
     bytes: i64,
+    /// Pending records: the segments that hold them, each whole (`None`)
+    /// or only these seqs of it (expiry stops inside a segment).
+    segments: Vec<(SegRow, Option<Vec<i64>>)>,
 }
 
 impl Range {
@@ -90,9 +88,34 @@ impl Range {
                     last_seq: seq,
                     count: 1,
                     bytes: size,
+                    segments: Vec::new(),
                 })
             }
         }
+    }
+
+    /// Extends `range` by records `first..=last` (`count` of them, `bytes`
+    /// freed) of `seg`, or starts it.
+    fn take_segment(
+        range: &mut Option<Range>,
+        stream: &StreamRow,
+        span: (i64, i64, i64, i64),
+        seg: (SegRow, Option<Vec<i64>>),
+    ) {
+        let (first, last, count, bytes) = span;
+        let r = range.get_or_insert_with(|| Range {
+            table: Table::Segments,
+            stream: stream.clone(),
+            first_seq: first,
+            last_seq: last,
+            count: 0,
+            bytes: 0,
+            segments: Vec::new(),
+        });
+        r.last_seq = last;
+        r.count += count;
+        r.bytes += bytes;
+        r.segments.push(seg);
     }
 
     fn eviction(&self, reason: EvictionReason) -> Eviction {
@@ -210,7 +233,7 @@ impl Store {
         // Pending rows first, then dead letters, each in stream order.
         let heads = self.snapshot("evict expired", |tx| {
             let mut heads = Vec::new();
-            for table in [Table::Records, Table::DeadLetters] {
+            for table in [Table::Segments, Table::DeadLetters] {
                 for stream in streams_in(tx, table, None)? {
                     heads.push(Head { table, stream });
                 }
@@ -276,7 +299,8 @@ impl Store {
             let Some(range) = expired_range(tx, head, cutoff)? else {
                 return Ok(None);
             };
-            let full_chunk = range.count as usize >= CHUNK_MAX_ROWS;
+            let full_chunk = range.count as usize >= CHUNK_MAX_ROWS
+                || range.segments.len() >= CHUNK_MAX_SEGMENTS;
             // Age eviction must happen whatever it costs: the cost check of
             // size eviction does not apply (an expired row is gone even if
             // its announcement is larger than it was).
@@ -288,15 +312,24 @@ impl Store {
     }
 }
 
-/// The head rows of `head` older than `cutoff`, at most a chunk; a young
-/// row ends the range even if older ones follow it (invariant 6: every
-/// eviction is a head).
+/// The head records of `head` older than `cutoff`, at most a chunk; a
+/// young record ends the range even if older ones follow it (invariant 6:
+/// every eviction is a head).
 fn expired_range(tx: &Tx<'_>, head: &Head, cutoff: i64) -> Result<Option<Range>, BufferError> {
+    match head.table {
+        Table::DeadLetters => expired_dead_letters(tx, head, cutoff),
+        Table::Segments => expired_segments(tx, &head.stream, cutoff),
+    }
+}
+
+fn expired_dead_letters(
+    tx: &Tx<'_>,
+    head: &Head,
+    cutoff: i64,
+) -> Result<Option<Range>, BufferError> {
     let mut range: Option<Range> = None;
-    let mut stmt = tx.stmt(&format!(
-        "SELECT seq, size, ts_ms FROM {} WHERE stream = ?1 ORDER BY seq",
-        head.table.name()
-    ))?;
+    let mut stmt =
+        tx.stmt("SELECT seq, size, ts_ms FROM dead_letters WHERE stream = ?1 ORDER BY seq")?;
     let mut rows = stmt.query(params![head.stream.id]).map_err(tx.err())?;
     let mut n = 0;
     while n < CHUNK_MAX_ROWS {
@@ -315,6 +348,42 @@ fn expired_range(tx: &Tx<'_>, head: &Head, cutoff: i64) -> Result<Option<Range>,
     Ok(range)
 }
 
+/// The expired head of a stream's pending records: whole segments while
+/// every pending record in them is older than `cutoff`, then the expired
+/// records at the front of the next one.
+fn expired_segments(
+    tx: &Tx<'_>,
+    stream: &StreamRow,
+    cutoff: i64,
+) -> Result<Option<Range>, BufferError> {
+    let mut range: Option<Range> = None;
+    let mut cursor = tx.segments_after(stream.id, 0)?;
+    let mut taken = 0usize;
+    while let Some(row) = cursor.next()? {
+        if row.head_ts >= cutoff || taken >= CHUNK_MAX_SEGMENTS {
+            break;
+        }
+        let seg = tx.decode(&row)?;
+        let expired: Vec<(i64, i64)> = pending_after(&seg, &row, 0)
+            .take_while(|e| e.ts_ms < cutoff)
+            .map(|e| (e.seq, e.ts_ms))
+            .collect();
+        let (Some(&(first, _)), Some(&(last, _))) = (expired.first(), expired.last()) else {
+            break;
+        };
+        let n = expired.len() as i64;
+        let whole = n == row.pending;
+        let bytes = if whole { row.size } else { 0 };
+        let seqs = (!whole).then(|| expired.iter().map(|(seq, _)| *seq).collect());
+        Range::take_segment(&mut range, stream, (first, last, n, bytes), (row, seqs));
+        taken += 1;
+        if !whole {
+            break;
+        }
+    }
+    Ok(range)
+}
+
 /// Chooses what one size-eviction transaction takes along `lane`: the
 /// ranges, their accounted bytes and their row count.
 fn pick_along(tx: &Tx<'_>, lane: Lane, want: u64) -> Result<(Vec<Range>, u64, usize), BufferError> {
@@ -327,25 +396,33 @@ fn pick_along(tx: &Tx<'_>, lane: Lane, want: u64) -> Result<(Vec<Range>, u64, us
     // because they ran out of rows.
     let order = [
         (true, Table::DeadLetters),
-        (true, Table::Records),
+        (true, Table::Segments),
         (false, Table::DeadLetters),
-        (false, Table::Records),
+        (false, Table::Segments),
     ];
     for (tags, table) in order {
         if bytes >= want || rows >= CHUNK_MAX_ROWS || (!tags && lane == Lane::Tags) {
             break;
         }
         let streams = streams_in(tx, table, Some(tags))?;
-        let (b, r) = pick_oldest(
-            tx,
-            table,
-            &streams,
-            want - bytes,
-            CHUNK_MAX_ROWS - rows,
-            &mut ranges,
-        )?;
+        let (b, r, full) = match table {
+            Table::DeadLetters => {
+                let (b, r) = pick_oldest(
+                    tx,
+                    &streams,
+                    want - bytes,
+                    CHUNK_MAX_ROWS - rows,
+                    &mut ranges,
+                )?;
+                (b, r, false)
+            }
+            Table::Segments => pick_segments(tx, &streams, want - bytes, &mut ranges)?,
+        };
         bytes += b;
         rows += r;
+        if full {
+            break;
+        }
     }
     Ok((ranges, bytes, rows))
 }
@@ -362,6 +439,8 @@ fn delete_and_announce(
     check_cost: bool,
 ) -> Result<Option<Vec<Eviction>>, BufferError> {
     let evictions: Vec<Eviction> = ranges.iter().map(|r| r.eviction(reason)).collect();
+    // Whole segments only count what they free; records expired inside a
+    // segment free nothing until it goes.
     let events: Vec<NewRecord> = evictions.iter().map(|e| eviction_event(e, ts_ms)).collect();
     let freed: i64 = ranges.iter().map(|r| r.bytes).sum();
     let cost: i64 = events.iter().map(|e| accounted(&e.data)).sum();
@@ -369,12 +448,13 @@ fn delete_and_announce(
         return Ok(None);
     }
     let mut counters = Counters::default();
-    for r in &ranges {
+    for r in ranges {
+        if r.table == Table::Segments {
+            delete_segments(tx, r, &mut counters)?;
+            continue;
+        }
         let n = tx
-            .stmt(&format!(
-                "DELETE FROM {} WHERE stream = ?1 AND seq BETWEEN ?2 AND ?3",
-                r.table.name()
-            ))?
+            .stmt("DELETE FROM dead_letters WHERE stream = ?1 AND seq BETWEEN ?2 AND ?3")?
             .execute(params![r.stream.id, r.first_seq, r.last_seq])
             .map_err(tx.err())?;
         if n as i64 != r.count {
@@ -387,7 +467,7 @@ fn delete_and_announce(
         }
         counters
             .stream(r.stream.id)
-            .evicted(r.count, r.bytes, r.table == Table::Records);
+            .evicted(r.count, r.bytes, false);
     }
     counters.write(tx)?;
     // After the deletes, so the events can reuse the pages just freed even
@@ -404,7 +484,7 @@ fn streams_in(
     tags: Option<bool>,
 ) -> Result<Vec<StreamRow>, BufferError> {
     let mut out = match table {
-        Table::Records => tx.streams(true)?,
+        Table::Segments => tx.streams(true)?,
         Table::DeadLetters => {
             let ids = tx
                 .stmt("SELECT DISTINCT stream FROM dead_letters")?
@@ -428,20 +508,16 @@ fn streams_in(
 /// Adds the picks to `ranges`; returns (bytes, rows) picked.
 fn pick_oldest(
     tx: &Tx<'_>,
-    table: Table,
     streams: &[StreamRow],
     want: u64,
     max_rows: usize,
     ranges: &mut Vec<Range>,
 ) -> Result<(u64, usize), BufferError> {
-    let sql = format!(
-        "SELECT id, seq, size FROM {} WHERE stream = ?1 ORDER BY seq",
-        table.name()
-    );
+    let sql = "SELECT id, seq, size FROM dead_letters WHERE stream = ?1 ORDER BY seq";
     // One statement per stream: their cursors are open at the same time.
     let mut stmts = Vec::with_capacity(streams.len());
     for _ in streams {
-        stmts.push(tx.conn().prepare(&sql).map_err(tx.err())?);
+        stmts.push(tx.conn().prepare(sql).map_err(tx.err())?);
     }
     let mut cursors = Vec::with_capacity(streams.len());
     for (stmt, s) in stmts.iter_mut().zip(streams) {
@@ -465,13 +541,93 @@ fn pick_oldest(
         let Some(row) = heads[i] else {
             break;
         };
-        Range::take(&mut picked[i], table, &streams[i], row.seq, row.size);
+        Range::take(
+            &mut picked[i],
+            Table::DeadLetters,
+            &streams[i],
+            row.seq,
+            row.size,
+        );
         bytes = bytes.saturating_add(row.size.max(0) as u64);
         rows += 1;
         heads[i] = next_row(tx, &mut cursors[i])?;
     }
     ranges.extend(picked.into_iter().flatten());
     Ok((bytes, rows))
+}
+
+/// Picks whole head segments oldest-first (lowest segment id, i.e.
+/// arrival order) across `streams` until `want` accounted bytes or
+/// [`CHUNK_MAX_SEGMENTS`] segments are reached. Memory is O(streams): one
+/// cursor per stream. Returns (bytes, records, whether the segment cap
+/// stopped it: the streams may hold more).
+fn pick_segments(
+    tx: &Tx<'_>,
+    streams: &[StreamRow],
+    want: u64,
+    ranges: &mut Vec<Range>,
+) -> Result<(u64, usize, bool), BufferError> {
+    let mut cursors = Vec::with_capacity(streams.len());
+    let mut heads = Vec::with_capacity(streams.len());
+    for s in streams {
+        let mut c = tx.segments_after(s.id, 0)?;
+        heads.push(c.next()?);
+        cursors.push(c);
+    }
+    let mut picked: Vec<Option<Range>> = streams.iter().map(|_| None).collect();
+    let (mut bytes, mut rows, mut segments) = (0u64, 0usize, 0usize);
+    while bytes < want && segments < CHUNK_MAX_SEGMENTS {
+        let oldest = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.as_ref().map(|row| (row.id, i)))
+            .min();
+        let Some((_, i)) = oldest else {
+            break;
+        };
+        let Some(row) = heads[i].take() else {
+            break;
+        };
+        let last = tx.last_pending(&row)?;
+        let span = (row.head_seq, last, row.pending, row.size);
+        bytes = bytes.saturating_add(row.size.max(0) as u64);
+        rows += row.pending.max(0) as usize;
+        segments += 1;
+        Range::take_segment(&mut picked[i], &streams[i], span, (row, None));
+        heads[i] = cursors[i].next()?;
+    }
+    ranges.extend(picked.into_iter().flatten());
+    Ok((bytes, rows, segments >= CHUNK_MAX_SEGMENTS))
+}
+
+/// Removes the records of a chosen segment range and counts them as
+/// evicted.
+fn delete_segments(tx: &Tx<'_>, r: Range, counters: &mut Counters) -> Result<(), BufferError> {
+    let mut taken = 0i64;
+    for (mut row, seqs) in r.segments {
+        match seqs {
+            None => {
+                tx.delete_segment(row.id)?;
+                counters
+                    .stream(row.stream)
+                    .evicted(row.pending, row.size, true);
+                taken += row.pending;
+            }
+            Some(seqs) => {
+                let n = tx.take_from(&mut row, &seqs, counters)?.indexes.len() as i64;
+                // `take_from` took them off the pending counters.
+                counters.stream(row.stream).evicted(n, 0, false);
+                taken += n;
+            }
+        }
+    }
+    if taken != r.count {
+        return Err(tx.corrupt(format!(
+            "evicting seq {}..={} of {}/{}: expected {} records, took {taken}",
+            r.first_seq, r.last_seq, r.stream.key.connection, r.stream.key.kind, r.count
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy)]

@@ -21,12 +21,17 @@ mod evict;
 mod insert;
 mod read;
 mod schema;
+mod segment;
+mod segrow;
+mod seqset;
 mod space;
 mod stats;
 #[cfg(test)]
 mod tests;
 mod tx;
+mod upgrade;
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, ErrorCode};
@@ -34,10 +39,11 @@ use rusqlite::{Connection, ErrorCode};
 use super::{BufferError, Limits, OpenMode, Quarantined, StoreOptions};
 use crate::record::{now_ms, EventType, Kind, NewRecord};
 use schema::{Check, OpenError};
+use segrow::Segments;
 
-/// Accounted per-row cost on top of the JSON text (row header, ids, seq,
-/// timestamp, index entry), so that many tiny records are not mistaken for
-/// free when the size limit is enforced.
+/// Accounted per-row cost of a dead letter on top of its JSON text (row
+/// header, ids, seq, timestamp, index entry), so that many tiny records are
+/// not mistaken for free when the size limit is enforced.
 pub const ROW_OVERHEAD_BYTES: u64 = 48;
 
 /// The buffer database. Not `Sync`: one owner (the buffer thread, or a CLI
@@ -46,6 +52,8 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     epoch: String,
+    /// zstd contexts and the decoded-segment cache.
+    segments: RefCell<Segments>,
     limits: Limits,
     page_size: u64,
     /// `max_page_count` derived from `limits.max_size`; `None` = unlimited.
@@ -139,11 +147,19 @@ impl Store {
     /// One attempt: connect (checking the file as `check` says), bring the
     /// schema up to date, apply the limits.
     fn open_once(path: &Path, options: &StoreOptions, check: Check) -> Result<Store, OpenError> {
+        let codec = segment::Codec::new().map_err(|e| {
+            OpenError::Fatal(BufferError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("cannot set up the segment codec: {e}"),
+            })
+        })?;
+        let segments = RefCell::new(Segments::new(codec));
         let opened = schema::connect(path, options.synchronous, check)?;
         let mut store = Store {
             conn: opened.conn,
             path: path.to_path_buf(),
             epoch: opened.epoch,
+            segments,
             limits: options.limits,
             page_size: opened.page_size,
             size_cap_pages: None,
@@ -153,6 +169,7 @@ impl Store {
             pending_disk_error: None,
             quarantined: None,
         };
+        store.convert_legacy().map_err(OpenError::Fatal)?;
         store.apply_limits().map_err(OpenError::Fatal)?;
         store.ensure_reserve();
         tracing::debug!(path = %store.path.display(), epoch = %store.epoch, "buffer opened");
@@ -207,8 +224,8 @@ fn is_sqlite_full(e: &BufferError) -> bool {
         if source.sqlite_error_code() == Some(ErrorCode::DiskFull))
 }
 
-/// What a row costs against `max_size`: its JSON text plus the fixed
-/// overhead.
+/// What a dead-letter row costs against `max_size`: its JSON text plus the
+/// fixed overhead.
 fn accounted(data: &str) -> i64 {
     data.len() as i64 + ROW_OVERHEAD_BYTES as i64
 }

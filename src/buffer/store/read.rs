@@ -1,12 +1,13 @@
-//! What the uplink needs: the streams with pending rows, bounded reads in
-//! seq order, and acks that delete exactly the acknowledged rows.
+//! What the uplink needs: the streams with pending records, bounded reads
+//! in seq order, and acks that remove exactly the acknowledged records.
 
 use rusqlite::{params, OptionalExtension};
 
-use super::tx::{Counters, OnFull};
+use super::segrow::{visit_pending, SegRow};
+use super::tx::{Counters, OnFull, Tx};
 use super::Store;
 use crate::buffer::BufferError;
-use crate::record::{StoredRecord, StreamKey};
+use crate::record::{RecordId, StoredRecord, StreamKey};
 
 impl Store {
     /// Streams that have pending rows, in `StreamKey` order.
@@ -42,10 +43,11 @@ impl Store {
             .map_err(self.err(op))
     }
 
-    /// Oldest-first rows of `stream` with `seq > after_seq`: at most
-    /// `max_records` rows and at most `max_bytes` of `data`, except that the
-    /// first row is always returned so an oversized record cannot wedge its
-    /// stream. `max_records` is treated as at least 1 for the same reason.
+    /// Oldest-first pending records of `stream` with `seq > after_seq`: at
+    /// most `max_records` and at most `max_bytes` of `data`, except that the
+    /// first record is always returned so an oversized record cannot wedge
+    /// its stream. `max_records` is treated as at least 1 for the same
+    /// reason.
     pub fn read_after(
         &self,
         stream: &StreamKey,
@@ -57,63 +59,76 @@ impl Store {
             return Ok(Vec::new());
         };
         let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
-        let limit = i64::try_from(max_records.max(1)).unwrap_or(i64::MAX);
-        let e = self.err("read");
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, seq, ts_ms, data FROM records \
-                 WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )
-            .map_err(&e)?;
-        let mut rows = stmt.query(params![stream_id, after, limit]).map_err(&e)?;
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        while let Some(row) = rows.next().map_err(&e)? {
-            let data: String = row.get(3).map_err(&e)?;
-            if !out.is_empty() && bytes.saturating_add(data.len()) > max_bytes {
-                break;
-            }
-            bytes = bytes.saturating_add(data.len());
-            let seq: i64 = row.get(1).map_err(&e)?;
-            out.push(StoredRecord {
-                id: row.get(0).map_err(&e)?,
-                connection: stream.connection.clone(),
-                kind: stream.kind,
-                seq: seq as u64,
-                ts_ms: row.get(2).map_err(&e)?,
-                data,
-            });
-        }
-        Ok(out)
+        let limit = max_records.max(1);
+        self.snapshot("read", |tx| {
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            visit_pending(tx, stream_id, after, |_, e| {
+                if !out.is_empty() && bytes.saturating_add(e.data.len()) > max_bytes {
+                    return false;
+                }
+                bytes = bytes.saturating_add(e.data.len());
+                out.push(StoredRecord {
+                    id: RecordId {
+                        stream: stream_id,
+                        seq: e.seq,
+                    },
+                    connection: stream.connection.clone(),
+                    kind: stream.kind,
+                    seq: e.seq as u64,
+                    ts_ms: e.ts_ms,
+                    data: e.data.to_string(),
+                });
+                out.len() < limit
+            })?;
+            Ok(out)
+        })
     }
 
-    /// Deletes exactly the rows with these ids in one transaction and returns
-    /// how many existed. Unknown ids (already acked, evicted) are ignored:
-    /// duplicate PUBACKs after a reconnect are normal.
-    pub fn ack(&mut self, ids: &[i64]) -> Result<usize, BufferError> {
+    /// Removes exactly the records with these ids in one transaction and
+    /// returns how many were pending. Unknown ids (already acked, evicted)
+    /// are ignored: duplicate PUBACKs after a reconnect are normal.
+    pub fn ack(&mut self, ids: &[RecordId]) -> Result<usize, BufferError> {
         if ids.is_empty() {
             return Ok(0);
         }
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
         self.write("ack", OnFull::Pass, |tx| {
-            let mut deleted = 0usize;
             let mut counters = Counters::default();
-            let mut delete =
-                tx.stmt("DELETE FROM records WHERE id = ?1 RETURNING stream, seq, size")?;
-            for id in ids {
-                let gone: Option<(i64, i64, i64)> = delete
-                    .query_row(params![id], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                    })
-                    .optional()
-                    .map_err(tx.err())?;
-                if let Some((stream, seq, size)) = gone {
-                    deleted += 1;
-                    counters.stream(stream).removed(seq, size);
-                }
-            }
+            let mut removed = 0usize;
+            for_each_segment(tx, &ids, |row, seqs| {
+                removed += tx.take_from(row, seqs, &mut counters)?.indexes.len();
+                Ok(())
+            })?;
             counters.write(tx)?;
-            Ok(deleted)
+            Ok(removed)
         })
     }
+}
+
+/// Calls `f` once per segment holding some of `ids` (sorted), with the
+/// seqs of `ids` in its span. Ids in no segment are skipped.
+pub(super) fn for_each_segment(
+    tx: &Tx<'_>,
+    ids: &[RecordId],
+    mut f: impl FnMut(&mut SegRow, &[i64]) -> Result<(), BufferError>,
+) -> Result<(), BufferError> {
+    let mut seqs = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        let id = ids[i];
+        let Some(mut row) = tx.segment_holding(id.stream, id.seq)? else {
+            i += 1;
+            continue;
+        };
+        seqs.clear();
+        while i < ids.len() && ids[i].stream == row.stream && ids[i].seq <= row.last_seq {
+            seqs.push(ids[i].seq);
+            i += 1;
+        }
+        f(&mut row, &seqs)?;
+    }
+    Ok(())
 }

@@ -14,9 +14,10 @@ use super::{sidecar, Store};
 use crate::buffer::BufferError;
 use crate::config::Synchronous;
 
-/// `PRAGMA user_version` of the schema below. Files of versions 1 and 2 are
-/// upgraded in place ([`migrate`]); a newer file is refused untouched.
-pub(super) const SCHEMA_VERSION: i64 = 3;
+/// `PRAGMA user_version` of the schema below. Files of versions 1 to 3 are
+/// upgraded in place ([`migrate`], then `Store::convert_legacy` for their
+/// records); a newer file is refused untouched.
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// Long enough to ride out a checkpoint or a short `plantgate buffer ...`
 /// command holding the write lock; short, because every buffer command
@@ -41,15 +42,23 @@ CREATE TABLE IF NOT EXISTS streams (
     evicted_total INTEGER NOT NULL DEFAULT 0,
     UNIQUE (connection, kind)
 );
-CREATE TABLE IF NOT EXISTS records (
-    id     INTEGER PRIMARY KEY AUTOINCREMENT,
-    stream INTEGER NOT NULL REFERENCES streams(id),
-    seq    INTEGER NOT NULL,
-    ts_ms  INTEGER NOT NULL,
-    data   TEXT NOT NULL,
-    size   INTEGER NOT NULL
+CREATE TABLE IF NOT EXISTS segments (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream    INTEGER NOT NULL REFERENCES streams(id),
+    first_seq INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    pending   INTEGER NOT NULL,
+    head_seq  INTEGER NOT NULL,
+    head_ts   INTEGER NOT NULL,
+    size      INTEGER NOT NULL,
+    gone      BLOB
 );
-CREATE UNIQUE INDEX IF NOT EXISTS records_stream_seq ON records (stream, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS segments_stream_seq ON segments (stream, last_seq);
+CREATE TABLE IF NOT EXISTS segment_data (
+    id   INTEGER PRIMARY KEY,
+    blob BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id      INTEGER PRIMARY KEY,
     stream  INTEGER NOT NULL REFERENCES streams(id),
@@ -71,10 +80,12 @@ CREATE TABLE IF NOT EXISTS profile_state (
 /// Every column the code reads, per table: preparing these proves the schema
 /// is what this version expects (a file with our table names but other
 /// columns is as unusable as garbage).
-const SCHEMA_PROBES: [&str; 5] = [
+const SCHEMA_PROBES: [&str; 6] = [
     "SELECT key, value FROM meta LIMIT 0",
     "SELECT id, connection, kind, next_seq, records, bytes, evicted_total FROM streams LIMIT 0",
-    "SELECT id, stream, seq, ts_ms, data, size FROM records LIMIT 0",
+    "SELECT id, stream, first_seq, last_seq, count, pending, head_seq, head_ts, size, gone \
+     FROM segments LIMIT 0",
+    "SELECT id, blob FROM segment_data LIMIT 0",
     "SELECT id, stream, seq, ts_ms, data, size, reason, dead_ms FROM dead_letters LIMIT 0",
     "SELECT connection, snapshot, updated_ms FROM profile_state LIMIT 0",
 ];
@@ -232,8 +243,11 @@ fn init_schema(conn: &mut Connection, path: &Path) -> Result<String, OpenError> 
 
 /// Brings an older file up to [`SCHEMA_VERSION`]: version 1 lacks
 /// `streams.evicted_total` and `dead_letters`, version 2 lacks
-/// `profile_state`; the `CREATE ... IF NOT EXISTS` of [`SCHEMA`] adds the
-/// missing tables.
+/// `profile_state`, versions up to 3 keep records one per row in `records`
+/// instead of segments; the `CREATE ... IF NOT EXISTS` of [`SCHEMA`] adds
+/// the missing tables. The rows of `records` are moved into segments after
+/// this transaction, in chunks (`Store::convert_legacy`); the version says
+/// 4 from here on, so an older plantgate refuses the file meanwhile.
 fn migrate(tx: &Transaction, path: &Path) -> Result<(), OpenError> {
     let classify = |op| schema_error(op, path);
     let version: i64 = tx

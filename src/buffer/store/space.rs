@@ -2,8 +2,9 @@
 //! SQLite pragmas, the disk reserve, and telling the size cap from a full
 //! filesystem when SQLite answers `SQLITE_FULL`.
 
+use super::insert::Prepared;
 use super::{agent_event, sidecar, Store};
-use crate::buffer::{Append, BufferError, EvictionReason, Limits};
+use crate::buffer::{BufferError, EvictionReason, Limits};
 use crate::record::{now_ms, EventType};
 
 /// `max_page_count` accepted by SQLite as "no limit".
@@ -222,10 +223,13 @@ impl Store {
     /// while even that small insert does not fit.
     pub(super) fn flush_disk_error(&mut self) {
         if let Some(ev) = self.pending_disk_error.take() {
-            if self
-                .insert(Append::records(std::slice::from_ref(&ev)))
-                .is_err()
-            {
+            let records = std::slice::from_ref(&ev);
+            let prepared = Prepared::new(&mut self.segments.borrow_mut().codec, records);
+            let stored = match prepared {
+                Ok(prepared) => self.insert(&prepared, &[]).is_ok(),
+                Err(_) => false,
+            };
+            if !stored {
                 self.pending_disk_error = Some(ev);
             }
         }

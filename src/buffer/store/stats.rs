@@ -10,8 +10,8 @@ use crate::buffer::{BufferError, Stats, StreamStats};
 
 impl Store {
     /// Totals and per-stream figures from one consistent snapshot. Cost is
-    /// O(streams · log rows + dead letters): counters come from `streams`,
-    /// first/last seq from the ends of the `(stream, seq)` index.
+    /// O(streams · log segments + dead letters): counters come from
+    /// `streams`, first/last seq from the head and tail segments.
     pub fn stats(&self) -> Result<Stats, BufferError> {
         let mut out = self.snapshot("stats", |tx| {
             let mut out = Stats::default();
@@ -63,10 +63,10 @@ fn stream_stats(tx: &Tx<'_>) -> Result<Vec<StreamStats>, BufferError> {
     let mut list = tx.stmt(
         "SELECT id, connection, kind, next_seq, records, bytes, evicted_total FROM streams",
     )?;
-    let mut first =
-        tx.stmt("SELECT seq, ts_ms FROM records WHERE stream = ?1 ORDER BY seq ASC LIMIT 1")?;
-    let mut last =
-        tx.stmt("SELECT seq FROM records WHERE stream = ?1 ORDER BY seq DESC LIMIT 1")?;
+    let mut first = tx.stmt(
+        "SELECT head_seq, head_ts FROM segments WHERE stream = ?1 ORDER BY last_seq ASC LIMIT 1",
+    )?;
+
     let mut out = Vec::new();
     let mut rows = list.query([]).map_err(&e)?;
     while let Some(row) = rows.next().map_err(&e)? {
@@ -80,10 +80,10 @@ fn stream_stats(tx: &Tx<'_>) -> Result<Vec<StreamStats>, BufferError> {
             .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(&e)?;
-        let tail: Option<i64> = last
-            .query_row(params![id], |r| r.get(0))
-            .optional()
-            .map_err(&e)?;
+        let tail = match tx.tail_segment(id)? {
+            Some(row) => Some(tx.last_pending(&row)?),
+            None => None,
+        };
         out.push(StreamStats {
             connection: row.get(1).map_err(&e)?,
             kind: tx.parse_kind(&kind)?,

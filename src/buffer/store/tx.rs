@@ -2,10 +2,12 @@
 //! [`Store::snapshot`]), and the per-stream counter changes ([`Counters`])
 //! that every write applies in the same transaction as its rows.
 
+use std::cell::RefCell;
 use std::path::Path;
 
 use rusqlite::{params, CachedStatement, Connection, Params, Transaction, TransactionBehavior};
 
+use super::segrow::Segments;
 use super::{is_sqlite_full, sql_err, Store};
 use crate::buffer::BufferError;
 use crate::record::{Kind, StreamKey};
@@ -29,6 +31,8 @@ pub(super) struct Tx<'a> {
     tx: Transaction<'a>,
     path: &'a Path,
     op: &'static str,
+    /// The codec and the decoded-segment cache of the store.
+    pub segments: &'a RefCell<Segments>,
 }
 
 impl<'a> Tx<'a> {
@@ -140,6 +144,7 @@ impl Store {
                 .map_err(&err)?,
             path: &self.path,
             op,
+            segments: &self.segments,
         };
         let value = body(&tx)?;
         tx.tx.commit().map_err(&err)?;
@@ -161,6 +166,7 @@ impl Store {
                 .map_err(sql_err(op, &self.path))?,
             path: &self.path,
             op,
+            segments: &self.segments,
         };
         let value = body(&tx)?;
         tx.tx.finish().map_err(sql_err(op, &self.path))?;
@@ -190,30 +196,37 @@ pub(super) struct StreamDelta {
 }
 
 impl StreamDelta {
-    /// A newly appended row got `seq`.
-    pub fn appended(&mut self, seq: i64, size: i64) {
-        self.records += 1;
+    /// `count` records from `first` to `last` were appended in a segment
+    /// of `size` accounted bytes.
+    pub fn appended(&mut self, first: i64, last: i64, count: i64, size: i64) {
+        self.records += count;
         self.bytes += size;
-        self.widen(seq);
-        self.next_seq = Some(self.next_seq.map_or(seq + 1, |n| n.max(seq + 1)));
+        self.widen(first);
+        self.widen(last);
+        self.next_seq = Some(self.next_seq.map_or(last + 1, |n| n.max(last + 1)));
     }
 
-    /// Row `seq` left the pending rows (acked, or moved to dead letters).
-    pub fn removed(&mut self, seq: i64, size: i64) {
-        self.records -= 1;
-        self.bytes -= size;
-        self.widen(seq);
+    /// `count` records (seqs `first..=last`) left the pending records
+    /// (acked, or moved to dead letters); `freed` accounted bytes went
+    /// with them (a segment's size once its last record goes, a dead
+    /// letter's own size).
+    pub fn removed(&mut self, first: i64, last: i64, count: i64, freed: i64) {
+        self.records -= count;
+        self.bytes -= freed;
+        self.widen(first);
+        self.widen(last);
     }
 
-    /// `rows` dead letters of `bytes` accounted bytes are pending again,
-    /// with the seqs they had.
-    pub fn requeued(&mut self, rows: i64, bytes: i64) {
+    /// `rows` records are pending again (a re-queue) and their segments
+    /// take `bytes` more (either may be negative: a segment rewritten).
+    pub fn grew(&mut self, rows: i64, bytes: i64) {
         self.records += rows;
         self.bytes += bytes;
     }
 
-    /// `count` rows of `bytes` accounted bytes were evicted; `pending` when
-    /// they were pending rows (dead letters are not in the pending counters).
+    /// `count` records were evicted, freeing `bytes` accounted bytes;
+    /// `pending` when they were pending records (dead letters are not in
+    /// the pending counters).
     pub fn evicted(&mut self, count: i64, bytes: i64, pending: bool) {
         self.evicted += count;
         if pending {
@@ -248,10 +261,6 @@ impl Counters {
             }
         };
         &mut self.0[slot]
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &StreamDelta> {

@@ -23,7 +23,12 @@ use proptest::prelude::*;
 use tokio::time::Instant;
 
 use super::{Action, Batch, Delivery, Message, SyncCompleted, MAX_REJECTIONS};
-use crate::record::{Kind, StreamKey};
+use crate::record::{Kind, RecordId, StreamKey};
+
+/// The model's record ids: one counter, as the buffer's ids are unique.
+fn id(n: i64) -> RecordId {
+    RecordId { stream: 1, seq: n }
+}
 
 const WINDOW: usize = 6;
 const STREAMS: usize = 3;
@@ -65,17 +70,17 @@ fn arb_op() -> impl Strategy<Value = Op> {
 struct Wire {
     pkid: u16,
     /// Row ids and the stream, for record messages.
-    rows: Option<(StreamKey, Vec<i64>)>,
+    rows: Option<(StreamKey, Vec<RecordId>)>,
 }
 
 struct World {
     start: Instant,
     now: Instant,
     /// Pending rows per stream: seq -> id (what the buffer would return).
-    buffer: BTreeMap<StreamKey, BTreeMap<u64, i64>>,
+    buffer: BTreeMap<StreamKey, BTreeMap<u64, RecordId>>,
     /// Dead letters: id -> (stream, seq).
-    dead: BTreeMap<i64, (StreamKey, u64)>,
-    next_id: i64,
+    dead: BTreeMap<RecordId, (StreamKey, u64)>,
+    next_id: RecordId,
     next_seq: HashMap<StreamKey, u64>,
     delivery: Delivery,
     /// Submitted, not yet sent by the client (mirrors the library's queue).
@@ -84,16 +89,16 @@ struct World {
     wire: VecDeque<Wire>,
     next_pkid: u16,
     /// Row ids the broker accepted at least once.
-    accepted: BTreeSet<i64>,
+    accepted: BTreeSet<RecordId>,
     /// Refusals per message first id in this session, as the broker counts.
-    refusals: HashMap<i64, u32>,
+    refusals: HashMap<RecordId, u32>,
     /// Row ids rejected as too large for any message.
-    too_large: BTreeSet<i64>,
+    too_large: BTreeSet<RecordId>,
     /// Per stream, the last seq the broker accepted in this session, and
     /// whether a refusal of the stream allows reordering from then on.
     order: HashMap<StreamKey, (u64, bool)>,
     /// Backlog rows of this session not yet dead-lettered.
-    backlog: BTreeSet<i64>,
+    backlog: BTreeSet<RecordId>,
     had_backlog: bool,
     syncs: u32,
 }
@@ -106,7 +111,7 @@ impl World {
             now,
             buffer: BTreeMap::new(),
             dead: BTreeMap::new(),
-            next_id: 1,
+            next_id: id(1),
             next_seq: HashMap::new(),
             delivery: Delivery::new(WINDOW, HashMap::new(), now),
             client: VecDeque::new(),
@@ -155,12 +160,12 @@ impl World {
                 .entry(s.clone())
                 .or_default()
                 .insert(*seq, self.next_id);
-            self.next_id += 1;
+            self.next_id = id(self.next_id.seq + 1);
         }
     }
 
     /// The next rows of `s` after the cursor, as `read_after` returns them.
-    fn read(&self, s: &StreamKey, max: usize) -> Vec<(u64, i64)> {
+    fn read(&self, s: &StreamKey, max: usize) -> Vec<(u64, RecordId)> {
         let after = self.delivery.cursor(s);
         self.buffer.get(s).map_or_else(Vec::new, |rows| {
             rows.range(after + 1..)
@@ -188,7 +193,7 @@ impl World {
                     continue;
                 };
                 progressed = true;
-                let ids: Vec<i64> = rows.iter().map(|r| r.1).collect();
+                let ids: Vec<RecordId> = rows.iter().map(|r| r.1).collect();
                 self.delivery.submitted(Message::Records(Batch {
                     stream: s.clone(),
                     ids: ids.clone(),
@@ -306,14 +311,14 @@ impl World {
         Ok(())
     }
 
-    fn seq_of(&self, s: &StreamKey, id: i64) -> Option<u64> {
+    fn seq_of(&self, s: &StreamKey, id: RecordId) -> Option<u64> {
         self.buffer
             .get(s)
             .and_then(|rows| rows.iter().find(|(_, i)| **i == id).map(|(q, _)| *q))
             .or_else(|| self.dead.get(&id).map(|(_, q)| *q))
     }
 
-    fn move_to_dead(&mut self, s: &StreamKey, ids: &[i64]) {
+    fn move_to_dead(&mut self, s: &StreamKey, ids: &[RecordId]) {
         if let Some(rows) = self.buffer.get_mut(s) {
             rows.retain(|seq, id| {
                 if ids.contains(id) {
@@ -384,7 +389,7 @@ impl World {
             for id in rows.values() {
                 prop_assert!(
                     !self.backlog.contains(id),
-                    "sync.completed while backlog row {} is pending",
+                    "sync.completed while backlog row {:?} is pending",
                     id
                 );
             }
@@ -395,14 +400,18 @@ impl World {
 
     fn check(&self) -> Result<(), TestCaseError> {
         // Gone from the buffer means accepted or dead-lettered.
-        for id in 1..self.next_id {
+        for id in (1..self.next_id.seq).map(id) {
             let pending = self.buffer.values().any(|r| r.values().any(|i| *i == id));
             if !pending && !self.dead.contains_key(&id) {
-                prop_assert!(self.accepted.contains(&id), "row {} deleted unaccepted", id);
+                prop_assert!(
+                    self.accepted.contains(&id),
+                    "row {:?} deleted unaccepted",
+                    id
+                );
             }
         }
         // No stranded row: pending at or below the cursor means outstanding.
-        let outstanding: BTreeSet<i64> = self
+        let outstanding: BTreeSet<RecordId> = self
             .client
             .iter()
             .chain(self.wire.iter())
@@ -414,7 +423,7 @@ impl World {
             for (seq, id) in rows.range(..=cursor) {
                 prop_assert!(
                     outstanding.contains(id),
-                    "stream {:?}: row seq {} (id {}) is below the cursor {} but not outstanding",
+                    "stream {:?}: row seq {} (id {:?}) is below the cursor {} but not outstanding",
                     s,
                     seq,
                     id,
@@ -482,7 +491,7 @@ fn refusals_back_off_then_dead_letter() {
     let mut d = Delivery::new(4, HashMap::from([(s.clone(), 3)]), now);
     let batch = Batch {
         stream: s.clone(),
-        ids: vec![10, 11, 12],
+        ids: vec![id(10), id(11), id(12)],
         first_seq: 1,
         last_seq: 3,
         submitted: now,
