@@ -1,7 +1,10 @@
-//! Backlog benchmark: does memory stay flat whatever the backlog?
-//! Prefills a buffer with N tag records (as an outage would), starts a real
-//! `plantgate run` on it against the embedded TLS broker, and prints the
-//! drain time and the agent's peak RSS for each N.
+//! Backlog benchmark: does memory stay flat whatever the backlog, and how
+//! densely is it stored? Prefills a buffer with N tag records shaped like
+//! the load simulator's (1 000 tags, 500 values per commit, as an outage
+//! would), starts a real `plantgate run` on it against the embedded TLS
+//! broker, and prints the database size (bytes per record, main file and
+//! WAL), the fill and drain times and rates and the agent's peak RSS for
+//! each N.
 //!
 //! `cargo bench --bench backlog -- [--sizes 1000,1000000,10000000]`
 
@@ -31,11 +34,40 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The `i`-th value of the load simulator's 1 000 tags (the DeltaV
+/// simulator's formula) as the agent records it: tag `L0000`..`L0999` on
+/// node `LOAD/TAG00000.CV`..., ten rounds a second.
+fn load_record(i: u64) -> NewRecord {
+    let (tick, tag) = (i / 1_000, i % 1_000);
+    let v = (tick as f64 * 0.1 + tag as f64).sin() * 50.0 + tick as f64 * 1e-3;
+    NewRecord {
+        connection: "line1".into(),
+        kind: Kind::Tag,
+        ts_ms: 1_795_860_000_000 + tick as i64 * 100 + (tag % 7) as i64,
+        data: serde_json::json!({
+            "name": format!("L{tag:04}"),
+            "node": format!("nsu=urn:plantgate:sim:deltav;s=LOAD/TAG{tag:05}.CV"),
+            "quality": "good",
+            "status": "Good",
+            "value": v,
+        })
+        .to_string(),
+    }
+}
+
 fn main() {
     let broker = EmbeddedBroker::start().expect("broker");
     println!(
-        "{:>12} {:>10} {:>10} {:>12} {:>10}",
-        "backlog", "db MB", "fill s", "drain s", "peak RSS"
+        "{:>12} {:>8} {:>7} {:>10} {:>8} {:>10} {:>8} {:>10} {:>10}",
+        "backlog",
+        "db MB",
+        "B/rec",
+        "M rec/GiB",
+        "fill s",
+        "fill/s",
+        "drain s",
+        "drain/s",
+        "peak RSS"
     );
     for n in sizes() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -47,16 +79,11 @@ fn main() {
             let mut left = n;
             let mut i: u64 = 0;
             while left > 0 {
-                let k = left.min(5_000);
+                let k = left.min(500);
                 let batch: Vec<NewRecord> = (0..k)
                     .map(|_| {
                         i += 1;
-                        NewRecord {
-                            connection: "line1".into(),
-                            kind: Kind::Tag,
-                            ts_ms: 1_795_860_000_000 + i as i64,
-                            data: serde_json::json!({"name": format!("T{:03}", i % 250), "node": "ns=2;s=X", "value": i as f64 * 0.5, "quality": "good", "status": "Good"}).to_string(),
-                        }
+                        load_record(i)
                     })
                     .collect();
                 store.append(Append::records(&batch)).expect("append");
@@ -64,9 +91,13 @@ fn main() {
             }
         }
         let fill_s = fill.elapsed().as_secs_f64();
-        let db_mb = std::fs::metadata(data_dir.join("buffer.db"))
-            .map(|m| m.len() / 1_000_000)
-            .unwrap_or(0);
+        let size = |suffix: &str| {
+            std::fs::metadata(data_dir.join(format!("buffer.db{suffix}")))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        };
+        let db_bytes = size("") + size("-wal");
+        let per_record = db_bytes as f64 / n.max(1) as f64;
         let config = dir.path().join("plantgate.toml");
         std::fs::write(
             &config,
@@ -109,11 +140,15 @@ fn main() {
             .status();
         let _ = child.wait();
         println!(
-            "{:>12} {:>10} {:>10.1} {:>12.1} {:>8}MB",
+            "{:>12} {:>8.1} {:>7.1} {:>10.1} {:>8.1} {:>10.0} {:>8.1} {:>10.0} {:>8}MB",
             n,
-            db_mb,
+            db_bytes as f64 / 1e6,
+            per_record,
+            (1u64 << 30) as f64 / per_record.max(1.0) / 1e6,
             fill_s,
+            n as f64 / fill_s.max(1e-9),
             drain_s,
+            n as f64 / drain_s.max(1e-9),
             peak / 1024
         );
     }

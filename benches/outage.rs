@@ -1,8 +1,15 @@
 //! Outage benchmark: a real agent process under load loses its
-//! broker for a while; prints a table of what was buffered, how long the
-//! backlog took to drain, duplicates, gaps and the agent's peak memory.
+//! broker for a while; prints a table of what was buffered (and evicted),
+//! how densely it was stored (bytes per record all-in: the database file
+//! with its free pages, and the WAL; the file alone; the segments alone;
+//! records per GiB and how long a 1 GiB buffer lasts at this rate, both
+//! from the all-in figure), how long the backlog took to drain, duplicates,
+//! gaps and the agent's peak memory. The WAL is bounded (at most 64 MiB)
+//! whatever the backlog, so it dominates a short outage's all-in figure:
+//! outages of ten minutes and more give the figure that matters.
 //!
-//! `cargo bench --bench outage -- [--rate 5000] [--outage 60] [--runs 1]`
+//! `cargo bench --bench outage -- [--rate 5000] [--outage 60] [--tags 250]
+//! [--max-size-mib 1024] [--runs 1]`
 //!
 //! Parts: in-process simulator (load tags), embedded rumqttd over TLS behind a
 //! cuttable proxy, and `plantgate run` as a child process (its RSS is read
@@ -19,7 +26,7 @@ use plantgate::sim::broker::EmbeddedBroker;
 use plantgate::sim::proxy::CutProxy;
 use serde_json::Value;
 
-const TAGS: usize = 250;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -40,19 +47,41 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn pending(data_dir: &Path) -> (u64, u64) {
+/// What the agent's buffer holds, read from the file (WAL: the agent
+/// keeps running).
+#[derive(Default)]
+struct Held {
+    records: u64,
+    /// Highest tag seq handed out.
+    last_tag_seq: u64,
+    evicted: u64,
+    /// The database file (free pages included) and its WAL.
+    bytes: u64,
+    /// The database file alone: a short outage's figure is dominated by
+    /// the WAL, which is bounded by its share of `max_size` (at most
+    /// 64 MiB) whatever the backlog.
+    file_bytes: u64,
+    /// What the pending records' segments take.
+    segment_bytes: u64,
+}
+
+fn held(data_dir: &Path) -> Held {
     match Store::open(&data_dir.join("buffer.db"), StoreOptions::default()).and_then(|s| s.stats())
     {
-        Ok(st) => {
-            let last = st
+        Ok(st) => Held {
+            records: st.records,
+            last_tag_seq: st
                 .streams
                 .iter()
                 .filter(|s| s.kind == Kind::Tag)
                 .map(|s| s.next_seq - 1)
-                .sum();
-            (st.records, last)
-        }
-        Err(_) => (0, 0),
+                .sum(),
+            evicted: st.evicted_total,
+            bytes: st.file_bytes + st.wal_bytes,
+            file_bytes: st.file_bytes,
+            segment_bytes: st.bytes,
+        },
+        Err(_) => Held::default(),
     }
 }
 
@@ -60,6 +89,10 @@ struct Row {
     rate: u64,
     outage_s: u64,
     buffered: u64,
+    evicted: u64,
+    buffer_bytes: u64,
+    file_bytes: u64,
+    segment_bytes: u64,
     drain_ms: u64,
     records: u64,
     duplicates: u64,
@@ -68,7 +101,7 @@ struct Row {
     peak_rss_kib: u64,
 }
 
-async fn run_once(rate: u64, outage: Duration) -> Row {
+async fn run_once(rate: u64, outage: Duration, tags: usize, max_size_mib: u64) -> Row {
     let broker = tokio::task::spawn_blocking(EmbeddedBroker::start)
         .await
         .expect("thread")
@@ -77,14 +110,15 @@ async fn run_once(rate: u64, outage: Duration) -> Row {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut opts = plantgate::sim::SimOptions::new(dir.path().join("sim-pki"));
     opts.speed = 0.0;
-    opts.tags = TAGS;
-    opts.rate_hz = rate as f64 / TAGS as f64;
+    opts.tags = tags;
+    opts.rate_hz = rate as f64 / tags as f64;
     let sim = plantgate::sim::start_deltav(opts, plantgate::sim::SimExtras::default())
         .await
         .expect("sim");
     let data_dir = dir.path().join("agent");
     let mut toml = format!(
         "[agent]\nid = \"bench-gw\"\nsite = \"bench\"\ndata_dir = {:?}\n\n[health]\nlisten = \"127.0.0.1:0\"\n\n\
+         [buffer]\nmax_size = \"{max_size_mib}MiB\"\n\n\
          [mqtt]\nurl = \"mqtts://127.0.0.1:{}\"\nca_file = {:?}\nreconnect_initial = \"200ms\"\nreconnect_max = \"1s\"\n\n\
          [[connections]]\nid = \"sim1\"\nkind = \"generic\"\nendpoint = \"{}\"\nsecurity_policy = \"None\"\n\
          publishing_interval = \"100ms\"\nsampling_interval = \"50ms\"\n",
@@ -93,7 +127,7 @@ async fn run_once(rate: u64, outage: Duration) -> Row {
         broker.pki.ca_file.display().to_string(),
         sim.endpoint()
     );
-    for i in 0..TAGS {
+    for i in 0..tags {
         toml.push_str(&format!(
             "\n[[connections.tags]]\nname = \"L{i:04}\"\nnode = \"nsu={};s={}\"\n",
             sim.namespace_uri(),
@@ -118,7 +152,7 @@ async fn run_once(rate: u64, outage: Duration) -> Row {
     let mut drain_ms = 0;
     let mut phase_end = Instant::now() + Duration::from_secs(10);
     let mut phase = 0; // 0 warm-up, 1 outage, 2 recovering, 3 final drain
-    let mut buffered = 0;
+    let mut at_end = Held::default();
     let mut rss_before = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -144,14 +178,14 @@ async fn run_once(rate: u64, outage: Duration) -> Row {
                         phase_end = Instant::now() + outage;
                     }
                     1 if Instant::now() >= phase_end => {
-                        buffered = pending(&data_dir).0;
+                        at_end = held(&data_dir);
                         proxy.restore();
                         phase = 2;
                     }
                     3 => {
-                        let (records, last) = pending(&data_dir);
+                        let now = held(&data_dir);
                         let seen: u64 = tracker.last_seq("sim1", "tag").unwrap_or(0);
-                        if records == 0 && seen >= last {
+                        if now.records == 0 && seen >= now.last_tag_seq {
                             break;
                         }
                     }
@@ -168,7 +202,11 @@ async fn run_once(rate: u64, outage: Duration) -> Row {
     Row {
         rate,
         outage_s: outage.as_secs(),
-        buffered,
+        buffered: at_end.records,
+        evicted: at_end.evicted,
+        buffer_bytes: at_end.bytes,
+        file_bytes: at_end.file_bytes,
+        segment_bytes: at_end.segment_bytes,
         drain_ms,
         records: tracker.received,
         duplicates: tracker.duplicates,
@@ -181,17 +219,26 @@ async fn run_once(rate: u64, outage: Duration) -> Row {
 fn main() {
     let rate = arg("--rate", 5000);
     let outage = Duration::from_secs(arg("--outage", 60));
+    let tags = arg("--tags", 250) as usize;
+    let max_size_mib = arg("--max-size-mib", 1024);
     let runs = arg("--runs", 1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     println!(
-        "{:>8} {:>8} {:>10} {:>10} {:>10} {:>6} {:>6} {:>10} {:>10}",
+        "{:>8} {:>8} {:>10} {:>8} {:>6} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>10} {:>6} {:>6} {:>10} {:>10}",
         "values/s",
         "outage",
         "buffered",
+        "evicted",
+        "B/rec",
+        "db B",
+        "seg B",
+        "M rec/GiB",
+        "1GiB lasts",
         "drain ms",
+        "drain/s",
         "records",
         "dups",
         "gaps",
@@ -199,13 +246,22 @@ fn main() {
         "peak RSS"
     );
     for _ in 0..runs {
-        let r = rt.block_on(run_once(rate, outage));
+        let r = rt.block_on(run_once(rate, outage, tags, max_size_mib));
+        let per_record = r.buffer_bytes as f64 / r.buffered.max(1) as f64;
+        let per_gib = GIB / per_record.max(1.0);
         println!(
-            "{:>8} {:>7}s {:>10} {:>10} {:>10} {:>6} {:>6} {:>8}MB {:>8}MB",
+            "{:>8} {:>7}s {:>10} {:>8} {:>6.1} {:>6.1} {:>6.1} {:>9.1} {:>7.0}min {:>9} {:>9.0} {:>10} {:>6} {:>6} {:>8}MB {:>8}MB",
             r.rate,
             r.outage_s,
             r.buffered,
+            r.evicted,
+            per_record,
+            r.file_bytes as f64 / r.buffered.max(1) as f64,
+            r.segment_bytes as f64 / r.buffered.max(1) as f64,
+            per_gib / 1e6,
+            per_gib / r.rate.max(1) as f64 / 60.0,
             r.drain_ms,
+            r.buffered as f64 * 1000.0 / r.drain_ms.max(1) as f64,
             r.records,
             r.duplicates,
             r.gaps,

@@ -925,3 +925,95 @@ fn dead_letters_are_evicted_by_the_same_limits_and_announced() {
     assert_eq!(store.stats().expect("stats").dead_letters, 0);
     store.integrity_check().expect("integrity");
 }
+
+#[test]
+fn damaged_segment_is_dropped_and_announced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("buffer.db");
+    let tag = StreamKey::new("line1", Kind::Tag);
+    let batch = StreamKey::new("line1", Kind::Batch);
+    {
+        let mut store = Store::open(&path, StoreOptions::default()).expect("open");
+        // Three appends: three tag segments of 40 records (seq 1-40, 41-80,
+        // 81-120) and three batch segments.
+        for round in 0..3 {
+            let mut records: Vec<NewRecord> = (0..40)
+                .map(|_| rec("line1", Kind::Tag, round, 300))
+                .collect();
+            records.push(rec("line1", Kind::Batch, round, 50));
+            store.append(Append::records(&records)).expect("append");
+        }
+    }
+    // Flip bytes inside the middle tag segment's data, on disk: SQLite's
+    // checks do not read blob contents, so only the segment's own checksum
+    // can tell.
+    let blob: Vec<u8> = rusqlite::Connection::open(&path)
+        .expect("open")
+        .query_row(
+            "SELECT d.blob FROM segment_data d JOIN segments g ON g.id = d.id \
+             WHERE g.first_seq = 41 AND g.stream = \
+             (SELECT id FROM streams WHERE kind = 'tag')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("the middle segment");
+    let mut file = std::fs::read(&path).expect("read");
+    let probe = &blob[blob.len() / 2..blob.len() / 2 + 32];
+    let at = file
+        .windows(probe.len())
+        .position(|w| w == probe)
+        .expect("the segment's bytes in the file");
+    for b in &mut file[at..at + 16] {
+        *b ^= 0x5A;
+    }
+    std::fs::write(&path, &file).expect("damage");
+
+    // A tool reports it and changes nothing.
+    let tool = Store::open(&path, StoreOptions::default()).expect("tool open");
+    match tool.read_after(&tag, 0, 1_000, usize::MAX) {
+        Err(BufferError::Damaged { detail, .. }) => assert!(!detail.is_empty()),
+        other => panic!("a tool must report the damage, got {other:?}"),
+    }
+    drop(tool);
+
+    // The service drops the segment, announces exactly its records, and
+    // everything else is read as it was.
+    let store = open_service(&path, Limits::NONE).expect("service open");
+    let tags: Vec<u64> = all(&store, &tag).iter().map(|r| r.seq).collect();
+    assert_eq!(tags, (1..=40).chain(81..=120).collect::<Vec<_>>());
+    assert_eq!(all(&store, &batch).len(), 3);
+    let events = all(&store, &StreamKey::new("", Kind::Event));
+    let announced: Vec<Value> = events
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(&r.data).expect("json"))
+        .filter(|v| v["type"] == "buffer.evicted")
+        .collect();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    let d = &announced[0]["details"];
+    assert_eq!(
+        (
+            &d["connection"],
+            &d["kind"],
+            &d["first_seq"],
+            &d["last_seq"],
+            &d["count"],
+            &d["reason"]
+        ),
+        (
+            &json!("line1"),
+            &json!("tag"),
+            &json!(41),
+            &json!(80),
+            &json!(40),
+            &json!("damaged")
+        )
+    );
+    let stats = store.stats().expect("stats");
+    let s = stats
+        .streams
+        .iter()
+        .find(|s| s.stream() == tag)
+        .expect("tag stream");
+    assert_eq!((s.records, s.evicted_total), (80, 40));
+    store.integrity_check().expect("integrity");
+}

@@ -101,11 +101,10 @@ async fn health_endpoint_tracks_the_broker() {
     // Once records came in for a few seconds: how long the free buffer
     // lasts at that rate, and what a record takes.
     let st = wait_status(addr, |st| st["buffer"]["headroom_s"].is_u64()).await;
+    // What a record takes in its segment: more than nothing, less than its
+    // text (a tag record's JSON is over a hundred bytes).
     let per_record = st["buffer"]["bytes_per_record"].as_f64().unwrap_or(0.0);
-    assert!(
-        per_record > plantgate::buffer::ROW_OVERHEAD_BYTES as f64,
-        "{st}"
-    );
+    assert!(per_record > 0.0 && per_record < 400.0, "{st}");
     assert!(st["intake"]["records_per_s"].is_u64(), "{st}");
     // A handful of records a second against 1 GiB: far more than a day.
     assert!(

@@ -142,12 +142,20 @@ impl IntakeObserver for Unobserved {
 }
 
 /// Tells `observer` what one commit accepted: per connection, the records
-/// that are not events, what they take of `max_size`, and the newest of
-/// their timestamps.
-pub(super) fn report_accepted(observer: &dyn IntakeObserver, records: &[NewRecord]) {
+/// that are not events, what they take of `max_size` (the commit's
+/// `stored_bytes` shared out by the length of their text: records are
+/// compressed together, not one by one), and the newest of their
+/// timestamps.
+pub(super) fn report_accepted(
+    observer: &dyn IntakeObserver,
+    records: &[NewRecord],
+    stored_bytes: u64,
+) {
+    let text: u64 = records.iter().map(|r| r.data.len() as u64).sum();
+    let share = stored_bytes as f64 / text.max(1) as f64;
     let mut per: Vec<(&str, u64, u64, i64)> = Vec::new();
     for r in records.iter().filter(|r| r.kind != Kind::Event) {
-        let bytes = r.data.len() as u64 + super::ROW_OVERHEAD_BYTES;
+        let bytes = (r.data.len() as f64 * share).round() as u64;
         // Records of one connection arrive together: the last entry is
         // nearly always the one.
         match per.iter_mut().rev().find(|(c, ..)| *c == r.connection) {
@@ -280,7 +288,7 @@ mod tests {
             ..rec(3)
         });
         let seen = Seen::default();
-        report_accepted(&seen, &records);
+        report_accepted(&seen, &records, 1_000);
         report_dropped(&seen, &records);
         let got = seen.0.into_inner().expect("lock");
         assert_eq!(

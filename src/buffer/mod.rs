@@ -7,17 +7,17 @@
 //!
 //! - **A commit is the promise.** A record is accepted when the SQLite
 //!   transaction that inserted it has committed; nothing upstream may report
-//!   success earlier, and nothing downstream may delete a row before the broker
-//!   has acknowledged it. `kill -9` at any instant must leave every committed
-//!   row intact and the file consistent (WAL mode; `synchronous = NORMAL`
+//!   success earlier, and nothing downstream may delete a record before the
+//!   broker has acknowledged it. `kill -9` at any instant must leave every
+//!   committed record intact and the file consistent (WAL mode; `synchronous = NORMAL`
 //!   survives process crashes, `FULL` also power loss).
 //! - **Throughput comes from batching.** One transaction per record is two
 //!   orders of magnitude slower than one per thousand on real flash, so
 //!   [`Store::append`] takes a slice, and [`BufferHandle`] coalesces appends
 //!   that queue up while a commit is running into a single transaction.
-//! - **Memory does not follow the backlog.** Ten million waiting rows must not
-//!   cost RAM: reads are bounded index range scans, per-stream counters make
-//!   stats O(streams), and no operation materialises the whole table.
+//! - **Memory does not follow the backlog.** Ten million waiting records must
+//!   not cost RAM: reads decode one segment at a time, per-stream counters
+//!   make stats O(streams), and no operation materialises the whole table.
 //! - **SQLite is synchronous.** The [`Store`] runs on one dedicated OS thread
 //!   behind the async [`BufferHandle`], so disk stalls never block a tokio
 //!   worker.
@@ -25,42 +25,46 @@
 //! # Invariants
 //!
 //! 1. Within a stream `(connection, kind)`, `seq` starts at 1 and is assigned
-//!    `next_seq, next_seq + 1, ...` in the same transaction that inserts the
-//!    rows, and `streams.next_seq` is advanced in that transaction. Stream rows
-//!    are never deleted, so a seq is never reused, not even after every row of
-//!    the stream was acked, nor across reopen.
-//! 2. Pending rows of a stream are therefore a subset of `1..next_seq`; rows
-//!    only disappear by [`Store::ack`], by an announced eviction
-//!    (invariant 6) or into the dead letters, so a gap seen by a consumer is
-//!    always explained.
+//!    `next_seq, next_seq + 1, ...` in the same transaction that stores the
+//!    records, and `streams.next_seq` is advanced in that transaction. Stream
+//!    rows are never deleted, so a seq is never reused, not even after every
+//!    record of the stream was acked, nor across reopen.
+//! 2. Pending records of a stream are therefore a subset of `1..next_seq`;
+//!    records only stop being pending by [`Store::ack`], by an announced
+//!    eviction (invariant 6) or into the dead letters, so a gap seen by a
+//!    consumer is always explained.
 //! 3. `epoch` is created in the same transaction as the schema and never
 //!    changes for that file. A new file is a new epoch, which is what tells
 //!    consumers that seqs restarted.
-//! 4. `streams.records` / `streams.bytes` equal the count and the sum of
-//!    `records.size` of that stream's pending rows (dead letters are not
-//!    counted there); every transaction that inserts, deletes or moves rows
-//!    updates them before it commits.
-//! 5. Row ids are never reused (`AUTOINCREMENT`): the uplink acks by id, and an
-//!    ack arriving late must not delete a newer row that inherited the id. A
-//!    dead-lettered row keeps its id and gets it back on retry.
-//! 6. **Only acks and announced evictions lose data.** Rows leave `records` by
-//!    [`Store::ack`], by eviction, or by [`Store::dead_letter`] (moved, not
-//!    lost). An eviction deletes a *head* of a stream (every pending row with
-//!    `seq <= last_seq`), and in the same transaction appends one
-//!    `buffer.evicted` event per affected stream to the agent's own event
-//!    stream, naming the exact seq range, and adds the count to
-//!    `streams.evicted_total`. There is no eviction without its event.
+//! 4. `streams.records` is the number of that stream's pending records and
+//!    `streams.bytes` the sum of `segments.size` of the segments holding
+//!    them (a segment counts whole while any of its records is pending; dead
+//!    letters are not counted there); every transaction that stores, removes
+//!    or moves records updates them before it commits.
+//! 5. A record is named by [`RecordId`](crate::record::RecordId) (its
+//!    stream's row id and its seq), which is never reused: an ack arriving
+//!    late cannot remove another record. A dead letter keeps its seq and gets
+//!    it back on retry.
+//! 6. **Only acks and announced evictions lose data.** Records leave the
+//!    pending set by [`Store::ack`], by eviction, or by [`Store::dead_letter`]
+//!    (moved, not lost). An eviction removes a *head* of a stream (every
+//!    pending record with `seq <= last_seq`), and in the same transaction
+//!    appends one `buffer.evicted` event per affected stream to the agent's
+//!    own event stream, naming the exact seq range, and adds the count to
+//!    `streams.evicted_total`. There is no eviction without its event; a
+//!    segment found damaged is dropped the same way (reason `damaged`, see
+//!    `store/repair.rs`).
 //! 7. **Priority lanes** (docs/guarantees.md). Size eviction (`max_size`,
-//!    `disk_full`) takes `tag` rows oldest first across all tag streams
-//!    (oldest = lowest row id, i.e. arrival order); a row of any other kind
-//!    is taken only in a transaction that has already taken every remaining
-//!    tag row. Age eviction (`max_age`) applies to all kinds alike. **Dead
-//!    letters are bounded like pending rows**: they take space in the same
-//!    file, so the same lanes evict them: within a lane a stream's dead
-//!    letters go before pending rows (they are the ones the broker already
-//!    refused), oldest first, and `max_age` expires them too. Their
-//!    `buffer.evicted` event says `"reason": "dead_letter"` and names the
-//!    limit in `"limit"`; `streams.evicted_total` counts them.
+//!    `disk_full`) takes `tag` segments oldest first across all tag streams
+//!    (oldest = lowest segment id, i.e. arrival order); a record of any other
+//!    kind is taken only in a transaction that has already taken every
+//!    remaining tag record. Age eviction (`max_age`) applies to all kinds
+//!    alike. **Dead letters are bounded like pending records**: they take
+//!    space in the same file, so the same lanes evict them: within a lane a
+//!    stream's dead letters go before pending records (they are the ones the
+//!    broker already refused), oldest first, and `max_age` expires them too.
+//!    Their `buffer.evicted` event says `"reason": "dead_letter"` and names
+//!    the limit in `"limit"`; `streams.evicted_total` counts them.
 //! 8. **Eviction terminates.** Each size-eviction transaction frees more
 //!    accounted bytes than its own events add, or it deletes nothing and
 //!    reports "nothing evictable"; events created by an eviction are never
@@ -90,14 +94,35 @@
 //!     `buffer.db.corrupt-<UTC timestamp>[-wal|-shm]`, starts a fresh file
 //!     with a new epoch and records a `system.error` event in it. I/O errors,
 //!     a locked file or a newer schema are *not* corruption and are returned
-//!     as errors: moving a healthy file aside would lose data.
+//!     as errors: moving a healthy file aside would lose data. (Damage
+//!     inside a segment's data, which `quick_check` does not read, costs that
+//!     segment only: invariant 6.)
+//!
+//! # Segments: why the buffer is dense
+//!
+//! Records are stored in **segments**: the records of one stream committed
+//! together (at most 4 096 records or 256 KiB of text) become one row of
+//! `segments` and one zstd-compressed blob in `segment_data`. The blob
+//! holds the columns seq delta, timestamp delta, length and the JSON text
+//! (`store/segment.rs`); a stream's JSON repeats itself (tag names, node ids,
+//! keys), and per-row overhead is paid once per segment instead of once
+//! per record. A tag record of the load simulator takes about 230 bytes as
+//! its own row and a few tens in a segment (README, "Buffer density").
+//!
+//! Blobs are written once and never changed. What changes is the row: the
+//! set of seqs no longer pending (`gone`: acked, dead-lettered, expired;
+//! nearly always one range at the head), the pending count and the head's
+//! seq and time. A segment is deleted with its last pending record. Size
+//! eviction takes whole head segments; expiry may stop inside one. Reads
+//! decode a segment once for the several messages it fills and the acks
+//! that follow (a cache of a few decoded segments).
 //!
 //! # How eviction runs
 //!
-//! Every eviction is a transaction of at most 4 096 rows that deletes head
-//! ranges and inserts their `buffer.evicted` events (invariant 6), so the
-//! WAL and the write lock stay bounded whatever the backlog. It is started
-//! from three places:
+//! Every eviction is a transaction of at most 64 segments (or 4 096 dead
+//! letters) that removes head ranges and inserts their `buffer.evicted`
+//! events (invariant 6), so the WAL and the write lock stay bounded
+//! whatever the backlog. It is started from three places:
 //!
 //! - **Before an append**, when the pages in use plus what the append needs
 //!   pass 90 % of the page cap: tags only (lane "tags"), down to 80 %, so
@@ -110,12 +135,12 @@
 //!   [`BufferError::Full`] and nothing of it is accepted; the evictions made
 //!   until then stay committed and announced.
 //! - **Periodically**, [`Store::evict_expired`] removes every stream's
-//!   expired head (below). At the cap, deleting rows need not free a whole
-//!   page for the announcement, so an expiry transaction may borrow a few
-//!   pages of the WAL's share.
+//!   expired head (below). At the cap, deleting records need not free a
+//!   whole page for the announcement, so an expiry transaction may borrow a
+//!   few pages of the WAL's share.
 //!
-//! Size eviction picks rows across streams by row id (arrival order),
-//! walking each stream's `(stream, seq)` index lazily, so memory is
+//! Size eviction picks segments across streams by segment id (arrival
+//! order), walking each stream's segments lazily, so memory is
 //! O(streams). Dead lettering and re-queueing never evict: at the cap they
 //! fail with [`BufferError::Full`] and move nothing (dead lettering is
 //! retried after the next append's eviction made room, re-queueing once the
@@ -126,14 +151,14 @@
 //! Age eviction compares a record's `ts_ms` (its source timestamp), the same
 //! value `oldest_ts` in `/status` and the heartbeat reports, so an operator
 //! can check the promise from the outside. It removes a stream's head while
-//! the head is older than `max_age`; a young head protects older rows behind
-//! it (source timestamps need not be monotonic), which keeps every eviction a
-//! contiguous head range. Consequence worth knowing: the first value of a tag
-//! that has not changed for longer than `max_age` (OPC UA reports its old
-//! source timestamp) is evicted by the next `evict_expired` if it has not been
-//! delivered by then.
+//! the head is older than `max_age`; a young head protects older records
+//! behind it (source timestamps need not be monotonic), which keeps every
+//! eviction a contiguous head range. Consequence worth knowing: the first
+//! value of a tag that has not changed for longer than `max_age` (OPC UA
+//! reports its old source timestamp) is evicted by the next `evict_expired`
+//! if it has not been delivered by then.
 //!
-//! # On-disk layout (`{data_dir}/buffer.db`, `PRAGMA user_version = 3`)
+//! # On-disk layout (`{data_dir}/buffer.db`, `PRAGMA user_version = 4`)
 //!
 //! ```text
 //! meta     (key TEXT PRIMARY KEY, value TEXT)         -- 'epoch' → 32 hex chars
@@ -141,25 +166,31 @@
 //!           connection TEXT, kind TEXT,               -- UNIQUE (connection, kind)
 //!           next_seq INTEGER,                         -- next seq to assign, starts at 1
 //!           records INTEGER, bytes INTEGER,           -- pending counters (invariant 4)
-//!           evicted_total INTEGER)                    -- rows ever evicted (v2)
-//! records  (id INTEGER PRIMARY KEY AUTOINCREMENT,     -- what the uplink acks
+//!           evicted_total INTEGER)                    -- records ever evicted (v2)
+//! segments (id INTEGER PRIMARY KEY AUTOINCREMENT,     -- arrival order, never reused
 //!           stream INTEGER REFERENCES streams(id),
-//!           seq INTEGER, ts_ms INTEGER,
-//!           data TEXT,                                -- compact JSON, published verbatim
-//!           size INTEGER)                             -- len(data) + ROW_OVERHEAD_BYTES
-//! UNIQUE INDEX records_stream_seq ON records (stream, seq)
-//! dead_letters (id INTEGER PRIMARY KEY,               -- the row's records.id (v2)
-//!           stream, seq, ts_ms, data, size,           -- as in records
+//!           first_seq, last_seq INTEGER,              -- span of the seqs in the blob
+//!           count INTEGER,                            -- records in the blob
+//!           pending INTEGER,                          -- of them still pending
+//!           head_seq, head_ts INTEGER,                -- the first pending record
+//!           size INTEGER,                             -- blob + SEGMENT_OVERHEAD_BYTES
+//!           gone BLOB)                                -- seqs no longer pending (ranges)
+//! UNIQUE INDEX segments_stream_seq ON segments (stream, last_seq)
+//! segment_data (id INTEGER PRIMARY KEY,               -- segments.id
+//!           blob BLOB)                                -- format byte + zstd frame
+//! dead_letters (id INTEGER PRIMARY KEY,
+//!           stream, seq, ts_ms, data TEXT, size,      -- one row per record (v2)
 //!           reason TEXT, dead_ms INTEGER)             -- why and when
 //! INDEX dead_letters_stream_seq ON dead_letters (stream, seq)
 //! profile_state (connection TEXT PRIMARY KEY,         -- (v3) a connection's profile
 //!           snapshot TEXT, updated_ms INTEGER)        -- snapshot, written with its records
 //! ```
 //!
-//! Rows reference their stream by a small integer instead of repeating the
-//! connection name, which keeps both the table and the `(stream, seq)` index
-//! compact at millions of rows. Version 1 and 2 files are upgraded in place
-//! when they are opened; a file of a newer version is refused untouched.
+//! Spans of a stream's segments never overlap, so `(stream, last_seq)`
+//! finds the segment of any seq. Files of versions 1 to 3 are upgraded when
+//! they are opened (version 3 kept one row per record in `records`; those
+//! rows are moved into segments in chunks, `store/upgrade.rs`); a file of a
+//! newer version is refused untouched.
 //!
 //! The code is split by concern under `store/` (see its module doc).
 
@@ -178,7 +209,7 @@ use crate::record::{Kind, NewRecord, StreamKey};
 
 pub use handle::BufferHandle;
 pub use intake::{IntakeObserver, Outlet, Submission, Unobserved, MAX_COALESCED_RECORDS};
-pub use store::{Store, ROW_OVERHEAD_BYTES};
+pub use store::Store;
 
 /// A profile snapshot (JSON text) to store with the records it goes with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,6 +254,15 @@ pub enum BufferError {
         path: PathBuf,
         moved_to: PathBuf,
         source: std::io::Error,
+    },
+    /// A segment's data does not decode (its checksum, its format): the
+    /// service drops it and announces its records as evicted (reason
+    /// `damaged`); a tool reports it.
+    #[error("buffer {}: segment {segment} is damaged: {detail}", path.display())]
+    Damaged {
+        path: PathBuf,
+        segment: i64,
+        detail: String,
     },
     #[error("buffer is closed")]
     Closed,
@@ -297,6 +337,8 @@ pub enum EvictionReason {
     MaxSize,
     MaxAge,
     DiskFull,
+    /// The records' segment was found damaged on disk and dropped.
+    Damaged,
 }
 
 impl EvictionReason {
@@ -305,6 +347,7 @@ impl EvictionReason {
             EvictionReason::MaxSize => "max_size",
             EvictionReason::MaxAge => "max_age",
             EvictionReason::DiskFull => "disk_full",
+            EvictionReason::Damaged => "damaged",
         }
     }
 }
@@ -367,6 +410,8 @@ impl<'a> Append<'a> {
 pub struct AppendReport {
     pub seqs: Vec<u64>,
     pub evicted: Vec<Eviction>,
+    /// What the accepted records take of `max_size` (their segments).
+    pub stored_bytes: u64,
 }
 
 /// How [`Store::open`] opens the file. The default suits a command or a
@@ -434,7 +479,8 @@ pub struct DeadLetter {
 pub struct Stats {
     /// Pending (accepted, not yet acknowledged) records.
     pub records: u64,
-    /// Sum of the accounted sizes of pending records.
+    /// What the pending records take: the accounted sizes of the segments
+    /// holding them (compressed data plus a fixed cost per segment).
     pub bytes: u64,
     /// Oldest `ts_ms` among the first pending record of every stream, i.e. the
     /// age that head-first eviction would see.

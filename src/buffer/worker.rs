@@ -371,7 +371,7 @@ impl Worker {
             states: &merged,
         }) {
             Ok(report) => {
-                self.committed(&all);
+                self.committed(&all, report.stored_bytes);
                 let mut seqs = report.seqs.into_iter();
                 for (range, _, reply) in shares {
                     if let Some(reply) = reply {
@@ -411,7 +411,7 @@ impl Worker {
                 states: &states,
             }) {
                 Ok(report) => {
-                    self.committed(records);
+                    self.committed(records, report.stored_bytes);
                     if let Some(reply) = reply {
                         let _ = reply.send(Ok(report.seqs));
                     }
@@ -473,8 +473,8 @@ impl Worker {
             records: &held.records,
             states: &held.states,
         }) {
-            Ok(_) => {
-                self.committed(&held.records);
+            Ok(report) => {
+                self.committed(&held.records, report.stored_bytes);
                 self.observer.blocked(None);
                 self.unblocked(held.since.elapsed());
                 return;
@@ -523,7 +523,7 @@ impl Worker {
             records: &events,
             states: &[],
         }) {
-            Ok(_) => self.committed(&events),
+            Ok(report) => self.committed(&events, report.stored_bytes),
             Err(e) => tracing::error!(error = %e, "could not record the buffer_blocked event"),
         }
     }
@@ -579,11 +579,11 @@ impl Worker {
         self.give_up_held("the buffer is closing");
     }
 
-    fn committed(&self, records: &[NewRecord]) {
+    fn committed(&self, records: &[NewRecord], stored_bytes: u64) {
         if records.is_empty() {
             return;
         }
-        report_accepted(self.observer.as_ref(), records);
+        report_accepted(self.observer.as_ref(), records, stored_bytes);
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.wake();
     }

@@ -29,6 +29,10 @@ impl Store {
     /// fails with [`BufferError::Full`], which means nothing was accepted
     /// and nothing was left to evict.
     pub fn append(&mut self, input: Append<'_>) -> Result<AppendReport, BufferError> {
+        self.repairing(|s| s.append_once(input))
+    }
+
+    fn append_once(&mut self, input: Append<'_>) -> Result<AppendReport, BufferError> {
         let mut report = AppendReport::default();
         if input.records.is_empty() && input.states.is_empty() {
             return Ok(report);
@@ -53,6 +57,7 @@ impl Store {
             match self.insert(&prepared, input.states) {
                 Ok(seqs) => {
                     report.seqs = seqs;
+                    report.stored_bytes = incoming;
                     self.flush_disk_error();
                     return Ok(report);
                 }

@@ -37,14 +37,16 @@ impl Store {
         let mut ids = ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
-        self.write("dead letter", OnFull::Refuse { records }, |tx| {
-            let moved = move_rows(tx, &ids, reason, now)?;
-            let events = announcements(tx, &moved, reason, now)?;
-            insert_records(tx, &events)?;
-            Ok(moved
-                .iter()
-                .map(|d| d.records.unsigned_abs() as usize)
-                .sum())
+        self.repairing(|s| {
+            s.write("dead letter", OnFull::Refuse { records }, |tx| {
+                let moved = move_rows(tx, &ids, reason, now)?;
+                let events = announcements(tx, &moved, reason, now)?;
+                insert_records(tx, &events)?;
+                Ok(moved
+                    .iter()
+                    .map(|d| d.records.unsigned_abs() as usize)
+                    .sum())
+            })
         })
     }
 
@@ -100,16 +102,24 @@ impl Store {
     }
 
     /// Moves every dead letter back into the pending records with its
-    /// original seq and row id: they will be published again, and consumers
-    /// drop duplicates by seq. One transaction; SQLite moves the rows without
-    /// loading them into memory. Returns the number of rows re-queued. A
+    /// original seq (and so its id): they will be published again, and
+    /// consumers drop duplicates by seq. One transaction; one stream's
+    /// letters are in memory at a time. Returns the number re-queued. A
     /// running uplink has already passed those seqs: it must restart its
     /// cursors for the streams whose `first_seq` went down. Re-queueing
     /// never evicts: with no room (size cap or full disk) it fails with
     /// [`BufferError::Full`] and moves nothing; retry once the backlog has
     /// drained.
     pub fn retry_dead_letters(&mut self) -> Result<usize, BufferError> {
-        let moved = self.write("retry dead letters", OnFull::Refuse { records: 0 }, |tx| {
+        let moved = self.repairing(|s| s.requeue_all())?;
+        if moved > 0 {
+            tracing::info!(records = moved, "dead letters re-queued");
+        }
+        Ok(moved)
+    }
+
+    fn requeue_all(&mut self) -> Result<usize, BufferError> {
+        self.write("retry dead letters", OnFull::Refuse { records: 0 }, |tx| {
             let mut counters = Counters::default();
             let mut moved = 0usize;
             for stream in tx.streams(false)? {
@@ -128,11 +138,7 @@ impl Store {
                 [],
             )?;
             Ok(moved)
-        })?;
-        if moved > 0 {
-            tracing::info!(records = moved, "dead letters re-queued");
-        }
-        Ok(moved)
+        })
     }
 }
 

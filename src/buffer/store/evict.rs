@@ -1,13 +1,14 @@
-//! Eviction, the only way rows are lost (invariants 6 to 8). Two paths
+//! Eviction, the only way records are lost (invariants 6 to 8). Two paths
 //! share the same announcement ([`delete_and_announce`]):
 //!
-//! - **size pressure** ([`Store::evict`]): oldest rows first along the
-//!   priority lanes, dead letters before pending rows within a lane, in
-//!   transactions of at most [`CHUNK_MAX_ROWS`] rows. Appends call it
-//!   proactively near the cap (tags only) and again when SQLite refuses
-//!   to grow the file (every kind, tags first);
+//! - **size pressure** ([`Store::evict`]): oldest first along the priority
+//!   lanes, dead letters before pending records within a lane, whole head
+//!   segments, in transactions of at most [`CHUNK_MAX_SEGMENTS`] segments
+//!   or [`CHUNK_MAX_ROWS`] dead letters. Appends call it proactively near
+//!   the cap (tags only) and again when SQLite refuses to grow the file
+//!   (every kind, tags first);
 //! - **expiry** ([`Store::evict_expired`]): each stream's head while it is
-//!   older than `max_age`, pending rows and dead letters alike.
+//!   older than `max_age`, pending records and dead letters alike.
 
 use rusqlite::params;
 
@@ -18,7 +19,8 @@ use super::{accounted, agent_event, connection_value, is_sqlite_full, Store};
 use crate::buffer::{BufferError, Eviction, EvictionReason};
 use crate::record::{now_ms, EventType, Kind, NewRecord};
 
-/// One eviction transaction takes at most this many records...
+/// One eviction transaction takes at most this many dead letters (or,
+/// expiring, records)...
 const CHUNK_MAX_ROWS: usize = 4096;
 /// ...and at most this many segments: bounded WAL growth and bounded
 /// write-lock time, whatever the backlog.
@@ -174,7 +176,7 @@ impl Store {
     }
 
     /// Evicts along `lane` until `want` accounted bytes are freed or nothing
-    /// is left, in transactions of at most [`CHUNK_MAX_ROWS`] rows. Returns
+    /// is left, in transactions of bounded size. Returns
     /// the bytes freed.
     pub(super) fn evict(
         &mut self,
@@ -224,6 +226,10 @@ impl Store {
     /// that space the disk got back is used again. Call it periodically
     /// (e.g. every minute).
     pub fn evict_expired(&mut self, now_ms: i64) -> Result<Vec<Eviction>, BufferError> {
+        self.repairing(|s| s.expire_once(now_ms))
+    }
+
+    fn expire_once(&mut self, now_ms: i64) -> Result<Vec<Eviction>, BufferError> {
         self.lift_disk_cap()?;
         let mut out = Vec::new();
         let Some(age) = self.limits.max_age_ms() else {
@@ -651,7 +657,7 @@ fn next_row(tx: &Tx<'_>, rows: &mut rusqlite::Rows) -> Result<Option<HeadRow>, B
 
 /// The `buffer.evicted` event announcing `e`. Dead letters evicted say so
 /// in `reason` and name the limit that took them in `limit`.
-fn eviction_event(e: &Eviction, ts_ms: i64) -> NewRecord {
+pub(super) fn eviction_event(e: &Eviction, ts_ms: i64) -> NewRecord {
     let mut details = serde_json::json!({
         "connection": connection_value(&e.connection),
         "kind": e.kind.as_str(),

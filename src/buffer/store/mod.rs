@@ -3,16 +3,23 @@
 //! the module doc of `buffer`; the files here split the work by concern:
 //!
 //! - `schema`: connecting, checking the file, creating and upgrading the
-//!   schema, quarantine of a corrupt file;
+//!   schema, quarantine of a corrupt file; `upgrade`: records of a
+//!   schema-3 file moved into segments;
+//! - `segment` (pure: encoding and decoding a segment's blob), `seqset`
+//!   (pure: the seqs of a segment no longer pending) and `segrow` (segments
+//!   as rows: finding, decoding through a cache, taking records out);
 //! - `tx`: the one transaction helper and the per-stream counter changes
-//!   every write applies with its rows;
+//!   every write applies with its records;
 //! - `space`: `max_size` as SQLite pragmas, the disk reserve, telling the
 //!   size cap from a full disk;
 //! - `append`: accepting records (and profile snapshots) with their seqs;
 //! - `evict`: the size-pressure path (priority lanes) and the expiry path
 //!   (`max_age`), each range announced in its own transaction;
 //! - `read`: what the uplink reads and acks;
-//! - `dead_letters`: rows the broker refused, parked, listed and re-queued;
+//! - `dead_letters`: records the broker refused, parked, listed and
+//!   re-queued;
+//! - `repair`: a segment whose data no longer decodes, dropped and
+//!   announced;
 //! - `stats`: totals for `/status`, `/metrics` and the CLI.
 
 mod append;
@@ -20,6 +27,7 @@ mod dead_letters;
 mod evict;
 mod insert;
 mod read;
+mod repair;
 mod schema;
 mod segment;
 mod segrow;
@@ -44,7 +52,7 @@ use segrow::Segments;
 /// Accounted per-row cost of a dead letter on top of its JSON text (row
 /// header, ids, seq, timestamp, index entry), so that many tiny records are
 /// not mistaken for free when the size limit is enforced.
-pub const ROW_OVERHEAD_BYTES: u64 = 48;
+const ROW_OVERHEAD_BYTES: u64 = 48;
 
 /// The buffer database. Not `Sync`: one owner (the buffer thread, or a CLI
 /// command) at a time.
@@ -64,6 +72,9 @@ pub struct Store {
     /// Keep a reserve file next to the database (the service only: see
     /// `Store::ensure_reserve`).
     keep_reserve: bool,
+    /// Drop and announce damaged segments (the service only: see
+    /// `repair`).
+    repairs: bool,
     /// Size the reserve file should have.
     reserve_bytes: u64,
     /// A `system.error` about a full disk that could not be stored yet; it
@@ -165,6 +176,7 @@ impl Store {
             size_cap_pages: None,
             disk_cap_pages: None,
             keep_reserve: options.mode == OpenMode::Service,
+            repairs: options.mode == OpenMode::Service,
             reserve_bytes: 0,
             pending_disk_error: None,
             quarantined: None,

@@ -55,6 +55,16 @@ impl Store {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, BufferError> {
+        self.repairing_ref(|s| s.read_once(stream, after_seq, max_records, max_bytes))
+    }
+
+    fn read_once(
+        &self,
+        stream: &StreamKey,
+        after_seq: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, BufferError> {
         let Some(stream_id) = self.stream_id(stream, "read")? else {
             return Ok(Vec::new());
         };
@@ -95,10 +105,14 @@ impl Store {
         let mut ids = ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
+        self.repairing(|s| s.ack_once(&ids))
+    }
+
+    fn ack_once(&mut self, ids: &[RecordId]) -> Result<usize, BufferError> {
         self.write("ack", OnFull::Pass, |tx| {
             let mut counters = Counters::default();
             let mut removed = 0usize;
-            for_each_segment(tx, &ids, |row, seqs| {
+            for_each_segment(tx, ids, |row, seqs| {
                 removed += tx.take_from(row, seqs, &mut counters)?.indexes.len();
                 Ok(())
             })?;

@@ -149,6 +149,16 @@ impl Tx<'_> {
         }
     }
 
+    /// The segment with this id, if it still exists.
+    pub fn segment_by_id(&self, id: i64) -> Result<Option<SegRow>, BufferError> {
+        let found = self
+            .stmt(&format!("SELECT {COLUMNS} FROM segments WHERE id = ?1"))?
+            .query_row(params![id], SegRow::from_sql)
+            .optional()
+            .map_err(self.err())?;
+        found.map(|f| self.seg_row(f)).transpose()
+    }
+
     /// The segment of `stream` with the highest seqs.
     pub fn tail_segment(&self, stream: i64) -> Result<Option<SegRow>, BufferError> {
         let found = self
@@ -186,20 +196,22 @@ impl Tx<'_> {
             .query_row(params![row.id], |r| r.get(0))
             .optional()
             .map_err(self.err())?
-            .ok_or_else(|| self.corrupt(format!("segment {} has no data", row.id)))?;
+            .ok_or_else(|| self.damaged(row.id, "its data is missing".into()))?;
         let seg = segs
             .codec
             .decode(&blob, row.first_seq)
-            .map_err(|e| self.corrupt(format!("segment {}: {e}", row.id)))?;
+            .map_err(|e| self.damaged(row.id, e))?;
         let last = seg.seqs().last().copied();
         if seg.len() as i64 != row.count || last != Some(row.last_seq) {
-            return Err(self.corrupt(format!(
-                "segment {} holds {} records up to seq {last:?}, its row says {} up to {}",
+            return Err(self.damaged(
                 row.id,
-                seg.len(),
-                row.count,
-                row.last_seq
-            )));
+                format!(
+                    "it holds {} records up to seq {last:?}, its row says {} up to {}",
+                    seg.len(),
+                    row.count,
+                    row.last_seq
+                ),
+            ));
         }
         let seg = Arc::new(seg);
         segs.keep(row.id, seg.clone());

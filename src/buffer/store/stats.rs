@@ -13,6 +13,10 @@ impl Store {
     /// O(streams · log segments + dead letters): counters come from
     /// `streams`, first/last seq from the head and tail segments.
     pub fn stats(&self) -> Result<Stats, BufferError> {
+        self.repairing_ref(|s| s.stats_once())
+    }
+
+    fn stats_once(&self) -> Result<Stats, BufferError> {
         let mut out = self.snapshot("stats", |tx| {
             let mut out = Stats::default();
             for s in stream_stats(tx)? {

@@ -41,6 +41,14 @@ impl<'a> Tx<'a> {
         sql_err(self.op, self.path)
     }
 
+    pub fn damaged(&self, segment: i64, detail: String) -> BufferError {
+        BufferError::Damaged {
+            path: self.path.to_path_buf(),
+            segment,
+            detail,
+        }
+    }
+
     pub fn corrupt(&self, detail: String) -> BufferError {
         BufferError::Corrupt {
             path: self.path.to_path_buf(),
@@ -131,16 +139,16 @@ impl Store {
         }
     }
 
-    fn commit_with<T>(
-        &mut self,
+    /// As [`Store::write`] with `OnFull::Pass`, on a shared reference: for
+    /// the repair of a damaged segment found while reading.
+    pub(super) fn commit_with<T>(
+        &self,
         op: &'static str,
         body: impl FnOnce(&Tx<'_>) -> Result<T, BufferError>,
     ) -> Result<T, BufferError> {
         let err = sql_err(op, &self.path);
         let tx = Tx {
-            tx: self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
+            tx: Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)
                 .map_err(&err)?,
             path: &self.path,
             op,
