@@ -243,6 +243,8 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
             "reason": mqtt.reason,
             "rejected_total": mqtt.rejected_total,
             "dead_lettered_total": mqtt.dead_lettered_total(),
+            "delete_retries_total": mqtt.delete_retries_total,
+            "undeleted_records": mqtt.undeleted_records,
             "payload_limit_bytes": mqtt.payload_limit_bytes,
             "broker_max_packet_bytes": mqtt.broker_max_packet_bytes,
         },
@@ -456,6 +458,16 @@ fn register_mqtt(r: &mut Registry, mqtt: &crate::status::MqttStatus) {
                 .map(|(cause, n)| (CauseLabels { cause }, counter(*n)))
                 .collect(),
         ),
+    );
+    r.register(
+        "mqtt_delete_retries",
+        "Deletes of acknowledged records the buffer refused (retried every second)",
+        counter(mqtt.delete_retries_total),
+    );
+    r.register(
+        "mqtt_undeleted_records",
+        "Records acknowledged by the broker still waiting for their delete",
+        gauge(mqtt.undeleted_records),
     );
     r.register(
         "mqtt_payload_limit_bytes",

@@ -148,6 +148,12 @@ pub struct MqttStatus {
     /// The largest payload the uplink sends on a data topic in the current
     /// session: `max_message_bytes`, or less when the broker's limit binds.
     pub payload_limit_bytes: usize,
+    /// Deletes of acknowledged records the buffer refused (a lock held by
+    /// another process), every try counted; they are retried every second.
+    pub delete_retries_total: u64,
+    /// Records the broker acknowledged that are still waiting for their
+    /// delete (sent again if the session ends first).
+    pub undeleted_records: u64,
 }
 
 /// Cause of a dead letter: the broker kept refusing the message.
@@ -488,6 +494,19 @@ impl StatusBoard {
             .entry((stream.connection.clone(), stream.kind.as_str()))
             .or_insert(0) += records;
         inner.mqtt.publish_latency.observe(latency.as_secs_f64());
+    }
+
+    /// A delete of acknowledged records failed; `undeleted` records now
+    /// wait for the next try.
+    pub fn delete_failed(&self, undeleted: u64) {
+        let mut inner = self.write();
+        inner.mqtt.delete_retries_total += 1;
+        inner.mqtt.undeleted_records = undeleted;
+    }
+
+    /// Every acknowledged record is deleted again.
+    pub fn deletes_caught_up(&self) {
+        self.write().mqtt.undeleted_records = 0;
     }
 
     /// The broker refused one message (one attempt).

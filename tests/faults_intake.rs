@@ -208,6 +208,19 @@ async fn rows_acknowledged_under_a_lock_are_deleted_once_it_is_gone() {
         session,
         "drained in the same MQTT session"
     );
+    // Not silent: counted, shown until caught up, and announced.
+    let mqtt = agent.board.mqtt();
+    assert!(mqtt.delete_retries_total > 0, "failed deletes counted");
+    assert_eq!(mqtt.undeleted_records, 0, "every delete caught up");
+    seen.until("the failed delete announced", |s| {
+        s.messages.iter().any(|m| {
+            m.topic.contains("/events/")
+                && m.payload
+                    .to_string()
+                    .contains("cannot be deleted from the buffer yet")
+        })
+    })
+    .await;
     agent.stop().await;
 }
 

@@ -15,6 +15,7 @@ use super::mqtt::{MqttEvent, Session, SessionError};
 use super::payload::{self, Heartbeat};
 use super::topics::PayloadLimit;
 use super::{Uplink, MAX_RECORDS_PER_MESSAGE, SHUTDOWN_FLUSH, WINDOW};
+use crate::buffer::BufferError;
 use crate::record::{now_ms, EventType, Kind, NewRecord, RecordId, StoredRecord, StreamKey};
 use crate::status::{ConnState, DEAD_LETTER_REFUSED, DEAD_LETTER_TOO_LARGE};
 use crate::throttle::Throttle;
@@ -141,7 +142,9 @@ impl<'a> Link<'a> {
         }
         let up = self.up;
         let ids: Vec<RecordId> = self.undeleted.iter().flat_map(|b| b.ids.clone()).collect();
+        let records = ids.len() as u64;
         if up.buffer.ack(ids).await.is_err() {
+            up.board.delete_failed(records);
             return;
         }
         for batch in std::mem::take(&mut self.undeleted) {
@@ -149,7 +152,33 @@ impl<'a> Link<'a> {
             up.board
                 .add_published(&batch.stream, n, batch.submitted.elapsed());
         }
-        tracing::info!("rows of acknowledged messages deleted after the buffer took deletes again");
+        up.board.deletes_caught_up();
+        tracing::info!(
+            records,
+            "acknowledged records deleted after the buffer took deletes again"
+        );
+    }
+
+    /// The first delete that fails after all were done: said in an event,
+    /// which the buffer stores once it takes writes again. Not awaited: the
+    /// uplink must go on reading PUBACKs meanwhile.
+    fn announce_undeleted(&self, records: u64, error: &BufferError) {
+        let ev = NewRecord::event(
+            "",
+            EventType::SystemError,
+            serde_json::json!({
+                "message": "acknowledged records cannot be deleted from the buffer yet; \
+                            retrying every second (they are sent again if the session ends first)",
+                "records": records,
+                "error": error.to_string(),
+            }),
+        );
+        let buffer = self.up.buffer.clone();
+        tokio::spawn(async move {
+            if let Err(e) = buffer.append(vec![ev]).await {
+                tracing::error!(error = %e, "could not record the failed delete");
+            }
+        });
     }
 
     /// Rows put back into the buffer (dead letters re-queued by `plantgate
@@ -405,9 +434,14 @@ impl<'a> Link<'a> {
                         .add_published(&batch.stream, n, batch.submitted.elapsed()),
                     Err(e) => {
                         if let Some(repeats) = self.quiet.check("buffer ack failed") {
-                            tracing::error!(error = %e, repeats, "buffer ack failed; retrying the delete every second (the rows are resent only if the session ends first)");
+                            tracing::error!(error = %e, repeats, "buffer ack failed; retrying the delete every second (the records are resent only if the session ends first)");
+                        }
+                        if self.undeleted.is_empty() {
+                            self.announce_undeleted(n, &e);
                         }
                         self.undeleted.push(batch.clone());
+                        let waiting = self.undeleted.iter().map(|b| b.ids.len() as u64).sum();
+                        up.board.delete_failed(waiting);
                     }
                 }
                 let done = self.delivery.delivered(&batch, Instant::now());

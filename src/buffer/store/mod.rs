@@ -6,8 +6,9 @@
 //!   schema, quarantine of a corrupt file; `upgrade`: records of a
 //!   schema-3 file moved into segments;
 //! - `segment` (pure: encoding and decoding a segment's blob), `seqset`
-//!   (pure: the seqs of a segment no longer pending) and `segrow` (segments
-//!   as rows: finding, decoding through a cache, taking records out);
+//!   (pure: the seqs of a segment no longer pending), `cache` (the codec
+//!   and the decoded segments kept) and `segrow` (segments as rows:
+//!   finding, decoding, taking records out);
 //! - `tx`: the one transaction helper and the per-stream counter changes
 //!   every write applies with its records;
 //! - `space`: `max_size` as SQLite pragmas, the disk reserve, telling the
@@ -23,6 +24,7 @@
 //! - `stats`: totals for `/status`, `/metrics` and the CLI.
 
 mod append;
+mod cache;
 mod dead_letters;
 mod evict;
 mod insert;
@@ -46,8 +48,8 @@ use rusqlite::{Connection, ErrorCode};
 
 use super::{BufferError, Limits, OpenMode, Quarantined, StoreOptions};
 use crate::record::{now_ms, EventType, Kind, NewRecord};
+use cache::Segments;
 use schema::{Check, OpenError};
-use segrow::Segments;
 
 /// Accounted per-row cost of a dead letter on top of its JSON text (row
 /// header, ids, seq, timestamp, index entry), so that many tiny records are

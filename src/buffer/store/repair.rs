@@ -27,14 +27,9 @@ impl Store {
     ) -> Result<T, BufferError> {
         let mut repairs = 0;
         loop {
-            match op(self) {
-                Err(BufferError::Damaged {
-                    segment, detail, ..
-                }) if self.repairs && repairs < MAX_REPAIRS => {
-                    self.drop_damaged(segment, &detail)?;
-                    repairs += 1;
-                }
-                other => return other,
+            let result = op(self);
+            if !self.repaired(&result, &mut repairs)? {
+                return result;
             }
         }
     }
@@ -46,15 +41,29 @@ impl Store {
     ) -> Result<T, BufferError> {
         let mut repairs = 0;
         loop {
-            match op(self) {
-                Err(BufferError::Damaged {
-                    segment, detail, ..
-                }) if self.repairs && repairs < MAX_REPAIRS => {
-                    self.drop_damaged(segment, &detail)?;
-                    repairs += 1;
-                }
-                other => return other,
+            let result = op(self);
+            if !self.repaired(&result, &mut repairs)? {
+                return result;
             }
+        }
+    }
+
+    /// Drops the damaged segment `result` names, if it names one and the
+    /// store may; true when the operation should run again.
+    fn repaired<T>(
+        &self,
+        result: &Result<T, BufferError>,
+        repairs: &mut usize,
+    ) -> Result<bool, BufferError> {
+        match result {
+            Err(BufferError::Damaged {
+                segment, detail, ..
+            }) if self.repairs && *repairs < MAX_REPAIRS => {
+                self.drop_damaged(*segment, detail)?;
+                *repairs += 1;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 

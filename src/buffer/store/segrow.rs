@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension, Row};
 
-use super::segment::{Codec, Entry, Segment};
+use super::segment::{Entry, Segment};
 use super::seqset::SeqSet;
 use super::tx::{Counters, Tx};
 use crate::buffer::BufferError;
@@ -17,9 +17,6 @@ use crate::buffer::BufferError;
 /// Accounted cost of a segment on top of its blob: two rows, their headers
 /// and the `(stream, last_seq)` index entry.
 pub const SEGMENT_OVERHEAD_BYTES: i64 = 64;
-/// Decoded segments kept: one per stream the uplink is working through,
-/// and a few more.
-const CACHE_SEGMENTS: usize = 8;
 
 const COLUMNS: &str =
     "id, stream, first_seq, last_seq, count, pending, head_seq, head_ts, size, gone";
@@ -70,42 +67,6 @@ impl SegRow {
             },
             row.get(9)?,
         ))
-    }
-}
-
-/// The store's codec and its cache of decoded segments. Segments are
-/// never changed under their id (a re-queue writes a new one), so a cached
-/// copy is never stale, whoever else writes the file.
-pub(super) struct Segments {
-    pub codec: Codec,
-    cache: Vec<(i64, Arc<Segment>)>,
-}
-
-impl Segments {
-    pub fn new(codec: Codec) -> Segments {
-        Segments {
-            codec,
-            cache: Vec::new(),
-        }
-    }
-
-    fn cached(&mut self, id: i64) -> Option<Arc<Segment>> {
-        let i = self.cache.iter().position(|(c, _)| *c == id)?;
-        let hit = self.cache.remove(i);
-        let seg = hit.1.clone();
-        self.cache.push(hit);
-        Some(seg)
-    }
-
-    fn keep(&mut self, id: i64, seg: Arc<Segment>) {
-        if self.cache.len() >= CACHE_SEGMENTS {
-            self.cache.remove(0);
-        }
-        self.cache.push((id, seg));
-    }
-
-    pub fn forget(&mut self, id: i64) {
-        self.cache.retain(|(c, _)| *c != id);
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use rusqlite::{params, CachedStatement, Connection, Params, Transaction, TransactionBehavior};
 
-use super::segrow::Segments;
+use super::cache::Segments;
 use super::{is_sqlite_full, sql_err, Store};
 use crate::buffer::BufferError;
 use crate::record::{Kind, StreamKey};
