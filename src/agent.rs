@@ -475,9 +475,7 @@ fn agent_error(
                     "message": format!("{task} task {death}; restarting it"),
                 }),
             );
-            if let Err(e) = buffer.append(vec![ev]).await {
-                tracing::error!(error = %e, "could not record the task failure");
-            }
+            buffer.record_events(vec![ev]);
         })
     }
 }

@@ -104,9 +104,7 @@ pub async fn watch(
             "the free buffer lasts less than buffer.headroom_warning at the current intake rate"
         );
         let event = low_headroom_event(seconds, threshold, rate, free);
-        if let Err(e) = buffer.append(vec![event]).await {
-            tracing::error!(error = %e, "could not record the buffer_headroom_low event");
-        }
+        buffer.record_events(vec![event]);
     }
 }
 

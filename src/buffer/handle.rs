@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::intake::{IntakeObserver, Outlet, QUEUED_RECORDS};
+use super::intake::{IntakeObserver, Outlet, Submission, QUEUED_RECORDS};
 use super::worker::{Command, Reply, Worker};
 use super::{BufferError, DeadLetter, Eviction, Limits, Stats, Store};
 use crate::record::{NewRecord, RecordId, StoredRecord, StreamKey};
@@ -99,6 +99,22 @@ impl BufferHandle {
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<u64>, BufferError> {
         self.request(|reply| Command::Append { records, reply })
             .await
+    }
+
+    /// Hands events of the agent itself over the way connections hand over
+    /// their records: held and retried while the store refuses for a
+    /// passing reason (another process holding the write lock: exactly
+    /// when some of these events are raised), reported if they never can
+    /// be stored. Returns at once: the caller (the uplink, a monitor) must
+    /// not wait for the disk.
+    pub fn record_events(&self, events: Vec<NewRecord>) {
+        let outlet = self.outlet.clone();
+        tokio::spawn(async move {
+            let n = events.len();
+            if outlet.submit(Submission::records(events)).await.is_err() {
+                tracing::warn!(events = n, "buffer closed; events not recorded");
+            }
+        });
     }
 
     /// Where connections submit their records (the one hand-off,

@@ -160,8 +160,7 @@ impl<'a> Link<'a> {
     }
 
     /// The first delete that fails after all were done: said in an event,
-    /// which the buffer stores once it takes writes again. Not awaited: the
-    /// uplink must go on reading PUBACKs meanwhile.
+    /// which the buffer stores once it takes writes again.
     fn announce_undeleted(&self, records: u64, error: &BufferError) {
         let ev = NewRecord::event(
             "",
@@ -173,12 +172,7 @@ impl<'a> Link<'a> {
                 "error": error.to_string(),
             }),
         );
-        let buffer = self.up.buffer.clone();
-        tokio::spawn(async move {
-            if let Err(e) = buffer.append(vec![ev]).await {
-                tracing::error!(error = %e, "could not record the failed delete");
-            }
-        });
+        self.up.buffer.record_events(vec![ev]);
     }
 
     /// Rows put back into the buffer (dead letters re-queued by `plantgate
@@ -377,9 +371,7 @@ impl<'a> Link<'a> {
                     "reason": reason,
                 }),
             );
-            if let Err(e) = up.buffer.append(vec![notice]).await {
-                tracing::error!(error = %e, "could not record the dead letter notice");
-            }
+            up.buffer.record_events(vec![notice]);
         }
         let done = self.delivery.dead_lettered(&stream, Instant::now());
         self.announce_sync(done).await;
@@ -497,9 +489,7 @@ impl<'a> Link<'a> {
             EventType::SyncCompleted,
             serde_json::json!({"records": done.records, "duration_ms": ms}),
         );
-        if let Err(e) = self.up.buffer.append(vec![ev]).await {
-            tracing::error!(error = %e, "could not record sync.completed");
-        }
+        self.up.buffer.record_events(vec![ev]);
         crate::heap::release_free();
     }
 
