@@ -145,6 +145,7 @@ fn tiny_max_size_evicts_tags_first_and_never_grows_past_the_limit() {
     let limits = Limits {
         max_size: MAX,
         max_age: Duration::MAX,
+        retain_delivered: Duration::ZERO,
     };
     let mut store = open_service(&path, limits).expect("open");
     let tag = StreamKey::new("line1", Kind::Tag);
@@ -282,6 +283,7 @@ fn max_age_evicts_expired_heads_of_every_kind() {
     let limits = Limits {
         max_size: u64::MAX,
         max_age: Duration::from_millis(hour as u64),
+        ..Limits::NONE
     };
     let mut store = open_service(&path, limits).expect("open");
     store
@@ -357,6 +359,7 @@ fn disk_full_child() {
         let limits = Limits {
             max_size: 64 * 1024 * 1024,
             max_age: Duration::MAX,
+            ..Limits::NONE
         };
         open_service(Path::new(&path), limits).expect("child: open")
     } else {
@@ -813,6 +816,7 @@ fn dead_letters_are_evicted_by_the_same_limits_and_announced() {
     let limits = Limits {
         max_size: 512 * 1024,
         max_age: Duration::from_secs(3600),
+        ..Limits::NONE
     };
     let mut store = open_service(&path, limits).expect("open");
     let tags = StreamKey::new("line1", Kind::Tag);

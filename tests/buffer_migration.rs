@@ -129,7 +129,7 @@ fn a_schema_3_buffer_is_read_back_whole_and_drains() {
         stats.bytes
     );
     drop(store);
-    assert_eq!(user_version(&path), 4);
+    assert_eq!(user_version(&path), 5);
     let legacy: i64 = rusqlite::Connection::open(&path)
         .expect("open")
         .query_row(

@@ -226,6 +226,8 @@ fn limits() -> Limits {
     Limits {
         max_size: MAX_SIZE,
         max_age: Duration::from_millis(MAX_AGE_MS as u64),
+        // Kept history must never change what is pending or announced.
+        retain_delivered: Duration::from_secs(3600),
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::intake::{IntakeObserver, Outlet, Submission, QUEUED_RECORDS};
 use super::worker::{Command, Reply, Worker};
-use super::{BufferError, DeadLetter, Eviction, Limits, Stats, Store};
+use super::{BufferError, DeadLetter, Eviction, Limits, RangeRead, Stats, Store};
 use crate::record::{NewRecord, RecordId, StoredRecord, StreamKey};
 
 /// Bounded so callers feel back-pressure when the disk falls behind,
@@ -157,6 +157,24 @@ impl BufferHandle {
         self.request(|reply| Command::ReadAfter {
             stream,
             after_seq,
+            max_records,
+            max_bytes,
+            reply,
+        })
+        .await
+    }
+
+    /// See [`Store::read_range`].
+    pub async fn read_range(
+        &self,
+        stream: StreamKey,
+        seqs: std::ops::RangeInclusive<u64>,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<RangeRead, BufferError> {
+        self.request(|reply| Command::ReadRange {
+            stream,
+            seqs,
             max_records,
             max_bytes,
             reply,

@@ -303,6 +303,9 @@ pub struct Limits {
     /// Records whose `ts_ms` is older than this are evicted by
     /// [`Store::evict_expired`].
     pub max_age: Duration,
+    /// Delivered records are kept this long for replay (zero: deleted on
+    /// acknowledgement); kept records give way to anything undelivered.
+    pub retain_delivered: Duration,
 }
 
 impl Limits {
@@ -310,17 +313,23 @@ impl Limits {
     pub const NONE: Limits = Limits {
         max_size: u64::MAX,
         max_age: Duration::MAX,
+        retain_delivered: Duration::ZERO,
     };
 
     pub fn from_config(config: &crate::config::BufferConfig) -> Limits {
         Limits {
             max_size: config.max_size,
             max_age: config.max_age,
+            retain_delivered: Duration::ZERO,
         }
     }
 
     pub(crate) fn max_age_ms(&self) -> Option<i64> {
         i64::try_from(self.max_age.as_millis()).ok()
+    }
+
+    pub(crate) fn retain_ms(&self) -> i64 {
+        i64::try_from(self.retain_delivered.as_millis()).unwrap_or(i64::MAX)
     }
 }
 
@@ -474,6 +483,16 @@ pub struct DeadLetter {
     pub dead_at_ms: i64,
 }
 
+/// What [`Store::read_range`] found of a seq range.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeRead {
+    /// Records still held, in seq order.
+    pub records: Vec<crate::record::StoredRecord>,
+    /// Every seq up to here has been looked at: one not in `records` is
+    /// no longer held. Below the range's end when the read was cut short.
+    pub scanned_to: u64,
+}
+
 /// Buffer totals, for `/status`, `/metrics` and `plantgate buffer stats`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
@@ -493,6 +512,16 @@ pub struct Stats {
     pub evicted_total: u64,
     /// Rows waiting in the dead-letter table.
     pub dead_letters: u64,
+    /// Delivered records kept for replay (`buffer.retain_delivered`), in
+    /// segments with nothing pending, and what those segments take. Not in
+    /// `records`/`bytes`: they give way to anything undelivered.
+    pub retained_records: u64,
+    pub retained_bytes: u64,
+    /// `ts_ms` of the oldest kept record: replay reaches back to here.
+    pub retained_from_ms: Option<i64>,
+    /// Kept records let go, ever (for room, or past `retain_delivered`):
+    /// not a loss, they had been delivered.
+    pub retained_released_total: u64,
     /// How many times dead letters were put back (`plantgate buffer retry`),
     /// ever, by any process: the uplink reads its streams again when it
     /// changes.
@@ -516,6 +545,13 @@ pub struct StreamStats {
     pub oldest_ts_ms: Option<i64>,
     /// Rows of this stream ever evicted.
     pub evicted_total: u64,
+    /// Delivered records of this stream kept for replay, their bytes, and
+    /// the seq and `ts_ms` where that history starts.
+    pub retained_records: u64,
+    pub retained_bytes: u64,
+    pub retained_first_seq: Option<u64>,
+    pub retained_from_ms: Option<i64>,
+    pub retained_released_total: u64,
 }
 
 impl StreamStats {

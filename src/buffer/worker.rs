@@ -22,7 +22,9 @@ use tokio::time::Instant;
 use super::intake::{
     report_accepted, report_dropped, IntakeObserver, Submission, MAX_COALESCED_RECORDS,
 };
-use super::{Append, BufferError, DeadLetter, Eviction, Limits, ProfileState, Stats, Store};
+use super::{
+    Append, BufferError, DeadLetter, Eviction, Limits, ProfileState, RangeRead, Stats, Store,
+};
 use crate::backoff::Backoff;
 use crate::record::{EventType, NewRecord, RecordId, StoredRecord, StreamKey};
 use crate::throttle::Throttle;
@@ -63,6 +65,13 @@ pub(super) enum Command {
         max_records: usize,
         max_bytes: usize,
         reply: Reply<Vec<StoredRecord>>,
+    },
+    ReadRange {
+        stream: StreamKey,
+        seqs: std::ops::RangeInclusive<u64>,
+        max_records: usize,
+        max_bytes: usize,
+        reply: Reply<RangeRead>,
     },
     Ack {
         ids: Vec<RecordId>,
@@ -280,6 +289,22 @@ impl Worker {
                 let result = self
                     .store
                     .read_after(&stream, after_seq, max_records, max_bytes);
+                let _ = reply.send(result);
+            }
+            Command::ReadRange {
+                stream,
+                seqs,
+                max_records,
+                max_bytes,
+                reply,
+            } => {
+                let result = self.store.read_range(
+                    &stream,
+                    *seqs.start(),
+                    *seqs.end(),
+                    max_records,
+                    max_bytes,
+                );
                 let _ = reply.send(result);
             }
             Command::Ack { ids, reply } => {

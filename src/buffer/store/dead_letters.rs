@@ -8,7 +8,7 @@ use rusqlite::params;
 use super::insert::insert_records;
 use super::read::for_each_segment;
 use super::segment::{self, Entry};
-use super::segrow::{NewSegment, SegRow};
+use super::segrow::{NewSegment, SegRow, Taking};
 use super::seqset::SeqSet;
 use super::tx::{Counters, OnFull, StreamDelta, Tx};
 use super::{accounted, agent_event, connection_value, Store};
@@ -159,7 +159,7 @@ fn move_rows(
     for_each_segment(tx, ids, |row, seqs| {
         // Decoded first: a segment taken whole is deleted at once.
         let seg = tx.decode(row)?;
-        let taken = tx.take_from(row, seqs, &mut moved)?;
+        let taken = tx.take_from(row, seqs, Taking::Lost, &mut moved)?;
         for &i in &taken.indexes {
             let e = seg.get(i);
             keep.execute(params![
@@ -205,7 +205,7 @@ fn requeue_stream(tx: &Tx<'_>, stream: i64, counters: &mut Counters) -> Result<u
             Some(row) => letters[i..].partition_point(|l| l.0 <= row.last_seq),
             None => {
                 let next = tx
-                    .segments_after(stream, letters[i].0)?
+                    .all_segments_after(stream, letters[i].0)?
                     .next()?
                     .map_or(i64::MAX, |row| row.first_seq);
                 letters[i..].partition_point(|l| l.0 < next)
@@ -236,19 +236,32 @@ fn requeue_into(
         })
         .collect();
     let mut gone = SeqSet::default();
+    let mut lost = SeqSet::default();
     let mut old_size = 0;
     if let Some(row) = &holder {
         seg = tx.decode(row)?;
         gone = row.gone.clone();
+        if row.pending == 0 {
+            // A kept segment: every record of it is gone.
+            for e in seg.iter() {
+                gone.insert(e.seq);
+            }
+        }
+        lost = row.lost.clone();
         for e in &entries {
             gone.remove(e.seq);
+            lost.remove(e.seq);
         }
         // A letter still in the blob (moved there from this segment)
         // keeps the blob's copy.
         entries.retain(|e| seg.position(e.seq).is_err());
         entries.extend(seg.iter());
         entries.sort_unstable_by_key(|e| e.seq);
-        old_size = row.size;
+        if row.is_kept() {
+            counters.stream(stream).unkept(row.kept, row.size, false);
+        } else {
+            old_size = row.size;
+        }
         tx.delete_segment(row.id)?;
     }
     let pending_before = holder.as_ref().map_or(0, |row| row.pending);
@@ -259,11 +272,32 @@ fn requeue_into(
             .codec
             .encode(run)
             .map_err(|e| tx.corrupt(format!("cannot encode records: {e}")))?;
-        let mut run_gone = SeqSet::default();
+        let (mut run_gone, mut run_lost) = (SeqSet::default(), SeqSet::default());
         for e in run.iter().filter(|e| gone.contains(e.seq)) {
             run_gone.insert(e.seq);
+            if lost.contains(e.seq) {
+                run_lost.insert(e.seq);
+            }
         }
-        let row = tx.insert_segment(stream, NewSegment::of(&blob, run, run_gone))?;
+        let new = NewSegment {
+            lost: run_lost,
+            ..NewSegment::of(&blob, run, run_gone)
+        };
+        if new.pending == 0 {
+            // A run of the holder with no letter in it: nothing to send.
+            // Kept, if it has delivered records and the buffer keeps them.
+            let mut replayable = run.iter().filter(|e| !new.lost.contains(e.seq));
+            let first_ts = replayable.next().map_or(0, |e| e.ts_ms);
+            let kept = run.iter().filter(|e| !new.lost.contains(e.seq)).count() as i64;
+            if tx.retain && kept > 0 {
+                let mut row = tx.insert_segment(stream, new)?;
+                row.kept = kept;
+                tx.keep(&mut row, first_ts)?;
+                counters.stream(stream).kept(kept, row.size);
+            }
+            continue;
+        }
+        let row = tx.insert_segment(stream, new)?;
         counters.stream(stream).grew(row.pending, row.size);
     }
     counters.stream(stream).grew(-pending_before, -old_size);

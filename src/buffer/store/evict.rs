@@ -9,11 +9,15 @@
 //!   (every kind, tags first);
 //! - **expiry** ([`Store::evict_expired`]): each stream's head while it is
 //!   older than `max_age`, pending records and dead letters alike.
+//!
+//! Kept history (delivered records kept for replay) goes before either, and
+//! silently: it was delivered, so letting it go loses nothing
+//! ([`release_kept`]; counted per stream as `released_total`).
 
 use rusqlite::params;
 
 use super::insert::insert_records;
-use super::segrow::{pending_after, SegRow};
+use super::segrow::{pending_after, SegRow, Taking};
 use super::tx::{Counters, OnFull, StreamRow, Tx};
 use super::{accounted, agent_event, connection_value, is_sqlite_full, Store};
 use crate::buffer::{BufferError, Eviction, EvictionReason};
@@ -187,6 +191,13 @@ impl Store {
     ) -> Result<u64, BufferError> {
         let mut freed = 0u64;
         while freed < want {
+            let released = self.write("release kept", OnFull::Pass, |tx| {
+                release_kept(tx, want - freed, None)
+            })?;
+            if released > 0 {
+                freed = freed.saturating_add(released);
+                continue;
+            }
             let chunk = self.evict_chunk(lane, want - freed, reason)?;
             if chunk.is_empty() {
                 break;
@@ -232,10 +243,23 @@ impl Store {
     fn expire_once(&mut self, now_ms: i64) -> Result<Vec<Eviction>, BufferError> {
         self.lift_disk_cap()?;
         let mut out = Vec::new();
-        let Some(age) = self.limits.max_age_ms() else {
-            return Ok(out);
+        let cutoff = self
+            .limits
+            .max_age_ms()
+            .map_or(i64::MIN, |age| now_ms.saturating_sub(age));
+        // Kept history past `retain_delivered` (or whose records passed
+        // `max_age`), a chunk per transaction.
+        let expiry = KeptExpiry {
+            delivered_before: now_ms.saturating_sub(self.limits.retain_ms()),
+            ts_before: cutoff,
         };
-        let cutoff = now_ms.saturating_sub(age);
+        while self.write("release kept", OnFull::Pass, |tx| {
+            release_kept(tx, u64::MAX, Some(expiry))
+        })? > 0
+        {}
+        if self.limits.max_age_ms().is_none() {
+            return Ok(out);
+        }
         // Pending rows first, then dead letters, each in stream order.
         let heads = self.snapshot("evict expired", |tx| {
             let mut heads = Vec::new();
@@ -316,6 +340,52 @@ impl Store {
             Ok(Some((evictions, full_chunk)))
         })
     }
+}
+
+/// When kept history expires: delivered before `delivered_before`, or
+/// records older than `ts_before` (`max_age` holds for kept records too).
+#[derive(Clone, Copy)]
+struct KeptExpiry {
+    delivered_before: i64,
+    ts_before: i64,
+}
+
+/// Deletes kept segments, those delivered longest ago first, until `want`
+/// bytes are freed or [`CHUNK_MAX_SEGMENTS`] are gone; with `expiry`, only
+/// expired ones. No announcement: their records were delivered. Returns
+/// the bytes freed.
+fn release_kept(tx: &Tx<'_>, want: u64, expiry: Option<KeptExpiry>) -> Result<u64, BufferError> {
+    let (filter, cutoffs) = match expiry {
+        Some(x) => (
+            "AND (delivered_ms IS NULL OR delivered_ms < ?2 OR head_ts < ?3)",
+            (x.delivered_before, x.ts_before),
+        ),
+        None => ("AND ?2 = ?2 AND ?3 = ?3", (0, 0)),
+    };
+    let picked: Vec<(i64, i64, i64, i64)> = tx
+        .stmt(&format!(
+            "SELECT id, stream, kept, size FROM segments INDEXED BY segments_retained \
+             WHERE pending = 0 {filter} ORDER BY delivered_ms LIMIT ?1"
+        ))?
+        .query_map(
+            params![CHUNK_MAX_SEGMENTS as i64, cutoffs.0, cutoffs.1],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .map_err(tx.err())?
+        .collect::<Result<_, _>>()
+        .map_err(tx.err())?;
+    let mut counters = Counters::default();
+    let mut freed = 0u64;
+    for (id, stream, kept, size) in picked {
+        if freed >= want {
+            break;
+        }
+        tx.delete_segment(id)?;
+        counters.stream(stream).unkept(kept, size, true);
+        freed = freed.saturating_add(size.max(0) as u64);
+    }
+    counters.write(tx)?;
+    Ok(freed)
 }
 
 /// The head records of `head` older than `cutoff`, at most a chunk; a
@@ -620,7 +690,10 @@ fn delete_segments(tx: &Tx<'_>, r: Range, counters: &mut Counters) -> Result<(),
                 taken += row.pending;
             }
             Some(seqs) => {
-                let n = tx.take_from(&mut row, &seqs, counters)?.indexes.len() as i64;
+                let n = tx
+                    .take_from(&mut row, &seqs, Taking::Lost, counters)?
+                    .indexes
+                    .len() as i64;
                 // `take_from` took them off the pending counters.
                 counters.stream(row.stream).evicted(n, 0, false);
                 taken += n;

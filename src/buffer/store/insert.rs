@@ -125,6 +125,7 @@ impl<'r> Prepared<'r> {
                         head_seq: next_seq + p.first,
                         head_ts: p.first_ts,
                         gone: SeqSet::default(),
+                        lost: SeqSet::default(),
                     },
                 )?;
                 counters

@@ -30,6 +30,8 @@ mod evict;
 mod insert;
 mod read;
 mod repair;
+#[cfg(test)]
+mod replay_tests;
 mod schema;
 mod segment;
 mod segrow;

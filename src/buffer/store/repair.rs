@@ -82,6 +82,12 @@ impl Store {
             };
             tx.delete_segment(segment)?;
             let mut counters = Counters::default();
+            if row.pending == 0 {
+                // Kept history, all delivered: nothing to announce.
+                counters.stream(row.stream).unkept(row.kept, row.size, true);
+                counters.write(tx)?;
+                return Ok(None);
+            }
             counters
                 .stream(row.stream)
                 .evicted(row.pending, row.size, true);

@@ -14,10 +14,10 @@ use super::{sidecar, Store};
 use crate::buffer::BufferError;
 use crate::config::Synchronous;
 
-/// `PRAGMA user_version` of the schema below. Files of versions 1 to 3 are
-/// upgraded in place ([`migrate`], then `Store::convert_legacy` for their
-/// records); a newer file is refused untouched.
-pub(super) const SCHEMA_VERSION: i64 = 4;
+/// `PRAGMA user_version` of the schema below. Files of versions 1 to 4 are
+/// upgraded in place ([`migrate`], then `Store::convert_legacy` for the
+/// records of versions 1 to 3); a newer file is refused untouched.
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Long enough to ride out a checkpoint or a short `plantgate buffer ...`
 /// command holding the write lock; short, because every buffer command
@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS streams (
     records       INTEGER NOT NULL DEFAULT 0,
     bytes         INTEGER NOT NULL DEFAULT 0,
     evicted_total INTEGER NOT NULL DEFAULT 0,
+    retained      INTEGER NOT NULL DEFAULT 0,
+    retained_bytes INTEGER NOT NULL DEFAULT 0,
+    released_total INTEGER NOT NULL DEFAULT 0,
     UNIQUE (connection, kind)
 );
 CREATE TABLE IF NOT EXISTS segments (
@@ -52,9 +55,14 @@ CREATE TABLE IF NOT EXISTS segments (
     head_seq  INTEGER NOT NULL,
     head_ts   INTEGER NOT NULL,
     size      INTEGER NOT NULL,
-    gone      BLOB
+    gone      BLOB,
+    delivered_ms INTEGER,
+    lost      BLOB,
+    kept      INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS segments_stream_seq ON segments (stream, last_seq);
+CREATE INDEX IF NOT EXISTS segments_pending ON segments (stream, last_seq) WHERE pending > 0;
+CREATE INDEX IF NOT EXISTS segments_retained ON segments (delivered_ms) WHERE pending = 0;
 CREATE TABLE IF NOT EXISTS segment_data (
     id   INTEGER PRIMARY KEY,
     blob BLOB NOT NULL
@@ -82,9 +90,10 @@ CREATE TABLE IF NOT EXISTS profile_state (
 /// columns is as unusable as garbage).
 const SCHEMA_PROBES: [&str; 6] = [
     "SELECT key, value FROM meta LIMIT 0",
-    "SELECT id, connection, kind, next_seq, records, bytes, evicted_total FROM streams LIMIT 0",
-    "SELECT id, stream, first_seq, last_seq, count, pending, head_seq, head_ts, size, gone \
-     FROM segments LIMIT 0",
+    "SELECT id, connection, kind, next_seq, records, bytes, evicted_total, retained, \
+     retained_bytes, released_total FROM streams LIMIT 0",
+    "SELECT id, stream, first_seq, last_seq, count, pending, head_seq, head_ts, size, gone, \
+     delivered_ms, lost, kept FROM segments LIMIT 0",
     "SELECT id, blob FROM segment_data LIMIT 0",
     "SELECT id, stream, seq, ts_ms, data, size, reason, dead_ms FROM dead_letters LIMIT 0",
     "SELECT connection, snapshot, updated_ms FROM profile_state LIMIT 0",
@@ -244,10 +253,12 @@ fn init_schema(conn: &mut Connection, path: &Path) -> Result<String, OpenError> 
 /// Brings an older file up to [`SCHEMA_VERSION`]: version 1 lacks
 /// `streams.evicted_total` and `dead_letters`, version 2 lacks
 /// `profile_state`, versions up to 3 keep records one per row in `records`
-/// instead of segments; the `CREATE ... IF NOT EXISTS` of [`SCHEMA`] adds
-/// the missing tables. The rows of `records` are moved into segments after
-/// this transaction, in chunks (`Store::convert_legacy`); the version says
-/// 4 from here on, so an older plantgate refuses the file meanwhile.
+/// instead of segments, versions up to 4 keep nothing once delivered (the
+/// retention columns of `streams` and `segments`); the `CREATE ... IF NOT
+/// EXISTS` of [`SCHEMA`] adds the missing tables and indexes. The rows of
+/// `records` are moved into segments after this transaction, in chunks
+/// (`Store::convert_legacy`); the version says 5 from here on, so an older
+/// plantgate refuses the file meanwhile.
 fn migrate(tx: &Transaction, path: &Path) -> Result<(), OpenError> {
     let classify = |op| schema_error(op, path);
     let version: i64 = tx
@@ -271,11 +282,36 @@ fn migrate(tx: &Transaction, path: &Path) -> Result<(), OpenError> {
             )
             .map_err(classify("upgrade"))?;
         }
+        // A file from before segments (1 to 3) gets its `segments` table
+        // from SCHEMA below, with every column; `streams` it has.
+        let added = [
+            ("streams", "retained", "INTEGER NOT NULL DEFAULT 0"),
+            ("streams", "retained_bytes", "INTEGER NOT NULL DEFAULT 0"),
+            ("streams", "released_total", "INTEGER NOT NULL DEFAULT 0"),
+            ("segments", "delivered_ms", "INTEGER"),
+            ("segments", "lost", "BLOB"),
+            ("segments", "kept", "INTEGER NOT NULL DEFAULT 0"),
+        ];
+        for (table, column, decl) in added {
+            add_column(tx, table, column, decl).map_err(classify("upgrade"))?;
+        }
         tx.execute_batch(SCHEMA).map_err(classify("open"))?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(classify("open"))?;
     }
     Ok(())
+}
+
+/// Adds `column` to `table` when the table exists without it.
+fn add_column(tx: &Transaction, table: &str, column: &str, decl: &str) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare("SELECT name FROM pragma_table_info(?1)")?;
+    let columns = stmt
+        .query_map(params![table], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    if columns.is_empty() || columns.iter().any(|c| c == column) {
+        return Ok(());
+    }
+    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
 }
 
 /// The file's epoch, created with the schema (invariant 3).

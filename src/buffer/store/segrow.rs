@@ -4,6 +4,12 @@
 //! shares: finding the segments of a range, decoding them (through a small
 //! cache: the uplink reads a segment in several messages and acks it
 //! right after), and taking records out of them.
+//!
+//! A segment whose last pending record goes is deleted, or, with
+//! `buffer.retain_delivered`, *kept*: `pending = 0`, `delivered_ms` set,
+//! `kept` records of it replayable (all but those in `lost`). Pending
+//! work finds pending segments through the partial index
+//! `segments_pending`, so kept history costs the live path nothing.
 
 use std::sync::Arc;
 
@@ -18,8 +24,18 @@ use crate::buffer::BufferError;
 /// and the `(stream, last_seq)` index entry.
 pub const SEGMENT_OVERHEAD_BYTES: i64 = 64;
 
-const COLUMNS: &str =
-    "id, stream, first_seq, last_seq, count, pending, head_seq, head_ts, size, gone";
+const COLUMNS: &str = "id, stream, first_seq, last_seq, count, pending, head_seq, head_ts, \
+     size, gone, delivered_ms, lost, kept";
+
+/// Why records leave the pending ones ([`Tx::take_from`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Taking {
+    /// The broker has them: they may be kept for replay.
+    Delivered,
+    /// Evicted or moved to the dead letters: the blob's copy must never be
+    /// replayed (the dead-letter row, while it exists, is the copy).
+    Lost,
+}
 
 /// A `segments` row.
 #[derive(Clone, Debug)]
@@ -40,8 +56,16 @@ pub(super) struct SegRow {
     pub head_ts: i64,
     /// Accounted bytes: the blob plus [`SEGMENT_OVERHEAD_BYTES`].
     pub size: i64,
-    /// Seqs of the blob no longer pending.
+    /// Seqs of the blob no longer pending (empty, and meaningless, once
+    /// `pending` is 0).
     pub gone: SeqSet,
+    /// When the last pending record was delivered, for a kept segment.
+    pub delivered_ms: Option<i64>,
+    /// Seqs of the blob that left undelivered ([`Taking::Lost`]).
+    pub lost: SeqSet,
+    /// Records of a kept segment that can be replayed (`count` minus
+    /// `lost`); 0 while records are pending.
+    pub kept: i64,
 }
 
 impl SegRow {
@@ -51,7 +75,12 @@ impl SegRow {
         self.count == self.last_seq - self.first_seq + 1
     }
 
-    fn from_sql(row: &Row<'_>) -> rusqlite::Result<(SegRow, Option<Vec<u8>>)> {
+    /// Kept for replay: nothing pending, delivered records in it.
+    pub fn is_kept(&self) -> bool {
+        self.pending == 0 && self.delivered_ms.is_some()
+    }
+
+    fn from_sql(row: &Row<'_>) -> rusqlite::Result<Found> {
         Ok((
             SegRow {
                 id: row.get(0)?,
@@ -64,26 +93,55 @@ impl SegRow {
                 head_ts: row.get(7)?,
                 size: row.get(8)?,
                 gone: SeqSet::default(),
+                delivered_ms: row.get(10)?,
+                lost: SeqSet::default(),
+                kept: row.get(12)?,
             },
             row.get(9)?,
+            row.get(11)?,
         ))
     }
 }
 
+/// A row as read, with its `gone` and `lost` sets still encoded.
+type Found = (SegRow, Option<Vec<u8>>, Option<Vec<u8>>);
+
 impl Tx<'_> {
-    fn seg_row(&self, found: (SegRow, Option<Vec<u8>>)) -> Result<SegRow, BufferError> {
-        let (mut row, gone) = found;
-        if let Some(bytes) = gone {
-            row.gone = SeqSet::decode(&bytes, row.first_seq)
-                .map_err(|e| self.corrupt(format!("segment {}: {e}", row.id)))?;
-        }
+    fn seg_row(&self, found: Found) -> Result<SegRow, BufferError> {
+        let (mut row, gone, lost) = found;
+        let set = |bytes: Option<Vec<u8>>| match bytes {
+            Some(bytes) => SeqSet::decode(&bytes, row.first_seq)
+                .map_err(|e| self.corrupt(format!("segment {}: {e}", row.id))),
+            None => Ok(SeqSet::default()),
+        };
+        row.gone = set(gone)?;
+        row.lost = set(lost)?;
         Ok(row)
     }
 
-    /// The segments of `stream` holding seqs above `after`, in seq order.
+    /// The segments of `stream` with pending records above `after`, in seq
+    /// order.
     pub fn segments_after(&self, stream: i64, after: i64) -> Result<SegCursor<'_>, BufferError> {
+        self.cursor(
+            "INDEXED BY segments_pending WHERE stream = ?1 AND last_seq > ?2 AND pending > 0",
+            stream,
+            after,
+        )
+    }
+
+    /// Every segment of `stream` (pending or kept) holding seqs above
+    /// `after`, in seq order.
+    pub fn all_segments_after(
+        &self,
+        stream: i64,
+        after: i64,
+    ) -> Result<SegCursor<'_>, BufferError> {
+        self.cursor("WHERE stream = ?1 AND last_seq > ?2", stream, after)
+    }
+
+    fn cursor(&self, filter: &str, stream: i64, after: i64) -> Result<SegCursor<'_>, BufferError> {
         let stmt = self.stmt(&format!(
-            "SELECT {COLUMNS} FROM segments WHERE stream = ?1 AND last_seq > ?2 ORDER BY last_seq"
+            "SELECT {COLUMNS} FROM segments {filter} ORDER BY last_seq"
         ))?;
         Ok(SegCursor {
             tx: self,
@@ -120,11 +178,12 @@ impl Tx<'_> {
         found.map(|f| self.seg_row(f)).transpose()
     }
 
-    /// The segment of `stream` with the highest seqs.
+    /// The segment of `stream` with the highest pending seqs.
     pub fn tail_segment(&self, stream: i64) -> Result<Option<SegRow>, BufferError> {
         let found = self
             .stmt(&format!(
-                "SELECT {COLUMNS} FROM segments WHERE stream = ?1 ORDER BY last_seq DESC LIMIT 1"
+                "SELECT {COLUMNS} FROM segments INDEXED BY segments_pending \
+                 WHERE stream = ?1 AND pending > 0 ORDER BY last_seq DESC LIMIT 1"
             ))?
             .query_row(params![stream], SegRow::from_sql)
             .optional()
@@ -192,11 +251,15 @@ impl Tx<'_> {
             head_ts: new.head_ts,
             size: new.blob.len() as i64 + SEGMENT_OVERHEAD_BYTES,
             gone: new.gone,
+            delivered_ms: None,
+            lost: new.lost,
+            kept: 0,
         };
         row.id = self
             .stmt(
                 "INSERT INTO segments (stream, first_seq, last_seq, count, pending, head_seq, \
-                 head_ts, size, gone) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
+                 head_ts, size, gone, lost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 RETURNING id",
             )?
             .query_row(
                 params![
@@ -208,7 +271,8 @@ impl Tx<'_> {
                     row.head_seq,
                     row.head_ts,
                     row.size,
-                    gone_blob(&row),
+                    set_blob(&row.gone, row.first_seq),
+                    set_blob(&row.lost, row.first_seq),
                 ],
                 |r| r.get(0),
             )
@@ -232,21 +296,32 @@ impl Tx<'_> {
     }
 
     /// Takes the pending records among `seqs` (sorted, within the span of
-    /// `row`) out of it: marks them gone, or deletes the segment when none
-    /// is left, and counts them in `counters` as removed. Returns the
+    /// `row`) out of it: marks them gone (and, [`Taking::Lost`], lost),
+    /// and when none is left deletes the segment or keeps it
+    /// ([`Tx::retain`]); counts them in `counters` as removed. Returns the
     /// indexes of the records taken (into the decoded segment).
     pub fn take_from(
         &self,
         row: &mut SegRow,
         seqs: &[i64],
+        why: Taking,
         counters: &mut Counters,
     ) -> Result<Taken, BufferError> {
+        let mut taken = Taken {
+            first_seq: 0,
+            last_seq: 0,
+            indexes: Vec::new(),
+        };
+        if row.pending == 0 {
+            // Kept history: a duplicate acknowledgement after a reconnect.
+            return Ok(taken);
+        }
         let whole = row.dense()
             && row.gone.is_empty()
             && seqs.len() as i64 == row.count
             && seqs.first() == Some(&row.first_seq)
             && seqs.last() == Some(&row.last_seq);
-        if whole {
+        if whole && (why == Taking::Lost || !self.retain) {
             // The common ack: every record of an untouched segment.
             self.delete_segment(row.id)?;
             counters
@@ -259,53 +334,100 @@ impl Tx<'_> {
                 indexes: (0..row.count as usize).collect(),
             });
         }
+        if whole {
+            // The same, kept: no decoding, `head_ts` is the first record's.
+            row.kept = row.count;
+            self.keep(row, row.head_ts)?;
+            let d = counters.stream(row.stream);
+            d.removed(row.first_seq, row.last_seq, row.count, row.size);
+            d.kept(row.kept, row.size);
+            return Ok(Taken {
+                first_seq: row.first_seq,
+                last_seq: row.last_seq,
+                indexes: (0..row.count as usize).collect(),
+            });
+        }
         let seg = self.decode(row)?;
-        let mut indexes = Vec::new();
         for &seq in seqs {
             if let Ok(i) = seg.position(seq) {
                 if row.gone.insert(seq) {
-                    indexes.push(i);
+                    if why == Taking::Lost {
+                        row.lost.insert(seq);
+                    }
+                    taken.indexes.push(i);
                 }
             }
         }
-        let mut taken = Taken {
-            first_seq: 0,
-            last_seq: 0,
-            indexes,
-        };
         let (Some(&first), Some(&last)) = (taken.indexes.first(), taken.indexes.last()) else {
             return Ok(taken);
         };
         taken.first_seq = seg.get(first).seq;
         taken.last_seq = seg.get(last).seq;
         let n = taken.indexes.len() as i64;
-        if n >= row.pending {
-            self.delete_segment(row.id)?;
-            counters
-                .stream(row.stream)
-                .removed(taken.first_seq, taken.last_seq, n, row.size);
-            row.pending = 0;
-        } else {
+        if n < row.pending {
             set_head(row, &seg);
             self.save(row)?;
             counters
                 .stream(row.stream)
                 .removed(taken.first_seq, taken.last_seq, n, 0);
+            return Ok(taken);
+        }
+        let kept = seg.iter().filter(|e| !row.lost.contains(e.seq)).count() as i64;
+        let d = counters.stream(row.stream);
+        d.removed(taken.first_seq, taken.last_seq, n, row.size);
+        if self.retain && kept > 0 {
+            let first_ts = seg
+                .iter()
+                .find(|e| !row.lost.contains(e.seq))
+                .map_or(0, |e| e.ts_ms);
+            row.kept = kept;
+            self.keep(row, first_ts)?;
+            d.kept(kept, row.size);
+        } else {
+            self.delete_segment(row.id)?;
+            row.pending = 0;
         }
         Ok(taken)
+    }
+
+    /// Keeps a segment whose last pending record was just delivered:
+    /// `head_ts` becomes the first replayable record's `ts_ms` (where the
+    /// kept history of the stream starts).
+    pub fn keep(&self, row: &mut SegRow, first_ts: i64) -> Result<(), BufferError> {
+        row.pending = 0;
+        row.gone = SeqSet::default();
+        row.head_seq = row.first_seq;
+        row.head_ts = first_ts;
+        row.delivered_ms = Some(crate::record::now_ms());
+        self.stmt(
+            "UPDATE segments SET pending = 0, head_seq = ?2, head_ts = ?3, gone = NULL, \
+             delivered_ms = ?4, lost = ?5, kept = ?6 WHERE id = ?1",
+        )?
+        .execute(params![
+            row.id,
+            row.head_seq,
+            row.head_ts,
+            row.delivered_ms,
+            set_blob(&row.lost, row.first_seq),
+            row.kept
+        ])
+        .map_err(self.err())?;
+        Ok(())
     }
 
     /// Writes the mutable columns of `row` back.
     fn save(&self, row: &SegRow) -> Result<(), BufferError> {
         self.stmt(
-            "UPDATE segments SET pending = ?2, head_seq = ?3, head_ts = ?4, gone = ?5 WHERE id = ?1",
+            "UPDATE segments SET pending = ?2, head_seq = ?3, head_ts = ?4, gone = ?5, lost = ?6 \
+             WHERE id = ?1",
         )?
         .execute(params![
             row.id,
             row.pending,
             row.head_seq,
             row.head_ts,
-            gone_blob(row)
+            set_blob(&row.gone, row.first_seq),
+            set_blob(&row.lost, row.first_seq)
         ])
         .map_err(self.err())?;
         Ok(())
@@ -322,6 +444,8 @@ pub(super) struct NewSegment<'b> {
     pub head_seq: i64,
     pub head_ts: i64,
     pub gone: SeqSet,
+    /// Seqs of `gone` that left undelivered (a re-queued segment).
+    pub lost: SeqSet,
 }
 
 impl<'b> NewSegment<'b> {
@@ -337,6 +461,7 @@ impl<'b> NewSegment<'b> {
             head_seq: 0,
             head_ts: 0,
             gone,
+            lost: SeqSet::default(),
         };
         let mut head = None;
         for e in entries {
@@ -374,8 +499,8 @@ fn set_head(row: &mut SegRow, seg: &Segment) {
     row.head_ts = ts;
 }
 
-fn gone_blob(row: &SegRow) -> Option<Vec<u8>> {
-    (!row.gone.is_empty()).then(|| row.gone.encode(row.first_seq))
+fn set_blob(set: &SeqSet, base: i64) -> Option<Vec<u8>> {
+    (!set.is_empty()).then(|| set.encode(base))
 }
 
 /// Segments of one stream in seq order, read in pages so that any number

@@ -23,6 +23,13 @@ impl Store {
                 out.records += s.records;
                 out.bytes += s.bytes;
                 out.evicted_total += s.evicted_total;
+                out.retained_records += s.retained_records;
+                out.retained_bytes += s.retained_bytes;
+                out.retained_released_total += s.retained_released_total;
+                out.retained_from_ms = match (out.retained_from_ms, s.retained_from_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 out.oldest_ts_ms = match (out.oldest_ts_ms, s.oldest_ts_ms) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -65,10 +72,18 @@ impl Store {
 fn stream_stats(tx: &Tx<'_>) -> Result<Vec<StreamStats>, BufferError> {
     let e = tx.err();
     let mut list = tx.stmt(
-        "SELECT id, connection, kind, next_seq, records, bytes, evicted_total FROM streams",
+        "SELECT id, connection, kind, next_seq, records, bytes, evicted_total, retained, \
+         retained_bytes, released_total FROM streams",
     )?;
     let mut first = tx.stmt(
-        "SELECT head_seq, head_ts FROM segments WHERE stream = ?1 ORDER BY last_seq ASC LIMIT 1",
+        "SELECT head_seq, head_ts FROM segments INDEXED BY segments_pending \
+         WHERE stream = ?1 AND pending > 0 ORDER BY last_seq ASC LIMIT 1",
+    )?;
+    // Kept segments sit below the pending ones: the oldest is at the
+    // stream's low end of the (stream, last_seq) index.
+    let mut kept_first = tx.stmt(
+        "SELECT first_seq, head_ts FROM segments WHERE stream = ?1 AND pending = 0 \
+         ORDER BY last_seq ASC LIMIT 1",
     )?;
 
     let mut out = Vec::new();
@@ -80,10 +95,21 @@ fn stream_stats(tx: &Tx<'_>) -> Result<Vec<StreamStats>, BufferError> {
         let records: i64 = row.get(4).map_err(&e)?;
         let bytes: i64 = row.get(5).map_err(&e)?;
         let evicted: i64 = row.get(6).map_err(&e)?;
+        let retained: i64 = row.get(7).map_err(&e)?;
+        let retained_bytes: i64 = row.get(8).map_err(&e)?;
+        let released: i64 = row.get(9).map_err(&e)?;
         let head: Option<(i64, i64)> = first
             .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(&e)?;
+        let kept: Option<(i64, i64)> = if retained > 0 {
+            kept_first
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(&e)?
+        } else {
+            None
+        };
         let tail = match tx.tail_segment(id)? {
             Some(row) => Some(tx.last_pending(&row)?),
             None => None,
@@ -98,6 +124,11 @@ fn stream_stats(tx: &Tx<'_>) -> Result<Vec<StreamStats>, BufferError> {
             next_seq: next_seq as u64,
             oldest_ts_ms: head.map(|(_, ts)| ts),
             evicted_total: evicted.max(0) as u64,
+            retained_records: retained.max(0) as u64,
+            retained_bytes: retained_bytes.max(0) as u64,
+            retained_first_seq: kept.map(|(seq, _)| seq as u64),
+            retained_from_ms: kept.map(|(_, ts)| ts),
+            retained_released_total: released.max(0) as u64,
         });
     }
     Ok(out)

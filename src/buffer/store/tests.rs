@@ -110,13 +110,17 @@ fn all(store: &Store, stream: &StreamKey) -> Vec<StoredRecord> {
         .expect("read")
 }
 
-/// Recomputes invariant 4 the slow way and compares it with the counters.
-fn assert_counters_match(store: &Store) {
+/// Recomputes invariant 4 the slow way and compares it with the counters,
+/// pending and kept alike.
+pub(super) fn assert_counters_match(store: &Store) {
     let mut stmt = store
         .conn
         .prepare(
-            "SELECT s.id, s.records, s.bytes, coalesce(sum(g.pending), 0), \
-             coalesce(sum(g.size), 0) \
+            "SELECT s.id, s.records, s.bytes, s.retained, s.retained_bytes, \
+             coalesce(sum(g.pending), 0), \
+             coalesce(sum(CASE WHEN g.pending > 0 THEN g.size ELSE 0 END), 0), \
+             coalesce(sum(CASE WHEN g.pending = 0 THEN g.kept ELSE 0 END), 0), \
+             coalesce(sum(CASE WHEN g.pending = 0 THEN g.size ELSE 0 END), 0) \
              FROM streams s LEFT JOIN segments g ON g.stream = s.id GROUP BY s.id",
         )
         .expect("prepare");
@@ -124,19 +128,16 @@ fn assert_counters_match(store: &Store) {
         .query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
+                [r.get::<_, i64>(1)?, r.get(2)?, r.get(3)?, r.get(4)?],
+                [r.get::<_, i64>(5)?, r.get(6)?, r.get(7)?, r.get(8)?],
             ))
         })
         .expect("query");
     for row in rows {
-        let (id, records, bytes, real_records, real_bytes) = row.expect("row");
+        let (id, counters, real) = row.expect("row");
         assert_eq!(
-            (records, bytes),
-            (real_records, real_bytes),
-            "counters of stream {id}"
+            counters, real,
+            "counters (records, bytes, retained, retained_bytes) of stream {id}"
         );
     }
 }
@@ -471,6 +472,11 @@ mod stats {
                     next_seq: 5,
                     oldest_ts_ms: Some(1_700_000_000_002),
                     evicted_total: 0,
+                    retained_records: 0,
+                    retained_bytes: 0,
+                    retained_first_seq: None,
+                    retained_from_ms: None,
+                    retained_released_total: 0,
                 },
                 StreamStats {
                     connection: "line1".into(),
@@ -482,6 +488,11 @@ mod stats {
                     next_seq: 2,
                     oldest_ts_ms: Some(1_700_000_000_000 - 5),
                     evicted_total: 0,
+                    retained_records: 0,
+                    retained_bytes: 0,
+                    retained_first_seq: None,
+                    retained_from_ms: None,
+                    retained_released_total: 0,
                 },
             ]
         );

@@ -33,6 +33,9 @@ pub(super) struct Tx<'a> {
     op: &'static str,
     /// The codec and the decoded-segment cache of the store.
     pub segments: &'a RefCell<Segments>,
+    /// Keep a segment once its last record is delivered
+    /// (`buffer.retain_delivered` above zero) instead of deleting it.
+    pub retain: bool,
 }
 
 impl<'a> Tx<'a> {
@@ -153,6 +156,7 @@ impl Store {
             path: &self.path,
             op,
             segments: &self.segments,
+            retain: !self.limits.retain_delivered.is_zero(),
         };
         let value = body(&tx)?;
         tx.tx.commit().map_err(&err)?;
@@ -175,6 +179,7 @@ impl Store {
             path: &self.path,
             op,
             segments: &self.segments,
+            retain: !self.limits.retain_delivered.is_zero(),
         };
         let value = body(&tx)?;
         tx.tx.finish().map_err(sql_err(op, &self.path))?;
@@ -201,6 +206,12 @@ pub(super) struct StreamDelta {
     /// Lowest and highest seq of the rows appended or removed: what an
     /// announcement names.
     pub seqs: Option<(i64, i64)>,
+    /// Delivered records kept for replay, added or removed, and the
+    /// accounted bytes of their segments.
+    pub retained: i64,
+    pub retained_bytes: i64,
+    /// Kept records let go (for room, or older than `retain_delivered`).
+    pub released: i64,
 }
 
 impl StreamDelta {
@@ -243,6 +254,23 @@ impl StreamDelta {
         }
     }
 
+    /// A delivered segment of `size` bytes is kept, with `count` records
+    /// that can be replayed.
+    pub fn kept(&mut self, count: i64, size: i64) {
+        self.retained += count;
+        self.retained_bytes += size;
+    }
+
+    /// A kept segment left (`count` records, `size` bytes); `released` when
+    /// that is the retention's own doing rather than a re-queue rewriting it.
+    pub fn unkept(&mut self, count: i64, size: i64, released: bool) {
+        self.retained -= count;
+        self.retained_bytes -= size;
+        if released {
+            self.released += count;
+        }
+    }
+
     fn widen(&mut self, seq: i64) {
         self.seqs = Some(match self.seqs {
             Some((first, last)) => (first.min(seq), last.max(seq)),
@@ -279,12 +307,22 @@ impl Counters {
     pub fn write(&self, tx: &Tx<'_>) -> Result<(), BufferError> {
         let mut update = tx.stmt(
             "UPDATE streams SET next_seq = coalesce(?2, next_seq), \
-             records = records + ?3, bytes = bytes + ?4, evicted_total = evicted_total + ?5 \
-             WHERE id = ?1",
+             records = records + ?3, bytes = bytes + ?4, evicted_total = evicted_total + ?5, \
+             retained = retained + ?6, retained_bytes = retained_bytes + ?7, \
+             released_total = released_total + ?8 WHERE id = ?1",
         )?;
         for d in &self.0 {
             update
-                .execute(params![d.stream, d.next_seq, d.records, d.bytes, d.evicted])
+                .execute(params![
+                    d.stream,
+                    d.next_seq,
+                    d.records,
+                    d.bytes,
+                    d.evicted,
+                    d.retained,
+                    d.retained_bytes,
+                    d.released
+                ])
                 .map_err(tx.err())?;
         }
         Ok(())
