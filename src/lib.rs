@@ -24,6 +24,7 @@ pub mod nodeid;
 pub mod profile;
 pub mod rate;
 pub mod record;
+pub mod replay;
 pub mod secret;
 pub mod sim;
 pub mod source;

@@ -27,8 +27,15 @@ pub(super) const MQTT_KEYS: &[&str] = &[
     "max_message_bytes",
     "reconnect_initial",
     "reconnect_max",
+    "replay_max_records",
 ];
-pub(super) const BUFFER_KEYS: &[&str] = &["max_size", "max_age", "synchronous", "headroom_warning"];
+pub(super) const BUFFER_KEYS: &[&str] = &[
+    "max_size",
+    "max_age",
+    "synchronous",
+    "headroom_warning",
+    "retain_delivered",
+];
 pub(super) const UNIT_KEYS: &[&str] = &["name", "recipe_parameters"];
 pub(super) const WORK_CENTER_KEYS: &[&str] = &["name"];
 pub(super) const TAG_KEYS: &[&str] = &["name", "node", "sampling_interval", "deadband"];

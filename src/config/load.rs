@@ -614,6 +614,29 @@ impl Walker<'_> {
         }
     }
 
+    /// A whole number >= 0. TOML integers only (not `"100"`, not `1e5`): a
+    /// count written as a string or a float is more likely a mistake than a
+    /// choice; environment variables are text and parsed.
+    fn unsigned(&mut self, t: Option<&Table>, prefix: &str, key: &str) -> Option<u64> {
+        let v = get(t, key)?;
+        let parsed = match &v.kind {
+            ValueKind::I64(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+            ValueKind::U64(n) => Ok(*n),
+            ValueKind::String(s) if from_env(v) => s
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| format!("expected a whole number, found {s:?}")),
+            _ => Err(format!("expected a whole number, found {}", describe(v))),
+        };
+        match parsed {
+            Ok(n) => Some(n),
+            Err(e) => {
+                self.problem(join(prefix, key), e);
+                None
+            }
+        }
+    }
+
     fn number(&mut self, t: Option<&Table>, prefix: &str, key: &str) -> Option<f64> {
         let v = get(t, key)?;
         let n = match &v.kind {
@@ -946,6 +969,17 @@ impl Walker<'_> {
         );
         let max_message_bytes = self.max_message_bytes(t, p);
         let (reconnect_initial, reconnect_max) = self.backoff(t, p);
+        let replay_max_records = match self.unsigned(t, p, "replay_max_records") {
+            None => 100_000,
+            Some(0) => {
+                self.problem(
+                    join(p, "replay_max_records"),
+                    "must be at least 1 (a replay request asks for one record or more)",
+                );
+                100_000
+            }
+            Some(n) => n,
+        };
 
         MqttConfig {
             url: url.unwrap_or_default(),
@@ -965,6 +999,7 @@ impl Walker<'_> {
             max_message_bytes,
             reconnect_initial,
             reconnect_max,
+            replay_max_records,
         }
     }
 
@@ -1142,11 +1177,16 @@ impl Walker<'_> {
         let headroom_warning = self
             .duration(t, p, "headroom_warning")
             .unwrap_or(Duration::from_secs(3_600));
+        // Zero is allowed: acknowledged records are deleted on PUBACK.
+        let retain_delivered = self
+            .duration(t, p, "retain_delivered")
+            .unwrap_or(Duration::from_secs(86_400));
         BufferConfig {
             max_size,
             max_age,
             synchronous,
             headroom_warning,
+            retain_delivered,
         }
     }
 

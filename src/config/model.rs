@@ -65,6 +65,11 @@ pub struct MqttConfig {
     pub reconnect_initial: Duration,
     #[serde(with = "human_duration")]
     pub reconnect_max: Duration,
+    /// The largest range one replay request may ask for
+    /// (docs/configuration.md, "[mqtt]"): a request is answered from the
+    /// buffer while live data flows, so one request must not be able to ask
+    /// for the whole buffer at once.
+    pub replay_max_records: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -84,6 +89,11 @@ pub struct BufferConfig {
     /// last less than this at the current intake rate; zero turns it off.
     #[serde(with = "human_duration")]
     pub headroom_warning: Duration,
+    /// How long acknowledged records stay for replay; zero deletes them on
+    /// PUBACK. Kept records are evicted before anything undelivered and
+    /// counted apart, so they never stand in for a backlog.
+    #[serde(with = "human_duration")]
+    pub retain_delivered: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

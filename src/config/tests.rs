@@ -101,6 +101,124 @@ fn minimal_config_gets_spec_defaults() {
 }
 
 #[test]
+fn replay_keys_have_documented_defaults() {
+    let c = ok(MINIMAL).config;
+    assert_eq!(c.buffer.retain_delivered, Duration::from_secs(24 * 3_600));
+    assert_eq!(c.mqtt.replay_max_records, 100_000);
+}
+
+#[test]
+fn replay_keys_take_explicit_values() {
+    let c = ok(&format!(
+        "{MINIMAL}replay_max_records = 500\n[buffer]\nretain_delivered = \"2h\""
+    ))
+    .config;
+    assert_eq!(c.buffer.retain_delivered, Duration::from_secs(2 * 3_600));
+    assert_eq!(c.mqtt.replay_max_records, 500);
+
+    // Zero keeps nothing: acknowledged records go on PUBACK.
+    let c = ok(&format!("{MINIMAL}\n[buffer]\nretain_delivered = \"0s\"")).config;
+    assert_eq!(c.buffer.retain_delivered, Duration::ZERO);
+    // One record per request is the smallest useful limit.
+    assert_eq!(
+        ok(&format!("{MINIMAL}replay_max_records = 1"))
+            .config
+            .mqtt
+            .replay_max_records,
+        1
+    );
+}
+
+#[test]
+fn replay_key_errors_name_the_key() {
+    one_problem(
+        &format!("{MINIMAL}\n[buffer]\nretain_delivered = \"soon\""),
+        "buffer.retain_delivered",
+        "soon",
+    );
+    one_problem(
+        &format!("{MINIMAL}\n[buffer]\nretain_delivered = 86400"),
+        "buffer.retain_delivered",
+        "expected a duration",
+    );
+    one_problem(
+        &format!("{MINIMAL}replay_max_records = 0"),
+        "mqtt.replay_max_records",
+        "at least 1",
+    );
+    one_problem(
+        &format!("{MINIMAL}replay_max_records = -5"),
+        "mqtt.replay_max_records",
+        "negative",
+    );
+    one_problem(
+        &format!("{MINIMAL}replay_max_records = \"500\""),
+        "mqtt.replay_max_records",
+        "expected a whole number, found a string",
+    );
+    one_problem(
+        &format!("{MINIMAL}replay_max_records = 1.5"),
+        "mqtt.replay_max_records",
+        "found a float",
+    );
+    // A typo is caught like any other key's.
+    one_problem(
+        &format!("{MINIMAL}\n[buffer]\nretain_deliverd = \"1h\""),
+        "buffer.retain_deliverd",
+        "did you mean \"retain_delivered\"",
+    );
+}
+
+#[test]
+fn replay_keys_from_the_environment() {
+    let e = env(&[
+        ("PLANTGATE__BUFFER__RETAIN_DELIVERED", "0s"),
+        ("PLANTGATE__MQTT__REPLAY_MAX_RECORDS", "250"),
+    ]);
+    let c = load_from(
+        &format!("{MINIMAL}\n[buffer]\nretain_delivered = \"48h\""),
+        &e,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .config;
+    assert_eq!(c.buffer.retain_delivered, Duration::ZERO);
+    assert_eq!(c.mqtt.replay_max_records, 250);
+    one_problem_env(
+        MINIMAL,
+        &env(&[("PLANTGATE__BUFFER__RETAIN_DELIVERED", "later")]),
+        "buffer.retain_delivered",
+        "later",
+    );
+    one_problem_env(
+        MINIMAL,
+        &env(&[("PLANTGATE__MQTT__REPLAY_MAX_RECORDS", "many")]),
+        "mqtt.replay_max_records",
+        "\"many\"",
+    );
+    one_problem_env(
+        MINIMAL,
+        &env(&[("PLANTGATE__MQTT__REPLAY_MAX_RECORDS", "0")]),
+        "mqtt.replay_max_records",
+        "at least 1",
+    );
+}
+
+#[test]
+fn render_shows_the_replay_keys_and_loads_back() {
+    let out = render(&ok(MINIMAL).config);
+    assert!(out.contains("retain_delivered = \"1d\""), "{out}");
+    assert!(out.contains("replay_max_records = 100000"), "{out}");
+
+    let text = format!("{MINIMAL}replay_max_records = 7\n[buffer]\nretain_delivered = \"0s\"");
+    let out = render(&ok(&text).config);
+    assert!(out.contains("replay_max_records = 7"), "{out}");
+    let again = ok(&out).config;
+    assert_eq!(again.buffer.retain_delivered, Duration::ZERO);
+    assert_eq!(again.mqtt.replay_max_records, 7);
+    assert_eq!(render(&again), out);
+}
+
+#[test]
 fn connection_defaults_are_secure() {
     let c = ok(&with_connection(DELTAV)).config;
     let conn = &c.connections[0];
