@@ -264,6 +264,7 @@ impl Background {
                 version: crate::VERSION.to_string(),
                 boot_id: uuid::Uuid::new_v4().to_string(),
                 tls,
+                connections: config.connections.iter().map(|c| c.id.clone()).collect(),
             },
             buffer.clone(),
             board.clone(),

@@ -36,6 +36,9 @@ pub struct DemoSummary {
     pub received: u64,
     pub duplicates: u64,
     pub gaps: u64,
+    /// Records that came again on request (`"replay": true`): neither
+    /// duplicates nor part of the live sequence.
+    pub replayed: u64,
 }
 
 /// Per-stream seq bookkeeping of a consumer: what docs/guarantees.md lets a cloud
@@ -47,6 +50,9 @@ pub struct SeqTracker {
     pub received: u64,
     pub duplicates: u64,
     pub gaps: u64,
+    /// Records that came again on request (`"replay": true`): neither
+    /// duplicates nor part of the live sequence.
+    pub replayed: u64,
     /// Human descriptions of the gaps seen.
     pub gap_details: Vec<String>,
 }
@@ -76,6 +82,11 @@ impl SeqTracker {
 
     /// Feeds a data or event payload; returns the number of new records.
     pub fn see_payload(&mut self, payload: &Value) -> u64 {
+        if payload["replay"] == true {
+            let n = payload["records"].as_array().map_or(1, |r| r.len() as u64);
+            self.replayed += n;
+            return 0;
+        }
         let epoch = payload["epoch"].as_str().unwrap_or("");
         let connection = payload["connection"].as_str().unwrap_or("");
         if let Some(records) = payload["records"].as_array() {
@@ -646,6 +657,7 @@ fn summarize(tracker: &SeqTracker) -> DemoSummary {
         received: tracker.received,
         duplicates: tracker.duplicates,
         gaps: tracker.gaps,
+        replayed: tracker.replayed,
     }
 }
 

@@ -208,6 +208,10 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
             "oldest_ts": ts_or_null(st.oldest_ts_ms),
             "evicted_total": st.evicted_total,
             "dead_letters": st.dead_letters,
+            "retained_records": st.retained_records,
+            "retained_bytes": st.retained_bytes,
+            "retained_from": ts_or_null(st.retained_from_ms),
+            "retained_released_total": st.retained_released_total,
             "bytes_per_record": bytes_per_record(&st, rate),
             "headroom_s": headroom_seconds(state.buffer_max_bytes, st.bytes, rate).map(|s| s.round() as u64),
         }),
@@ -245,6 +249,14 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
             "dead_lettered_total": mqtt.dead_lettered_total(),
             "delete_retries_total": mqtt.delete_retries_total,
             "undeleted_records": mqtt.undeleted_records,
+            "replay": {
+                "commands_subscribed": mqtt.commands_subscribed,
+                "queued": mqtt.replays_queued,
+                "done_total": mqtt.replays_done_total,
+                "refused_total": mqtt.replays_refused_total,
+                "records_total": mqtt.replayed_records_total,
+                "messages_refused_total": mqtt.replay_messages_refused_total,
+            },
             "payload_limit_bytes": mqtt.payload_limit_bytes,
             "broker_max_packet_bytes": mqtt.broker_max_packet_bytes,
         },
@@ -294,6 +306,11 @@ struct ConnectionStateLabels {
 struct DroppedLabels {
     connection: String,
     reason: &'static str,
+}
+
+#[derive(Debug, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
 }
 
 #[derive(Debug, EncodeLabelSet)]
@@ -468,6 +485,35 @@ fn register_mqtt(r: &mut Registry, mqtt: &crate::status::MqttStatus) {
         "mqtt_undeleted_records",
         "Records acknowledged by the broker still waiting for their delete",
         gauge(mqtt.undeleted_records),
+    );
+    r.register(
+        "replay_requests",
+        "Replay requests answered, by outcome (done, refused)",
+        Series(vec![
+            (
+                OutcomeLabels { outcome: "done" },
+                counter(mqtt.replays_done_total),
+            ),
+            (
+                OutcomeLabels { outcome: "refused" },
+                counter(mqtt.replays_refused_total),
+            ),
+        ]),
+    );
+    r.register(
+        "replay_records",
+        "Records sent again for replay requests",
+        counter(mqtt.replayed_records_total),
+    );
+    r.register(
+        "replay_messages_refused",
+        "Replay messages the broker refused (MQTT 5 PUBACK reason >= 0x80)",
+        counter(mqtt.replay_messages_refused_total),
+    );
+    r.register(
+        "replay_queued",
+        "Replay requests waiting or running",
+        gauge(mqtt.replays_queued as u64),
     );
     r.register(
         "mqtt_payload_limit_bytes",
@@ -716,6 +762,30 @@ fn register_buffer(r: &mut Registry, st: &Stats) {
         "records_evicted",
         "Records dropped by the buffer limits, per stream",
         per_stream(&st.streams, |s| counter(s.evicted_total)),
+    );
+    r.register(
+        "buffer_retained_records",
+        "Delivered records kept for replay (buffer.retain_delivered), per stream",
+        per_stream(&st.streams, |s| gauge(s.retained_records)),
+    );
+    r.register(
+        "buffer_retained_bytes",
+        "Bytes of delivered records kept for replay",
+        gauge(st.retained_bytes),
+    );
+    let kept_age = st
+        .retained_from_ms
+        .map(|t| ((now_ms() - t).max(0) as f64) / 1000.0)
+        .unwrap_or(0.0);
+    r.register(
+        "buffer_retained_age_seconds",
+        "Age of the oldest record kept for replay (how far back a replay reaches)",
+        ConstGauge::new(kept_age),
+    );
+    r.register(
+        "buffer_retained_released",
+        "Kept records let go for room or past retain_delivered (not a loss: they were delivered), per stream",
+        per_stream(&st.streams, |s| counter(s.retained_released_total)),
     );
 }
 

@@ -91,6 +91,28 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Ask the running agent, through the broker, to send a seq range of a
+    /// stream again (as a consumer would; prints the agent's result).
+    Replay {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The connection id; omit for the agent's own events.
+        #[arg(long)]
+        connection: Option<String>,
+        /// tag, batch, recipe, oee, downtime or event.
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        from: u64,
+        #[arg(long)]
+        to: u64,
+        /// The buffer's epoch (default: read from the buffer of the config).
+        #[arg(long)]
+        epoch: Option<String>,
+        /// Seconds to wait for the result.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Inspect the buffer database of a config.
     Buffer {
         #[command(subcommand)]
@@ -420,6 +442,53 @@ async fn dispatch(command: Command) -> ExitCode {
                 }
             }
         }
+        Command::Replay {
+            config,
+            connection,
+            kind,
+            from,
+            to,
+            epoch,
+            timeout,
+        } => {
+            let Some(kind) = plantgate::record::Kind::parse(&kind) else {
+                eprintln!("plantgate replay: --kind {kind:?} is not tag, batch, recipe, oee, downtime or event");
+                return ExitCode::from(2);
+            };
+            let config = match load_config(&config_path(config)) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let epoch = match epoch {
+                Some(e) => e,
+                None => match open_buffer(&config) {
+                    Ok(store) => store.epoch().to_string(),
+                    Err(code) => return code,
+                },
+            };
+            let ask = plantgate::replay_client::Ask {
+                connection,
+                kind,
+                from_seq: from,
+                to_seq: to,
+                epoch,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            match plantgate::replay_client::ask(&config, &ask).await {
+                Ok(result) => {
+                    println!("{result}");
+                    if result["error"].is_null() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("plantgate replay: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Buffer { action } => {
             let (config, run): (_, fn(&config::Config) -> ExitCode) = match action {
                 BufferAction::Stats { config } => (config, buffer_stats),
@@ -448,6 +517,12 @@ fn open_buffer(config: &config::Config) -> Result<plantgate::buffer::Store, Exit
     }
     let options = plantgate::buffer::StoreOptions {
         synchronous: config.buffer.synchronous,
+        // Only what decides how a re-queue treats kept history; the size
+        // limits are the service's to enforce.
+        limits: plantgate::buffer::Limits {
+            retain_delivered: config.buffer.retain_delivered,
+            ..plantgate::buffer::Limits::NONE
+        },
         ..Default::default()
     };
     plantgate::buffer::Store::open(&path, options).map_err(|e| {
@@ -581,6 +656,28 @@ fn running_agent_status(config: &config::Config) -> Option<serde_json::Value> {
     serde_json::from_str(body).ok()
 }
 
+/// What the buffer keeps for replay (docs/mqtt.md, replay).
+fn kept_line(config: &config::Config, st: &plantgate::buffer::Stats) -> String {
+    let retain = config.buffer.retain_delivered;
+    if retain.is_zero() {
+        return "kept for replay: nothing (buffer.retain_delivered = 0s)".into();
+    }
+    let from = st.retained_from_ms.map_or_else(
+        || "-".to_string(),
+        |t| {
+            let age = (plantgate::record::now_ms() - t).max(0) / 1000;
+            format!("{} ({age} s ago)", plantgate::record::format_ts(t))
+        },
+    );
+    format!(
+        "kept for replay: {} records, {} bytes, from {from} (retain_delivered {}), {} let go so far",
+        st.retained_records,
+        st.retained_bytes,
+        config::human_duration::format(retain),
+        st.retained_released_total
+    )
+}
+
 fn buffer_stats(config: &config::Config) -> ExitCode {
     let store = match open_buffer(config) {
         Ok(s) => s,
@@ -602,9 +699,18 @@ fn buffer_stats(config: &config::Config) -> ExitCode {
                 st.dead_letters
             );
             println!("{}", headroom_line(config, &st));
+            println!("{}", kept_line(config, &st));
             println!(
-                "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10} {:>10}",
-                "connection", "kind", "records", "bytes", "first_seq", "last_seq", "evicted"
+                "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                "connection",
+                "kind",
+                "records",
+                "bytes",
+                "first_seq",
+                "last_seq",
+                "evicted",
+                "kept",
+                "kept_from"
             );
             for s in &st.streams {
                 let conn = if s.connection.is_empty() {
@@ -613,14 +719,16 @@ fn buffer_stats(config: &config::Config) -> ExitCode {
                     &s.connection
                 };
                 println!(
-                    "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10} {:>10}",
+                    "{:<24} {:<9} {:>10} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10}",
                     conn,
                     s.kind,
                     s.records,
                     s.bytes,
                     seq(s.first_seq),
                     seq(s.last_seq),
-                    s.evicted_total
+                    s.evicted_total,
+                    s.retained_records,
+                    seq(s.retained_first_seq)
                 );
             }
             ExitCode::SUCCESS

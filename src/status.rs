@@ -154,6 +154,19 @@ pub struct MqttStatus {
     /// Records the broker acknowledged that are still waiting for their
     /// delete (sent again if the session ends first).
     pub undeleted_records: u64,
+    /// Replay requests answered, by outcome: done (`error` null) or
+    /// refused (bad request, busy, unreadable buffer).
+    pub replays_done_total: u64,
+    pub replays_refused_total: u64,
+    /// Records sent again for replay requests.
+    pub replayed_records_total: u64,
+    /// Replay messages the broker refused (MQTT 5 reason >= 0x80).
+    pub replay_messages_refused_total: u64,
+    /// Requests waiting or running now.
+    pub replays_queued: usize,
+    /// Whether the broker granted the subscription to the commands topic
+    /// (None before the first SUBACK).
+    pub commands_subscribed: Option<bool>,
 }
 
 /// Cause of a dead letter: the broker kept refusing the message.
@@ -502,6 +515,34 @@ impl StatusBoard {
         let mut inner = self.write();
         inner.mqtt.delete_retries_total += 1;
         inner.mqtt.undeleted_records = undeleted;
+    }
+
+    /// A replay request was answered: done, or refused with an error.
+    pub fn replay_answered(&self, refused: bool) {
+        let mut inner = self.write();
+        if refused {
+            inner.mqtt.replays_refused_total += 1;
+        } else {
+            inner.mqtt.replays_done_total += 1;
+        }
+    }
+
+    /// Records sent again for a replay.
+    pub fn add_replayed(&self, records: u64) {
+        self.write().mqtt.replayed_records_total += records;
+    }
+
+    /// The broker refused a message of a replay.
+    pub fn replay_message_refused(&self) {
+        self.write().mqtt.replay_messages_refused_total += 1;
+    }
+
+    pub fn set_replays_queued(&self, queued: usize) {
+        self.write().mqtt.replays_queued = queued;
+    }
+
+    pub fn set_commands_subscribed(&self, granted: bool) {
+        self.write().mqtt.commands_subscribed = Some(granted);
     }
 
     /// Every acknowledged record is deleted again.

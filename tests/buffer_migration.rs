@@ -1,7 +1,8 @@
-//! Upgrading a buffer written by plantgate's schema 3 (one row per record)
-//! to segments: a real old file (tests/fixtures/buffer-v3.db, see the
-//! README there) is opened by the service, and every record in it is read
-//! back exactly, then delivered and deleted as any other.
+//! Upgrading buffers written by older plantgates: schema 3 (one row per
+//! record) to segments, and schema 4 (segments that nothing kept once
+//! delivered) to kept history. Real old files (tests/fixtures/, see the
+//! README there) are opened by the service, and every record in them is
+//! read back exactly, then delivered and deleted (or kept) as any other.
 
 use std::path::Path;
 
@@ -10,6 +11,7 @@ use plantgate::config::Synchronous;
 use plantgate::record::{Kind, NewRecord, StoredRecord, StreamKey};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/buffer-v3.db");
+const FIXTURE_V4: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/buffer-v4.db");
 const T0: i64 = 1_764_000_000_000;
 
 /// The `data` of tag record `seq` as the fixture's writer made it.
@@ -30,15 +32,26 @@ fn copy_fixture(dir: &Path) -> std::path::PathBuf {
 }
 
 fn service(path: &Path) -> Store {
+    service_with(path, Limits::NONE)
+}
+
+fn service_with(path: &Path, limits: Limits) -> Store {
     Store::open(
         path,
         StoreOptions {
             synchronous: Synchronous::Normal,
-            limits: Limits::NONE,
+            limits,
             mode: OpenMode::Service,
         },
     )
     .expect("open the old buffer as the service")
+}
+
+fn user_version(p: &Path) -> i64 {
+    rusqlite::Connection::open(p)
+        .expect("open")
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version")
 }
 
 fn all(store: &Store, stream: &StreamKey) -> Vec<StoredRecord> {
@@ -61,12 +74,6 @@ fn all(store: &Store, stream: &StreamKey) -> Vec<StoredRecord> {
 fn a_schema_3_buffer_is_read_back_whole_and_drains() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = copy_fixture(dir.path());
-    let user_version = |p: &Path| -> i64 {
-        rusqlite::Connection::open(p)
-            .expect("open")
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .expect("version")
-    };
     assert_eq!(user_version(&path), 3, "the fixture is a schema-3 file");
     let store = service(&path);
     assert!(store.quarantined().is_none(), "an old file is not corrupt");
@@ -169,6 +176,72 @@ fn a_schema_3_buffer_is_read_back_whole_and_drains() {
     let stats = store.stats().expect("stats");
     assert_eq!((stats.records, stats.bytes, stats.dead_letters), (0, 0, 0));
     store.integrity_check().expect("integrity after draining");
+}
+
+#[test]
+fn a_schema_4_buffer_keeps_what_it_delivers_from_now_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("buffer.db");
+    std::fs::copy(FIXTURE_V4, &path).expect("copy the fixture");
+    assert_eq!(user_version(&path), 4, "the fixture is a schema-4 file");
+    let limits = Limits {
+        retain_delivered: std::time::Duration::from_secs(86_400),
+        ..Limits::NONE
+    };
+    let mut store = service_with(&path, limits);
+    assert!(store.quarantined().is_none());
+    assert_eq!(store.epoch(), "a2958ac534e541a58bfe60d0085aa011");
+    store
+        .integrity_check()
+        .expect("integrity after the upgrade");
+    assert_eq!(user_version(&path), 5);
+
+    // What was pending still is, exactly (1..=1000 were delivered and
+    // deleted by the old version; 1500..=1504 are dead letters).
+    let tag = StreamKey::new("deltav-line1", Kind::Tag);
+    let tags = all(&store, &tag);
+    let want: Vec<i64> = (1001..=3000)
+        .filter(|s| !(1500..=1504).contains(s))
+        .collect();
+    assert_eq!(tags.iter().map(|r| r.seq as i64).collect::<Vec<_>>(), want);
+    for r in &tags {
+        let seq = r.seq as i64;
+        assert_eq!((r.ts_ms, r.data.clone()), (T0 + seq * 10, tag_data(seq)));
+    }
+    let stats = store.stats().expect("stats");
+    assert_eq!((stats.dead_letters, stats.retained_records), (5, 0));
+
+    // A replay of the whole stream: what the old version deleted is
+    // missing, the rest (dead letters included) comes back.
+    let read = store
+        .read_range(&tag, 1, 3000, usize::MAX, usize::MAX)
+        .expect("range");
+    let got: Vec<i64> = read.records.iter().map(|r| r.seq as i64).collect();
+    assert_eq!(got, (1001..=3000).collect::<Vec<_>>());
+
+    // Delivered from now on: kept, and still replayable.
+    let ids: Vec<_> = tags.iter().map(|r| r.id).collect();
+    assert_eq!(store.ack(&ids).expect("ack"), ids.len());
+    let stats = store.stats().expect("stats");
+    let s = stats
+        .streams
+        .iter()
+        .find(|s| s.stream() == tag)
+        .expect("tag stream");
+    assert_eq!((s.records, s.bytes), (0, 0));
+    assert_eq!(s.retained_records, 1995);
+    assert_eq!(s.retained_first_seq, Some(1001));
+    assert_eq!(s.retained_from_ms, Some(T0 + 1001 * 10));
+    let read = store
+        .read_range(&tag, 1490, 1510, usize::MAX, usize::MAX)
+        .expect("range");
+    assert_eq!(
+        read.records.len(),
+        21,
+        "kept records and dead letters alike"
+    );
+    assert_eq!(read.records[10].data, tag_data(1500));
+    store.integrity_check().expect("integrity after delivery");
 }
 
 #[test]

@@ -320,7 +320,7 @@ impl Limits {
         Limits {
             max_size: config.max_size,
             max_age: config.max_age,
-            retain_delivered: Duration::ZERO,
+            retain_delivered: config.retain_delivered,
         }
     }
 

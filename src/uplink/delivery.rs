@@ -64,6 +64,12 @@ pub enum Message {
     Control {
         topic: String,
     },
+    /// Records sent again for a replay request (or its result): nothing
+    /// to delete either. They have their own, smaller share of the window
+    /// ([`Delivery::has_replay_room`]) so live data keeps its own.
+    Replay {
+        request_id: String,
+    },
 }
 
 /// What the session loop must do after an event.
@@ -86,6 +92,9 @@ pub enum Action {
     /// The broker refused a status or heartbeat message. Nothing to retry:
     /// the next status change or heartbeat goes out anyway.
     ControlRefused { topic: String, reason: String },
+    /// The broker refused a message of a replay. Not retried: the
+    /// consumer asks again.
+    ReplayRefused { request_id: String, reason: String },
     /// rumqttc reported a publish nobody submitted (a library bug if ever).
     UnknownSent { pkid: u16 },
 }
@@ -124,6 +133,8 @@ pub struct Delivery {
     backlog: Option<Backlog>,
     /// Records acknowledged in this session (reported by `sync.completed`).
     delivered: u64,
+    /// Replay messages outstanding (part of `fifo` and `inflight`).
+    replays: usize,
 }
 
 impl Delivery {
@@ -142,6 +153,7 @@ impl Delivery {
                 started: now,
             }),
             delivered: 0,
+            replays: 0,
         }
     }
 
@@ -150,9 +162,16 @@ impl Delivery {
         self.fifo.len() + self.inflight.len()
     }
 
-    /// Whether another message may be submitted.
+    /// Whether another message may be submitted (replay messages do not
+    /// count: they have their own share).
     pub fn has_room(&self) -> bool {
-        self.outstanding() < self.window
+        self.outstanding() - self.replays < self.window
+    }
+
+    /// Whether another replay message may be submitted, with at most `cap`
+    /// of them outstanding.
+    pub fn has_replay_room(&self, cap: usize) -> bool {
+        self.replays < cap
     }
 
     /// Whether a backlog found at connect time is still being delivered.
@@ -178,8 +197,12 @@ impl Delivery {
 
     /// A message was handed to the MQTT client.
     pub fn submitted(&mut self, message: Message) {
-        if let Message::Records(b) = &message {
-            self.cursors.insert(b.stream.clone(), b.last_seq);
+        match &message {
+            Message::Records(b) => {
+                self.cursors.insert(b.stream.clone(), b.last_seq);
+            }
+            Message::Replay { .. } => self.replays += 1,
+            Message::Control { .. } => {}
         }
         self.fifo.push_back(message);
     }
@@ -198,6 +221,8 @@ impl Delivery {
         };
         if pkid != 0 {
             self.inflight.insert(pkid, message);
+        } else if matches!(message, Message::Replay { .. }) {
+            self.replays -= 1;
         }
         None
     }
@@ -209,6 +234,10 @@ impl Delivery {
             Message::Records(b) => b,
             Message::Control { topic } => {
                 return refused.map(|reason| Action::ControlRefused { topic, reason })
+            }
+            Message::Replay { request_id } => {
+                self.replays -= 1;
+                return refused.map(|reason| Action::ReplayRefused { request_id, reason });
             }
         };
         let key = batch
@@ -281,7 +310,7 @@ impl Delivery {
         let reached = (caught_up || self.cursor(stream) >= target)
             && !self.messages().any(|m| match m {
                 Message::Records(b) => b.stream == *stream && b.first_seq <= target,
-                Message::Control { .. } => false,
+                Message::Control { .. } | Message::Replay { .. } => false,
             });
         let backlog = self.backlog.as_mut()?;
         if reached {

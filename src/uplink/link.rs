@@ -4,6 +4,8 @@
 //! this file only performs I/O: buffer reads, acks and dead letters,
 //! publishes, status and heartbeat messages, the clean shutdown.
 
+mod replay;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::delivery::{Action, Batch, Delivery, Message, SyncCompleted};
 use super::mqtt::{MqttEvent, Session, SessionError};
 use super::payload::{self, Heartbeat};
+use super::replays::Replays;
 use super::topics::PayloadLimit;
 use super::{Uplink, MAX_RECORDS_PER_MESSAGE, SHUTDOWN_FLUSH, WINDOW};
 use crate::buffer::BufferError;
@@ -46,6 +49,8 @@ pub(super) struct Link<'a> {
     /// delete yet (a lock held by another process): retried every second,
     /// so a delivered backlog does not stay on disk until the next session.
     undeleted: Vec<Batch>,
+    /// Replay requests, kept across sessions by the uplink.
+    replays: &'a mut Replays,
 }
 
 impl<'a> Link<'a> {
@@ -58,6 +63,7 @@ impl<'a> Link<'a> {
         limit: PayloadLimit,
         backlog: HashMap<StreamKey, u64>,
         requeues: u64,
+        replays: &'a mut Replays,
     ) -> Self {
         Link {
             up,
@@ -68,6 +74,7 @@ impl<'a> Link<'a> {
             quiet: Throttle::new(Duration::from_secs(300)),
             requeues,
             undeleted: Vec::new(),
+            replays,
         }
     }
 
@@ -90,6 +97,8 @@ impl<'a> Link<'a> {
         let online = payload::agent_online(now_ms(), &up.settings.version, &up.settings.boot_id);
         self.publish_control(up.topics.status(), true, online, false)
             .await?;
+        // Replay requests (docs/mqtt.md): the only topic the agent listens to.
+        self.session.subscribe(up.topics.replay_commands()).await?;
         let mut status_rx = up.board.subscribe();
         status_rx.mark_changed();
         let hb_every = up
@@ -114,17 +123,21 @@ impl<'a> Link<'a> {
             if self.delivery.has_room() {
                 self.fill().await?;
             }
+            // Replays after live data, in their own share of the window.
+            let replay_wake = self.replay_step().await?;
             let release = self.delivery.next_release();
             let room = self.delivery.has_room();
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Ok(()),
-                ev = self.session.next() => self.on_event(ev?).await,
+                ev = self.session.next() => self.on_event(ev?).await?,
                 _ = status_rx.changed() => self.publish_connection_states().await?,
                 _ = heartbeat.tick() => self.publish_heartbeat().await?,
                 _ = &mut notified, if room => {}
                 // A stream held back after a refusal may go again.
                 _ = tokio::time::sleep_until(release.unwrap_or_else(Instant::now)), if release.is_some() => {}
+                // The replay's token bucket has refilled.
+                _ = tokio::time::sleep_until(replay_wake.unwrap_or_else(Instant::now)), if replay_wake.is_some() => {}
                 _ = rescan.tick() => {
                     self.delete_acknowledged().await;
                     self.rewind_requeued().await;
@@ -234,17 +247,24 @@ impl<'a> Link<'a> {
         Ok(())
     }
 
-    /// The records after the stream's cursor that may fill one message;
-    /// None when there are none (or the read failed).
-    async fn read(&mut self, stream: &StreamKey) -> Option<Vec<StoredRecord>> {
+    /// The most `data` one read of `stream` may return: what fills one
+    /// message.
+    fn read_limit(&self, stream: &StreamKey) -> usize {
         let up = self.up;
         // Events go one per message, so any one may fill a message.
-        let max_bytes = if stream.kind == Kind::Event {
+        if stream.kind == Kind::Event {
             up.settings.mqtt.max_message_bytes
         } else {
             self.limit
                 .for_topic(&up.topics.data(&stream.connection, stream.kind))
-        };
+        }
+    }
+
+    /// The records after the stream's cursor that may fill one message;
+    /// None when there are none (or the read failed).
+    async fn read(&mut self, stream: &StreamKey) -> Option<Vec<StoredRecord>> {
+        let up = self.up;
+        let max_bytes = self.read_limit(stream);
         let after = self.delivery.cursor(stream);
         let read = up
             .buffer
@@ -399,7 +419,7 @@ impl<'a> Link<'a> {
         Ok(())
     }
 
-    async fn on_event(&mut self, ev: MqttEvent) {
+    async fn on_event(&mut self, ev: MqttEvent) -> Result<(), SessionError> {
         let action = match ev {
             MqttEvent::Sent(pkid) => self.delivery.sent(pkid),
             MqttEvent::Acked { pkid, rejected } => {
@@ -408,11 +428,30 @@ impl<'a> Link<'a> {
                 }
                 self.delivery.acked(pkid, rejected, Instant::now())
             }
+            MqttEvent::Command {
+                topic,
+                payload,
+                response_topic,
+                correlation,
+            } => {
+                return self
+                    .on_command(topic, payload, response_topic, correlation)
+                    .await
+            }
+            MqttEvent::Subscribed { refused } => {
+                self.up.board.set_commands_subscribed(refused.is_none());
+                if let Some(why) = refused {
+                    tracing::warn!(topic = %self.up.topics.replay_commands(), %why,
+                        "replay requests cannot reach the agent");
+                }
+                None
+            }
             MqttEvent::Connected { .. } | MqttEvent::Other => None,
         };
         if let Some(action) = action {
             self.execute(action).await;
         }
+        Ok(())
     }
 
     async fn execute(&mut self, action: Action) {
@@ -466,6 +505,12 @@ impl<'a> Link<'a> {
             Action::ControlRefused { topic, reason } => {
                 if let Some(repeats) = self.quiet.check(&topic) {
                     tracing::warn!(%topic, %reason, repeats, "broker refused a status message");
+                }
+            }
+            Action::ReplayRefused { request_id, reason } => {
+                up.board.replay_message_refused();
+                if let Some(repeats) = self.quiet.check("replay refused") {
+                    tracing::warn!(%request_id, %reason, repeats, "broker refused a replay message; it is not sent again");
                 }
             }
             Action::UnknownSent { pkid } => {
@@ -569,7 +614,11 @@ impl<'a> Link<'a> {
         let deadline = Instant::now() + SHUTDOWN_FLUSH;
         while self.delivery.outstanding() > 0 {
             match tokio::time::timeout_at(deadline, self.session.next()).await {
-                Ok(Ok(ev)) => self.on_event(ev).await,
+                Ok(Ok(ev)) => {
+                    if self.on_event(ev).await.is_err() {
+                        break;
+                    }
+                }
                 _ => break,
             }
         }

@@ -32,6 +32,7 @@ pub mod delivery;
 mod link;
 pub mod mqtt;
 pub mod payload;
+mod replays;
 pub mod tls;
 pub mod topics;
 
@@ -48,6 +49,7 @@ use crate::record::now_ms;
 use crate::status::StatusBoard;
 use link::{Link, LinkEnd};
 use mqtt::{MqttEvent, Session, SessionError, SessionOptions};
+use replays::Replays;
 use topics::{PayloadLimit, Topics};
 
 /// Messages in flight (submitted, not yet acknowledged).
@@ -65,6 +67,8 @@ pub struct UplinkSettings {
     pub boot_id: String,
     /// None for plaintext `mqtt://` (only when allowed by config).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The configured connection ids: what a replay request may name.
+    pub connections: Vec<String>,
 }
 
 pub struct Uplink {
@@ -124,8 +128,9 @@ impl Uplink {
         let m = &self.settings.mqtt;
         let mut backoff = Backoff::new(m.reconnect_initial, m.reconnect_max);
         let mut quiet = crate::throttle::Throttle::new(Duration::from_secs(300));
+        let mut replays = Replays::new();
         loop {
-            let (end, connected_at) = self.session(&cancel).await;
+            let (end, connected_at) = self.session(&cancel, &mut replays).await;
             match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost(e) => {
@@ -178,13 +183,15 @@ impl Uplink {
             keep_alive: m.keep_alive,
             username: m.username.clone(),
             password: m.password.clone(),
-            will_topic: self.topics.status(),
-            will_payload: payload::agent_offline(
-                now_ms(),
-                &self.settings.version,
-                &self.settings.boot_id,
-                "connection_lost",
-            ),
+            will: Some((
+                self.topics.status(),
+                payload::agent_offline(
+                    now_ms(),
+                    &self.settings.version,
+                    &self.settings.boot_id,
+                    "connection_lost",
+                ),
+            )),
             // Room for the topic and MQTT header on top of the payload.
             max_packet_bytes: m.max_message_bytes + 4096,
             max_payload_bytes: m.max_message_bytes,
@@ -194,7 +201,11 @@ impl Uplink {
 
     /// One session, from connect to its end; also when it got connected
     /// (None if it never did), for the backoff.
-    async fn session(&self, cancel: &CancellationToken) -> (SessionEnd, Option<Instant>) {
+    async fn session(
+        &self,
+        cancel: &CancellationToken,
+        replays: &mut Replays,
+    ) -> (SessionEnd, Option<Instant>) {
         self.board.beat("uplink");
         let mut session = Session::start(&self.session_options());
         let first = tokio::select! {
@@ -209,7 +220,7 @@ impl Uplink {
         };
         let connected_at = Instant::now();
         let (backlog, requeues) = self.backlog().await;
-        let link = Link::new(self, session, limit, backlog, requeues);
+        let link = Link::new(self, session, limit, backlog, requeues, replays);
         let end = match link.run(cancel).await {
             LinkEnd::Shutdown => SessionEnd::Shutdown,
             LinkEnd::Lost(e) => SessionEnd::Lost(e.into()),

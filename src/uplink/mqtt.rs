@@ -44,8 +44,8 @@ pub struct SessionOptions {
     pub keep_alive: Duration,
     pub username: Option<String>,
     pub password: Option<Secret>,
-    pub will_topic: String,
-    pub will_payload: Vec<u8>,
+    /// The Last Will: topic and payload, published retained at QoS 1.
+    pub will: Option<(String, Vec<u8>)>,
     /// Largest packet we accept from the broker.
     pub max_packet_bytes: usize,
     /// Largest payload the uplink sends (`max_message_bytes`); with MQTT
@@ -74,6 +74,20 @@ pub enum MqttEvent {
     Acked {
         pkid: u16,
         rejected: Option<String>,
+    },
+    /// A message on a topic the session subscribed to (the commands topic).
+    /// `response_topic` and `correlation` are the MQTT 5 request/response
+    /// properties, when the sender set them.
+    Command {
+        topic: String,
+        payload: Vec<u8>,
+        response_topic: Option<String>,
+        correlation: Option<Vec<u8>>,
+    },
+    /// The broker answered a SUBSCRIBE; `refused` names why it did not
+    /// grant it (an ACL, MQTT 5 reason codes or the 3.1.1 failure code).
+    Subscribed {
+        refused: Option<String>,
     },
     Other,
 }
@@ -156,6 +170,49 @@ impl Session {
         }
     }
 
+    /// Subscribes to `topic` at QoS 1 (the broker's answer comes as
+    /// [`MqttEvent::Subscribed`]).
+    pub async fn subscribe(&self, topic: String) -> Result<(), SessionError> {
+        match &self.client {
+            Client::V4(c) => c
+                .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| SessionError::Client(e.to_string())),
+            Client::V5(c) => c
+                .subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| SessionError::Client(e.to_string())),
+        }
+    }
+
+    /// Queues a QoS 1 answer to a request: with MQTT 5, carrying the
+    /// request's correlation data back.
+    pub async fn respond(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        correlation: Option<Vec<u8>>,
+    ) -> Result<(), SessionError> {
+        match (&self.client, correlation) {
+            (Client::V5(c), Some(data)) => {
+                let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    correlation_data: Some(data.into()),
+                    ..Default::default()
+                };
+                c.publish_with_properties(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                    properties,
+                )
+                .await
+                .map_err(|e| SessionError::Client(e.to_string()))
+            }
+            _ => self.publish(topic, false, false, payload).await,
+        }
+    }
+
     /// The next event; `Err` means the session is over.
     pub async fn next(&mut self) -> Event {
         self.events
@@ -192,13 +249,15 @@ fn v4_options(o: &SessionOptions) -> rumqttc::MqttOptions {
             o.max_packet_bytes,
             o.max_payload_bytes + MAX_TOPIC_BYTES + super::topics::PUBLISH_HEADER_BYTES,
         )
-        .set_transport(transport(o))
-        .set_last_will(rumqttc::LastWill::new(
-            o.will_topic.clone(),
-            o.will_payload.clone(),
+        .set_transport(transport(o));
+    if let Some((topic, payload)) = &o.will {
+        m.set_last_will(rumqttc::LastWill::new(
+            topic.clone(),
+            payload.clone(),
             rumqttc::QoS::AtLeastOnce,
             true,
         ));
+    }
     if let Some(user) = &o.username {
         let pass = o.password.as_ref().map(|p| p.expose()).unwrap_or("");
         m.set_credentials(user.clone(), pass);
@@ -212,14 +271,16 @@ fn v5_options(o: &SessionOptions) -> rumqttc::v5::MqttOptions {
         .set_clean_start(true)
         .set_outgoing_inflight_upper_limit(o.inflight.max(1))
         .set_max_packet_size(Some(o.max_packet_bytes as u32))
-        .set_transport(transport(o))
-        .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
-            o.will_topic.clone(),
-            o.will_payload.clone(),
+        .set_transport(transport(o));
+    if let Some((topic, payload)) = &o.will {
+        m.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+            topic.clone(),
+            payload.clone(),
             rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
             true,
             None,
         ));
+    }
     if let Some(user) = &o.username {
         let pass = o.password.as_ref().map(|p| p.expose()).unwrap_or("");
         m.set_credentials(user.clone(), pass);
@@ -246,6 +307,19 @@ async fn poll_v4(mut el: rumqttc::EventLoop, tx: mpsc::UnboundedSender<Event>) {
                 rejected: None,
             }),
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(MqttEvent::Sent(pkid)),
+            Ok(Event::Incoming(Packet::Publish(p))) => Ok(MqttEvent::Command {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+                response_topic: None,
+                correlation: None,
+            }),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => Ok(MqttEvent::Subscribed {
+                refused: ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .then(|| "the broker refused the subscription (SUBACK failure)".to_string()),
+            }),
             Ok(_) => Ok(MqttEvent::Other),
             Err(e) => Err(describe_v4(&e)),
         };
@@ -283,6 +357,24 @@ async fn poll_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::UnboundedSender<Event
                 })
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(MqttEvent::Sent(pkid)),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let props = p.properties.unwrap_or_default();
+                Ok(MqttEvent::Command {
+                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                    payload: p.payload.to_vec(),
+                    response_topic: props.response_topic,
+                    correlation: props.correlation_data.map(|b| b.to_vec()),
+                })
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as Code;
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .find(|c| !matches!(c, Code::Success(_)))
+                    .map(|c| format!("the broker refused the subscription: {c:?}"));
+                Ok(MqttEvent::Subscribed { refused })
+            }
             Ok(_) => Ok(MqttEvent::Other),
             Err(e) => Err(describe_v5(&e)),
         };

@@ -36,6 +36,16 @@ pub fn fit(records: &[StoredRecord], max_bytes: usize, envelope_strings: usize) 
 /// `{"agent","connection","kind","epoch","records":[{"seq","ts","data"}]}`.
 /// `data` is spliced in as stored: it is already compact JSON.
 pub fn encode_batch(agent: &str, epoch: &str, records: &[StoredRecord]) -> Vec<u8> {
+    batch(agent, epoch, records, false)
+}
+
+/// A batch sent again on request: the same as [`encode_batch`] with
+/// `"replay":true` after `epoch`, so consumers can tell it from live data.
+pub fn encode_replay_batch(agent: &str, epoch: &str, records: &[StoredRecord]) -> Vec<u8> {
+    batch(agent, epoch, records, true)
+}
+
+fn batch(agent: &str, epoch: &str, records: &[StoredRecord], replay: bool) -> Vec<u8> {
     let (connection, kind) = match records.first() {
         Some(r) => (r.connection.as_str(), r.kind),
         None => ("", Kind::Tag),
@@ -50,6 +60,9 @@ pub fn encode_batch(agent: &str, epoch: &str, records: &[StoredRecord]) -> Vec<u
     out.push_str(kind.as_str());
     out.push_str("\",\"epoch\":");
     push_json_str(&mut out, epoch);
+    if replay {
+        out.push_str(",\"replay\":true");
+    }
     out.push_str(",\"records\":[");
     for (i, r) in records.iter().enumerate() {
         if i > 0 {
@@ -75,6 +88,15 @@ fn push_json_str(out: &mut String, s: &str) {
 /// An event record's topic type and payload:
 /// `{"type","ts","agent","connection":<id or null>,"epoch","seq","details"}`.
 pub fn encode_event(agent: &str, epoch: &str, record: &StoredRecord) -> (String, Vec<u8>) {
+    event(agent, epoch, record, false)
+}
+
+/// An event sent again on request: [`encode_event`] plus `"replay":true`.
+pub fn encode_replay_event(agent: &str, epoch: &str, record: &StoredRecord) -> (String, Vec<u8>) {
+    event(agent, epoch, record, true)
+}
+
+fn event(agent: &str, epoch: &str, record: &StoredRecord, replay: bool) -> (String, Vec<u8>) {
     let stored: Value = serde_json::from_str(&record.data).unwrap_or(Value::Null);
     let event_type = stored
         .get("type")
@@ -87,7 +109,7 @@ pub fn encode_event(agent: &str, epoch: &str, record: &StoredRecord) -> (String,
     } else {
         Value::String(record.connection.clone())
     };
-    let payload = json!({
+    let mut payload = json!({
         "type": event_type,
         "ts": format_ts(record.ts_ms),
         "agent": agent,
@@ -96,6 +118,9 @@ pub fn encode_event(agent: &str, epoch: &str, record: &StoredRecord) -> (String,
         "seq": record.seq,
         "details": details,
     });
+    if replay {
+        payload["replay"] = Value::Bool(true);
+    }
     (event_type, payload.to_string().into_bytes())
 }
 
@@ -249,6 +274,19 @@ mod tests {
         assert_eq!(v["records"][0]["data"]["value"], 1.5);
         assert_eq!(v["records"][1]["seq"], 42);
         assert_eq!(v["records"][1]["data"]["name"], "b\"q");
+    }
+
+    #[test]
+    fn a_replayed_batch_is_the_same_batch_flagged() {
+        let records = vec![rec(7, r#"{"name":"a","value":2}"#)];
+        let live: Value = serde_json::from_slice(&encode_batch("gw1", "ep", &records)).unwrap();
+        let again: Value =
+            serde_json::from_slice(&encode_replay_batch("gw1", "ep", &records)).unwrap();
+        assert_eq!(again["replay"], true);
+        assert!(live.get("replay").is_none(), "live batches carry no flag");
+        let mut unflagged = again.clone();
+        unflagged.as_object_mut().unwrap().remove("replay");
+        assert_eq!(unflagged, live);
     }
 
     #[test]

@@ -40,6 +40,16 @@ impl Topics {
     pub fn data(&self, connection: &str, kind: Kind) -> String {
         format!("{}/data/{connection}/{}", self.root, kind.as_str())
     }
+
+    /// The one topic the agent subscribes to (docs/mqtt.md, replay).
+    pub fn replay_commands(&self) -> String {
+        format!("{}/commands/replay", self.root)
+    }
+
+    /// Where replay results go when the request named no response topic.
+    pub fn replay_results(&self) -> String {
+        format!("{}/commands/replay/result", self.root)
+    }
 }
 
 /// Bytes a QoS 1 PUBLISH packet adds around its payload besides the topic

@@ -295,6 +295,9 @@ fn migrate(tx: &Transaction, path: &Path) -> Result<(), OpenError> {
         for (table, column, decl) in added {
             add_column(tx, table, column, decl).map_err(classify("upgrade"))?;
         }
+        if version == 4 {
+            super::upgrade::mark_dead_letters_lost(tx).map_err(classify("upgrade"))?;
+        }
         tx.execute_batch(SCHEMA).map_err(classify("open"))?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(classify("open"))?;

@@ -1,6 +1,8 @@
-//! Moving the records of a buffer written before segments (schema 3 and
-//! older: one row per record in `records`) into segments, at open, before
-//! anything else touches them. Nothing is lost and every record keeps its
+//! Bringing the records of older buffers up to date at open, before
+//! anything else touches them: [`mark_dead_letters_lost`] for schema 4
+//! (segments, but no record of what left them undelivered), and moving the
+//! records of a buffer written before segments (schema 3 and older: one
+//! row per record in `records`) into segments. Nothing is lost and every record keeps its
 //! stream, seq, timestamp and text; dead letters and the counters stay.
 //!
 //! In chunks, one transaction each, oldest first per stream: the WAL stays
@@ -20,6 +22,43 @@ use super::seqset::SeqSet;
 use super::tx::{Counters, OnFull};
 use super::Store;
 use crate::buffer::BufferError;
+
+/// A schema-4 segment marks its dead-lettered records gone like the
+/// delivered ones: mark them lost too, so the blob's copy is never
+/// replayed beside (or after) the dead letter. Records such a version
+/// expired inside a segment cannot be told from delivered ones and stay
+/// replayable while the segment is kept. Runs inside the upgrade's
+/// transaction; dead letters are few.
+pub(super) fn mark_dead_letters_lost(tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
+    let letters: Vec<(i64, i64)> = tx
+        .prepare("SELECT stream, seq FROM dead_letters ORDER BY stream, seq")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut holder = tx.prepare(
+        "SELECT id, first_seq, lost FROM segments WHERE stream = ?1 AND last_seq >= ?2 \
+         ORDER BY last_seq LIMIT 1",
+    )?;
+    let mut save = tx.prepare("UPDATE segments SET lost = ?2 WHERE id = ?1")?;
+    for (stream, seq) in letters {
+        let found: Option<(i64, i64, Option<Vec<u8>>)> = holder
+            .query_map(params![stream, seq], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .next()
+            .transpose()?;
+        let Some((id, first_seq, lost)) = found.filter(|f| f.1 <= seq) else {
+            continue;
+        };
+        let mut set = match lost {
+            Some(bytes) => SeqSet::decode(&bytes, first_seq).unwrap_or_default(),
+            None => SeqSet::default(),
+        };
+        if set.insert(seq) {
+            save.execute(params![id, set.encode(first_seq)])?;
+        }
+    }
+    Ok(())
+}
 
 /// Rows converted per transaction.
 const CHUNK_ROWS: i64 = 20_000;
