@@ -119,7 +119,7 @@ impl SeqTracker {
 /// An MQTT client that subscribes to `{filter}` and hands every message over.
 pub struct Watcher {
     pub rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-    _client: rumqttc::AsyncClient,
+    client: rumqttc::AsyncClient,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -214,13 +214,19 @@ impl Watcher {
             .await
             .map_err(setup("watcher: no SUBACK"))?
             .map_err(setup("watcher"))?;
-        Ok(Watcher {
-            rx,
-            _client: client,
-            task,
-        })
+        Ok(Watcher { rx, client, task })
+    }
+
+    /// A client that publishes as this watcher (QoS 1): what a consumer
+    /// uses to ask the agent for a replay.
+    pub fn publisher(&self) -> rumqttc::AsyncClient {
+        self.client.clone()
     }
 }
+
+/// The demo's DeltaV connection and topic root (see `demo_config_toml`).
+const DEMO_CONNECTION: &str = "deltav-sim";
+const DEMO_ROOT: &str = "plantgate/demo-plant/demo-gw";
 
 const DEMO_TAGS: [(&str, &str); 4] = [
     ("FIC-101.PV", "FIC-101/PV.CV"),
@@ -396,8 +402,26 @@ fn describe(topic: &str, payload: &Value) -> String {
             payload["reason"].as_str().unwrap_or("")
         ),
         ["events", ty] => format!(
-            "event    {ty} seq {} {}",
-            payload["seq"], payload["details"]
+            "{}{ty} seq {} {}",
+            if payload["replay"] == true {
+                "replay   event "
+            } else {
+                "event    "
+            },
+            payload["seq"],
+            payload["details"]
+        ),
+        ["commands", "replay"] => format!(
+            "ask      replay {}/{} seq {}..{} (request {})",
+            payload["connection"].as_str().unwrap_or("(agent)"),
+            payload["kind"].as_str().unwrap_or("?"),
+            payload["from_seq"],
+            payload["to_seq"],
+            payload["request_id"]
+        ),
+        ["commands", "replay", "result"] => format!(
+            "answer   request {}: {} records replayed, missing {}, error {}",
+            payload["request_id"], payload["replayed"], payload["missing"], payload["error"]
         ),
         ["data", conn, kind @ ("batch" | "recipe" | "oee" | "downtime")] => {
             let records = payload["records"].as_array().cloned().unwrap_or_default();
@@ -428,8 +452,13 @@ fn describe(topic: &str, payload: &Value) -> String {
                 );
             }
             let values: Vec<String> = latest.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let label = if payload["replay"] == true {
+                "replay  "
+            } else {
+                "data    "
+            };
             format!(
-                "data     {conn}/{kind} seq {first}..{last} ({} records) {}",
+                "{label} {conn}/{kind} seq {first}..{last} ({} records) {}",
                 records.len(),
                 values.join("  ")
             )
@@ -550,6 +579,13 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
         )
     });
 
+    let ask_task = spawn_replay_ask(
+        &opts,
+        watcher.publisher(),
+        agent.buffer.clone(),
+        cancel.clone(),
+    );
+
     let mut tracker = SeqTracker::default();
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     loop {
@@ -571,6 +607,7 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
     if let Some(t) = outage_task {
         t.abort();
     }
+    ask_task.abort();
     proxy.restore();
     agent_cancel.cancel();
     let _ = agent_join.await;
@@ -636,6 +673,60 @@ fn spawn_outage(
     })
 }
 
+/// The consumer's backup path (docs/mqtt.md, replay): once the outage is
+/// over (or halfway through a demo without one), the watcher "loses" 50
+/// tag records it already had and asks the agent for them again; they
+/// come back with `"replay": true`, then the answer.
+fn spawn_replay_ask(
+    opts: &DemoOptions,
+    publisher: rumqttc::AsyncClient,
+    buffer: crate::buffer::BufferHandle,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let at = match (opts.outage, opts.duration) {
+        (Some(len), Some(d)) => d / 3 + len + Duration::from_secs(3),
+        (Some(len), None) => Duration::from_secs(5) + len + Duration::from_secs(3),
+        (None, Some(d)) => d / 2,
+        (None, None) => Duration::from_secs(10),
+    };
+    tokio::spawn(async move {
+        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(at) => {} }
+        let Ok(stats) = buffer.stats().await else {
+            return;
+        };
+        let stream = crate::record::StreamKey::new(DEMO_CONNECTION, crate::record::Kind::Tag);
+        let Some(last) = stats
+            .streams
+            .iter()
+            .find(|s| s.stream() == stream)
+            .map(|s| s.next_seq.saturating_sub(1))
+            .filter(|last| *last > 60)
+        else {
+            return;
+        };
+        let (from, to) = (last - 59, last - 10);
+        println!(
+            "{}  ---- consumer: pretends it lost {DEMO_CONNECTION}/tag seq {from}..{to} and asks for it again ----",
+            clock()
+        );
+        let request = serde_json::json!({
+            "request_id": "demo-1",
+            "connection": DEMO_CONNECTION,
+            "kind": "tag",
+            "epoch": buffer.epoch().to_string(),
+            "from_seq": from,
+            "to_seq": to,
+        });
+        let topic = format!("{DEMO_ROOT}/commands/replay");
+        if let Err(e) = publisher
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, request.to_string())
+            .await
+        {
+            println!("{}  (could not send the replay request: {e})", clock());
+        }
+    })
+}
+
 /// The closing line the CI checks: records, duplicates, seq gaps.
 fn summarize(tracker: &SeqTracker) -> DemoSummary {
     println!();
@@ -652,6 +743,12 @@ fn summarize(tracker: &SeqTracker) -> DemoSummary {
     );
     for g in &tracker.gap_details {
         println!("  gap {g}");
+    }
+    if tracker.replayed > 0 {
+        println!(
+            "replay: {} records came again on request (\"replay\": true), apart from the live ones",
+            tracker.replayed
+        );
     }
     DemoSummary {
         received: tracker.received,

@@ -489,6 +489,10 @@ impl StatusBoard {
             }
             inner.mqtt.connected = connected;
             inner.mqtt.reason = reason.to_string();
+            if !connected {
+                // A new session subscribes again.
+                inner.mqtt.commands_subscribed = None;
+            }
         }
         self.bump();
     }

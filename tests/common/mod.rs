@@ -70,6 +70,10 @@ impl Seen {
     }
 
     fn push(&mut self, topic: String, payload: &[u8]) {
+        if topic.contains("/commands/replay") && !topic.ends_with("/result") {
+            // Consumers' requests: whatever they sent, not the agent's.
+            return;
+        }
         let payload: Value = serde_json::from_slice(payload)
             .unwrap_or_else(|e| panic!("non-JSON payload on {topic}: {e}"));
         if topic.contains("/data/") || topic.contains("/events/") {
@@ -265,6 +269,19 @@ pub async fn run_agent(toml: &str) -> Running {
         agent,
         cancel,
         join,
+    }
+}
+
+/// Waits until the agent's uplink is connected and subscribed to its
+/// commands topic (a replay request sent before is not kept by the broker).
+pub async fn wait_listening_for_commands(board: &plantgate::status::StatusBoard) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while board.mqtt().commands_subscribed != Some(true) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never subscribed to its commands topic"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
