@@ -9,7 +9,11 @@
 //! outages of ten minutes and more give the figure that matters.
 //!
 //! `cargo bench --bench outage -- [--rate 5000] [--outage 60] [--tags 250]
-//! [--max-size-mib 1024] [--runs 1]`
+//! [--max-size-mib 1024] [--retain 24h] [--runs 1]`
+//!
+//! `--retain` is `buffer.retain_delivered` (`0s`: delivered records are
+//! deleted, as before replay existed): run both to see what keeping
+//! history costs the live path; `kept` is the history held at the end.
 //!
 //! Parts: in-process simulator (load tags), embedded rumqttd over TLS behind a
 //! cuttable proxy, and `plantgate run` as a child process (its RSS is read
@@ -35,6 +39,15 @@ fn arg(name: &str, default: u64) -> u64 {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+fn arg_str(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -63,6 +76,8 @@ struct Held {
     file_bytes: u64,
     /// What the pending records' segments take.
     segment_bytes: u64,
+    /// Delivered records kept for replay.
+    kept: u64,
 }
 
 fn held(data_dir: &Path) -> Held {
@@ -80,6 +95,7 @@ fn held(data_dir: &Path) -> Held {
             bytes: st.file_bytes + st.wal_bytes,
             file_bytes: st.file_bytes,
             segment_bytes: st.bytes,
+            kept: st.retained_records,
         },
         Err(_) => Held::default(),
     }
@@ -99,9 +115,16 @@ struct Row {
     gaps: u64,
     rss_before_kib: u64,
     peak_rss_kib: u64,
+    kept: u64,
 }
 
-async fn run_once(rate: u64, outage: Duration, tags: usize, max_size_mib: u64) -> Row {
+async fn run_once(
+    rate: u64,
+    outage: Duration,
+    tags: usize,
+    max_size_mib: u64,
+    retain: &str,
+) -> Row {
     let broker = tokio::task::spawn_blocking(EmbeddedBroker::start)
         .await
         .expect("thread")
@@ -118,7 +141,7 @@ async fn run_once(rate: u64, outage: Duration, tags: usize, max_size_mib: u64) -
     let data_dir = dir.path().join("agent");
     let mut toml = format!(
         "[agent]\nid = \"bench-gw\"\nsite = \"bench\"\ndata_dir = {:?}\n\n[health]\nlisten = \"127.0.0.1:0\"\n\n\
-         [buffer]\nmax_size = \"{max_size_mib}MiB\"\n\n\
+         [buffer]\nmax_size = \"{max_size_mib}MiB\"\nretain_delivered = \"{retain}\"\n\n\
          [mqtt]\nurl = \"mqtts://127.0.0.1:{}\"\nca_file = {:?}\nreconnect_initial = \"200ms\"\nreconnect_max = \"1s\"\n\n\
          [[connections]]\nid = \"sim1\"\nkind = \"generic\"\nendpoint = \"{}\"\nsecurity_policy = \"None\"\n\
          publishing_interval = \"100ms\"\nsampling_interval = \"50ms\"\n",
@@ -153,6 +176,7 @@ async fn run_once(rate: u64, outage: Duration, tags: usize, max_size_mib: u64) -
     let mut phase_end = Instant::now() + Duration::from_secs(10);
     let mut phase = 0; // 0 warm-up, 1 outage, 2 recovering, 3 final drain
     let mut at_end = Held::default();
+    let mut at_drained = Held::default();
     let mut rss_before = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -186,6 +210,7 @@ async fn run_once(rate: u64, outage: Duration, tags: usize, max_size_mib: u64) -
                         let now = held(&data_dir);
                         let seen: u64 = tracker.last_seq("sim1", "tag").unwrap_or(0);
                         if now.records == 0 && seen >= now.last_tag_seq {
+                            at_drained = now;
                             break;
                         }
                     }
@@ -213,6 +238,7 @@ async fn run_once(rate: u64, outage: Duration, tags: usize, max_size_mib: u64) -
         gaps: tracker.gaps,
         rss_before_kib: rss_before,
         peak_rss_kib: peak,
+        kept: at_drained.kept,
     }
 }
 
@@ -222,12 +248,14 @@ fn main() {
     let tags = arg("--tags", 250) as usize;
     let max_size_mib = arg("--max-size-mib", 1024);
     let runs = arg("--runs", 1);
+    let retain = arg_str("--retain", "24h");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     println!(
-        "{:>8} {:>8} {:>10} {:>8} {:>6} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>10} {:>6} {:>6} {:>10} {:>10}",
+        "{:>6} {:>8} {:>8} {:>10} {:>8} {:>6} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>10} {:>6} {:>6} {:>10} {:>10} {:>10}",
+        "retain",
         "values/s",
         "outage",
         "buffered",
@@ -243,14 +271,16 @@ fn main() {
         "dups",
         "gaps",
         "RSS before",
-        "peak RSS"
+        "peak RSS",
+        "kept"
     );
     for _ in 0..runs {
-        let r = rt.block_on(run_once(rate, outage, tags, max_size_mib));
+        let r = rt.block_on(run_once(rate, outage, tags, max_size_mib, &retain));
         let per_record = r.buffer_bytes as f64 / r.buffered.max(1) as f64;
         let per_gib = GIB / per_record.max(1.0);
         println!(
-            "{:>8} {:>7}s {:>10} {:>8} {:>6.1} {:>6.1} {:>6.1} {:>9.1} {:>7.0}min {:>9} {:>9.0} {:>10} {:>6} {:>6} {:>8}MB {:>8}MB",
+            "{:>6} {:>8} {:>7}s {:>10} {:>8} {:>6.1} {:>6.1} {:>6.1} {:>9.1} {:>7.0}min {:>9} {:>9.0} {:>10} {:>6} {:>6} {:>8}MB {:>8}MB {:>10}",
+            retain,
             r.rate,
             r.outage_s,
             r.buffered,
@@ -266,7 +296,8 @@ fn main() {
             r.duplicates,
             r.gaps,
             r.rss_before_kib / 1024,
-            r.peak_rss_kib / 1024
+            r.peak_rss_kib / 1024,
+            r.kept
         );
     }
 }

@@ -172,6 +172,28 @@ struct Setup {
     toml: String,
 }
 
+impl Setup {
+    /// A consumer listening on the default result topic (and `more`).
+    async fn consumer(&self, more: &[&str]) -> Consumer {
+        let results = format!("{ROOT}/commands/replay/result");
+        let mut topics = vec![results.as_str()];
+        topics.extend_from_slice(more);
+        Consumer::connect(self.mosq.tls, &self.pki.ca_file, &topics).await
+    }
+
+    async fn watch(&self) -> Seen {
+        watch(self.mosq.tls, &self.pki.ca_file).await
+    }
+}
+
+/// Waits until the watcher has live tag records of `sim1` up to `seq`.
+async fn live_until(seen: &mut Seen, seq: u64) {
+    seen.until(&format!("live tag seq {seq}"), |s| {
+        s.tracker.last_seq("sim1", "tag") >= Some(seq)
+    })
+    .await;
+}
+
 async fn setup(protocol: &str, tags: usize, hz: f64, extra: &str) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let sim = start_load_sim(dir.path(), tags, hz).await;
@@ -192,19 +214,11 @@ async fn setup(protocol: &str, tags: usize, hz: f64, extra: &str) -> Setup {
 
 async fn a_lost_range_comes_back_exactly(protocol: &str) {
     let s = setup(protocol, 20, 10.0, "").await;
-    let mut seen = watch(s.mosq.tls, &s.pki.ca_file).await;
+    let mut seen = s.watch().await;
     let answers = "consumer/answers";
-    let mut consumer = Consumer::connect(
-        s.mosq.tls,
-        &s.pki.ca_file,
-        &[&format!("{ROOT}/commands/replay/result"), answers],
-    )
-    .await;
+    let mut consumer = s.consumer(&[answers]).await;
     let agent = run_agent(&s.toml).await;
-    seen.until("600 live tag records", |s| {
-        s.tracker.last_seq("sim1", "tag") >= Some(600)
-    })
-    .await;
+    live_until(&mut seen, 600).await;
     let mut records = Records::default();
     records.take(&seen);
 
@@ -288,18 +302,10 @@ async fn every_bad_request_gets_its_error_and_changes_nothing() {
     let toml = s
         .toml
         .replace("[mqtt]\n", "[mqtt]\nreplay_max_records = 1000\n");
-    let mut seen = watch(s.mosq.tls, &s.pki.ca_file).await;
-    let mut consumer = Consumer::connect(
-        s.mosq.tls,
-        &s.pki.ca_file,
-        &[&format!("{ROOT}/commands/replay/result")],
-    )
-    .await;
+    let mut seen = s.watch().await;
+    let mut consumer = s.consumer(&[]).await;
     let agent = run_agent(&toml).await;
-    seen.until("some live records", |s| {
-        s.tracker.last_seq("sim1", "tag") >= Some(50)
-    })
-    .await;
+    live_until(&mut seen, 50).await;
     let mut records = Records::default();
     records.take(&seen);
     let epoch = records.epoch.clone();
@@ -373,12 +379,7 @@ async fn every_bad_request_gets_its_error_and_changes_nothing() {
 async fn a_range_partly_let_go_reports_what_is_missing() {
     // A small buffer: the kept history gives way to new records.
     let s = setup("v5", 200, 20.0, "[buffer]\nmax_size = \"1MiB\"\n").await;
-    let mut consumer = Consumer::connect(
-        s.mosq.tls,
-        &s.pki.ca_file,
-        &[&format!("{ROOT}/commands/replay/result")],
-    )
-    .await;
+    let mut consumer = s.consumer(&[]).await;
     let agent = run_agent(&s.toml).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -421,18 +422,10 @@ async fn a_range_partly_let_go_reports_what_is_missing() {
 #[ignore = "needs mosquitto"]
 async fn kept_records_survive_an_agent_restart() {
     let s = setup("v5", 10, 10.0, "").await;
-    let mut seen = watch(s.mosq.tls, &s.pki.ca_file).await;
-    let mut consumer = Consumer::connect(
-        s.mosq.tls,
-        &s.pki.ca_file,
-        &[&format!("{ROOT}/commands/replay/result")],
-    )
-    .await;
+    let mut seen = s.watch().await;
+    let mut consumer = s.consumer(&[]).await;
     let agent = run_agent(&s.toml).await;
-    seen.until("200 live records", |s| {
-        s.tracker.last_seq("sim1", "tag") >= Some(200)
-    })
-    .await;
+    live_until(&mut seen, 200).await;
     agent.stop().await;
     let mut records = Records::default();
     records.take(&seen);
@@ -487,12 +480,7 @@ async fn live_data_keeps_flowing_during_a_large_replay() {
     )
     .await
     .expect("watcher");
-    let mut consumer = Consumer::connect(
-        s.mosq.tls,
-        &s.pki.ca_file,
-        &[&format!("{ROOT}/commands/replay/result")],
-    )
-    .await;
+    let mut consumer = s.consumer(&[]).await;
     let agent = run_agent(&s.toml).await;
     let epoch = agent.buffer.epoch();
     let mut live_last = 0u64;
@@ -571,13 +559,10 @@ async fn live_data_keeps_flowing_during_a_large_replay() {
 #[ignore = "needs mosquitto"]
 async fn the_replay_command_asks_the_running_agent() {
     let s = setup("v5", 5, 10.0, "").await;
-    let mut seen = watch(s.mosq.tls, &s.pki.ca_file).await;
+    let mut seen = s.watch().await;
     let config = write_file(s.data_dir.parent().expect("dir"), "agent.toml", &s.toml);
     let agent = run_agent(&s.toml).await;
-    seen.until("some live records", |s| {
-        s.tracker.last_seq("sim1", "tag") >= Some(30)
-    })
-    .await;
+    live_until(&mut seen, 30).await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plantgate"))
         .args(["replay", "-c"])
         .arg(&config)
