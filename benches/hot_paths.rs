@@ -7,6 +7,8 @@
 //!   buffer stores;
 //! - `buffer`: `Store` append / read / ack of 1 000 tag records on a real
 //!   SQLite file (WAL, `synchronous = NORMAL`, the default) in a tempdir;
+//!   `buffer_kept`: the ack when delivered records are kept for replay
+//!   (`buffer.retain_delivered`), and a replay's read of 1 000 of them;
 //! - `uplink`: encoding as many stored records as fit one 128 KiB MQTT
 //!   message (the default `max_message_bytes`) into its payload;
 //! - `profile`: one DeltaV PHASE change in a running batch (-> one `batch`
@@ -25,10 +27,10 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use opcua::types::{DataValue, DateTime, StatusCode, UAString, Variant};
 use serde_json::{json, Value};
 
-use plantgate::buffer::{Append, Store, StoreOptions};
+use plantgate::buffer::{Append, Limits, Store, StoreOptions};
 use plantgate::config::ConnectionConfig;
 use plantgate::profile::{NodeKey, Profile, Sample, UnitParam, WcParam};
-use plantgate::record::{Kind, NewRecord, RecordId, StoredRecord, StreamKey};
+use plantgate::record::{now_ms, Kind, NewRecord, RecordId, StoredRecord, StreamKey};
 use plantgate::source::value::{tag_record, variant_to_json, TagMeta};
 use plantgate::uplink::payload::{encode_batch, fit};
 
@@ -184,6 +186,58 @@ fn buffer_benches(c: &mut Criterion) {
                 assert_eq!(n, BATCH);
             }
             spent
+        })
+    });
+    g.finish();
+
+    // The same ack with delivered records kept for replay
+    // (`buffer.retain_delivered`): the segment is kept, not deleted. The
+    // untimed rest lets the kept history go, so the file stays as it was.
+    let kept_dir = tempfile::tempdir().expect("tempdir");
+    let options = StoreOptions {
+        limits: Limits {
+            retain_delivered: Duration::from_secs(86_400),
+            ..Limits::NONE
+        },
+        ..StoreOptions::default()
+    };
+    let mut kept = Store::open(&kept_dir.path().join("buffer.db"), options).expect("store");
+    let later = now_ms() + 3 * 86_400_000;
+    let mut g = c.benchmark_group("buffer_kept");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("ack_1000", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                kept.append(Append::records(&batch)).expect("append");
+                let ids = read_all(&kept);
+                let t = Instant::now();
+                let n = kept.ack(black_box(&ids)).expect("ack");
+                spent += t.elapsed();
+                assert_eq!(n, BATCH);
+                kept.evict_expired(later).expect("let the history go");
+            }
+            spent
+        })
+    });
+    // A replay's read of 1 000 delivered records.
+    kept.append(Append::records(&batch)).expect("prefill");
+    let ids = read_all(&kept);
+    kept.ack(&ids).expect("ack");
+    let first = ids.first().map_or(1, |id| id.seq as u64);
+    g.bench_function("read_range_1000", |b| {
+        b.iter(|| {
+            let read = kept
+                .read_range(
+                    black_box(&stream),
+                    first,
+                    first + BATCH as u64 - 1,
+                    BATCH,
+                    MAX_MESSAGE_BYTES * 16,
+                )
+                .expect("read");
+            assert_eq!(read.records.len(), BATCH);
+            black_box(read)
         })
     });
     g.finish();

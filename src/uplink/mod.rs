@@ -132,7 +132,15 @@ impl Uplink {
         loop {
             let (end, connected_at) = self.session(&cancel, &mut replays).await;
             match end {
-                SessionEnd::Shutdown => return,
+                SessionEnd::Shutdown => {
+                    if !replays.is_empty() {
+                        tracing::warn!(
+                            requests = replays.len(),
+                            "replay requests left unanswered at shutdown; consumers ask again"
+                        );
+                    }
+                    return;
+                }
                 SessionEnd::Lost(e) => {
                     let reason = e.to_string();
                     let was = self.board.mqtt().connected;

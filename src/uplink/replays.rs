@@ -90,6 +90,10 @@ impl Replays {
         self.queue.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
     /// Records the bucket lets go now.
     pub fn allowance(&mut self) -> u64 {
         self.bucket.available(std::time::Instant::now())

@@ -538,3 +538,36 @@ fn unknown_packets_are_reported_not_guessed() {
     assert_eq!(d.sent(0), None, "QoS 0: sent, never acknowledged");
     assert_eq!(d.outstanding(), 0);
 }
+
+#[test]
+fn replay_messages_have_their_own_share_of_the_window() {
+    let now = Instant::now();
+    let mut d = Delivery::new(2, HashMap::new(), now);
+    let replay = || Message::Replay {
+        request_id: "r".into(),
+    };
+    // Replays fill their own share and leave the live window alone.
+    for _ in 0..3 {
+        assert!(d.has_replay_room(3));
+        d.submitted(replay());
+    }
+    assert!(!d.has_replay_room(3));
+    assert!(d.has_room(), "live data still has its whole window");
+    d.submitted(Message::Control { topic: "t".into() });
+    d.submitted(Message::Control { topic: "t".into() });
+    assert!(!d.has_room());
+    // Acknowledged or refused, a replay message frees its place; a refusal
+    // is reported, never retried or turned into a delete.
+    assert_eq!(d.sent(1), None);
+    assert_eq!(d.sent(2), None);
+    assert_eq!(d.acked(1, None, now), None);
+    assert!(d.has_replay_room(3));
+    assert_eq!(
+        d.acked(2, Some("NotAuthorized".into()), now),
+        Some(Action::ReplayRefused {
+            request_id: "r".into(),
+            reason: "NotAuthorized".into()
+        })
+    );
+    assert_eq!(d.outstanding(), 3);
+}
