@@ -28,6 +28,8 @@ const ROOT: &str = "plantgate/test-site/test-gw";
 struct Consumer {
     client: rumqttc::v5::AsyncClient,
     rx: mpsc::UnboundedReceiver<(String, Value, Option<Vec<u8>>)>,
+    /// Every payload as it came off the broker, for the record.
+    raw: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -50,12 +52,17 @@ impl Consumer {
         let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 100);
         let (tx, rx) = mpsc::unbounded_channel();
         let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
+        let raw = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = raw.clone();
         let task = tokio::spawn(async move {
             loop {
                 match el.poll().await {
                     Ok(rumqttc::v5::Event::Incoming(Packet::Publish(p))) => {
                         let topic = String::from_utf8_lossy(&p.topic).into_owned();
                         let body = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        if let Ok(mut kept) = keep.lock() {
+                            kept.push(String::from_utf8_lossy(&p.payload).into_owned());
+                        }
                         let corr = p
                             .properties
                             .and_then(|pr| pr.correlation_data)
@@ -81,7 +88,12 @@ impl Consumer {
                 .await
                 .expect("SUBACK in time");
         }
-        Consumer { client, rx, task }
+        Consumer {
+            client,
+            rx,
+            raw,
+            task,
+        }
     }
 
     async fn send(&self, body: &[u8], response: Option<(&str, &[u8])>) {
@@ -240,7 +252,12 @@ async fn a_lost_range_comes_back_exactly(protocol: &str) {
         assert_eq!(topic, format!("{ROOT}/commands/replay/result"));
     }
     println!("request: {}", String::from_utf8_lossy(&body));
-    println!("result on {topic}: {result}");
+    let raw = consumer
+        .raw
+        .lock()
+        .map(|r| r.join("\n"))
+        .unwrap_or_default();
+    println!("result on {topic}: {raw}");
 
     seen.until("the replayed range", |s| s.tracker.replayed >= 301)
         .await;
@@ -365,6 +382,21 @@ async fn every_bad_request_gets_its_error_and_changes_nothing() {
     seen.until("the good replay", |s| s.tracker.replayed >= 10)
         .await;
     assert_eq!(seen.tracker.replayed, 10, "only the good request replayed");
+    // Events come back too, one per message on their own topic, flagged.
+    let events = request("events", json!("sim1"), "event", &epoch, 1, 1);
+    consumer.send(&events, None).await;
+    let (_, r, _) = consumer.result(json!("events")).await;
+    assert_eq!(
+        (r["error"].clone(), r["replayed"].as_u64()),
+        (Value::Null, Some(1)),
+        "{r}"
+    );
+    seen.until("the replayed event", |s| {
+        s.messages.iter().any(|m| {
+            m.topic.contains("/events/") && m.payload["replay"] == true && m.payload["seq"] == 1
+        })
+    })
+    .await;
     let (_, metrics) = http_get(agent.health_addr, "/metrics").await;
     assert!(
         metrics.contains("plantgate_replay_requests_total{outcome=\"refused\"} 6"),
