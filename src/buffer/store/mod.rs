@@ -186,6 +186,7 @@ impl Store {
             quarantined: None,
         };
         store.convert_legacy().map_err(OpenError::Fatal)?;
+        store.mark_dead_letters_lost().map_err(OpenError::Fatal)?;
         store.apply_limits().map_err(OpenError::Fatal)?;
         store.ensure_reserve();
         tracing::debug!(path = %store.path.display(), epoch = %store.epoch, "buffer opened");

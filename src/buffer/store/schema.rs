@@ -296,7 +296,12 @@ fn migrate(tx: &Transaction, path: &Path) -> Result<(), OpenError> {
             add_column(tx, table, column, decl).map_err(classify("upgrade"))?;
         }
         if version == 4 {
-            super::upgrade::mark_dead_letters_lost(tx).map_err(classify("upgrade"))?;
+            // Done at open by `Store::mark_dead_letters_lost`.
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('mark_lost', '1')",
+                [],
+            )
+            .map_err(classify("upgrade"))?;
         }
         tx.execute_batch(SCHEMA).map_err(classify("open"))?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)

@@ -37,6 +37,9 @@ pub(super) enum Taking {
     Lost,
 }
 
+/// A row as read, with its `gone` and `lost` sets still encoded.
+type Found = (SegRow, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// A `segments` row.
 #[derive(Clone, Debug)]
 pub(super) struct SegRow {
@@ -102,9 +105,6 @@ impl SegRow {
         ))
     }
 }
-
-/// A row as read, with its `gone` and `lost` sets still encoded.
-type Found = (SegRow, Option<Vec<u8>>, Option<Vec<u8>>);
 
 impl Tx<'_> {
     fn seg_row(&self, found: Found) -> Result<SegRow, BufferError> {
@@ -416,7 +416,7 @@ impl Tx<'_> {
     }
 
     /// Writes the mutable columns of `row` back.
-    fn save(&self, row: &SegRow) -> Result<(), BufferError> {
+    pub fn save(&self, row: &SegRow) -> Result<(), BufferError> {
         self.stmt(
             "UPDATE segments SET pending = ?2, head_seq = ?3, head_ts = ?4, gone = ?5, lost = ?6 \
              WHERE id = ?1",

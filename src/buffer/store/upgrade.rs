@@ -1,7 +1,7 @@
 //! Bringing the records of older buffers up to date at open, before
-//! anything else touches them: [`mark_dead_letters_lost`] for schema 4
-//! (segments, but no record of what left them undelivered), and moving the
-//! records of a buffer written before segments (schema 3 and older: one
+//! anything else touches them: `Store::mark_dead_letters_lost` for schema
+//! 4 (segments, but no record of what left them undelivered), and moving
+//! the records of a buffer written before segments (schema 3 and older: one
 //! row per record in `records`) into segments. Nothing is lost and every record keeps its
 //! stream, seq, timestamp and text; dead letters and the counters stay.
 //!
@@ -14,51 +14,16 @@
 
 use std::time::Instant;
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
+use super::read::for_each_segment;
 use super::segment::{self, Entry};
 use super::segrow::NewSegment;
 use super::seqset::SeqSet;
 use super::tx::{Counters, OnFull};
 use super::Store;
 use crate::buffer::BufferError;
-
-/// A schema-4 segment marks its dead-lettered records gone like the
-/// delivered ones: mark them lost too, so the blob's copy is never
-/// replayed beside (or after) the dead letter. Records such a version
-/// expired inside a segment cannot be told from delivered ones and stay
-/// replayable while the segment is kept. Runs inside the upgrade's
-/// transaction; dead letters are few.
-pub(super) fn mark_dead_letters_lost(tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
-    let letters: Vec<(i64, i64)> = tx
-        .prepare("SELECT stream, seq FROM dead_letters ORDER BY stream, seq")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let mut holder = tx.prepare(
-        "SELECT id, first_seq, lost FROM segments WHERE stream = ?1 AND last_seq >= ?2 \
-         ORDER BY last_seq LIMIT 1",
-    )?;
-    let mut save = tx.prepare("UPDATE segments SET lost = ?2 WHERE id = ?1")?;
-    for (stream, seq) in letters {
-        let found: Option<(i64, i64, Option<Vec<u8>>)> = holder
-            .query_map(params![stream, seq], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
-            .next()
-            .transpose()?;
-        let Some((id, first_seq, lost)) = found.filter(|f| f.1 <= seq) else {
-            continue;
-        };
-        let mut set = match lost {
-            Some(bytes) => SeqSet::decode(&bytes, first_seq).unwrap_or_default(),
-            None => SeqSet::default(),
-        };
-        if set.insert(seq) {
-            save.execute(params![id, set.encode(first_seq)])?;
-        }
-    }
-    Ok(())
-}
+use crate::record::RecordId;
 
 /// Rows converted per transaction.
 const CHUNK_ROWS: i64 = 20_000;
@@ -69,6 +34,52 @@ type LegacyRow = (i64, i64, i64, String, i64);
 impl Store {
     /// Converts what `records` still holds; drops the table once empty.
     /// Does nothing on a file without it.
+    /// A schema-4 segment marks its dead-lettered records gone like the
+    /// delivered ones: mark them lost too, so the blob's copy is never
+    /// replayed beside (or after) the dead letter. The schema upgrade
+    /// leaves the `mark_lost` flag in `meta`; this clears it in the same
+    /// transaction, so a crash in between only repeats the work. Records
+    /// such a version expired inside a segment cannot be told from
+    /// delivered ones and stay replayable while the segment is kept.
+    /// Dead letters are few: one transaction.
+    pub(super) fn mark_dead_letters_lost(&mut self) -> Result<(), BufferError> {
+        let flagged: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'mark_lost'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err("upgrade"))?;
+        if flagged.is_none() {
+            return Ok(());
+        }
+        self.write("upgrade", OnFull::Pass, |tx| {
+            let letters: Vec<RecordId> = tx
+                .stmt("SELECT stream, seq FROM dead_letters ORDER BY stream, seq")?
+                .query_map([], |r| {
+                    Ok(RecordId {
+                        stream: r.get(0)?,
+                        seq: r.get(1)?,
+                    })
+                })
+                .map_err(tx.err())?
+                .collect::<Result<_, _>>()
+                .map_err(tx.err())?;
+            for_each_segment(tx, &letters, |row, seqs| {
+                let before = row.lost.clone();
+                for &seq in seqs {
+                    row.lost.insert(seq);
+                }
+                if row.lost != before {
+                    tx.save(row)?;
+                }
+                Ok(())
+            })?;
+            tx.execute("DELETE FROM meta WHERE key = 'mark_lost'", [])?;
+            Ok(())
+        })
+    }
+
     pub(super) fn convert_legacy(&mut self) -> Result<(), BufferError> {
         let legacy: i64 = self
             .conn
