@@ -439,11 +439,7 @@ impl<'a> Link<'a> {
                     .await
             }
             MqttEvent::Subscribed { refused } => {
-                self.up.board.set_commands_subscribed(refused.is_none());
-                if let Some(why) = refused {
-                    tracing::warn!(topic = %self.up.topics.replay_commands(), %why,
-                        "replay requests cannot reach the agent");
-                }
+                self.commands_subscribed(refused);
                 None
             }
             MqttEvent::Connected { .. } | MqttEvent::Other => None,
@@ -452,6 +448,37 @@ impl<'a> Link<'a> {
             self.execute(action).await;
         }
         Ok(())
+    }
+
+    /// The broker's answer to the commands subscription: shown in
+    /// `/status`; a refusal (an ACL) is logged and announced by a
+    /// `system.error` once, since consumers' replay requests can no longer
+    /// reach the agent.
+    fn commands_subscribed(&self, refused: Option<String>) {
+        use std::sync::atomic::Ordering;
+        let up = self.up;
+        up.board.set_commands_subscribed(refused.is_none());
+        let Some(why) = refused else {
+            up.commands_refusal_announced
+                .store(false, Ordering::Relaxed);
+            return;
+        };
+        let topic = up.topics.replay_commands();
+        tracing::warn!(%topic, %why, "replay requests cannot reach the agent");
+        if up.commands_refusal_announced.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let ev = NewRecord::event(
+            "",
+            EventType::SystemError,
+            serde_json::json!({
+                "message": "the broker refused the subscription to the replay commands topic; \
+                            replay requests cannot reach the agent (check the broker ACL)",
+                "topic": topic,
+                "reason": why,
+            }),
+        );
+        up.buffer.record_events(vec![ev]);
     }
 
     async fn execute(&mut self, action: Action) {

@@ -72,6 +72,9 @@ pub struct UplinkSettings {
 }
 
 pub struct Uplink {
+    /// The broker's refusal of the commands subscription was announced
+    /// (once until it is granted again, not on every reconnect).
+    commands_refusal_announced: std::sync::atomic::AtomicBool,
     settings: UplinkSettings,
     topics: Topics,
     buffer: BufferHandle,
@@ -115,6 +118,7 @@ impl Uplink {
             &settings.agent_id,
         );
         Uplink {
+            commands_refusal_announced: std::sync::atomic::AtomicBool::new(false),
             settings,
             topics,
             buffer,
