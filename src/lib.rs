@@ -29,6 +29,7 @@ pub mod replay_client;
 pub mod secret;
 pub mod sim;
 pub mod source;
+pub mod sparkplug;
 pub mod status;
 pub mod supervise;
 pub mod systemd;
