@@ -28,6 +28,7 @@ pub(super) const MQTT_KEYS: &[&str] = &[
     "reconnect_initial",
     "reconnect_max",
     "replay_max_records",
+    "format",
 ];
 pub(super) const BUFFER_KEYS: &[&str] = &[
     "max_size",

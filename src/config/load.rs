@@ -875,12 +875,36 @@ impl Walker<'_> {
             connections.push(c);
         }
 
+        if mqtt.format == MqttFormat::SparkplugB {
+            self.sparkplug_names(&connections);
+        }
+
         Config {
             agent,
             health,
             mqtt,
             buffer,
             connections,
+        }
+    }
+
+    /// In Sparkplug B a device's metrics share one name space: a tag may
+    /// not take the name of the derived records' metrics
+    /// (docs/sparkplug.md).
+    fn sparkplug_names(&mut self, connections: &[ConnectionConfig]) {
+        const DERIVED: [&str; 4] = ["batch", "recipe", "oee", "downtime"];
+        for (i, c) in connections.iter().enumerate() {
+            for (j, tag) in c.tags.iter().enumerate() {
+                if DERIVED.contains(&tag.name.as_str()) {
+                    self.problem(
+                        format!("connections[{i}].tags[{j}].name"),
+                        format!(
+                            "{:?} is the name of a derived record's metric with mqtt.format = \"sparkplug_b\"; rename the tag",
+                            tag.name
+                        ),
+                    );
+                }
+            }
         }
     }
 
@@ -981,6 +1005,21 @@ impl Walker<'_> {
             Some(n) => n,
         };
 
+        let format = match self.string(t, p, "format") {
+            None => MqttFormat::Json,
+            Some(s) => match s.trim() {
+                "json" => MqttFormat::Json,
+                "sparkplug_b" => MqttFormat::SparkplugB,
+                _ => {
+                    self.problem(
+                        join(p, "format"),
+                        format!("{s:?} is not \"json\" or \"sparkplug_b\""),
+                    );
+                    MqttFormat::Json
+                }
+            },
+        };
+
         MqttConfig {
             url: url.unwrap_or_default(),
             host,
@@ -1000,6 +1039,7 @@ impl Walker<'_> {
             reconnect_initial,
             reconnect_max,
             replay_max_records,
+            format,
         }
     }
 

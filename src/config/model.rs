@@ -38,6 +38,17 @@ pub enum MqttProtocol {
     V311,
 }
 
+/// What the records look like on the wire (docs/mqtt.md, docs/sparkplug.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MqttFormat {
+    /// plantgate's JSON topics and payloads.
+    #[default]
+    Json,
+    /// Sparkplug B 3.0: the agent as edge node, connections as devices.
+    SparkplugB,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct MqttConfig {
     /// As configured, e.g. `mqtts://broker.example.com:8883`.
@@ -70,6 +81,7 @@ pub struct MqttConfig {
     /// buffer while live data flows, so one request must not be able to ask
     /// for the whole buffer at once.
     pub replay_max_records: u64,
+    pub format: MqttFormat,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -1224,3 +1224,39 @@ fn render_keeps_the_documented_key_order_per_kind() {
 fn exit_code_is_ex_config() {
     assert_eq!(EXIT_CONFIG, 78);
 }
+
+#[test]
+fn format_selects_json_or_sparkplug() {
+    assert_eq!(ok(MINIMAL).config.mqtt.format, MqttFormat::Json);
+    let c = ok(&format!("{MINIMAL}format = \"sparkplug_b\"")).config;
+    assert_eq!(c.mqtt.format, MqttFormat::SparkplugB);
+    let out = render(&c);
+    assert!(out.contains("format = \"sparkplug_b\""), "{out}");
+    assert_eq!(ok(&out).config.mqtt.format, MqttFormat::SparkplugB);
+    let c = load_from(MINIMAL, &env(&[("PLANTGATE__MQTT__FORMAT", "sparkplug_b")]))
+        .expect("valid")
+        .config;
+    assert_eq!(c.mqtt.format, MqttFormat::SparkplugB);
+    one_problem(
+        &format!("{MINIMAL}format = \"protobuf\""),
+        "mqtt.format",
+        "\"protobuf\" is not \"json\" or \"sparkplug_b\"",
+    );
+}
+
+#[test]
+fn sparkplug_reserves_the_derived_metric_names() {
+    let conn = format!(
+        "{DELTAV}[[connections.tags]]\nname = \"FIC-101.PV\"\nnode = \"ns=2;s=a\"\n\
+         [[connections.tags]]\nname = \"batch\"\nnode = \"ns=2;s=b\"\n"
+    );
+    let text = with_connection(&conn);
+    // Fine in JSON, where a tag and a batch record never share a name space.
+    ok(&text);
+    let text = text.replacen(
+        "url = \"mqtts://broker.example.com\"",
+        "url = \"mqtts://broker.example.com\"\nformat = \"sparkplug_b\"",
+        1,
+    );
+    one_problem(&text, "connections[0].tags[1].name", "derived record");
+}

@@ -280,8 +280,8 @@ pub fn tag_record(connection: &str, tag: &TagMeta, dv: &DataValue) -> NewRecord 
     }
 }
 
-/// `{"name":..,"node":..,"quality":..,"status":..,"value":..}`, the same
-/// text `json!` would give, without building the tree.
+/// `{"name":..,"node":..,"quality":..,"status":..,"type":..,"value":..}`,
+/// the same text `json!` would give, without building the tree.
 fn tag_data(tag: &TagMeta, status: StatusCode, value: Option<&Variant>) -> String {
     let mut out = Vec::with_capacity(tag.head.len() + 48);
     out.extend_from_slice(tag.head.as_bytes());
@@ -293,6 +293,12 @@ fn tag_data(tag: &TagMeta, status: StatusCode, value: Option<&Variant>) -> Strin
         out.extend_from_slice(b"\"Good\"");
     } else {
         write_json(&mut out, &status_name(status));
+    }
+    // The OPC UA built-in type of the value (docs/mqtt.md): what a
+    // consumer, and the Sparkplug format's datatypes, cannot tell from the
+    // JSON number alone.
+    if let Some(v) = value {
+        write_type(&mut out, v);
     }
     out.extend_from_slice(b",\"value\":");
     match value {
@@ -311,6 +317,19 @@ fn tag_data(tag: &TagMeta, status: StatusCode, value: Option<&Variant>) -> Strin
     out.push(b'}');
     // Every piece above is UTF-8 (serde_json writes nothing else).
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// `,"type":"Double"` (`"Double[]"` for an array); nothing for an empty
+/// value.
+fn write_type(out: &mut Vec<u8>, v: &Variant) {
+    use opcua::types::VariantTypeId;
+    use std::io::Write as _;
+    // Writing into a Vec cannot fail.
+    let _ = match v.type_id() {
+        VariantTypeId::Empty => return,
+        VariantTypeId::Scalar(t) => write!(out, ",\"type\":\"{t}\""),
+        VariantTypeId::Array(t, _) => write!(out, ",\"type\":\"{t}[]\""),
+    };
 }
 
 /// Appends `v` as JSON. Writing into a Vec cannot fail, and neither can
@@ -566,14 +585,17 @@ mod tests {
         ];
         for value in &values {
             for status in statuses {
-                let tree = json!({
+                let mut tree = json!({
                     "name": tag.name,
                     "node": tag.node,
                     "value": value.as_ref().map(variant_to_json).unwrap_or(Value::Null),
                     "quality": quality(status),
                     "status": status_name(status),
-                })
-                .to_string();
+                });
+                if let Some(t) = value.as_ref().and_then(Variant::scalar_type_id) {
+                    tree["type"] = json!(t.to_string());
+                }
+                let tree = tree.to_string();
                 assert_eq!(
                     tag_data(&tag, status, value.as_ref()),
                     tree,
@@ -581,6 +603,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn arrays_name_their_element_type() {
+        let tag = TagMeta::new("A", "ns=2;s=A");
+        let a = Array::new(
+            VariantScalarTypeId::Int32,
+            vec![Variant::Int32(1), Variant::Int32(2)],
+        )
+        .expect("an array");
+        let data = tag_data(&tag, StatusCode::Good, Some(&Variant::Array(Box::new(a))));
+        let v: Value = serde_json::from_str(&data).expect("JSON");
+        assert_eq!(v["type"], "Int32[]");
+        assert_eq!(v["value"], json!([1, 2]));
+        let data = tag_data(&tag, StatusCode::BadSensorFailure, None);
+        let v: Value = serde_json::from_str(&data).expect("JSON");
+        assert!(v.get("type").is_none(), "no value, no type: {data}");
     }
 
     #[test]
@@ -601,7 +640,7 @@ mod tests {
         assert_eq!(r.kind, Kind::Tag);
         assert_eq!(
             r.data_json(),
-            json!({"name":"FIC-101.PV","node":"nsu=urn:x;s=FIC-101/PV.CV","value":4.0,"quality":"good","status":"Good"})
+            json!({"name":"FIC-101.PV","node":"nsu=urn:x;s=FIC-101/PV.CV","value":4.0,"quality":"good","status":"Good","type":"Double"})
         );
         dv.source_timestamp = None;
         assert_eq!(tag_record("c1", &tag, &dv).ts_ms, 2_000);
