@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{BufferHandle, Limits, OpenMode, Store, StoreOptions};
 use crate::config::{Config, ConnectionConfig};
-use crate::record::{EventType, NewRecord};
+use crate::record::{EventType, Kind, NewRecord};
 use crate::source::ConnectionReporter;
+use crate::sparkplug::DeviceSpec;
 use crate::status::{ConnState, StatusBoard};
 use crate::supervise::supervise;
 use crate::uplink::{Uplink, UplinkSettings};
@@ -265,6 +266,7 @@ impl Background {
                 boot_id: uuid::Uuid::new_v4().to_string(),
                 tls,
                 connections: config.connections.iter().map(|c| c.id.clone()).collect(),
+                devices: sparkplug_devices(&config.connections),
             },
             buffer.clone(),
             board.clone(),
@@ -502,4 +504,21 @@ async fn expire_old_records(buffer: BufferHandle, cancel: CancellationToken) {
             Err(e) => tracing::error!(error = %e, "expiring old records failed"),
         }
     }
+}
+
+/// The connections as Sparkplug devices (docs/sparkplug.md): each with the
+/// derived records its profile makes.
+fn sparkplug_devices(connections: &[ConnectionConfig]) -> Vec<DeviceSpec> {
+    use crate::config::ConnectionKind;
+    connections
+        .iter()
+        .map(|c| DeviceSpec {
+            id: c.id.clone(),
+            derived: match c.profile.kind() {
+                ConnectionKind::Deltav => vec![Kind::Batch, Kind::Recipe],
+                ConnectionKind::Optomes => vec![Kind::Oee, Kind::Downtime],
+                ConnectionKind::Generic => Vec::new(),
+            },
+        })
+        .collect()
 }

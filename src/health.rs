@@ -257,6 +257,12 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
                 "records_total": mqtt.replayed_records_total,
                 "messages_refused_total": mqtt.replay_messages_refused_total,
             },
+            "sparkplug": mqtt.sparkplug.as_ref().map(|sp| json!({
+                "bd_seq": sp.bd_seq,
+                "rebirths_total": sp.rebirths_total,
+                "commands_refused_total": sp.commands_refused_total,
+                "births_not_sent_total": sp.births_not_sent_total,
+            })),
             "payload_limit_bytes": mqtt.payload_limit_bytes,
             "broker_max_packet_bytes": mqtt.broker_max_packet_bytes,
         },
@@ -515,6 +521,23 @@ fn register_mqtt(r: &mut Registry, mqtt: &crate::status::MqttStatus) {
         "Replay requests waiting or running",
         gauge(mqtt.replays_queued as u64),
     );
+    if let Some(sp) = &mqtt.sparkplug {
+        r.register(
+            "sparkplug_rebirths",
+            "Sparkplug rebirths a host application asked for (NCMD Node Control/Rebirth)",
+            counter(sp.rebirths_total),
+        );
+        r.register(
+            "sparkplug_commands_refused",
+            "Sparkplug commands refused (any other NCMD, every DCMD: the agent never writes to the plant)",
+            counter(sp.commands_refused_total),
+        );
+        r.register(
+            "sparkplug_births_not_sent",
+            "Sparkplug BIRTH certificates too large for one message, not sent",
+            counter(sp.births_not_sent_total),
+        );
+    }
     r.register(
         "mqtt_payload_limit_bytes",
         "Largest payload the uplink sends: max_message_bytes or the broker's Maximum Packet Size, whichever is smaller",

@@ -84,7 +84,7 @@ pub async fn ask(config: &Config, ask: &Ask) -> Result<Value, AskError> {
                 ))))
             }
         }
-        session.subscribe(result_topic.clone()).await?;
+        session.subscribe(vec![result_topic.clone()]).await?;
         loop {
             if let MqttEvent::Subscribed { refused } = session.next().await? {
                 if let Some(why) = refused {

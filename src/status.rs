@@ -167,6 +167,23 @@ pub struct MqttStatus {
     /// Whether the broker granted the subscription to the commands topic
     /// (None before the first SUBACK).
     pub commands_subscribed: Option<bool>,
+    /// Sparkplug B only (docs/sparkplug.md): None in the JSON format.
+    pub sparkplug: Option<SparkplugStatus>,
+}
+
+/// The edge node's side of Sparkplug B in `/status` and `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SparkplugStatus {
+    /// `bdSeq` of the current (or last) session's Will and NBIRTH.
+    pub bd_seq: Option<u8>,
+    /// Rebirths a host application asked for (NCMD `Node Control/Rebirth`).
+    pub rebirths_total: u64,
+    /// Commands refused: any other NCMD, every DCMD (the agent never writes
+    /// to the plant).
+    pub commands_refused_total: u64,
+    /// BIRTH certificates too large for one message, not sent (their
+    /// device's data goes out without it).
+    pub births_not_sent_total: u64,
 }
 
 /// Cause of a dead letter: the broker kept refusing the message.
@@ -543,6 +560,16 @@ impl StatusBoard {
 
     pub fn set_replays_queued(&self, queued: usize) {
         self.write().mqtt.replays_queued = queued;
+    }
+
+    /// Changes the Sparkplug counters (and turns them on in `/status`).
+    pub fn sparkplug(&self, change: impl FnOnce(&mut SparkplugStatus)) {
+        change(
+            self.write()
+                .mqtt
+                .sparkplug
+                .get_or_insert_with(Default::default),
+        );
     }
 
     pub fn set_commands_subscribed(&self, granted: bool) {

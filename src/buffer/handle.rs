@@ -142,6 +142,11 @@ impl BufferHandle {
             .await
     }
 
+    /// See [`Store::next_bd_seq`].
+    pub async fn next_bd_seq(&self) -> Result<u8, BufferError> {
+        self.request(|reply| Command::NextBdSeq { reply }).await
+    }
+
     pub async fn streams(&self) -> Result<Vec<StreamKey>, BufferError> {
         self.request(|reply| Command::Streams { reply }).await
     }

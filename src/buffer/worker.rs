@@ -59,6 +59,9 @@ pub(super) enum Command {
     Streams {
         reply: Reply<Vec<StreamKey>>,
     },
+    NextBdSeq {
+        reply: Reply<u8>,
+    },
     ReadAfter {
         stream: StreamKey,
         after_seq: u64,
@@ -278,6 +281,9 @@ impl Worker {
             }
             Command::Streams { reply } => {
                 let _ = reply.send(self.store.streams());
+            }
+            Command::NextBdSeq { reply } => {
+                let _ = reply.send(self.store.next_bd_seq());
             }
             Command::ReadAfter {
                 stream,

@@ -46,11 +46,11 @@ const EVENT_ALIAS: u64 = 2;
 const STATUS_ALIAS: u64 = 3;
 
 /// A plant connection as a device: the metrics it is known to have before
-/// any data (its configured tags, and the derived kinds of its profile).
+/// any data, the derived records of its profile. Its tags are declared as
+/// their first values arrive, since only a value tells their datatype.
 #[derive(Debug, Clone)]
 pub struct DeviceSpec {
     pub id: String,
-    pub tags: Vec<String>,
     pub derived: Vec<Kind>,
 }
 
@@ -86,6 +86,11 @@ pub struct Draft {
     pub message_type: MessageType,
     pub topic: String,
     pub payload: Payload,
+    /// BIRTH and DEATH certificates and the status NDATA go at QoS 0 as
+    /// the specification asks (they describe the present and are sent
+    /// again); records at QoS 1, so the buffer deletes them only on the
+    /// broker's PUBACK.
+    pub qos0: bool,
 }
 
 impl Draft {
@@ -93,13 +98,6 @@ impl Draft {
     /// takes at most 3 bytes).
     pub fn sealed_len(&self) -> usize {
         self.payload.encoded_len() + 3
-    }
-
-    /// BIRTH and DEATH certificates go at QoS 0 as the specification asks
-    /// (they describe the present and are sent again); data at QoS 1, so
-    /// the buffer deletes records only on the broker's PUBACK.
-    pub fn qos0(&self) -> bool {
-        !matches!(self.message_type, MessageType::DData | MessageType::NData)
     }
 }
 
@@ -197,6 +195,11 @@ impl EdgeNode {
         (self.topics.node("NDEATH"), payload.encode_to_vec())
     }
 
+    /// The `bdSeq` of the current session.
+    pub fn bd_seq(&self) -> u8 {
+        u8::try_from(self.bd_seq).unwrap_or(0)
+    }
+
     /// A new MQTT session with the Will of `bd_seq`: nothing is born.
     pub fn start_session(&mut self, bd_seq: u8) {
         self.bd_seq = bd_seq.into();
@@ -243,6 +246,7 @@ impl EdgeNode {
         }
         Draft {
             message_type: MessageType::NBirth,
+            qos0: true,
             topic: self.topics.node("NBIRTH"),
             payload: Payload {
                 timestamp: Some(ts),
@@ -313,6 +317,7 @@ impl EdgeNode {
             .collect();
         Draft {
             message_type: MessageType::NData,
+            qos0: true,
             topic: self.topics.node("NDATA"),
             payload: Payload {
                 timestamp: Some(ts),
@@ -323,15 +328,18 @@ impl EdgeNode {
     }
 
     /// NDATA carrying one event (`json`: the event as docs/mqtt.md has it).
+    /// It is historical if its seq is at most `historical_to` (accepted
+    /// before this session, or sent again on request).
     pub fn event(
         &mut self,
         record: &StoredRecord,
         json: String,
         epoch: &str,
-        historical: bool,
+        historical_to: u64,
         replay: bool,
         now_ms: i64,
     ) -> Draft {
+        let historical = record.seq <= historical_to;
         let mut props = record_properties(epoch, record.seq, replay);
         if !record.connection.is_empty() {
             props.push(
@@ -353,6 +361,7 @@ impl EdgeNode {
         );
         Draft {
             message_type: MessageType::NData,
+            qos0: false,
             topic: self.topics.node("NDATA"),
             payload: Payload {
                 timestamp: Some(metric::ms(now_ms)),
@@ -402,6 +411,7 @@ impl EdgeNode {
             .collect();
         Some(Draft {
             message_type: MessageType::DBirth,
+            qos0: true,
             topic: self.topics.device("DBIRTH", device),
             payload: Payload {
                 timestamp: Some(now),
@@ -420,6 +430,7 @@ impl EdgeNode {
         d.born = false;
         Some(Draft {
             message_type: MessageType::DDeath,
+            qos0: true,
             topic: self.topics.device("DDEATH", device),
             payload: Payload {
                 timestamp: Some(metric::ms(now_ms)),
@@ -428,19 +439,20 @@ impl EdgeNode {
         })
     }
 
-    /// DDATA carrying `records` (one stream of `device`, in seq order).
+    /// DDATA carrying `records` (one stream of `device`, in seq order);
+    /// those with a seq up to `historical_to` are flagged historical.
     /// Tags not declared yet, or with a new datatype, are declared here and
     /// mark the device for a DBIRTH ([`Self::needs_birth`]), which must go
-    /// out before this message. None for a device not configured.
+    /// out before this message.
     pub fn ddata(
         &mut self,
         device: &str,
         records: &[StoredRecord],
         epoch: &str,
-        historical: bool,
+        historical_to: u64,
         replay: bool,
         now_ms: i64,
-    ) -> Option<Draft> {
+    ) -> Draft {
         let mut metrics = Vec::with_capacity(records.len());
         for r in records {
             let (name, datatype, value, extra) = match r.kind {
@@ -452,7 +464,7 @@ impl EdgeNode {
                     None,
                 ),
             };
-            let def = self.declare(device, &name, datatype)?;
+            let def = self.declare(device, &name, datatype);
             if !replay {
                 def.last = Some((metric::ms(r.ts_ms), value.clone()));
             }
@@ -464,33 +476,32 @@ impl EdgeNode {
                     props.push("status", DataType::String, PropertyValueKind::String(s));
                 }
             }
+            let historical = r.seq <= historical_to;
             metrics.push(data_metric(
                 alias, datatype, r.ts_ms, value, historical, props,
             ));
         }
-        Some(Draft {
+        Draft {
             message_type: MessageType::DData,
+            qos0: false,
             topic: self.topics.device("DDATA", device),
             payload: Payload {
                 timestamp: Some(metric::ms(now_ms)),
                 metrics,
                 ..Default::default()
             },
-        })
+        }
     }
 
     /// The definition of metric `name` of `device`, declared now if new or
     /// if `datatype` differs (which makes the device's DBIRTH stale). A
     /// value of unknown type (a bad value of a tag never seen good) keeps
     /// the known datatype, or is declared String until a value says more.
-    fn declare(
-        &mut self,
-        device: &str,
-        name: &str,
-        datatype: Option<DataType>,
-    ) -> Option<&mut MetricDef> {
+    fn declare(&mut self, device: &str, name: &str, datatype: Option<DataType>) -> &mut MetricDef {
         let next_alias = self.next_alias;
-        let d = self.devices.get_mut(device)?;
+        // A stream of a connection no longer configured still has its
+        // records delivered: it becomes a device of its own.
+        let d = self.devices.entry(device.to_string()).or_default();
         let mut used_alias = false;
         let def = d.metrics.entry(name.to_string()).or_insert_with(|| {
             used_alias = true;
@@ -508,12 +519,12 @@ impl EdgeNode {
             def.last = None;
             d.stale = true;
         }
-        Some(def)
+        def
     }
 
     /// Gives a draft its `seq` and encodes it.
     pub fn seal(&mut self, draft: Draft) -> (String, Vec<u8>, bool) {
-        let qos0 = draft.qos0();
+        let qos0 = draft.qos0;
         let mut payload = draft.payload;
         if draft.message_type == MessageType::NBirth {
             self.next_seq = 0;

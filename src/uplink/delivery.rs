@@ -179,6 +179,13 @@ impl Delivery {
         self.backlog.is_some()
     }
 
+    /// While the backlog found at connect time is being delivered: the
+    /// seq the stream's newest row had then. Records up to it were
+    /// accepted before this session (Sparkplug marks them historical).
+    pub fn backlog_target(&self, stream: &StreamKey) -> Option<u64> {
+        self.backlog.as_ref()?.targets.get(stream).copied()
+    }
+
     /// The stream's next message starts after this seq.
     pub fn cursor(&self, stream: &StreamKey) -> u64 {
         self.cursors.get(stream).copied().unwrap_or(0)

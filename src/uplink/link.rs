@@ -5,8 +5,10 @@
 //! publishes, status and heartbeat messages, the clean shutdown.
 
 mod replay;
+mod sparkplug;
+mod wire;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -20,6 +22,7 @@ use super::topics::PayloadLimit;
 use super::{Uplink, MAX_RECORDS_PER_MESSAGE, SHUTDOWN_FLUSH, WINDOW};
 use crate::buffer::BufferError;
 use crate::record::{now_ms, EventType, Kind, NewRecord, RecordId, StoredRecord, StreamKey};
+use crate::sparkplug::EdgeNode;
 use crate::status::{ConnState, DEAD_LETTER_REFUSED, DEAD_LETTER_TOO_LARGE};
 use crate::throttle::Throttle;
 
@@ -51,6 +54,9 @@ pub(super) struct Link<'a> {
     undeleted: Vec<Batch>,
     /// Replay requests, kept across sessions by the uplink.
     replays: &'a mut Replays,
+    /// With `mqtt.format = "sparkplug_b"`: the edge node, kept across
+    /// sessions by the uplink (docs/sparkplug.md).
+    node: Option<&'a mut EdgeNode>,
 }
 
 impl<'a> Link<'a> {
@@ -64,6 +70,7 @@ impl<'a> Link<'a> {
         backlog: HashMap<StreamKey, u64>,
         requeues: u64,
         replays: &'a mut Replays,
+        node: Option<&'a mut EdgeNode>,
     ) -> Self {
         Link {
             up,
@@ -75,6 +82,7 @@ impl<'a> Link<'a> {
             requeues,
             undeleted: Vec::new(),
             replays,
+            node,
         }
     }
 
@@ -94,11 +102,24 @@ impl<'a> Link<'a> {
     /// The select loop: Ok on `cancel`, Err when the session is lost.
     async fn serve(&mut self, cancel: &CancellationToken) -> Result<(), SessionError> {
         let up = self.up;
-        let online = payload::agent_online(now_ms(), &up.settings.version, &up.settings.boot_id);
-        self.publish_control(up.topics.status(), true, online, false)
-            .await?;
-        // Replay requests (docs/mqtt.md): the only topic the agent listens to.
-        self.session.subscribe(up.topics.replay_commands()).await?;
+        if let Some(node) = self.node.as_deref() {
+            // Commands before the BIRTHs, as Sparkplug asks: a rebirth
+            // request right after them is not missed.
+            let mut topics = vec![up.topics.replay_commands()];
+            topics.extend(node.topics().commands());
+            self.session.subscribe(topics).await?;
+            self.sp_birth(false).await?;
+        } else {
+            let online =
+                payload::agent_online(now_ms(), &up.settings.version, &up.settings.boot_id);
+            self.publish_control(up.topics.status(), true, online, false)
+                .await?;
+            // Replay requests (docs/mqtt.md): the only topic the agent
+            // listens to.
+            self.session
+                .subscribe(vec![up.topics.replay_commands()])
+                .await?;
+        }
         let mut status_rx = up.board.subscribe();
         status_rx.mark_changed();
         let hb_every = up
@@ -220,6 +241,8 @@ impl<'a> Link<'a> {
                 return Ok(());
             }
         };
+        // Connections with records read (or held back) in this fill.
+        let mut busy = HashSet::new();
         let mut progressed = true;
         while progressed && self.delivery.has_room() {
             progressed = false;
@@ -228,12 +251,14 @@ impl<'a> Link<'a> {
                     break;
                 }
                 if self.delivery.held(stream, Instant::now()) {
+                    busy.insert(stream.connection.clone());
                     continue;
                 }
                 let Some(records) = self.read(stream).await else {
                     continue;
                 };
                 progressed = true;
+                busy.insert(stream.connection.clone());
                 if stream.kind == Kind::Event {
                     // Events go one per message to their own topic.
                     for r in records {
@@ -243,6 +268,11 @@ impl<'a> Link<'a> {
                     self.send_batch(stream, records).await?;
                 }
             }
+        }
+        // Every stream was read to its end: what is not busy has nothing
+        // left to send.
+        if !progressed && self.node.is_some() {
+            self.sp_deaths(&busy).await?;
         }
         Ok(())
     }
@@ -255,8 +285,7 @@ impl<'a> Link<'a> {
         if stream.kind == Kind::Event {
             up.settings.mqtt.max_message_bytes
         } else {
-            self.limit
-                .for_topic(&up.topics.data(&stream.connection, stream.kind))
+            self.limit.for_topic(&self.topic_of(stream))
         }
     }
 
@@ -289,21 +318,8 @@ impl<'a> Link<'a> {
         stream: &StreamKey,
         mut records: Vec<StoredRecord>,
     ) -> Result<(), SessionError> {
-        let up = self.up;
-        let epoch = up.buffer.epoch();
-        let agent = &up.settings.agent_id;
-        let envelope = agent.len() + stream.connection.len() + epoch.len();
-        let topic = up.topics.data(&stream.connection, stream.kind);
-        let max = self.limit.for_topic(&topic);
-        let mut n = payload::fit(&records, max, envelope);
-        let mut body = payload::encode_batch(agent, &epoch, &records[..n]);
-        // `fit` estimates; the encoded size decides. Shrink until it fits or
-        // a single record is left.
-        while body.len() > max && n > 1 {
-            n = (n * max / body.len()).clamp(1, n - 1);
-            body = payload::encode_batch(agent, &epoch, &records[..n]);
-        }
-        records.truncate(n);
+        let encoded = self.encode(stream, &records, false);
+        records.truncate(encoded.n);
         let batch = Batch {
             stream: stream.clone(),
             ids: records.iter().map(|r| r.id).collect(),
@@ -311,7 +327,7 @@ impl<'a> Link<'a> {
             last_seq: records.last().map_or(0, |r| r.seq),
             submitted: Instant::now(),
         };
-        if let Some(why) = self.limit.exceeded(&topic, body.len()) {
+        if let Some(why) = self.limit.exceeded(&encoded.topic, encoded.len()) {
             // A single record too large for any message: it can never be
             // sent within the contract, so it goes to the dead letters
             // (announced by a system.error event) instead of blocking its
@@ -319,24 +335,22 @@ impl<'a> Link<'a> {
             self.dead_letter_too_large(batch, why, false).await;
             return Ok(());
         }
-        self.session.publish(topic, false, false, body).await?;
+        self.publish_encoded(encoded).await?;
         self.delivery.submitted(Message::Records(batch));
         Ok(())
     }
 
     async fn send_event(&mut self, record: StoredRecord) -> Result<(), SessionError> {
-        let up = self.up;
-        let epoch = up.buffer.epoch();
-        let (event_type, body) = payload::encode_event(&up.settings.agent_id, &epoch, &record);
-        let topic = up.topics.event(&event_type);
+        let stream = record.stream();
+        let encoded = self.encode(&stream, std::slice::from_ref(&record), false);
         let batch = Batch {
-            stream: record.stream(),
+            stream,
             ids: vec![record.id],
             first_seq: record.seq,
             last_seq: record.seq,
             submitted: Instant::now(),
         };
-        if let Some(why) = self.limit.exceeded(&topic, body.len()) {
+        if let Some(why) = self.limit.exceeded(&encoded.topic, encoded.len()) {
             // Same rule as a data record: the event's own stream moves on;
             // the announcement is a small system.error that fits.
             let is_notice = serde_json::from_str::<serde_json::Value>(&record.data)
@@ -344,7 +358,7 @@ impl<'a> Link<'a> {
             self.dead_letter_too_large(batch, why, is_notice).await;
             return Ok(());
         }
-        self.session.publish(topic, false, false, body).await?;
+        self.publish_encoded(encoded).await?;
         self.delivery.submitted(Message::Records(batch));
         Ok(())
     }
@@ -434,9 +448,12 @@ impl<'a> Link<'a> {
                 response_topic,
                 correlation,
             } => {
+                if self.node.is_some() && topic != self.up.topics.replay_commands() {
+                    return self.sp_command(&topic, &payload).await;
+                }
                 return self
                     .on_command(topic, payload, response_topic, correlation)
-                    .await
+                    .await;
             }
             MqttEvent::Subscribed { refused } => {
                 self.commands_subscribed(refused);
@@ -566,6 +583,9 @@ impl<'a> Link<'a> {
     }
 
     async fn publish_connection_states(&mut self) -> Result<(), SessionError> {
+        if self.node.is_some() {
+            return self.sp_states().await;
+        }
         let up = self.up;
         for (id, st) in up.board.connections() {
             let key = (st.state, st.reason.clone());
@@ -586,6 +606,9 @@ impl<'a> Link<'a> {
     }
 
     async fn publish_heartbeat(&mut self) -> Result<(), SessionError> {
+        if self.node.is_some() {
+            return self.sp_heartbeat().await;
+        }
         let up = self.up;
         let topic = up.topics.heartbeat();
         let limit = self.limit.for_topic(&topic);
@@ -628,16 +651,20 @@ impl<'a> Link<'a> {
     async fn shutdown(&mut self) {
         let up = self.up;
         let now = now_ms();
-        for (id, _) in up.board.connections() {
-            let body = payload::connection_status(ConnState::Offline.as_str(), now, "shutdown");
-            let topic = up.topics.connection_status(&id);
-            let _ = self.publish_control(topic, true, body, false).await;
+        if self.node.is_some() {
+            self.sp_farewell().await;
+        } else {
+            for (id, _) in up.board.connections() {
+                let body = payload::connection_status(ConnState::Offline.as_str(), now, "shutdown");
+                let topic = up.topics.connection_status(&id);
+                let _ = self.publish_control(topic, true, body, false).await;
+            }
+            let offline =
+                payload::agent_offline(now, &up.settings.version, &up.settings.boot_id, "shutdown");
+            let _ = self
+                .publish_control(up.topics.status(), true, offline, false)
+                .await;
         }
-        let offline =
-            payload::agent_offline(now, &up.settings.version, &up.settings.boot_id, "shutdown");
-        let _ = self
-            .publish_control(up.topics.status(), true, offline, false)
-            .await;
         let deadline = Instant::now() + SHUTDOWN_FLUSH;
         while self.delivery.outstanding() > 0 {
             match tokio::time::timeout_at(deadline, self.session.next()).await {

@@ -44,11 +44,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::buffer::BufferHandle;
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, MqttFormat};
 use crate::record::now_ms;
+use crate::sparkplug::{DeviceSpec, EdgeNode};
 use crate::status::StatusBoard;
 use link::{Link, LinkEnd};
-use mqtt::{MqttEvent, Session, SessionError, SessionOptions};
+use mqtt::{MqttEvent, Session, SessionError, SessionOptions, Will};
 use replays::Replays;
 use topics::{PayloadLimit, Topics};
 
@@ -69,6 +70,9 @@ pub struct UplinkSettings {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// The configured connection ids: what a replay request may name.
     pub connections: Vec<String>,
+    /// The connections as Sparkplug devices (used with
+    /// `mqtt.format = "sparkplug_b"`).
+    pub devices: Vec<DeviceSpec>,
 }
 
 pub struct Uplink {
@@ -133,8 +137,16 @@ impl Uplink {
         let mut backoff = Backoff::new(m.reconnect_initial, m.reconnect_max);
         let mut quiet = crate::throttle::Throttle::new(Duration::from_secs(300));
         let mut replays = Replays::new();
+        // The edge node outlives sessions: its aliases stay the same.
+        let mut node = (m.format == MqttFormat::SparkplugB).then(|| {
+            EdgeNode::new(
+                &self.settings.site,
+                &self.settings.agent_id,
+                &self.settings.devices,
+            )
+        });
         loop {
-            let (end, connected_at) = self.session(&cancel, &mut replays).await;
+            let (end, connected_at) = self.session(&cancel, &mut replays, node.as_mut()).await;
             match end {
                 SessionEnd::Shutdown => {
                     if !replays.is_empty() {
@@ -184,7 +196,46 @@ impl Uplink {
         }
     }
 
-    fn session_options(&self) -> SessionOptions {
+    /// The JSON format's Last Will: the agent's status, `offline`.
+    fn status_will(&self) -> Will {
+        Will {
+            topic: self.topics.status(),
+            payload: payload::agent_offline(
+                now_ms(),
+                &self.settings.version,
+                &self.settings.boot_id,
+                "connection_lost",
+            ),
+            retain: true,
+        }
+    }
+
+    /// Sparkplug's Last Will: the NDEATH of the next session's `bdSeq`,
+    /// which the buffer keeps across restarts; given to the node for its
+    /// NBIRTH.
+    async fn ndeath_will(&self, node: &mut EdgeNode) -> Will {
+        let bd_seq = match self.buffer.next_bd_seq().await {
+            Ok(b) => b,
+            Err(e) => {
+                // Still a new value, so host applications tell the sessions
+                // apart; only a restart before the buffer works again could
+                // repeat one.
+                let b = node.bd_seq().wrapping_add(1);
+                tracing::warn!(error = %e, bd_seq = b, "could not keep the Sparkplug bdSeq in the buffer");
+                b
+            }
+        };
+        node.start_session(bd_seq);
+        self.board.sparkplug(|sp| sp.bd_seq = Some(bd_seq));
+        let (topic, payload) = node.ndeath(bd_seq, now_ms());
+        Will {
+            topic,
+            payload,
+            retain: false,
+        }
+    }
+
+    fn session_options(&self, will: Will) -> SessionOptions {
         let m = &self.settings.mqtt;
         SessionOptions {
             protocol: m.protocol,
@@ -195,15 +246,7 @@ impl Uplink {
             keep_alive: m.keep_alive,
             username: m.username.clone(),
             password: m.password.clone(),
-            will: Some((
-                self.topics.status(),
-                payload::agent_offline(
-                    now_ms(),
-                    &self.settings.version,
-                    &self.settings.boot_id,
-                    "connection_lost",
-                ),
-            )),
+            will: Some(will),
             // Room for the topic and MQTT header on top of the payload.
             max_packet_bytes: m.max_message_bytes + 4096,
             max_payload_bytes: m.max_message_bytes,
@@ -217,9 +260,14 @@ impl Uplink {
         &self,
         cancel: &CancellationToken,
         replays: &mut Replays,
+        mut node: Option<&mut EdgeNode>,
     ) -> (SessionEnd, Option<Instant>) {
         self.board.beat("uplink");
-        let mut session = Session::start(&self.session_options());
+        let will = match node.as_deref_mut() {
+            Some(node) => self.ndeath_will(node).await,
+            None => self.status_will(),
+        };
+        let mut session = Session::start(&self.session_options(will));
         let first = tokio::select! {
             _ = cancel.cancelled() => return (SessionEnd::Shutdown, None),
             ev = session.next() => ev,
@@ -232,7 +280,7 @@ impl Uplink {
         };
         let connected_at = Instant::now();
         let (backlog, requeues) = self.backlog().await;
-        let link = Link::new(self, session, limit, backlog, requeues, replays);
+        let link = Link::new(self, session, limit, backlog, requeues, replays, node);
         let end = match link.run(cancel).await {
             LinkEnd::Shutdown => SessionEnd::Shutdown,
             LinkEnd::Lost(e) => SessionEnd::Lost(e.into()),

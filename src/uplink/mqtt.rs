@@ -44,8 +44,8 @@ pub struct SessionOptions {
     pub keep_alive: Duration,
     pub username: Option<String>,
     pub password: Option<Secret>,
-    /// The Last Will: topic and payload, published retained at QoS 1.
-    pub will: Option<(String, Vec<u8>)>,
+    /// The Last Will, published at QoS 1.
+    pub will: Option<Will>,
     /// Largest packet we accept from the broker.
     pub max_packet_bytes: usize,
     /// Largest payload the uplink sends (`max_message_bytes`); with MQTT
@@ -54,6 +54,15 @@ pub struct SessionOptions {
     pub max_payload_bytes: usize,
     /// rumqttc's in-flight limit; the uplink keeps its own window below it.
     pub inflight: u16,
+}
+
+/// What the broker publishes when the session ends without a DISCONNECT.
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// The JSON status is retained; a Sparkplug NDEATH is not.
+    pub retain: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,16 +181,26 @@ impl Session {
 
     /// Subscribes to `topic` at QoS 1 (the broker's answer comes as
     /// [`MqttEvent::Subscribed`]).
-    pub async fn subscribe(&self, topic: String) -> Result<(), SessionError> {
+    pub async fn subscribe(&self, topics: Vec<String>) -> Result<(), SessionError> {
+        let err = |e: String| SessionError::Client(e);
         match &self.client {
             Client::V4(c) => c
-                .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+                .subscribe_many(
+                    topics
+                        .into_iter()
+                        .map(|t| rumqttc::SubscribeFilter::new(t, rumqttc::QoS::AtLeastOnce)),
+                )
                 .await
-                .map_err(|e| SessionError::Client(e.to_string())),
+                .map_err(|e| err(e.to_string())),
             Client::V5(c) => c
-                .subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .subscribe_many(topics.into_iter().map(|t| {
+                    rumqttc::v5::mqttbytes::v5::Filter::new(
+                        t,
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    )
+                }))
                 .await
-                .map_err(|e| SessionError::Client(e.to_string())),
+                .map_err(|e| err(e.to_string())),
         }
     }
 
@@ -250,12 +269,12 @@ fn v4_options(o: &SessionOptions) -> rumqttc::MqttOptions {
             o.max_payload_bytes + MAX_TOPIC_BYTES + super::topics::PUBLISH_HEADER_BYTES,
         )
         .set_transport(transport(o));
-    if let Some((topic, payload)) = &o.will {
+    if let Some(w) = &o.will {
         m.set_last_will(rumqttc::LastWill::new(
-            topic.clone(),
-            payload.clone(),
+            w.topic.clone(),
+            w.payload.clone(),
             rumqttc::QoS::AtLeastOnce,
-            true,
+            w.retain,
         ));
     }
     if let Some(user) = &o.username {
@@ -272,12 +291,12 @@ fn v5_options(o: &SessionOptions) -> rumqttc::v5::MqttOptions {
         .set_outgoing_inflight_upper_limit(o.inflight.max(1))
         .set_max_packet_size(Some(o.max_packet_bytes as u32))
         .set_transport(transport(o));
-    if let Some((topic, payload)) = &o.will {
+    if let Some(w) = &o.will {
         m.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
-            topic.clone(),
-            payload.clone(),
+            w.topic.clone(),
+            w.payload.clone(),
             rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            true,
+            w.retain,
             None,
         ));
     }

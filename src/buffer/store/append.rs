@@ -95,6 +95,24 @@ impl Store {
             .map_err(self.err("profile state"))
     }
 
+    /// The Sparkplug `bdSeq` of the next MQTT session (docs/sparkplug.md):
+    /// 0 the first time, then one more than the last one handed out,
+    /// modulo 256. Kept in the file, so a restarted agent goes on from the
+    /// last session's value as the specification asks.
+    pub fn next_bd_seq(&mut self) -> Result<u8, BufferError> {
+        let v: i64 = self
+            .conn
+            .query_row(
+                "INSERT INTO meta (key, value) VALUES ('sparkplug_bd_seq', '0') \
+                 ON CONFLICT (key) DO UPDATE SET value = (CAST(value AS INTEGER) + 1) % 256 \
+                 RETURNING CAST(value AS INTEGER)",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(self.err("sparkplug bdSeq"))?;
+        Ok(u8::try_from(v.rem_euclid(256)).unwrap_or(0))
+    }
+
     /// One attempt, no eviction: `SQLITE_FULL` comes back as it is.
     pub(super) fn insert(
         &mut self,

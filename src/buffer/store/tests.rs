@@ -680,3 +680,18 @@ mod invariants {
         }
     }
 }
+
+#[test]
+fn sparkplug_bd_seq_counts_on_across_reopens_and_wraps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    assert_eq!(store.next_bd_seq().unwrap(), 0);
+    assert_eq!(store.next_bd_seq().unwrap(), 1);
+    drop(store);
+    let mut store = open(&dir);
+    assert_eq!(store.next_bd_seq().unwrap(), 2, "a restart goes on");
+    for want in 3..=255u8 {
+        assert_eq!(store.next_bd_seq().unwrap(), want);
+    }
+    assert_eq!(store.next_bd_seq().unwrap(), 0, "after 255 comes 0");
+}

@@ -8,11 +8,10 @@ use tokio::time::Instant;
 
 use super::super::delivery::Message;
 use super::super::mqtt::SessionError;
-use super::super::payload;
 use super::super::replays::{self, Job, ReplyTo};
 use super::super::MAX_RECORDS_PER_MESSAGE;
 use super::Link;
-use crate::record::{Kind, StoredRecord, StreamKey};
+use crate::record::{StoredRecord, StreamKey};
 use crate::replay::{self, Outcome, Scope};
 
 /// A response topic longer than this is not used (the default result
@@ -168,28 +167,10 @@ impl Link<'_> {
         mut records: Vec<StoredRecord>,
         request_id: &str,
     ) -> Result<Sent, SessionError> {
-        let up = self.up;
-        let epoch = up.buffer.epoch();
-        let agent = &up.settings.agent_id;
-        let (topic, body) = if stream.kind == Kind::Event {
-            records.truncate(1);
-            let (event_type, body) = payload::encode_replay_event(agent, &epoch, &records[0]);
-            (up.topics.event(&event_type), body)
-        } else {
-            let topic = up.topics.data(&stream.connection, stream.kind);
-            let max = self.limit.for_topic(&topic);
-            let envelope = agent.len() + stream.connection.len() + epoch.len() + 16;
-            let mut n = payload::fit(&records, max, envelope);
-            let mut body = payload::encode_replay_batch(agent, &epoch, &records[..n]);
-            while body.len() > max && n > 1 {
-                n = (n * max / body.len()).clamp(1, n - 1);
-                body = payload::encode_replay_batch(agent, &epoch, &records[..n]);
-            }
-            records.truncate(n);
-            (topic, body)
-        };
+        let encoded = self.encode(stream, &records, true);
+        records.truncate(encoded.n);
         let covered_to = records.last().map_or(0, |r| r.seq);
-        if let Some(why) = self.limit.exceeded(&topic, body.len()) {
+        if let Some(why) = self.limit.exceeded(&encoded.topic, encoded.len()) {
             // The record was dead-lettered for this when it was live; it
             // cannot be sent now either: reported missing.
             tracing::warn!(request_id, connection = %stream.connection, kind = %stream.kind,
@@ -199,7 +180,7 @@ impl Link<'_> {
                 covered_to,
             });
         }
-        self.session.publish(topic, false, false, body).await?;
+        self.publish_encoded(encoded).await?;
         self.delivery.submitted(Message::Replay {
             request_id: request_id.to_string(),
         });
