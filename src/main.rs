@@ -45,6 +45,9 @@ enum Command {
         /// Cut the broker for this many seconds mid-run to show buffering and replay.
         #[arg(long)]
         outage: Option<u64>,
+        /// What goes over MQTT: plantgate's JSON or Sparkplug B (decoded and shown as a host application sees it).
+        #[arg(long, value_parser = ["json", "sparkplug_b"], default_value = "json")]
+        format: String,
     },
     /// A standalone simulator OPC UA server.
     Simulate {
@@ -357,15 +360,19 @@ async fn run_agent(config: config::Config) -> ExitCode {
 }
 
 /// `plantgate demo`: fails when the consumer saw a gap in any stream.
-async fn run_demo(duration: Option<u64>, outage: Option<u64>) -> ExitCode {
+async fn run_demo(duration: Option<u64>, outage: Option<u64>, format: &str) -> ExitCode {
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     let opts = plantgate::demo::DemoOptions {
         duration: duration.map(std::time::Duration::from_secs),
         outage: outage.map(std::time::Duration::from_secs),
+        format: match format {
+            "sparkplug_b" => plantgate::config::MqttFormat::SparkplugB,
+            _ => plantgate::config::MqttFormat::Json,
+        },
     };
     match plantgate::demo::run(opts, cancel).await {
-        Ok(summary) if summary.gaps == 0 => ExitCode::SUCCESS,
+        Ok(summary) if summary.gaps == 0 && summary.sparkplug_seq_errors == 0 => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("plantgate demo: {e:#}");
@@ -390,7 +397,11 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Demo { duration, outage } => run_demo(duration, outage).await,
+        Command::Demo {
+            duration,
+            outage,
+            format,
+        } => run_demo(duration, outage, &format).await,
         Command::Simulate {
             kind,
             listen,

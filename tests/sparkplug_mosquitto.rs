@@ -651,12 +651,22 @@ async fn backlog_is_historical_and_the_will_matches_the_birth() {
     // outage included (each registers a Will); the Will carries its
     // session's value; a restart goes on from the file, not from 0.
     let kinds: Vec<&str> = bd_seqs.iter().map(|(k, _)| *k).collect();
-    assert_eq!(kinds, ["NBIRTH", "NBIRTH", "NDEATH", "NBIRTH", "NDEATH"], "{bd_seqs:?}");
+    assert_eq!(
+        kinds,
+        ["NBIRTH", "NBIRTH", "NDEATH", "NBIRTH", "NDEATH"],
+        "{bd_seqs:?}"
+    );
     let after = |a: u64, b: u64| (1..=50).contains(&((b + 256 - a) % 256));
     let (b0, b1, b2) = (bd_seqs[0].1, bd_seqs[1].1, bd_seqs[3].1);
     assert!(after(b0, b1), "{bd_seqs:?}");
-    assert_eq!(bd_seqs[2].1, b1, "the Will is the NDEATH of the session's NBIRTH");
-    assert!(after(b1, b2), "a restart goes on from the last bdSeq: {bd_seqs:?}");
+    assert_eq!(
+        bd_seqs[2].1, b1,
+        "the Will is the NDEATH of the session's NBIRTH"
+    );
+    assert!(
+        after(b1, b2),
+        "a restart goes on from the last bdSeq: {bd_seqs:?}"
+    );
     assert_eq!(bd_seqs[4].1, b2, "the clean stop's NDEATH");
     println!("bdSeq: {bd_seqs:?}");
     // In the session after the outage: what was on disk is historical,

@@ -4,6 +4,8 @@
 //! watcher that subscribes to everything and prints it readably, checking
 //! every stream for seq gaps and duplicates as it goes.
 
+mod sparkplug_host;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +31,8 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> DemoError + '_ {
 pub struct DemoOptions {
     pub duration: Option<Duration>,
     pub outage: Option<Duration>,
+    /// JSON or Sparkplug B on the wire (docs/sparkplug.md).
+    pub format: crate::config::MqttFormat,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -39,6 +43,10 @@ pub struct DemoSummary {
     /// Records that came again on request (`"replay": true`): neither
     /// duplicates nor part of the live sequence.
     pub replayed: u64,
+    /// Sparkplug only: messages decoded, BIRTHs, and `seq` breaks.
+    pub sparkplug_messages: u64,
+    pub sparkplug_births: u64,
+    pub sparkplug_seq_errors: u64,
 }
 
 /// Per-stream seq bookkeeping of a consumer: what docs/guarantees.md lets a cloud
@@ -244,7 +252,12 @@ fn demo_config_toml(
     ca_file: &std::path::Path,
     deltav: (&str, &str),
     optomes: (&str, &str),
+    format: crate::config::MqttFormat,
 ) -> String {
+    let format = match format {
+        crate::config::MqttFormat::Json => "json",
+        crate::config::MqttFormat::SparkplugB => "sparkplug_b",
+    };
     let (endpoint, ns_uri) = deltav;
     let (om_endpoint, om_ns) = optomes;
     let mut t = format!(
@@ -258,6 +271,7 @@ data_dir = {data_dir:?}
 url = "mqtts://127.0.0.1:{port}"
 ca_file = {ca:?}
 heartbeat_interval = "5s"
+format = "{format}"
 reconnect_initial = "500ms"
 reconnect_max = "2s"
 
@@ -550,6 +564,7 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
         &plant.broker.pki.ca_file,
         (&plant.deltav.endpoint(), plant.deltav.namespace_uri()),
         (&plant.optomes.endpoint(), plant.optomes.namespace_uri()),
+        opts.format,
     );
     let config = crate::config::load_from(&toml, &HashMap::new())
         .map_err(|e| DemoError::Setup(format!("demo config: {e}")))?
@@ -557,7 +572,11 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
     plant.print(&config);
 
     let broker = &plant.broker;
-    let mut watcher = Watcher::connect(broker.v4_addr, &broker.pki.ca_file, "plantgate/#").await?;
+    let sparkplug = opts.format == crate::config::MqttFormat::SparkplugB;
+    // Sparkplug: the `spBv1.0` topics, and the replay topics under the
+    // root (the demo's broker carries nothing else).
+    let filter = if sparkplug { "#" } else { "plantgate/#" };
+    let mut watcher = Watcher::connect(broker.v4_addr, &broker.pki.ca_file, filter).await?;
     let agent_cancel = CancellationToken::new();
     let (agent, agent_join) = crate::agent::start(config, agent_cancel.clone())
         .await
@@ -587,6 +606,7 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
     );
 
     let mut tracker = SeqTracker::default();
+    let mut host = sparkplug_host::HostView::default();
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     loop {
         let sleep_until = async {
@@ -600,7 +620,7 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
             _ = sleep_until => break,
             msg = watcher.rx.recv() => {
                 let Some((topic, payload)) = msg else { break };
-                show(&mut tracker, &topic, &payload);
+                show(&mut tracker, &mut host, &topic, &payload);
             }
         }
     }
@@ -615,15 +635,24 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
     while let Ok(Some((topic, payload))) =
         tokio::time::timeout(Duration::from_millis(500), watcher.rx.recv()).await
     {
-        show(&mut tracker, &topic, &payload);
+        show(&mut tracker, &mut host, &topic, &payload);
     }
     deltav.shutdown().await;
     optomes.shutdown().await;
-    Ok(summarize(&tracker))
+    Ok(summarize(&tracker, sparkplug.then_some(&host)))
 }
 
 /// Prints one message as it arrives and counts its records.
-fn show(tracker: &mut SeqTracker, topic: &str, payload: &[u8]) {
+fn show(
+    tracker: &mut SeqTracker,
+    host: &mut sparkplug_host::HostView,
+    topic: &str,
+    payload: &[u8],
+) {
+    if topic.starts_with(crate::sparkplug::topics::NAMESPACE) {
+        host.show(tracker, topic, payload);
+        return;
+    }
     let Ok(v) = serde_json::from_slice::<Value>(payload) else {
         println!("{}  (unparsable message on {topic})", clock());
         return;
@@ -728,7 +757,7 @@ fn spawn_replay_ask(
 }
 
 /// The closing line the CI checks: records, duplicates, seq gaps.
-fn summarize(tracker: &SeqTracker) -> DemoSummary {
+fn summarize(tracker: &SeqTracker, host: Option<&sparkplug_host::HostView>) -> DemoSummary {
     println!();
     println!(
         "summary: {} records received, {} duplicates dropped, {} seq gaps{}",
@@ -750,11 +779,20 @@ fn summarize(tracker: &SeqTracker) -> DemoSummary {
             tracker.replayed
         );
     }
+    if let Some(h) = host {
+        println!(
+            "sparkplug: {} messages decoded, {} BIRTH certificates, {} seq breaks",
+            h.messages, h.births, h.seq_errors
+        );
+    }
     DemoSummary {
         received: tracker.received,
         duplicates: tracker.duplicates,
         gaps: tracker.gaps,
         replayed: tracker.replayed,
+        sparkplug_messages: host.map_or(0, |h| h.messages),
+        sparkplug_births: host.map_or(0, |h| h.births),
+        sparkplug_seq_errors: host.map_or(0, |h| h.seq_errors),
     }
 }
 
