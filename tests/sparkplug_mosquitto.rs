@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::load::{buffer_state, load_toml, start_load_sim};
+use common::load::{buffer_state, load_toml};
 use common::mosquitto::{start_mosquitto, Mosquitto};
 use common::*;
 use plantgate::sim::broker::TestPki;
@@ -225,21 +225,37 @@ fn message_type(topic: &str) -> &str {
 
 struct Setup {
     dir: tempfile::TempDir,
-    sim: plantgate::sim::SimServer,
+    /// None while it restarts.
+    sim: Option<plantgate::sim::SimServer>,
     pki: TestPki,
     mosq: Mosquitto,
     data_dir: PathBuf,
 }
 
+/// The DeltaV simulator (frozen batch cycle) with five load tags at 10 Hz,
+/// listening on `listen` (so a restart comes back on the same address).
+async fn load_sim_at(dir: &Path, listen: SocketAddr) -> plantgate::sim::SimServer {
+    let mut opts = plantgate::sim::SimOptions::new(dir.join("sim-pki"));
+    opts.speed = 0.0;
+    opts.tags = 5;
+    opts.rate_hz = 10.0;
+    opts.listen = listen;
+    plantgate::sim::start_deltav(opts, Default::default())
+        .await
+        .expect("simulator")
+}
+
 async fn setup() -> Setup {
+    init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim = start_load_sim(dir.path(), 5, 10.0).await;
+    let port = plantgate::sim::broker::free_port().expect("a free port");
+    let sim = load_sim_at(dir.path(), SocketAddr::from(([127, 0, 0, 1], port))).await;
     let pki = TestPki::generate().expect("pki");
     let mosq = start_mosquitto(&pki, Default::default());
     let data_dir = dir.path().join("agent");
     Setup {
         dir,
-        sim,
+        sim: Some(sim),
         pki,
         mosq,
         data_dir,
@@ -250,8 +266,9 @@ async fn setup() -> Setup {
 /// load tags (Double), FAIL_INDEX (Int32), BSTATUS (String) and a node the
 /// server does not have (bad, null).
 fn sparkplug_toml(s: &Setup, protocol: &str, heartbeat: &str) -> String {
-    let ns = s.sim.namespace_uri();
-    let mut toml = load_toml(&s.data_dir, s.mosq.tls, &s.pki.ca_file, protocol, &s.sim, 5)
+    let sim = s.sim.as_ref().expect("the simulator");
+    let ns = sim.namespace_uri();
+    let mut toml = load_toml(&s.data_dir, s.mosq.tls, &s.pki.ca_file, protocol, sim, 5)
         .replace("id = \"sim1\"", "id = \"dv\"")
         .replace("kind = \"generic\"", "kind = \"deltav\"")
         .replace(
@@ -381,7 +398,11 @@ impl Session {
 async fn births_data_rebirth_and_death(protocol: &str) {
     let s = setup().await;
     let host = Host::connect(s.mosq.tls, &s.pki.ca_file).await;
-    let units = s.sim.deltav_units().expect("deltav units");
+    let units = s
+        .sim
+        .as_ref()
+        .and_then(|sim| sim.deltav_units())
+        .expect("deltav units");
     units.take_over(UNIT).expect("script the unit");
     let toml = sparkplug_toml(&s, protocol, "20ms");
     let agent = run_agent(&toml).await;
@@ -569,12 +590,13 @@ async fn births_data_rebirth_and_death_mqtt311() {
 }
 
 /// The real binary: a broker outage leaves a backlog that goes out as
-/// historical data after a new NBIRTH; SIGKILL makes the broker publish the
-/// Will, an NDEATH with the NBIRTH's bdSeq; a restart goes on with the next
-/// bdSeq, from the buffer file.
+/// historical data after a new NBIRTH; the OPC UA server going away and
+/// coming back gives the device's DDEATH and a new DBIRTH; SIGKILL makes
+/// the broker publish the Will, an NDEATH with the NBIRTH's bdSeq; a
+/// restart goes on with the next bdSeq, from the buffer file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs mosquitto and node"]
-async fn backlog_is_historical_and_the_will_matches_the_birth() {
+async fn backlog_device_life_and_the_will_follow_the_specification() {
     let mut s = setup().await;
     let host = Host::connect(s.mosq.tls, &s.pki.ca_file).await;
     let config = write_file(
@@ -615,6 +637,30 @@ async fn backlog_is_historical_and_the_will_matches_the_birth() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The plant connection drops and comes back: DDEATH, then DBIRTH.
+    let sim = s.sim.take().expect("the simulator");
+    let listen: SocketAddr = sim
+        .endpoint()
+        .trim_start_matches("opc.tcp://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("the simulator's address");
+    sim.shutdown().await;
+    let dv = |kind: &str| format!("spBv1.0/test-site/{kind}/test-gw/dv");
+    host.until("the device's DDEATH", |m| {
+        m.iter().any(|(t, _)| *t == dv("DDEATH"))
+    })
+    .await;
+    s.sim = Some(load_sim_at(s.dir.path(), listen).await);
+    host.until("a DBIRTH after the DDEATH, then data", |m| {
+        let Some(death) = m.iter().position(|(t, _)| *t == dv("DDEATH")) else {
+            return false;
+        };
+        m[death..].iter().any(|(t, _)| *t == dv("DBIRTH"))
+            && m[death..].iter().any(|(t, _)| *t == dv("DDATA"))
+    })
+    .await;
+
     // Killed: the broker publishes the Will.
     agent.signal("KILL");
     host.until("the NDEATH Will", |m| {
@@ -627,6 +673,16 @@ async fn backlog_is_historical_and_the_will_matches_the_birth() {
     agent.signal("TERM");
 
     let decoded = tahu_decode(&host.messages());
+    // No data of a dead device: between a DDEATH and the next DBIRTH.
+    let mut dead = false;
+    for (topic, _) in &decoded {
+        match (message_type(topic), topic.ends_with("/dv")) {
+            ("DDEATH", true) | ("NDEATH", _) => dead = true,
+            ("DBIRTH", true) => dead = false,
+            ("DDATA", true) => assert!(!dead, "DDATA of a dead device"),
+            _ => {}
+        }
+    }
     let mut history: BTreeMap<u64, bool> = BTreeMap::new();
     let mut bd_seqs = Vec::new();
     let mut session = 0;
