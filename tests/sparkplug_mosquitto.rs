@@ -69,6 +69,8 @@ impl Host {
                 match el.poll().await {
                     Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(_))) => {
                         let _ = sub.try_subscribe("spBv1.0/#", QoS::AtLeastOnce);
+                        // Replay results (JSON, docs/mqtt.md).
+                        let _ = sub.try_subscribe("plantgate/#", QoS::AtLeastOnce);
                     }
                     Ok(rumqttc::v5::Event::Incoming(Packet::SubAck(_))) => {
                         let _ = sub_tx.send(());
@@ -84,14 +86,38 @@ impl Host {
                 }
             }
         });
-        tokio::time::timeout(PATIENCE, sub_rx.recv())
-            .await
-            .expect("SUBACK in time");
+        for _ in 0..2 {
+            tokio::time::timeout(PATIENCE, sub_rx.recv())
+                .await
+                .expect("SUBACK in time");
+        }
         Host { client, log, task }
     }
 
+    /// The Sparkplug messages so far.
     fn messages(&self) -> Vec<(String, Vec<u8>)> {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        self.log
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .filter(|(t, _)| t.starts_with("spBv1.0/"))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The JSON messages on `topic` so far.
+    fn json_on(&self, topic: &str) -> Vec<Value> {
+        self.log
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .filter(|(t, _)| t == topic)
+                    .filter_map(|(_, b)| serde_json::from_slice(b).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Waits until `cond` holds on the messages so far, decoded with
@@ -300,8 +326,10 @@ struct Session {
     nbirths: Vec<Value>,
     dbirths: Vec<Value>,
     ddata: Vec<Value>,
-    /// (metric name, its record seq) of every device data metric.
+    /// (metric name, metric) of every device data metric, live ones and
+    /// those sent again on request.
     values: Vec<(String, Value)>,
+    replayed: Vec<(String, Value)>,
     /// Seqs wrapped from 255 to 0 without a NBIRTH between.
     wrapped: bool,
     /// bdSeq of every NBIRTH and NDEATH, in order.
@@ -373,7 +401,12 @@ impl Session {
                     let props = &m["properties"];
                     assert_eq!(props["epoch"]["type"], "String", "{m}");
                     assert_eq!(props["seq"]["type"], "UInt64", "{m}");
-                    s.values.push((name.clone(), m.clone()));
+                    if props["replay"]["value"] == true {
+                        assert_eq!(m["isHistorical"], true, "a replayed value is history: {m}");
+                        s.replayed.push((name.clone(), m.clone()));
+                    } else {
+                        s.values.push((name.clone(), m.clone()));
+                    }
                 }
             }
             if kind == "DDATA" {
@@ -474,6 +507,26 @@ async fn births_data_rebirth_and_death(protocol: &str) {
         .clone()
         .expect("sparkplug status");
     assert_eq!(sp.rebirths_total, 1);
+
+    // Replay works in Sparkplug too: the range comes back as DDATA with
+    // the `replay` property, the answer in JSON as always.
+    let epoch = agent.buffer.epoch().to_string();
+    let request = json!({"request_id": "sp-1", "connection": "dv", "kind": "tag",
+        "epoch": epoch, "from_seq": 1, "to_seq": 10});
+    host.command(
+        "plantgate/test-site/test-gw/commands/replay",
+        request.to_string().into_bytes(),
+    )
+    .await;
+    let results = "plantgate/test-site/test-gw/commands/replay/result";
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while host.json_on(results).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no replay result");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let result = &host.json_on(results)[0];
+    assert_eq!(result["replayed"], 10, "{result}");
+    assert_eq!(result["error"], Value::Null, "{result}");
     assert_eq!(
         units.current(UNIT).expect("unit").fail_index,
         0,
@@ -558,6 +611,12 @@ async fn births_data_rebirth_and_death(protocol: &str) {
     let batch: Value = serde_json::from_str(batch).expect("the batch record's JSON");
     assert_eq!(batch["event"], "batch_started");
     assert_eq!(batch["batch_id"], "B-42");
+    let replayed: BTreeSet<u64> = session
+        .replayed
+        .iter()
+        .map(|(_, m)| num(&m["properties"]["seq"]["value"]))
+        .collect();
+    assert_eq!(replayed, (1..=10).collect(), "the range asked for, again");
 
     if protocol == "v5" {
         // For the record: certificates and data as Tahu decodes them.
