@@ -328,3 +328,23 @@ fn commands_rebirth_or_refused() {
         Command::Refused { .. }
     ));
 }
+
+#[test]
+fn sizes_per_metric_stay_small() {
+    // What docs/sparkplug.md ("Sizes") says: a DBIRTH takes about 20 bytes
+    // per tag plus its name (31 with these 12-character names), a DDATA
+    // metric about 76.
+    let mut n = node();
+    n.start_session(1);
+    let epoch = "5b0e8f6c2d1a4e7f9c3b8a6d2e1f0c47";
+    let recs: Vec<StoredRecord> = (0..100)
+        .map(|i| tag(i + 1, &format!("TAG-{i:05}.PV"), "Double", json!(41.5 + i as f64)))
+        .collect();
+    let d = n.ddata("dv", &recs, epoch, 0, false, 1);
+    let per_data = d.sealed_len() / recs.len();
+    let b = n.dbirth("dv", 2).expect("a device");
+    let per_birth = b.sealed_len() / b.payload.metrics.len();
+    assert!(per_data <= 80, "{per_data} bytes per DDATA metric");
+    assert!(per_birth <= 34, "{per_birth} bytes per DBIRTH metric");
+    println!("DDATA {per_data} B/metric, DBIRTH {per_birth} B/metric");
+}
