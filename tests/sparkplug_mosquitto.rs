@@ -653,15 +653,13 @@ async fn births_data_rebirth_and_death_mqtt311() {
 /// coming back gives the device's DDEATH and a new DBIRTH; SIGKILL makes
 /// the broker publish the Will, an NDEATH with the NBIRTH's bdSeq; a
 /// restart goes on with the next bdSeq, from the buffer file.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs mosquitto and node"]
-async fn backlog_device_life_and_the_will_follow_the_specification() {
+async fn backlog_device_life_and_the_will(protocol: &str) {
     let mut s = setup().await;
     let host = Host::connect(s.mosq.tls, &s.pki.ca_file).await;
     let config = write_file(
         s.dir.path(),
         "plantgate.toml",
-        &sparkplug_toml(&s, "v5", "1s"),
+        &sparkplug_toml(&s, protocol, "1s"),
     );
     let log = s.dir.path().join("agent.log");
     let mut agent = AgentProcess::start(&config, &log);
@@ -808,4 +806,16 @@ async fn backlog_device_life_and_the_will_follow_the_specification() {
         old.contains(&backlog_last),
         "the backlog's last record is historical"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto and node"]
+async fn backlog_device_life_and_the_will_follow_the_specification_mqtt5() {
+    backlog_device_life_and_the_will("v5").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto and node"]
+async fn backlog_device_life_and_the_will_follow_the_specification_mqtt311() {
+    backlog_device_life_and_the_will("v311").await;
 }

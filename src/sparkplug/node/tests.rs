@@ -338,7 +338,14 @@ fn sizes_per_metric_stay_small() {
     n.start_session(1);
     let epoch = "5b0e8f6c2d1a4e7f9c3b8a6d2e1f0c47";
     let recs: Vec<StoredRecord> = (0..100)
-        .map(|i| tag(i + 1, &format!("TAG-{i:05}.PV"), "Double", json!(41.5 + i as f64)))
+        .map(|i| {
+            tag(
+                i + 1,
+                &format!("TAG-{i:05}.PV"),
+                "Double",
+                json!(41.5 + i as f64),
+            )
+        })
         .collect();
     let d = n.ddata("dv", &recs, epoch, 0, false, 1);
     let per_data = d.sealed_len() / recs.len();
