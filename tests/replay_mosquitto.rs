@@ -41,14 +41,7 @@ impl Drop for Consumer {
 
 impl Consumer {
     async fn connect(addr: SocketAddr, ca: &Path, topics: &[&str]) -> Consumer {
-        let tls = plantgate::uplink::tls::client_config(Some(ca), None, None).expect("tls");
-        let id = format!("consumer-{}", uuid::Uuid::new_v4().simple());
-        let mut o = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        o.set_keep_alive(Duration::from_secs(10))
-            .set_max_packet_size(Some(64 * 1024 * 1024))
-            .set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls),
-            ));
+        let o = common::mosquitto::mqtt5_options("consumer", addr, ca);
         let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 100);
         let (tx, rx) = mpsc::unbounded_channel();
         let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();

@@ -126,3 +126,21 @@ pub fn start_mosquitto(pki: &TestPki, opts: MosquittoOptions) -> Mosquitto {
     m.spawn();
     m
 }
+
+/// MQTT 5 client options for a test consumer over TLS (verifying with
+/// `ca`), with a fresh client id starting with `role`.
+pub fn mqtt5_options(
+    role: &str,
+    addr: SocketAddr,
+    ca: &std::path::Path,
+) -> rumqttc::v5::MqttOptions {
+    let tls = plantgate::uplink::tls::client_config(Some(ca), None, None).expect("tls");
+    let id = format!("{role}-{}", uuid::Uuid::new_v4().simple());
+    let mut o = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(5))
+        .set_max_packet_size(Some(64 * 1024 * 1024))
+        .set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
+    o
+}
