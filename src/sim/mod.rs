@@ -1,11 +1,13 @@
 //! Simulated plant OPC UA servers (docs/cli.md) for `plantgate simulate`, the demo
 //! and the tests. `server` is the generic layer (endpoints, security, users,
 //! PKI, a namespace of string-id variables); each plant simulator builds on it.
+//! `ns0` is the part of OPC UA namespace 0 every simulator serves.
 
 pub mod batch;
 pub mod broker;
 pub mod deltav;
 pub mod load;
+pub mod ns0;
 pub mod optomes;
 pub mod proxy;
 pub mod server;

@@ -7,17 +7,18 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use opcua::crypto::SecurityPolicy;
-use opcua::server::address_space::Variable;
-use opcua::server::diagnostics::NamespaceMetadata;
-use opcua::server::node_manager::memory::{
+use opcua::types::{
+    BuildInfo, ByteString, DataValue, DateTime, MessageSecurityMode, NodeId, StatusCode, UAString,
+    Variant,
+};
+use opcua_server::address_space::Variable;
+use opcua_server::diagnostics::NamespaceMetadata;
+use opcua_server::node_manager::memory::{
     simple_node_manager, InMemoryNodeManager, SimpleNodeManager, SimpleNodeManagerImpl,
 };
-use opcua::server::{
+use opcua_server::{
     ServerBuilder, ServerEndpoint, ServerHandle, ServerUserToken, SubscriptionCache,
     ANONYMOUS_USER_TOKEN_ID,
-};
-use opcua::types::{
-    ByteString, DataValue, DateTime, MessageSecurityMode, NodeId, StatusCode, UAString, Variant,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -283,7 +284,7 @@ pub struct SimSpec {
 /// not yet serving. Populating before serving means no client ever sees a
 /// half-built namespace.
 pub struct SimBuilder {
-    server: opcua::server::Server,
+    server: opcua_server::Server,
     handle: ServerHandle,
     listener: TcpListener,
     namespace: SimNamespace,
@@ -381,10 +382,21 @@ async fn bind(listen: SocketAddr) -> Result<(TcpListener, String, u16), SimError
     Ok((listener, host_text, local.port()))
 }
 
-/// Identity, address, PKI and message sizes of the simulator of `spec`.
+/// Identity, address, PKI and message sizes of the simulator of `spec`,
+/// and namespace 0 (`ServerBuilder::new()` brings none: see `ns0`).
 fn base_builder(opts: &SimOptions, spec: &SimSpec, host_text: &str, port: u16) -> ServerBuilder {
+    let product_name = format!("plantgate {} simulator", spec.name);
     ServerBuilder::new()
-        .application_name(format!("plantgate {} simulator", spec.name))
+        .with_node_manager(super::ns0::node_manager())
+        .build_info(BuildInfo {
+            product_uri: "urn:plantgate:sim".into(),
+            manufacturer_name: "plantgate".into(),
+            product_name: product_name.as_str().into(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+            build_number: UAString::null(),
+            build_date: DateTime::null(),
+        })
+        .application_name(product_name)
         .application_uri(format!("urn:plantgate:sim:{}:server", spec.name))
         .product_uri("urn:plantgate:sim")
         .create_sample_keypair(true)

@@ -106,7 +106,7 @@ impl TestClient {
 
 /// An anonymous session without security, connected (or the test fails
 /// within 20 s), its event loop running.
-async fn open_session(
+pub(crate) async fn open_session(
     endpoint: &str,
     pki_dir: &std::path::Path,
 ) -> (Arc<Session>, tokio::task::JoinHandle<StatusCode>) {
