@@ -32,6 +32,7 @@ use plantgate::config::ConnectionConfig;
 use plantgate::profile::{NodeKey, Profile, Sample, UnitParam, WcParam};
 use plantgate::record::{now_ms, Kind, NewRecord, RecordId, StoredRecord, StreamKey};
 use plantgate::source::value::{tag_record, variant_to_json, TagMeta};
+use plantgate::sparkplug::{DeviceSpec, EdgeNode};
 use plantgate::uplink::payload::{encode_batch, fit};
 
 /// 2026-11-28T10:00:00Z.
@@ -267,6 +268,23 @@ fn uplink_benches(c: &mut Criterion) {
     g.throughput(Throughput::Elements(n as u64));
     g.bench_function(format!("encode_batch/{n}_records_128KiB"), |b| {
         b.iter(|| black_box(encode_batch(agent, epoch, black_box(records))))
+    });
+    // The same records as one Sparkplug DDATA (docs/sparkplug.md): each
+    // record's JSON read back into a typed metric, then protobuf.
+    let mut node = EdgeNode::new(
+        "plant1",
+        agent,
+        &[DeviceSpec {
+            id: "deltav-line1".into(),
+            derived: vec![Kind::Batch, Kind::Recipe],
+        }],
+    );
+    node.start_session(0);
+    g.bench_function(format!("sparkplug_ddata/{n}_records"), |b| {
+        b.iter(|| {
+            let draft = node.ddata("deltav-line1", black_box(records), epoch, 0, false, T0);
+            black_box(node.seal(draft))
+        })
     });
     g.finish();
 }

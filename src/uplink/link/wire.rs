@@ -160,7 +160,10 @@ fn encode_sparkplug(
         };
     }
     let device = stream.connection.as_str();
-    let mut n = payload::fit(records, max, epoch.len());
+    // A metric takes far less than a record's JSON (no name, no node id),
+    // so the JSON estimate would leave messages half empty: encode all
+    // (at most MAX_RECORDS_PER_MESSAGE, cheap) and shrink to fit.
+    let mut n = records.len();
     let mut draft = node.ddata(device, &records[..n], &epoch, historical_to, replay, now);
     while draft.sealed_len() > max && n > 1 {
         n = (n * max / draft.sealed_len()).clamp(1, n - 1);
