@@ -613,10 +613,12 @@ async fn births_data_rebirth_and_death(protocol: &str) {
 
     if protocol == "v5" {
         // For the record: certificates and data as Tahu decodes them.
+        // Of each type, the one declaring or carrying the most metrics.
         let show = |kind: &str| {
             decoded
                 .iter()
-                .find(|(t, _)| message_type(t) == kind)
+                .filter(|(t, _)| message_type(t) == kind)
+                .max_by_key(|(_, p)| p["metrics"].as_array().map_or(0, Vec::len))
                 .map(|(t, p)| {
                     format!(
                         "{t}\n{}",
