@@ -105,8 +105,16 @@ impl Draft {
 struct MetricDef {
     alias: u64,
     datatype: DataType,
-    /// The last value built for it, for the next BIRTH: (ms, value).
-    last: Option<(u64, Option<MetricValue>)>,
+    /// The last value built for it, for the next BIRTH, with the
+    /// properties of its record (`epoch`, `seq`, quality).
+    last: Option<Last>,
+}
+
+#[derive(Debug, Clone)]
+struct Last {
+    ts: u64,
+    value: Option<MetricValue>,
+    properties: PropertySet,
 }
 
 #[derive(Debug, Default)]
@@ -405,8 +413,15 @@ impl EdgeNode {
             .metrics
             .iter()
             .map(|(name, def)| {
-                let (ts, value) = def.last.clone().unwrap_or((now, None));
-                birth_metric(name, def.alias, def.datatype, ts, value)
+                let mut m = birth_metric(name, def.alias, def.datatype, now, None);
+                if let Some(last) = &def.last {
+                    m.timestamp = Some(last.ts);
+                    m.is_null = last.value.is_none().then_some(true);
+                    m.value = last.value.clone();
+                    m.properties =
+                        (!last.properties.keys.is_empty()).then(|| last.properties.clone());
+                }
+                m
             })
             .collect();
         Some(Draft {
@@ -464,18 +479,33 @@ impl EdgeNode {
                     None,
                 ),
             };
-            let def = self.declare(device, &name, datatype);
-            if !replay {
-                def.last = Some((metric::ms(r.ts_ms), value.clone()));
-            }
-            let (alias, datatype) = (def.alias, def.datatype);
-            let mut props = record_properties(epoch, r.seq, replay);
-            if let Some((quality, status)) = extra {
-                props.push("Quality", DataType::Int32, PropertyValueKind::Int(quality));
+            let mut quality = PropertySet::default();
+            if let Some((q, status)) = extra {
+                quality.push("Quality", DataType::Int32, PropertyValueKind::Int(q));
                 if let Some(s) = status {
-                    props.push("status", DataType::String, PropertyValueKind::String(s));
+                    quality.push("status", DataType::String, PropertyValueKind::String(s));
                 }
             }
+            let mut props = record_properties(epoch, r.seq, replay);
+            props.keys.extend(quality.keys.iter().cloned());
+            props.values.extend(quality.values.iter().cloned());
+            let def = self.declare(device, &name, datatype);
+            if !replay {
+                // In the next BIRTH a derived record keeps its epoch/seq
+                // (docs/sparkplug.md); a tag only its quality, so that a
+                // BIRTH of thousands of tags stays small.
+                let properties = if r.kind == Kind::Tag {
+                    quality
+                } else {
+                    props.clone()
+                };
+                def.last = Some(Last {
+                    ts: metric::ms(r.ts_ms),
+                    value: value.clone(),
+                    properties,
+                });
+            }
+            let (alias, datatype) = (def.alias, def.datatype);
             let historical = r.seq <= historical_to;
             metrics.push(data_metric(
                 alias, datatype, r.ts_ms, value, historical, props,

@@ -141,6 +141,10 @@ fn a_new_tag_is_declared_in_a_dbirth_before_its_ddata() {
         Some(MetricValue::Double(42.0)),
         "the last value"
     );
+    assert_eq!(
+        declared.properties, None,
+        "a good tag's BIRTH metric stays small"
+    );
     let alias = declared.alias.expect("an alias");
     for (m, r) in d.payload.metrics.iter().zip(&recs) {
         assert_eq!(m.name, None, "data messages use the alias alone");
@@ -203,6 +207,17 @@ fn derived_records_are_string_metrics_and_history_is_flagged() {
         by_name(&b.payload, "batch").is_null,
         Some(true),
         "a replayed value is not the current one"
+    );
+    // A live one is, and its BIRTH metric keeps the record's epoch/seq.
+    n.ddata("dv", std::slice::from_ref(&r), "ep", 0, false, 8);
+    let b = n.dbirth("dv", 9).expect("a device");
+    let batch = by_name(&b.payload, "batch");
+    assert_eq!(batch.value, Some(MetricValue::String(r.data.clone())));
+    let p = batch.properties.as_ref().expect("properties");
+    assert_eq!(p.get("seq"), Some(&PropertyValueKind::Long(9)));
+    assert_eq!(
+        p.get("epoch"),
+        Some(&PropertyValueKind::String("ep".into()))
     );
 }
 
