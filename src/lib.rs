@@ -24,6 +24,7 @@ pub mod nodeid;
 pub mod profile;
 pub mod rate;
 pub mod record;
+pub mod reload;
 pub mod replay;
 pub mod replay_client;
 pub mod secret;

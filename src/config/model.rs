@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::secret::Secret;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Config {
     pub agent: AgentConfig,
     pub health: HealthConfig,
@@ -19,14 +19,14 @@ pub struct Config {
     pub connections: Vec<ConnectionConfig>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AgentConfig {
     pub id: String,
     pub site: String,
     pub data_dir: PathBuf,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HealthConfig {
     pub listen: SocketAddr,
 }
@@ -49,7 +49,7 @@ pub enum MqttFormat {
     SparkplugB,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MqttConfig {
     /// As configured, e.g. `mqtts://broker.example.com:8883`.
     pub url: String,
@@ -91,7 +91,7 @@ pub enum Synchronous {
     Full,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BufferConfig {
     pub max_size: u64,
     #[serde(with = "human_duration")]
@@ -177,7 +177,7 @@ pub const SECURITY_PAIRS: [(SecurityPolicy, SecurityMode); 7] = [
 /// One `[[connections]]` entry: what every kind shares, the plain tags, and
 /// what only its kind has (docs/configuration.md, "Connections"). Which keys a
 /// kind accepts in the file is the table in `config/keys.rs`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ConnectionConfig {
     pub id: String,
     pub endpoint: String,
@@ -209,7 +209,7 @@ impl ConnectionConfig {
 }
 
 /// The keys only one kind of connection has (docs/configuration.md).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ProfileConfig {
     Deltav(DeltavConfig),
@@ -229,7 +229,7 @@ impl ProfileConfig {
 }
 
 /// A DeltaV connection's batch units (docs/profiles.md).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct DeltavConfig {
     /// None means the profile's default template.
     pub node_template: Option<String>,
@@ -237,7 +237,7 @@ pub struct DeltavConfig {
 }
 
 /// An OptoMES connection's work centers and OEE window (docs/profiles.md).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OptomesConfig {
     /// None means the profile's default template.
     pub node_template: Option<String>,
@@ -246,18 +246,18 @@ pub struct OptomesConfig {
     pub work_centers: Vec<WorkCenterConfig>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct UnitConfig {
     pub name: String,
     pub recipe_parameters: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct WorkCenterConfig {
     pub name: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TagConfig {
     pub name: String,
     /// `ns=N;s=..` or `nsu=URI;s=..` (also i=, g=, b= identifiers).
