@@ -814,3 +814,95 @@ async fn backlog_device_life_and_the_will_follow_the_specification_mqtt5() {
 async fn backlog_device_life_and_the_will_follow_the_specification_mqtt311() {
     backlog_device_life_and_the_will("v311").await;
 }
+
+/// Delivery guarantees in Sparkplug too: a record too large for any message
+/// (here a 12 KB batch record under a 1 KiB `max_message_bytes`) goes to the
+/// dead letters, announced by a `system.error` event (the node's `event`
+/// metric); the records around it arrive, nothing oversized is published
+/// and the session stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto and node"]
+async fn a_record_too_large_is_dead_lettered_and_announced() {
+    let s = setup().await;
+    std::fs::create_dir_all(&s.data_dir).expect("data dir");
+    {
+        let batch = |n: &str, pad: usize| {
+            plantgate::record::NewRecord {
+            connection: "dv".into(),
+            kind: plantgate::record::Kind::Batch,
+            ts_ms: plantgate::record::now_ms(),
+            data: json!({"unit": UNIT, "batch_id": n, "event": "batch_started", "pad": "x".repeat(pad)})
+                .to_string(),
+        }
+        };
+        let mut store = plantgate::buffer::Store::open(
+            &s.data_dir.join("buffer.db"),
+            plantgate::buffer::StoreOptions::default(),
+        )
+        .expect("buffer");
+        let records = [batch("before", 0), batch("big", 12_000), batch("after", 0)];
+        let seqs = store
+            .append(plantgate::buffer::Append::records(&records))
+            .expect("append")
+            .seqs;
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+    let host = Host::connect(s.mosq.tls, &s.pki.ca_file).await;
+    let toml = sparkplug_toml(&s, "v5", "1s")
+        .replace("[mqtt]\n", "[mqtt]\nmax_message_bytes = \"1KiB\"\n");
+    let agent = run_agent(&toml).await;
+    let texts = |m: &[(String, Payload)]| -> Vec<String> {
+        m.iter()
+            .flat_map(|(_, p)| p.metrics.iter())
+            .filter_map(|x| match &x.value {
+                Some(plantgate::sparkplug::proto::MetricValue::String(v)) => Some(v.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    host.until(
+        "the batches around the big one, and the dead-letter notice",
+        |m| {
+            let t = texts(m);
+            t.iter().any(|v| v.contains("\"after\""))
+                && t.iter()
+                    .any(|v| v.contains("records moved to dead letters"))
+        },
+    )
+    .await;
+    let decoded = tahu_decode(&host.messages());
+    let session = Session::check(&decoded);
+    let batches: Vec<String> = session
+        .values
+        .iter()
+        .filter(|(n, _)| n == "batch")
+        .map(|(_, m)| m["value"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        batches.iter().any(|b| b.contains("\"before\"")),
+        "{batches:?}"
+    );
+    assert!(
+        !batches.iter().any(|b| b.contains("\"big\"")),
+        "the big one went out"
+    );
+    let largest = host
+        .messages()
+        .iter()
+        .map(|(_, b)| b.len())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        largest <= 1024,
+        "a {largest}-byte payload under a 1 KiB cap"
+    );
+    let m = agent.board.mqtt();
+    assert_eq!(m.dead_lettered_by_cause.get("too_large"), Some(&1), "{m:?}");
+    assert_eq!(m.reconnects_total, 1, "the session stayed up: {m:?}");
+    let sp = m.sparkplug.clone().expect("sparkplug status");
+    assert_eq!(sp.births_not_sent_total, 0, "every BIRTH fit: {sp:?}");
+    let dead = agent.buffer.dead_letters().await.expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].first_seq, dead[0].count), (2, 1));
+    agent.stop().await;
+}
