@@ -267,6 +267,7 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
             "broker_max_packet_bytes": mqtt.broker_max_packet_bytes,
         },
         "buffer": buffer,
+        "config": config_json(&state.board.config()),
         "intake": {
             "blocked_since": ts_or_null(state.board.intake_blocked().map(|b| b.0)),
             "blocked_reason": state.board.intake_blocked().map(|b| b.1),
@@ -415,6 +416,7 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         ConstGauge::new(state.started.elapsed().as_secs_f64()),
     );
     register_mqtt(&mut r, &state.board.mqtt());
+    register_config(&mut r, &state.board.config());
     let board = state.board.connections();
     register_intake(&mut r, &state.board, &board);
     register_process(&mut r, &state.board);
@@ -572,6 +574,29 @@ fn register_mqtt(r: &mut Registry, mqtt: &crate::status::MqttStatus) {
 }
 
 /// Each connection's OPC UA subscriptions: asked for and created.
+/// The configuration in force and the reloads (docs/health.md).
+fn register_config(r: &mut Registry, config: &crate::status::ConfigStatus) {
+    r.register(
+        "config_generation",
+        "The configuration in force: 1 at start, one more per reload applied",
+        gauge(config.generation),
+    );
+    r.register(
+        "config_reloads",
+        "Reloads (SIGHUP, systemctl reload) by outcome (applied, refused)",
+        Series(vec![
+            (
+                OutcomeLabels { outcome: "applied" },
+                counter(config.reloads_applied),
+            ),
+            (
+                OutcomeLabels { outcome: "refused" },
+                counter(config.reloads_refused),
+            ),
+        ]),
+    );
+}
+
 fn register_subscriptions(r: &mut Registry, board: &[(String, crate::status::ConnStatus)]) {
     let subscriptions = |pick: fn(&crate::status::Subscriptions) -> usize| {
         Series(
@@ -810,6 +835,19 @@ fn register_buffer(r: &mut Registry, st: &Stats) {
         "Kept records let go for room or past retain_delivered (not a loss: they were delivered), per stream",
         per_stream(&st.streams, |s| counter(s.retained_released_total)),
     );
+}
+
+/// `/status` `config`: the generation in force and the last reload.
+fn config_json(c: &crate::status::ConfigStatus) -> serde_json::Value {
+    json!({
+        "generation": c.generation,
+        "last_reload": c.last_reload.as_ref().map(|r| json!({
+            "ts": format_ts(r.ts_ms),
+            "result": if r.applied { "applied" } else { "refused" },
+            "summary": r.summary,
+            "errors": r.errors,
+        })),
+    })
 }
 
 #[cfg(test)]

@@ -245,6 +245,40 @@ struct Inner {
     intake_blocked: Option<(i64, String)>,
     /// Records and bytes the buffer accepted per second (the headroom).
     intake_rate: IntakeRate,
+    /// The configuration in force and the last reload (docs/health.md).
+    config: ConfigStatus,
+}
+
+/// Which configuration is in force: generation 1 at start, one more per
+/// reload applied; and how the last reload went.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfigStatus {
+    pub generation: u64,
+    pub last_reload: Option<ReloadOutcome>,
+    /// Reloads by outcome since start.
+    pub reloads_applied: u64,
+    pub reloads_refused: u64,
+}
+
+impl Default for ConfigStatus {
+    fn default() -> Self {
+        ConfigStatus {
+            generation: 1,
+            last_reload: None,
+            reloads_applied: 0,
+            reloads_refused: 0,
+        }
+    }
+}
+
+/// One reload: applied (what changed) or refused (why, one line per
+/// problem, key paths first). Never holds a secret.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReloadOutcome {
+    pub ts_ms: i64,
+    pub applied: bool,
+    pub summary: String,
+    pub errors: Vec<String>,
 }
 
 impl Default for Inner {
@@ -259,6 +293,7 @@ impl Default for Inner {
             task_restarts: BTreeMap::new(),
             intake_blocked: None,
             intake_rate: IntakeRate::new(std::time::Instant::now()),
+            config: ConfigStatus::default(),
         }
     }
 }
@@ -614,6 +649,27 @@ impl StatusBoard {
         self.read().mqtt.clone()
     }
 
+    pub fn config(&self) -> ConfigStatus {
+        self.read().config.clone()
+    }
+
+    /// A reload ended: applied (a new generation is in force) or refused
+    /// (the running configuration stays).
+    pub fn reloaded(&self, outcome: ReloadOutcome) {
+        {
+            let mut inner = self.write();
+            let c = &mut inner.config;
+            if outcome.applied {
+                c.generation += 1;
+                c.reloads_applied += 1;
+            } else {
+                c.reloads_refused += 1;
+            }
+            c.last_reload = Some(outcome);
+        }
+        self.bump();
+    }
+
     /// A long-lived loop says it is alive (cheap; call it every iteration).
     pub fn beat(&self, name: &'static str) {
         self.write().beats.insert(name, std::time::Instant::now());
@@ -661,6 +717,37 @@ impl IntakeObserver for StatusBoard {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reload_applied_is_a_new_generation_a_refused_one_is_not() {
+        let board = super::StatusBoard::new();
+        assert_eq!(board.config().generation, 1);
+        assert_eq!(board.config().last_reload, None);
+        let refused = super::ReloadOutcome {
+            ts_ms: 5,
+            applied: false,
+            summary: String::new(),
+            errors: vec!["connections[0].endpoint: not an opc.tcp:// URL".into()],
+        };
+        board.reloaded(refused.clone());
+        let c = board.config();
+        assert_eq!(
+            (c.generation, c.reloads_refused, c.reloads_applied),
+            (1, 1, 0)
+        );
+        assert_eq!(c.last_reload, Some(refused));
+        board.reloaded(super::ReloadOutcome {
+            ts_ms: 6,
+            applied: true,
+            summary: "connection b added".into(),
+            errors: Vec::new(),
+        });
+        let c = board.config();
+        assert_eq!(
+            (c.generation, c.reloads_refused, c.reloads_applied),
+            (2, 1, 1)
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -89,6 +89,13 @@ async fn health_endpoint_tracks_the_broker() {
     assert_eq!(st["version"], plantgate::VERSION);
     assert!(st["uptime_s"].is_u64());
     assert_eq!(st["mqtt"]["state"], "connected");
+    assert_eq!(
+        st["mqtt"]["sparkplug"],
+        serde_json::Value::Null,
+        "JSON format"
+    );
+    assert_eq!(st["config"]["generation"], 1, "{body}");
+    assert_eq!(st["config"]["last_reload"], serde_json::Value::Null);
     for k in [
         "records",
         "bytes",
@@ -154,6 +161,8 @@ async fn health_endpoint_tracks_the_broker() {
         "plantgate_published_records_total ",
         "plantgate_connection_state{connection=\"sim1\",state=\"online\"} 1",
         "plantgate_records_accepted_total{connection=\"sim1\",kind=\"tag\"}",
+        "plantgate_config_generation 1",
+        "plantgate_config_reloads_total{outcome=\"refused\"} 0",
     ] {
         assert!(metrics.contains(name), "{name} missing in:\n{metrics}");
     }
