@@ -274,8 +274,12 @@ fn restrict_buffer_files(data_dir: &std::path::Path) {
 }
 
 /// Cancels on SIGTERM or SIGINT.
-fn cancel_on_signals(cancel: CancellationToken) {
-    ignore_hangup();
+/// SIGTERM and SIGINT stop; SIGHUP is a reload in `run`
+/// ([`reload_on_hangup`]) and ignored elsewhere (`hangup_ignored`).
+fn cancel_on_signals(cancel: CancellationToken, hangup_ignored: bool) {
+    if hangup_ignored {
+        ignore_hangup();
+    }
     tokio::spawn(async move {
         let term = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -297,6 +301,48 @@ fn cancel_on_signals(cancel: CancellationToken) {
 /// broker publishes the Last Will, and systemd counts it as a clean exit
 /// and does not restart it. The configuration is read only at start
 /// (docs/deployment.md), so a hang-up is logged and otherwise ignored.
+/// `systemctl reload plantgate` and SIGHUP: read the configuration file
+/// and environment again, validate them as at start, and hand the result
+/// to the agent, which applies it or refuses it (docs/cli.md).
+fn reload_on_hangup(
+    agent: std::sync::Arc<plantgate::agent::Agent>,
+    path: PathBuf,
+    cancel: CancellationToken,
+) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP: reload is not available");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            plantgate::systemd::notify_reloading();
+            tracing::info!(path = %path.display(), "reloading the configuration");
+            let loaded = config::load(&path)
+                .map(|l| {
+                    for w in &l.warnings {
+                        tracing::warn!("{w}");
+                    }
+                    l.config
+                })
+                .map_err(|e| e.problems.iter().map(ToString::to_string).collect());
+            // TODO(issue 17): tell whether the files behind the MQTT TLS
+            // settings changed since they were read.
+            let outcome = agent.reload(loaded, false).await;
+            if outcome.applied {
+                tracing::info!(summary = %outcome.summary, "reload applied");
+            }
+            plantgate::systemd::notify_ready();
+        }
+    });
+}
+
 fn ignore_hangup() {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
@@ -332,10 +378,10 @@ fn main() -> ExitCode {
 
 /// `plantgate run`: the agent under systemd (READY, watchdog, STOPPING)
 /// until SIGTERM or Ctrl-C.
-async fn run_agent(config: config::Config) -> ExitCode {
+async fn run_agent(config: config::Config, path: PathBuf) -> ExitCode {
     restrict_buffer_files(&config.agent.data_dir);
     let cancel = CancellationToken::new();
-    cancel_on_signals(cancel.clone());
+    cancel_on_signals(cancel.clone(), false);
     let (agent, join) = match plantgate::agent::start(config, cancel.clone()).await {
         Ok(started) => started,
         Err(e) => {
@@ -345,6 +391,8 @@ async fn run_agent(config: config::Config) -> ExitCode {
     };
     plantgate::systemd::notify_ready();
     plantgate::systemd::spawn_watchdog(agent.board.clone(), agent.buffer.clone(), cancel.clone());
+    let agent = std::sync::Arc::new(agent);
+    reload_on_hangup(agent.clone(), path, cancel.clone());
     tokio::spawn({
         let cancel = cancel.clone();
         async move {
@@ -362,7 +410,7 @@ async fn run_agent(config: config::Config) -> ExitCode {
 /// `plantgate demo`: fails when the consumer saw a gap in any stream.
 async fn run_demo(duration: Option<u64>, outage: Option<u64>, format: &str) -> ExitCode {
     let cancel = CancellationToken::new();
-    cancel_on_signals(cancel.clone());
+    cancel_on_signals(cancel.clone(), true);
     let opts = plantgate::demo::DemoOptions {
         duration: duration.map(std::time::Duration::from_secs),
         outage: outage.map(std::time::Duration::from_secs),
@@ -383,10 +431,13 @@ async fn run_demo(duration: Option<u64>, outage: Option<u64>, format: &str) -> E
 
 async fn dispatch(command: Command) -> ExitCode {
     match command {
-        Command::Run { config } => match load_config(&config_path(config)) {
-            Ok(config) => run_agent(config).await,
-            Err(code) => code,
-        },
+        Command::Run { config } => {
+            let path = config_path(config);
+            match load_config(&path) {
+                Ok(config) => run_agent(config, path).await,
+                Err(code) => code,
+            }
+        }
         Command::Check { config } => {
             let path = config_path(config);
             match load_config(&path) {
@@ -416,7 +467,7 @@ async fn dispatch(command: Command) -> ExitCode {
             load_control,
         } => {
             let cancel = CancellationToken::new();
-            cancel_on_signals(cancel.clone());
+            cancel_on_signals(cancel.clone(), true);
             let tmp;
             let pki_dir = match pki_dir {
                 Some(p) => p,

@@ -18,6 +18,16 @@ pub fn notify_ready() {
     }
 }
 
+/// Before a reload: systemd (`Type=notify-reload` or `ExecReload=`) waits
+/// for the `READY=1` that follows.
+pub fn notify_reloading() {
+    let mut states = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    let _ = sd_notify::notify(&states);
+}
+
 pub fn notify_stopping() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }

@@ -19,9 +19,11 @@ use crate::config::{Config, ConnectionConfig};
 use crate::record::{EventType, Kind, NewRecord};
 use crate::source::ConnectionReporter;
 use crate::sparkplug::DeviceSpec;
-use crate::status::{ConnState, StatusBoard};
+use crate::status::{ConnState, ReloadOutcome, StatusBoard};
 use crate::supervise::supervise;
 use crate::uplink::{Uplink, UplinkSettings};
+
+mod reload;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -53,6 +55,44 @@ pub struct Agent {
     pub buffer: BufferHandle,
     /// Where the health endpoint listens (the bound port if 0 was configured).
     pub health_addr: std::net::SocketAddr,
+    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
+}
+
+/// A new configuration for the running agent, and where its outcome goes.
+struct ReloadRequest {
+    /// The new configuration, or why it could not be loaded (one line per
+    /// problem, key path first).
+    config: Result<Config, Vec<String>>,
+    tls_files_changed: bool,
+    reply: tokio::sync::oneshot::Sender<ReloadOutcome>,
+}
+
+impl Agent {
+    /// Applies `config` (loaded and validated as at start) to the running
+    /// agent, or refuses it and keeps the one in force (SPEC 2, reload).
+    /// The outcome is also on the status board (`/status` `config`).
+    pub async fn reload(
+        &self,
+        config: Result<Config, Vec<String>>,
+        tls_files_changed: bool,
+    ) -> ReloadOutcome {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let request = ReloadRequest {
+            config,
+            tls_files_changed,
+            reply,
+        };
+        let stopped = || ReloadOutcome {
+            ts_ms: crate::record::now_ms(),
+            applied: false,
+            summary: String::new(),
+            errors: vec!["the agent is stopping".into()],
+        };
+        if self.reloads.send(request).await.is_err() {
+            return stopped();
+        }
+        outcome.await.unwrap_or_else(|_| stopped())
+    }
 }
 
 /// Opens the buffer and starts every task; returns once the buffer is open
@@ -87,16 +127,32 @@ pub async fn start(
     let health_addr = health.addr;
     let sources = start_sources(&config, &buffer, &board).await;
     let background = Background::start(&config, tls, &buffer, &board, sources.wants_dropped);
-    let running = Running {
+    let mut running = Running {
+        config,
+        pki_dir: sources.pki_dir,
         sources_cancel: sources.cancel,
-        sources: sources.tasks,
+        connections: sources.tasks,
         background,
         health,
+        board: board.clone(),
         buffer: buffer.clone(),
         buffer_thread,
     };
+    let (reloads, mut requests) = tokio::sync::mpsc::channel::<ReloadRequest>(1);
     let join = tokio::spawn(async move {
-        cancel.cancelled().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(r) = requests.recv() => {
+                    let outcome = match r.config {
+                        Ok(config) => running.reload(config, r.tls_files_changed).await,
+                        Err(problems) => running.refused(problems),
+                    };
+                    running.board.reloaded(outcome.clone());
+                    let _ = r.reply.send(outcome);
+                }
+            }
+        }
         running.stop().await;
     });
     Ok((
@@ -104,6 +160,7 @@ pub async fn start(
             board,
             buffer,
             health_addr,
+            reloads,
         },
         join,
     ))
@@ -174,10 +231,19 @@ async fn start_health(
     Ok(Health { addr, task, cancel })
 }
 
+/// One plant connection's task, stopped alone on a reload.
+struct ConnTask {
+    config: ConnectionConfig,
+    reporter: ConnectionReporter,
+    cancel: CancellationToken,
+    join: tokio::task::JoinHandle<()>,
+}
+
 /// The plant connections, each under its supervisor.
 struct Sources {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: std::collections::BTreeMap<String, ConnTask>,
     cancel: CancellationToken,
+    pki_dir: PathBuf,
     /// Per connection, whether it announces intake loss (`source.dropped`).
     wants_dropped: HashMap<String, bool>,
 }
@@ -192,32 +258,53 @@ async fn start_sources(
         ensure_own_certificate(&pki_dir, &config.agent.id).await;
     }
     let cancel = CancellationToken::new();
-    let mut tasks = Vec::new();
+    let mut tasks = std::collections::BTreeMap::new();
     let mut wants_dropped = HashMap::new();
     for conn in &config.connections {
-        let reporter = ConnectionReporter::new(
-            &conn.id,
-            board.clone(),
-            buffer.outlet(),
-            conn.events.clone(),
-        );
+        let task = start_connection(conn, &pki_dir, buffer, board, &cancel);
         wants_dropped.insert(
             conn.id.clone(),
-            reporter.wants_event(EventType::SourceDropped),
+            task.reporter.wants_event(EventType::SourceDropped),
         );
-        tasks.push(tokio::spawn(supervise_connection(
-            conn.clone(),
-            pki_dir.clone(),
-            reporter,
-            buffer.clone(),
-            board.clone(),
-            cancel.clone(),
-        )));
+        tasks.insert(conn.id.clone(), task);
     }
     Sources {
         tasks,
         cancel,
+        pki_dir,
         wants_dropped,
+    }
+}
+
+/// Starts one connection under its supervisor, stopped by its own token
+/// (a child of `sources`, so a shutdown stops it too).
+fn start_connection(
+    conn: &ConnectionConfig,
+    pki_dir: &std::path::Path,
+    buffer: &BufferHandle,
+    board: &Arc<StatusBoard>,
+    sources: &CancellationToken,
+) -> ConnTask {
+    let reporter = ConnectionReporter::new(
+        &conn.id,
+        board.clone(),
+        buffer.outlet(),
+        conn.events.clone(),
+    );
+    let cancel = sources.child_token();
+    let join = tokio::spawn(supervise_connection(
+        conn.clone(),
+        pki_dir.to_path_buf(),
+        reporter.clone(),
+        buffer.clone(),
+        board.clone(),
+        cancel.clone(),
+    ));
+    ConnTask {
+        config: conn.clone(),
+        reporter,
+        cancel,
+        join,
     }
 }
 
@@ -324,12 +411,17 @@ where
     ))
 }
 
-/// A started agent, stopped in order by [`Running::stop`].
+/// A started agent, stopped in order by [`Running::stop`], changed by
+/// [`Running::reload`].
 struct Running {
+    /// The configuration in force.
+    config: Config,
+    pki_dir: PathBuf,
     sources_cancel: CancellationToken,
-    sources: Vec<tokio::task::JoinHandle<()>>,
+    connections: std::collections::BTreeMap<String, ConnTask>,
     background: Background,
     health: Health,
+    board: Arc<StatusBoard>,
     buffer: BufferHandle,
     buffer_thread: std::thread::JoinHandle<()>,
 }
@@ -341,7 +433,7 @@ impl Running {
         tracing::info!("shutting down");
         self.sources_cancel.cancel();
         // All connections stop at once, under one deadline.
-        let sources = futures::future::join_all(self.sources);
+        let sources = futures::future::join_all(self.connections.into_values().map(|c| c.join));
         if tokio::time::timeout(SOURCE_STOP, sources).await.is_err() {
             tracing::warn!("a connection did not stop in time");
         }

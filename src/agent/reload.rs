@@ -1,0 +1,131 @@
+//! Applying a reload to the running agent (SPEC 2, reload): the plan of
+//! [`crate::reload`], carried out task by task. Untouched connections are
+//! not disturbed; a refused reload changes nothing.
+//!
+//! Work in progress (issue 17): connections and buffer limits apply live;
+//! `[mqtt]` and `health.listen` changes are refused for now ("restart to
+//! apply"), and a tag-list change restarts its connection alone instead of
+//! changing the monitored items of the running subscription.
+
+use super::{ensure_own_certificate, start_connection, ConnTask, Running, SOURCE_STOP};
+use crate::buffer::Limits;
+use crate::config::Config;
+use crate::record::now_ms;
+use crate::reload::{plan, ConnChange};
+use crate::status::{ConnState, ReloadOutcome};
+
+impl Running {
+    /// Applies `new` or refuses it; the configuration in force changes only
+    /// when it is applied.
+    pub(super) async fn reload(&mut self, new: Config, tls_files_changed: bool) -> ReloadOutcome {
+        let plan = match plan(&self.config, &new, tls_files_changed) {
+            Ok(p) => p,
+            Err(problems) => {
+                return self.refused(problems.iter().map(ToString::to_string).collect())
+            }
+        };
+        let mut not_live = Vec::new();
+        if plan.mqtt {
+            not_live.push(
+                "mqtt: changes to [mqtt] do not apply live yet; restart to apply".to_string(),
+            );
+        }
+        if plan.health_listen.is_some() {
+            not_live.push(
+                "health.listen: a new address does not apply live yet; restart to apply"
+                    .to_string(),
+            );
+        }
+        if !not_live.is_empty() {
+            return self.refused(not_live);
+        }
+        for change in &plan.connections {
+            match change {
+                ConnChange::Unchanged(_) => {}
+                ConnChange::Added(c) => {
+                    if self.connections.is_empty() {
+                        ensure_own_certificate(&self.pki_dir, &new.agent.id).await;
+                    }
+                    tracing::info!(connection = %c.id, "reload: connection added");
+                    self.start(c);
+                }
+                ConnChange::Removed(id) => {
+                    tracing::info!(connection = %id, "reload: connection removed");
+                    if let Some(task) = self.connections.remove(id) {
+                        stop(task, "removed").await;
+                    }
+                }
+                ConnChange::Restarted(c) | ConnChange::Retagged { config: c, .. } => {
+                    tracing::info!(connection = %c.id, "reload: connection changed; restarting it alone");
+                    if let Some(task) = self.connections.remove(&c.id) {
+                        stop(task, "reloaded").await;
+                    }
+                    self.start(c);
+                }
+            }
+        }
+        if plan.buffer_limits {
+            if let Err(e) = self
+                .buffer
+                .set_limits(Limits::from_config(&new.buffer))
+                .await
+            {
+                tracing::error!(error = %e, "reload: the buffer did not take the new limits");
+            }
+        }
+        let summary = plan.summary();
+        tracing::info!(%summary, "configuration reloaded");
+        self.config = new;
+        ReloadOutcome {
+            ts_ms: now_ms(),
+            applied: true,
+            summary,
+            errors: Vec::new(),
+        }
+    }
+
+    /// A refused reload: logged one line per problem, announced by a
+    /// `system.error` event, nothing changed.
+    pub(super) fn refused(&self, errors: Vec<String>) -> ReloadOutcome {
+        for e in &errors {
+            tracing::error!("reload refused: {e}");
+        }
+        let ev = crate::record::NewRecord::event(
+            "",
+            crate::record::EventType::SystemError,
+            serde_json::json!({
+                "error": "reload_refused",
+                "message": "the new configuration was refused; the one in force stays",
+                "problems": errors,
+            }),
+        );
+        self.buffer.record_events(vec![ev]);
+        ReloadOutcome {
+            ts_ms: now_ms(),
+            applied: false,
+            summary: "refused; the configuration in force is unchanged".into(),
+            errors,
+        }
+    }
+
+    fn start(&mut self, c: &crate::config::ConnectionConfig) {
+        let task = start_connection(
+            c,
+            &self.pki_dir,
+            &self.buffer,
+            &self.board,
+            &self.sources_cancel,
+        );
+        self.connections.insert(c.id.clone(), task);
+    }
+}
+
+/// Stops one connection alone; its records already accepted stay in the
+/// buffer and are delivered. `why` is its offline reason.
+async fn stop(task: ConnTask, why: &str) {
+    task.cancel.cancel();
+    if tokio::time::timeout(SOURCE_STOP, task.join).await.is_err() {
+        tracing::warn!(connection = %task.config.id, "a connection did not stop in time");
+    }
+    task.reporter.set_state(ConnState::Offline, why).await;
+}

@@ -1,0 +1,106 @@
+//! Live reload (SPEC 2, reload; issue 17, work in progress): a connection
+//! added while another streams keeps the other untouched (its seqs
+//! continuous, its state never left `online`); a broken configuration is
+//! refused with its key paths and the one in force stays; `/status` shows
+//! the generation and the last reload.
+
+mod common;
+
+use common::load::{load_toml, start_load_sim};
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_added_leaves_the_other_untouched_and_a_broken_config_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = embedded_broker().await;
+    let sim = start_load_sim(dir.path(), 5, 20.0).await;
+    let data_dir = dir.path().join("agent");
+    let toml = load_toml(
+        &data_dir,
+        broker.v4_addr,
+        &broker.pki.ca_file,
+        "v311",
+        &sim,
+        5,
+    );
+    let mut seen = watch(broker.v4_addr, &broker.pki.ca_file).await;
+    let agent = run_agent(&toml).await;
+    seen.until("sim1 streaming", |s| {
+        s.tracker.last_seq("sim1", "tag") >= Some(50)
+    })
+    .await;
+
+    // Broken: refused with its key path; nothing changes.
+    let broken = load_toml(
+        &data_dir,
+        broker.v4_addr,
+        &broker.pki.ca_file,
+        "v311",
+        &sim,
+        5,
+    )
+    .replace(&sim.endpoint(), "http://nowhere");
+    let problems = plantgate::config::load_from(&broken, &Default::default())
+        .expect_err("broken")
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let outcome = agent.reload(Err(problems), false).await;
+    assert!(!outcome.applied, "{outcome:?}");
+    assert!(
+        outcome
+            .errors
+            .iter()
+            .any(|e| e.starts_with("connections[0].endpoint")),
+        "{outcome:?}"
+    );
+    assert_eq!(agent.board.config().generation, 1);
+
+    // A second connection to the same server.
+    let second = format!(
+        "{toml}\n[[connections]]\nid = \"sim2\"\nkind = \"generic\"\nendpoint = \"{}\"\n\
+         security_policy = \"None\"\nsecurity_mode = \"None\"\npublishing_interval = \"100ms\"\n\
+         [[connections.tags]]\nname = \"B\"\nnode = \"nsu={};s={}\"\n",
+        sim.endpoint(),
+        sim.namespace_uri(),
+        plantgate::sim::deltav::load_tag(0)
+    );
+    let before = seen.tracker.last_seq("sim1", "tag").unwrap_or(0);
+    let outcome = agent.reload(Ok(load(&second)), false).await;
+    assert!(outcome.applied, "{outcome:?}");
+    assert_eq!(outcome.summary, "connection sim2 added");
+    assert_eq!(agent.board.config().generation, 2);
+    seen.until("sim2 streaming, sim1 going on", |s| {
+        s.tracker.last_seq("sim2", "tag") >= Some(20)
+            && s.tracker.last_seq("sim1", "tag") >= Some(before + 100)
+    })
+    .await;
+    assert_eq!(seen.tracker.gaps, 0, "{:?}", seen.tracker.gap_details);
+    let sim1_states: Vec<String> = seen
+        .messages
+        .iter()
+        .filter(|m| m.topic.ends_with("/connections/sim1/status"))
+        .map(|m| m.payload["state"].as_str().unwrap_or("").to_string())
+        .collect();
+    let first_online = sim1_states
+        .iter()
+        .position(|s| s == "online")
+        .expect("sim1 online");
+    assert_eq!(
+        sim1_states[first_online..],
+        ["online"],
+        "sim1 never left online: {sim1_states:?}"
+    );
+
+    // And removed again: offline with reason `removed`; sim1 still goes on.
+    let outcome = agent.reload(Ok(load(&toml)), false).await;
+    assert!(outcome.applied, "{outcome:?}");
+    assert_eq!(outcome.summary, "connection sim2 removed");
+    seen.until("sim2 removed", |s| {
+        s.last_on("connections/sim2/status")
+            .is_some_and(|p| p["state"] == "offline" && p["reason"] == "removed")
+    })
+    .await;
+    agent.stop().await;
+}
