@@ -93,8 +93,23 @@ async fn a_connection_added_leaves_the_other_untouched_and_a_broken_config_is_re
         "sim1 never left online: {sim1_states:?}"
     );
 
+    // [mqtt] changed: the uplink alone reconnects, nothing is lost.
+    let sim1_at = seen.tracker.last_seq("sim1", "tag").unwrap_or(0);
+    let reconnects = agent.board.mqtt().reconnects_total;
+    let keep_alive = second.replace("[mqtt]\n", "[mqtt]\nkeep_alive = \"7s\"\n");
+    let outcome = agent.reload(Ok(load(&keep_alive)), false).await;
+    assert!(outcome.applied, "{outcome:?}");
+    assert_eq!(outcome.summary, "mqtt reconnects");
+    seen.until("sim1 going on after the uplink reconnected", |s| {
+        s.tracker.last_seq("sim1", "tag") >= Some(sim1_at + 100)
+    })
+    .await;
+    assert_eq!(agent.board.mqtt().reconnects_total, reconnects + 1);
+    assert_eq!(seen.tracker.gaps, 0, "{:?}", seen.tracker.gap_details);
+
     // And removed again: offline with reason `removed`; sim1 still goes on.
-    let outcome = agent.reload(Ok(load(&toml)), false).await;
+    let removed = toml.replace("[mqtt]\n", "[mqtt]\nkeep_alive = \"7s\"\n");
+    let outcome = agent.reload(Ok(load(&removed)), false).await;
     assert!(outcome.applied, "{outcome:?}");
     assert_eq!(outcome.summary, "connection sim2 removed");
     seen.until("sim2 removed", |s| {

@@ -107,14 +107,7 @@ pub async fn start(
         path: data_dir.clone(),
         source,
     })?;
-    let tls = match config.mqtt.tls {
-        true => Some(crate::uplink::tls::client_config(
-            config.mqtt.ca_file.as_deref(),
-            config.mqtt.client_cert_file.as_deref(),
-            config.mqtt.client_key_file.as_deref(),
-        )?),
-        false => None,
-    };
+    let tls = mqtt_tls(&config)?;
     let board = StatusBoard::new();
     let (buffer, buffer_thread) = open_buffer(&config, &board)?;
     let health = match start_health(&config, &board, &buffer).await {
@@ -330,6 +323,9 @@ async fn ensure_own_certificate(pki_dir: &std::path::Path, agent_id: &str) {
 /// expiry, heap trimming and the intake-loss announcer.
 struct Background {
     cancel: CancellationToken,
+    /// The uplink's own token (a child of `cancel`): a reload of `[mqtt]`
+    /// replaces the uplink alone.
+    uplink_cancel: CancellationToken,
     uplink: tokio::task::JoinHandle<()>,
     /// Stopped before the uplink, so their last events still go out.
     others: Vec<tokio::task::JoinHandle<()>>,
@@ -344,25 +340,8 @@ impl Background {
         wants_dropped: HashMap<String, bool>,
     ) -> Background {
         let cancel = CancellationToken::new();
-        let uplink = Arc::new(Uplink::new(
-            UplinkSettings {
-                mqtt: config.mqtt.clone(),
-                agent_id: config.agent.id.clone(),
-                site: config.agent.site.clone(),
-                version: crate::VERSION.to_string(),
-                boot_id: uuid::Uuid::new_v4().to_string(),
-                tls,
-                connections: config.connections.iter().map(|c| c.id.clone()).collect(),
-                devices: sparkplug_devices(&config.connections),
-            },
-            buffer.clone(),
-            board.clone(),
-        ));
-        let c = cancel.clone();
-        let uplink = spawn_agent_task("uplink", board, buffer, cancel.clone(), move || {
-            let (uplink, cancel) = (uplink.clone(), c.clone());
-            async move { uplink.run(cancel).await }
-        });
+        let uplink_cancel = cancel.child_token();
+        let uplink = spawn_uplink(config, tls, buffer, board, &uplink_cancel);
         let (b, c) = (buffer.clone(), cancel.clone());
         let expiry = spawn_agent_task("expiry", board, buffer, cancel.clone(), move || {
             expire_old_records(b.clone(), c.clone())
@@ -383,10 +362,56 @@ impl Background {
         });
         Background {
             cancel,
+            uplink_cancel,
             uplink,
             others: vec![expiry, heap, announcer, headroom],
         }
     }
+}
+
+/// The uplink for `config`'s `[mqtt]` and connections, supervised, until
+/// `cancel`.
+fn spawn_uplink(
+    config: &Config,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    buffer: &BufferHandle,
+    board: &Arc<StatusBoard>,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let uplink = Arc::new(Uplink::new(
+        UplinkSettings {
+            mqtt: config.mqtt.clone(),
+            agent_id: config.agent.id.clone(),
+            site: config.agent.site.clone(),
+            version: crate::VERSION.to_string(),
+            boot_id: uuid::Uuid::new_v4().to_string(),
+            tls,
+            connections: config.connections.iter().map(|c| c.id.clone()).collect(),
+            devices: sparkplug_devices(&config.connections),
+        },
+        buffer.clone(),
+        board.clone(),
+    ));
+    let c = cancel.clone();
+    spawn_agent_task("uplink", board, buffer, cancel.clone(), move || {
+        let (uplink, cancel) = (uplink.clone(), c.clone());
+        async move { uplink.run(cancel).await }
+    })
+}
+
+/// The uplink's TLS settings from `[mqtt]` (None for plaintext).
+fn mqtt_tls(
+    config: &Config,
+) -> Result<Option<Arc<rustls::ClientConfig>>, crate::uplink::tls::TlsError> {
+    if !config.mqtt.tls {
+        return Ok(None);
+    }
+    crate::uplink::tls::client_config(
+        config.mqtt.ca_file.as_deref(),
+        config.mqtt.client_cert_file.as_deref(),
+        config.mqtt.client_key_file.as_deref(),
+    )
+    .map(Some)
 }
 
 /// Runs an agent-level task under its supervisor until `stop`; a death is

@@ -2,10 +2,11 @@
 //! [`crate::reload`], carried out task by task. Untouched connections are
 //! not disturbed; a refused reload changes nothing.
 //!
-//! Work in progress (issue 17): connections and buffer limits apply live;
-//! `[mqtt]` and `health.listen` changes are refused for now ("restart to
-//! apply"), and a tag-list change restarts its connection alone instead of
-//! changing the monitored items of the running subscription.
+//! Work in progress (issue 17): connections, `[mqtt]` (the uplink alone
+//! reconnects) and buffer limits apply live; a `health.listen` change is
+//! refused for now ("restart to apply"), and a tag-list change restarts its
+//! connection alone instead of changing the monitored items of the running
+//! subscription.
 
 use super::{ensure_own_certificate, start_connection, ConnTask, Running, SOURCE_STOP};
 use crate::buffer::Limits;
@@ -24,12 +25,17 @@ impl Running {
                 return self.refused(problems.iter().map(ToString::to_string).collect())
             }
         };
+        // The new TLS settings are read before anything changes: a bad
+        // certificate refuses the reload, the running uplink stays.
+        let tls = if plan.mqtt {
+            match super::mqtt_tls(&new) {
+                Ok(tls) => Some(tls),
+                Err(e) => return self.refused(vec![format!("mqtt: {e}")]),
+            }
+        } else {
+            None
+        };
         let mut not_live = Vec::new();
-        if plan.mqtt {
-            not_live.push(
-                "mqtt: changes to [mqtt] do not apply live yet; restart to apply".to_string(),
-            );
-        }
         if plan.health_listen.is_some() {
             not_live.push(
                 "health.listen: a new address does not apply live yet; restart to apply"
@@ -63,6 +69,18 @@ impl Running {
                     self.start(c);
                 }
             }
+        }
+        if let Some(tls) = tls {
+            tracing::info!("reload: [mqtt] changed; the uplink reconnects with the new settings");
+            let bg = &mut self.background;
+            bg.uplink_cancel.cancel();
+            let old = std::mem::replace(&mut bg.uplink, tokio::spawn(async {}));
+            if tokio::time::timeout(super::UPLINK_STOP, old).await.is_err() {
+                tracing::warn!("the uplink did not stop in time");
+            }
+            bg.uplink_cancel = bg.cancel.child_token();
+            bg.uplink =
+                super::spawn_uplink(&new, tls, &self.buffer, &self.board, &bg.uplink_cancel);
         }
         if plan.buffer_limits {
             if let Err(e) = self
