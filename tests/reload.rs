@@ -117,5 +117,26 @@ async fn a_connection_added_leaves_the_other_untouched_and_a_broken_config_is_re
             .is_some_and(|p| p["state"] == "offline" && p["reason"] == "removed")
     })
     .await;
+
+    // health.listen: the endpoint moves; /status there tells the generation.
+    let port = plantgate::sim::broker::free_port().expect("a free port");
+    let moved = removed.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let outcome = agent.reload(Ok(load(&moved)), false).await;
+    assert!(outcome.applied, "{outcome:?}");
+    assert_eq!(
+        outcome.summary,
+        format!("health endpoint moves to 127.0.0.1:{port}")
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (code, body) = http_get(addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
+    let st: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(st["config"]["generation"], 5, "{body}");
+    assert_eq!(st["config"]["last_reload"]["result"], "applied", "{body}");
+    // The old address is free again.
+    assert!(std::net::TcpStream::connect(agent.health_addr).is_err());
     agent.stop().await;
 }

@@ -3,10 +3,9 @@
 //! not disturbed; a refused reload changes nothing.
 //!
 //! Work in progress (issue 17): connections, `[mqtt]` (the uplink alone
-//! reconnects) and buffer limits apply live; a `health.listen` change is
-//! refused for now ("restart to apply"), and a tag-list change restarts its
-//! connection alone instead of changing the monitored items of the running
-//! subscription.
+//! reconnects), buffer limits and `health.listen` apply live; a tag-list
+//! change restarts its connection alone instead of changing the monitored
+//! items of the running subscription.
 
 use super::{ensure_own_certificate, start_connection, ConnTask, Running, SOURCE_STOP};
 use crate::buffer::Limits;
@@ -35,16 +34,15 @@ impl Running {
         } else {
             None
         };
-        let mut not_live = Vec::new();
-        if plan.health_listen.is_some() {
-            not_live.push(
-                "health.listen: a new address does not apply live yet; restart to apply"
-                    .to_string(),
-            );
-        }
-        if !not_live.is_empty() {
-            return self.refused(not_live);
-        }
+        // The new address is bound before anything changes: one that is
+        // taken refuses the reload, the running endpoint stays.
+        let health = match plan.health_listen {
+            Some(_) => match super::start_health(&new, &self.board, &self.buffer).await {
+                Ok(h) => Some(h),
+                Err(e) => return self.refused(vec![format!("health.listen: {e}")]),
+            },
+            None => None,
+        };
         for change in &plan.connections {
             match change {
                 ConnChange::Unchanged(_) => {}
@@ -81,6 +79,12 @@ impl Running {
             bg.uplink_cancel = bg.cancel.child_token();
             bg.uplink =
                 super::spawn_uplink(&new, tls, &self.buffer, &self.board, &bg.uplink_cancel);
+        }
+        if let Some(health) = health {
+            tracing::info!(addr = %health.addr, "reload: health endpoint moved");
+            let old = std::mem::replace(&mut self.health, health);
+            old.cancel.cancel();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), old.task).await;
         }
         if plan.buffer_limits {
             if let Err(e) = self
