@@ -305,17 +305,11 @@ fn cancel_on_signals(cancel: CancellationToken, hangup_ignored: bool) {
 /// and environment again, validate them as at start, and hand the result
 /// to the agent, which applies it or refuses it (docs/cli.md).
 fn reload_on_hangup(
+    mut hup: tokio::signal::unix::Signal,
     agent: std::sync::Arc<plantgate::agent::Agent>,
     path: PathBuf,
     cancel: CancellationToken,
 ) {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot handle SIGHUP: reload is not available");
-            return;
-        }
-    };
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -382,6 +376,10 @@ async fn run_agent(config: config::Config, path: PathBuf) -> ExitCode {
     restrict_buffer_files(&config.agent.data_dir);
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone(), false);
+    // Before the agent starts: from here on a SIGHUP is a reload (one sent
+    // while starting waits for it), never the default action, which would
+    // end the process.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let (agent, join) = match plantgate::agent::start(config, cancel.clone()).await {
         Ok(started) => started,
         Err(e) => {
@@ -392,7 +390,10 @@ async fn run_agent(config: config::Config, path: PathBuf) -> ExitCode {
     plantgate::systemd::notify_ready();
     plantgate::systemd::spawn_watchdog(agent.board.clone(), agent.buffer.clone(), cancel.clone());
     let agent = std::sync::Arc::new(agent);
-    reload_on_hangup(agent.clone(), path, cancel.clone());
+    match hangups {
+        Ok(hangups) => reload_on_hangup(hangups, agent.clone(), path, cancel.clone()),
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP: reload is not available"),
+    }
     tokio::spawn({
         let cancel = cancel.clone();
         async move {

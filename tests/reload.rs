@@ -140,3 +140,93 @@ async fn a_connection_added_leaves_the_other_untouched_and_a_broken_config_is_re
     assert!(std::net::TcpStream::connect(agent.health_addr).is_err());
     agent.stop().await;
 }
+
+/// The real binary: SIGHUP (what `systemctl reload` sends) with a broken
+/// file is refused, logged with its key path, and the process goes on;
+/// with a good one it applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_refuses_a_broken_file_and_applies_a_good_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = embedded_broker().await;
+    let sim = start_load_sim(dir.path(), 2, 10.0).await;
+    let data_dir = dir.path().join("agent");
+    let port = plantgate::sim::broker::free_port().expect("a free port");
+    let health = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let toml = load_toml(
+        &data_dir,
+        broker.v4_addr,
+        &broker.pki.ca_file,
+        "v311",
+        &sim,
+        2,
+    )
+    .replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{health}\""),
+    );
+    let config = write_file(dir.path(), "plantgate.toml", &toml);
+    let log = dir.path().join("agent.log");
+    let mut agent = AgentProcess::start(&config, &log);
+    // A GET that may fail (the process is starting): None then.
+    let status = || async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(health).await.ok()?;
+        let req = format!("GET /status HTTP/1.1\r\nHost: {health}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let (_, body) = text.split_once("\r\n\r\n")?;
+        serde_json::from_str::<serde_json::Value>(body).ok()
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while std::net::TcpStream::connect(health).is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "no health endpoint");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let log = &log;
+    let last_reload = |want: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(st) = status().await {
+                if st["config"]["last_reload"]["result"] == want {
+                    return st;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {want} reload; status {:?}; log:\n{}",
+                status().await,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+
+    std::fs::write(
+        &config,
+        toml.replace("kind = \"generic\"", "kind = \"plc\""),
+    )
+    .expect("write");
+    agent.signal_keep("HUP");
+    let st = last_reload("refused").await;
+    assert_eq!(st["config"]["generation"], 1, "{st}");
+    let errors = st["config"]["last_reload"]["errors"].to_string();
+    assert!(errors.contains("connections[0].kind"), "{errors}");
+
+    let good = toml.replace("[mqtt]\n", "[mqtt]\nkeep_alive = \"9s\"\n");
+    std::fs::write(&config, good).expect("write");
+    agent.signal_keep("HUP");
+    let st = last_reload("applied").await;
+    assert_eq!(st["config"]["generation"], 2, "{st}");
+    assert_eq!(
+        st["config"]["last_reload"]["summary"], "mqtt reconnects",
+        "{st}"
+    );
+    let stderr = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        stderr.contains("reload refused: connections[0].kind"),
+        "{stderr}"
+    );
+    assert_eq!(agent.signal("TERM").code(), Some(0));
+}

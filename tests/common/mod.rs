@@ -328,6 +328,16 @@ impl AgentProcess {
         AgentProcess(Some(child))
     }
 
+    /// Sends `sig` (e.g. "HUP") to the running process, which goes on.
+    pub fn signal_keep(&self, sig: &str) {
+        let c = self.0.as_ref().expect("running");
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{sig}"), c.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill -{sig}");
+    }
+
     /// Sends `sig` (e.g. "KILL", "TERM") and waits for the exit.
     pub fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
         let mut c = self.0.take().expect("running");
