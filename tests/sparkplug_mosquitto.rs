@@ -723,6 +723,15 @@ async fn backlog_device_life_and_the_will(protocol: &str) {
     host.until("an NBIRTH after the restart", |m| births(m) == 3)
         .await;
     agent.signal("TERM");
+    // The clean stop's NDEATH left before the process exited; it reaches
+    // this subscriber a moment later.
+    host.until("the clean stop's NDEATH", |m| {
+        m.iter()
+            .filter(|(t, _)| message_type(t) == "NDEATH")
+            .count()
+            == 2
+    })
+    .await;
 
     let decoded = tahu_decode(&host.messages());
     // No data of a dead device: between a DDEATH and the next DBIRTH.
