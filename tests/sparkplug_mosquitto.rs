@@ -915,3 +915,70 @@ async fn a_record_too_large_is_dead_lettered_and_announced() {
     assert_eq!((dead[0].first_seq, dead[0].count), (2, 1));
     agent.stop().await;
 }
+
+/// A DBIRTH too large for one message (60 tags under a 1 KiB
+/// `max_message_bytes`) is not sent (the broker would drop the session):
+/// counted in `/status`, logged and announced by a `system.error` event;
+/// the data still flows and the session stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto and node"]
+async fn a_birth_too_large_is_counted_and_announced() {
+    let s = setup().await;
+    let host = Host::connect(s.mosq.tls, &s.pki.ca_file).await;
+    let ns = s
+        .sim
+        .as_ref()
+        .expect("the simulator")
+        .namespace_uri()
+        .to_string();
+    let mut toml = sparkplug_toml(&s, "v5", "1s")
+        .replace("[mqtt]\n", "[mqtt]\nmax_message_bytes = \"1KiB\"\n");
+    for i in 0..60 {
+        toml.push_str(&format!(
+            "\n[[connections.tags]]\nname = \"A-RATHER-LONG-TAG-NAME-{i:03}\"\nnode = \"nsu={ns};s={}\"\n",
+            plantgate::sim::deltav::load_tag(i % 5)
+        ));
+    }
+    let agent = run_agent(&toml).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while agent
+        .board
+        .mqtt()
+        .sparkplug
+        .as_ref()
+        .map_or(0, |sp| sp.births_not_sent_total)
+        == 0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no BIRTH refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.until("the announcement and data", |m| {
+        let texts: Vec<String> = m
+            .iter()
+            .flat_map(|(_, p)| p.metrics.iter())
+            .filter_map(|x| match &x.value {
+                Some(plantgate::sparkplug::proto::MetricValue::String(v)) => Some(v.clone()),
+                _ => None,
+            })
+            .collect();
+        texts.iter().any(|t| t.contains("sparkplug_birth_not_sent"))
+            && m.iter().any(|(t, _)| message_type(t) == "DDATA")
+    })
+    .await;
+    let largest = host
+        .messages()
+        .iter()
+        .map(|(_, b)| b.len())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        largest <= 1024,
+        "a {largest}-byte payload under a 1 KiB cap"
+    );
+    assert_eq!(
+        agent.board.mqtt().reconnects_total,
+        1,
+        "the session stayed up"
+    );
+    agent.stop().await;
+}

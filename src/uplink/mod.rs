@@ -222,6 +222,18 @@ impl Uplink {
                 // repeat one.
                 let b = node.bd_seq().wrapping_add(1);
                 tracing::warn!(error = %e, bd_seq = b, "could not keep the Sparkplug bdSeq in the buffer");
+                let ev = crate::record::NewRecord::event(
+                    "",
+                    crate::record::EventType::SystemError,
+                    serde_json::json!({
+                        "error": "sparkplug_bd_seq_not_kept",
+                        "message": "the Sparkplug bdSeq could not be kept in the buffer; \
+                                    a restart before it works again may repeat one",
+                        "bd_seq": b,
+                        "reason": e.to_string(),
+                    }),
+                );
+                self.buffer.record_events(vec![ev]);
                 b
             }
         };

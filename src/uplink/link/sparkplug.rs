@@ -205,6 +205,18 @@ impl Link<'_> {
             self.up.board.sparkplug(|sp| sp.births_not_sent_total += 1);
             if let Some(repeats) = self.quiet.check(&topic) {
                 tracing::error!(%topic, %why, repeats, "Sparkplug certificate too large for one message; not sent (raise mqtt.max_message_bytes)");
+                let ev = NewRecord::event(
+                    "",
+                    EventType::SystemError,
+                    serde_json::json!({
+                        "error": "sparkplug_birth_not_sent",
+                        "message": "a Sparkplug certificate is too large for one message and was not sent; \
+                                    host applications cannot resolve its metrics (raise mqtt.max_message_bytes)",
+                        "topic": topic,
+                        "reason": why,
+                    }),
+                );
+                self.up.buffer.record_events(vec![ev]);
             }
             return Ok(());
         }
