@@ -1,7 +1,7 @@
 //! The intake-loss announcer (docs/guarantees.md): turns the drops counted on the
 //! status board into throttled `source.dropped` events.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,12 +19,7 @@ const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 /// the last one, with the count and a sample of tag names. Events are
 /// appended straight to the buffer (not through the sources' queue); when
 /// the buffer refuses them, the counts wait for the next round.
-pub async fn run(
-    board: Arc<StatusBoard>,
-    buffer: BufferHandle,
-    wants: Arc<HashMap<String, bool>>,
-    cancel: CancellationToken,
-) {
+pub async fn run(board: Arc<StatusBoard>, buffer: BufferHandle, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -35,12 +30,20 @@ pub async fn run(
         board.beat("announcer");
         let reports = board.take_drop_reports();
         if !reports.is_empty() {
+            // Connections whose `events` leave `source.dropped` out (a
+            // reload may change them).
+            let quiet: HashSet<String> = board
+                .connections()
+                .into_iter()
+                .filter(|(_, c)| !c.announces_drops)
+                .map(|(id, _)| id)
+                .collect();
             let mut events = Vec::new();
             for r in &reports {
                 tracing::warn!(connection = %r.connection, reason = r.reason.as_str(), count = r.count, samples = ?r.samples, "values lost at the intake");
                 // A connection's `events` list filters events about it;
                 // the agent's own records always announce.
-                if r.connection.is_empty() || wants.get(&r.connection).copied().unwrap_or(true) {
+                if r.connection.is_empty() || !quiet.contains(&r.connection) {
                     events.push(NewRecord::event(
                         &r.connection,
                         EventType::SourceDropped,

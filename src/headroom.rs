@@ -66,14 +66,8 @@ impl Alarm {
 
 /// Checks the headroom every [`CHECK_EVERY`] until `cancel`; a due warning
 /// is logged and written as a `system.error` of the agent.
-pub async fn watch(
-    board: Arc<StatusBoard>,
-    buffer: BufferHandle,
-    max_bytes: u64,
-    threshold: Duration,
-    cancel: CancellationToken,
-) {
-    let mut alarm = Alarm::new(threshold);
+pub async fn watch(board: Arc<StatusBoard>, buffer: BufferHandle, cancel: CancellationToken) {
+    let mut alarm = Alarm::new(board.buffer_budget().headroom_warning);
     let mut tick = tokio::time::interval(CHECK_EVERY);
     loop {
         tokio::select! {
@@ -87,6 +81,10 @@ pub async fn watch(
                 continue;
             }
         };
+        // A reload may have changed the limits.
+        let budget = board.buffer_budget();
+        let (max_bytes, threshold) = (budget.max_bytes, budget.headroom_warning);
+        alarm.threshold = threshold;
         let rate = board.intake_rate();
         let headroom = headroom_seconds(max_bytes, stats.bytes, rate);
         if !alarm.check(headroom, Instant::now()) {

@@ -50,10 +50,6 @@ pub struct HealthState {
     pub started: Instant,
     pub board: Arc<StatusBoard>,
     pub buffer: BufferHandle,
-    /// (id, kind) of every configured connection, in config order.
-    pub connections: Vec<(String, String)>,
-    /// `buffer.max_size`, for the headroom estimate.
-    pub buffer_max_bytes: u64,
 }
 
 /// Binds `addr` now (so a bad address is a clear start-up error) and serves
@@ -213,27 +209,27 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
             "retained_from": ts_or_null(st.retained_from_ms),
             "retained_released_total": st.retained_released_total,
             "bytes_per_record": bytes_per_record(&st, rate),
-            "headroom_s": headroom_seconds(state.buffer_max_bytes, st.bytes, rate).map(|s| s.round() as u64),
+            "headroom_s": headroom_seconds(state.board.buffer_budget().max_bytes, st.bytes, rate).map(|s| s.round() as u64),
         }),
         Err(e) => json!({"error": e}),
     };
-    let board = state.board.connections();
+    // The connections in force: a reload adds and removes them.
     let connections: Vec<Value> = state
-        .connections
-        .iter()
-        .map(|(id, kind)| {
-            let st = board.iter().find(|(c, _)| c == id).map(|(_, s)| s);
+        .board
+        .current_connections()
+        .into_iter()
+        .map(|(id, st)| {
             json!({
                 "id": id,
-                "kind": kind,
-                "state": st.map(|s| s.state.as_str()).unwrap_or("connecting"),
-                "since": ts_or_null(st.map(|s| s.since_ms)),
-                "reason": st.map(|s| s.reason.as_str()).unwrap_or(""),
-                "records_total": st.map(|s| s.records_total).unwrap_or(0),
-                "dropped_total": st.map(|s| s.dropped_total()).unwrap_or(0),
-                "dropped": st.map(|s| json!(s.dropped)).unwrap_or_else(|| json!({})),
-                "last_value_ts": ts_or_null(st.and_then(|s| s.last_value_ts_ms)),
-                "subscriptions": st.and_then(|s| s.subscriptions),
+                "kind": st.kind,
+                "state": st.state.as_str(),
+                "since": ts_or_null(Some(st.since_ms)),
+                "reason": st.reason,
+                "records_total": st.records_total,
+                "dropped_total": st.dropped_total(),
+                "dropped": st.dropped,
+                "last_value_ts": ts_or_null(st.last_value_ts_ms),
+                "subscriptions": st.subscriptions,
             })
         })
         .collect();
@@ -417,7 +413,7 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
     );
     register_mqtt(&mut r, &state.board.mqtt());
     register_config(&mut r, &state.board.config());
-    let board = state.board.connections();
+    let board = state.board.current_connections();
     register_intake(&mut r, &state.board, &board);
     register_process(&mut r, &state.board);
     r.register(
@@ -440,7 +436,7 @@ async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
         register_headroom(
             &mut r,
             &st,
-            state.buffer_max_bytes,
+            state.board.buffer_budget().max_bytes,
             state.board.intake_rate(),
         );
     }

@@ -25,6 +25,7 @@ pub mod profile;
 pub mod rate;
 pub mod record;
 pub mod reload;
+pub mod reload_report;
 pub mod replay;
 pub mod replay_client;
 pub mod secret;

@@ -94,6 +94,20 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Ask the running agent to reload its configuration (the unit's
+    /// ExecReload) and wait for the outcome: exit 0 when applied, 1 when
+    /// refused (the reasons printed), 78 when the file is invalid.
+    Reload {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The agent's process id (systemd: $MAINPID); default: the one
+        /// that writes the report in agent.data_dir.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Seconds to wait for the outcome.
+        #[arg(long, default_value_t = 90)]
+        timeout: u64,
+    },
     /// Ask the running agent, through the broker, to send a seq range of a
     /// stream again (as a consumer would; prints the agent's result).
     Replay {
@@ -297,10 +311,6 @@ fn cancel_on_signals(cancel: CancellationToken, hangup_ignored: bool) {
     });
 }
 
-/// SIGHUP's default action ends the process at once: no clean stop, the
-/// broker publishes the Last Will, and systemd counts it as a clean exit
-/// and does not restart it. The configuration is read only at start
-/// (docs/deployment.md), so a hang-up is logged and otherwise ignored.
 /// `systemctl reload plantgate` and SIGHUP: read the configuration file
 /// and environment again, validate them as at start, and hand the result
 /// to the agent, which applies it or refuses it (docs/cli.md).
@@ -326,9 +336,7 @@ fn reload_on_hangup(
                     l.config
                 })
                 .map_err(|e| e.problems.iter().map(ToString::to_string).collect());
-            // TODO(issue 17): tell whether the files behind the MQTT TLS
-            // settings changed since they were read.
-            let outcome = agent.reload(loaded, false).await;
+            let outcome = agent.reload(loaded).await;
             if outcome.applied {
                 tracing::info!(summary = %outcome.summary, "reload applied");
             }
@@ -337,6 +345,9 @@ fn reload_on_hangup(
     });
 }
 
+/// SIGHUP's default action ends the process at once: no clean stop, the
+/// broker publishes the Last Will. Outside `run` (demo, simulators) there
+/// is nothing to reload, so a hang-up is logged and otherwise ignored.
 fn ignore_hangup() {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
@@ -347,7 +358,7 @@ fn ignore_hangup() {
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::warn!("SIGHUP ignored: the configuration is read at start only; restart the service to apply changes");
+            tracing::warn!("SIGHUP ignored: only `plantgate run` reloads its configuration");
         }
     });
 }
@@ -408,6 +419,42 @@ async fn run_agent(config: config::Config, path: PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `plantgate reload`: signals the agent and reports what it did with
+/// the file (docs/cli.md). An invalid file is refused here with the same
+/// errors as `check` (secrets aside); the agent, still signalled when its pid is known,
+/// refuses it too and says so in its log, event and `/status`.
+async fn request_reload(path: PathBuf, pid: Option<u32>, timeout: u64) -> ExitCode {
+    // Only agent.data_dir is needed here; the agent resolves the secrets
+    // (it has $CREDENTIALS_DIRECTORY) and reports any problem with them.
+    let config = match load_config_without_secrets(&path) {
+        Ok(c) => c,
+        Err(code) => {
+            if let Some(pid) = pid {
+                let _ = plantgate::reload_report::hang_up(pid);
+            }
+            return code;
+        }
+    };
+    let waited = std::time::Duration::from_secs(timeout);
+    match plantgate::reload_report::request(&config.agent.data_dir, pid, waited).await {
+        Ok(last) if last.applied => {
+            println!("reload applied: {}", last.summary);
+            ExitCode::SUCCESS
+        }
+        Ok(last) => {
+            eprintln!("plantgate: reload refused; the configuration in force stays:");
+            for e in &last.errors {
+                eprintln!("  {e}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("plantgate: reload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `plantgate demo`: fails when the consumer saw a gap in any stream.
 async fn run_demo(duration: Option<u64>, outage: Option<u64>, format: &str) -> ExitCode {
     let cancel = CancellationToken::new();
@@ -449,6 +496,11 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(code) => code,
             }
         }
+        Command::Reload {
+            config,
+            pid,
+            timeout,
+        } => request_reload(config_path(config), pid, timeout).await,
         Command::Demo {
             duration,
             outage,

@@ -49,6 +49,19 @@ pub struct ConnStatus {
     /// agent asked for and how many the server allowed (fewer means fewer
     /// publish requests in flight, docs/performance.md).
     pub subscriptions: Option<Subscriptions>,
+    /// The connection's kind (`deltav`, `optomes`, `generic`; empty when
+    /// not registered by the agent).
+    pub kind: &'static str,
+    /// Whether it announces intake loss (`source.dropped` in its `events`).
+    #[serde(skip)]
+    pub announces_drops: bool,
+    /// Removed by a reload: its `offline` status (reason `removed`) is
+    /// still published; it is left out of `/status` and the heartbeat.
+    #[serde(skip)]
+    pub removed: bool,
+    /// Registration order: configuration order at start, then reloads.
+    #[serde(skip)]
+    order: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -67,6 +80,10 @@ impl ConnStatus {
             last_value_ts_ms: None,
             dropped: BTreeMap::new(),
             subscriptions: None,
+            kind: "",
+            announces_drops: true,
+            removed: false,
+            order: 0,
         }
     }
 
@@ -227,6 +244,10 @@ impl Histogram {
 
 struct Inner {
     connections: BTreeMap<String, ConnStatus>,
+    /// The next connection's registration order.
+    next_order: u64,
+    /// The buffer limits in force that the health views use.
+    buffer_budget: BufferBudget,
     mqtt: MqttStatus,
     /// Last sign of life of each long-lived loop, for /healthz and the watchdog.
     beats: BTreeMap<&'static str, std::time::Instant>,
@@ -247,6 +268,23 @@ struct Inner {
     intake_rate: IntakeRate,
     /// The configuration in force and the last reload (docs/health.md).
     config: ConfigStatus,
+}
+
+/// `buffer.max_size` and `buffer.headroom_warning` in force (a reload may
+/// change them): what the headroom estimate and its warning use.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BufferBudget {
+    pub max_bytes: u64,
+    pub headroom_warning: std::time::Duration,
+}
+
+impl Default for BufferBudget {
+    fn default() -> Self {
+        BufferBudget {
+            max_bytes: u64::MAX,
+            headroom_warning: std::time::Duration::ZERO,
+        }
+    }
 }
 
 /// Which configuration is in force: generation 1 at start, one more per
@@ -285,6 +323,8 @@ impl Default for Inner {
     fn default() -> Self {
         Inner {
             connections: BTreeMap::new(),
+            next_order: 0,
+            buffer_budget: BufferBudget::default(),
             mqtt: MqttStatus::default(),
             beats: BTreeMap::new(),
             unannounced: BTreeMap::new(),
@@ -337,13 +377,69 @@ impl StatusBoard {
         self.changed.subscribe()
     }
 
-    /// Registers a connection in state `connecting` (before its task starts).
+    /// Registers a connection in state `connecting` (before its task
+    /// starts), unless [`StatusBoard::add_connection`] did.
     pub fn register_connection(&self, id: &str) {
-        self.write()
-            .connections
-            .entry(id.to_string())
-            .or_insert_with(|| ConnStatus::new("starting"));
+        let mut inner = self.write();
+        let order = inner.next_order;
+        let mut added = false;
+        inner.connections.entry(id.to_string()).or_insert_with(|| {
+            added = true;
+            ConnStatus {
+                order,
+                ..ConnStatus::new("starting")
+            }
+        });
+        if added {
+            inner.next_order += 1;
+        }
+        drop(inner);
         self.bump();
+    }
+
+    /// Adds a configured connection (at start, in configuration order, or
+    /// by a reload). One restarted by a reload keeps its counters; one a
+    /// reload removed before starts afresh.
+    pub fn add_connection(&self, id: &str, kind: &'static str, announces_drops: bool) {
+        let mut inner = self.write();
+        match inner.connections.get_mut(id) {
+            Some(c) if !c.removed => {
+                c.kind = kind;
+                c.announces_drops = announces_drops;
+            }
+            _ => {
+                let order = inner.next_order;
+                inner.next_order += 1;
+                inner.connections.insert(
+                    id.to_string(),
+                    ConnStatus {
+                        kind,
+                        announces_drops,
+                        order,
+                        ..ConnStatus::new("starting")
+                    },
+                );
+            }
+        }
+        drop(inner);
+        self.bump();
+    }
+
+    /// A connection a reload removed (its task stopped, its state set).
+    pub fn remove_connection(&self, id: &str) {
+        if let Some(c) = self.write().connections.get_mut(id) {
+            c.removed = true;
+        }
+        self.bump();
+    }
+
+    /// The buffer limits in force (at start and after each reload).
+    pub fn set_buffer_budget(&self, budget: BufferBudget) {
+        self.write().buffer_budget = budget;
+    }
+
+    pub fn buffer_budget(&self) -> BufferBudget {
+        self.read().buffer_budget
     }
 
     /// Sets a connection's state; returns the previous state when it changed.
@@ -522,12 +618,25 @@ impl StatusBoard {
         }
     }
 
+    /// Every connection registered, removed ones included, in
+    /// registration order.
     pub fn connections(&self) -> Vec<(String, ConnStatus)> {
-        self.read()
+        let mut all: Vec<(String, ConnStatus)> = self
+            .read()
             .connections
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+            .collect();
+        all.sort_by_key(|(_, c)| c.order);
+        all
+    }
+
+    /// The connections in force (removed ones left out), in registration
+    /// order.
+    pub fn current_connections(&self) -> Vec<(String, ConnStatus)> {
+        let mut all = self.connections();
+        all.retain(|(_, c)| !c.removed);
+        all
     }
 
     pub fn set_mqtt(&self, connected: bool, reason: &str) {

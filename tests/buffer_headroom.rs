@@ -55,7 +55,7 @@ async fn a_buffer_too_small_for_an_hour_of_outage_is_announced() {
         "{details}"
     );
 
-    let (_, body) = http_get(agent.health_addr, "/status").await;
+    let (_, body) = http_get(agent.health_addr(), "/status").await;
     let st: serde_json::Value = serde_json::from_str(&body).expect("status json");
     assert!(
         st["buffer"]["headroom_s"].as_u64().is_some_and(|h| h < 600),

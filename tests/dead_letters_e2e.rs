@@ -80,12 +80,12 @@ async fn a_refusing_broker_never_makes_the_buffer_drop_new_records() {
 
     // From here on the intake keeps being accepted: over the next seconds
     // the connection's accepted records grow by about the offered rate.
-    let (_, body) = http_get(agent.health_addr, "/status").await;
+    let (_, body) = http_get(agent.health_addr(), "/status").await;
     let before: Value = serde_json::from_str(&body).expect("json");
     let started = tokio::time::Instant::now();
     let deadline = started + PATIENCE;
     let after = loop {
-        let (_, body) = http_get(agent.health_addr, "/status").await;
+        let (_, body) = http_get(agent.health_addr(), "/status").await;
         let st: Value = serde_json::from_str(&body).expect("json");
         // Ten seconds' worth of the offered rate.
         if accepted_tags(&st) >= accepted_tags(&before) + (LOAD_TAGS as u64) * 2 * 10 {
@@ -126,12 +126,12 @@ async fn a_refusing_broker_never_makes_the_buffer_drop_new_records() {
     );
 
     // Not ready, and it says why.
-    let (code, body) = http_get(agent.health_addr, "/readyz").await;
+    let (code, body) = http_get(agent.health_addr(), "/readyz").await;
     assert_eq!(code, 503, "{body}");
     let why: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(why["reason"], "dead_letters", "{why}");
     // Alive all the same: nothing died.
-    let (code, body) = http_get(agent.health_addr, "/healthz").await;
+    let (code, body) = http_get(agent.health_addr(), "/healthz").await;
     assert_eq!(code, 200, "{body}");
     agent.stop().await;
     drop(sim);

@@ -84,7 +84,7 @@ async fn a_locked_buffer_holds_records_back_and_loses_none() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(LOCK_SECS);
     let mut saw_not_ready = None;
     while tokio::time::Instant::now() < deadline {
-        let (code, body) = http_get(agent.health_addr, "/readyz").await;
+        let (code, body) = http_get(agent.health_addr(), "/readyz").await;
         if code == 503 && body.contains("buffer not accepting records") {
             saw_not_ready = Some(body);
             break;
@@ -93,7 +93,7 @@ async fn a_locked_buffer_holds_records_back_and_loses_none() {
     }
     let why = saw_not_ready.expect("/readyz reports the refusing buffer while it is locked");
     assert!(why.contains("locked"), "{why}");
-    let (code, body) = http_get(agent.health_addr, "/healthz").await;
+    let (code, body) = http_get(agent.health_addr(), "/healthz").await;
     assert_eq!(code, 200, "a lock is no dead task: {body}");
     let status = lock.wait().await.expect("lock holder ends");
     assert!(status.success());
@@ -108,7 +108,7 @@ async fn a_locked_buffer_holds_records_back_and_loses_none() {
     .await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let (code, _) = http_get(agent.health_addr, "/readyz").await;
+        let (code, _) = http_get(agent.health_addr(), "/readyz").await;
         if code == 200 {
             break;
         }
@@ -126,7 +126,7 @@ async fn a_locked_buffer_holds_records_back_and_loses_none() {
     // sources waited, the agent dropped nothing. (What the server itself
     // discarded, `opcua_queue_overflow`, is counted too, but is the server's
     // timing on a busy test machine, not the lock.)
-    let (_, body) = http_get(agent.health_addr, "/status").await;
+    let (_, body) = http_get(agent.health_addr(), "/status").await;
     let st = status_json(&body);
     let sim1 = &st["connections"][0];
     assert_eq!(sim1["id"], "sim1");
@@ -283,9 +283,9 @@ async fn absurd_subscription_revisions_do_not_kill_the_connection() {
     // absurd figures: the connection task is alive and subscribed.
     seen.until("30 Counter values", |s| s.tag_values("Counter").len() >= 30)
         .await;
-    let (code, body) = http_get(agent.health_addr, "/healthz").await;
+    let (code, body) = http_get(agent.health_addr(), "/healthz").await;
     assert_eq!(code, 200, "{body}");
-    let (_, body) = http_get(agent.health_addr, "/status").await;
+    let (_, body) = http_get(agent.health_addr(), "/status").await;
     let st = status_json(&body);
     assert_eq!(st["connections"][0]["state"], "online", "{st}");
     assert_eq!(st["tasks"]["dead"], serde_json::json!([]), "{st}");

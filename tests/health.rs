@@ -60,7 +60,7 @@ async fn health_endpoint_tracks_the_broker() {
     );
     let mut seen = watch(plant.broker.v4_addr, &plant.broker.pki.ca_file).await;
     let agent = run_agent(&toml).await;
-    let addr = agent.health_addr;
+    let addr = agent.health_addr();
     assert!(addr.ip().is_loopback());
 
     wait_http(addr, "/readyz", 200).await;

@@ -310,7 +310,7 @@ async fn over_the_limit_the_oldest_goes_and_idle_ones_time_out_counted() {
         &[("FLOW", "FIC-101/PV.CV")],
     );
     let agent = run_agent(&toml).await;
-    let addr = agent.health_addr;
+    let addr = agent.health_addr();
     let limits = HealthLimits::default();
     let max = limits.max_connections;
     // Counters are process-wide; this is the only health server in this

@@ -282,7 +282,7 @@ async fn a_lost_range_comes_back_exactly(protocol: &str) {
         "replays are not live duplicates"
     );
 
-    let (code, metrics) = http_get(agent.health_addr, "/metrics").await;
+    let (code, metrics) = http_get(agent.health_addr(), "/metrics").await;
     assert_eq!(code, 200);
     assert!(
         metrics.contains("plantgate_replay_requests_total{outcome=\"done\"} 1"),
@@ -390,7 +390,7 @@ async fn every_bad_request_gets_its_error_and_changes_nothing() {
         })
     })
     .await;
-    let (_, metrics) = http_get(agent.health_addr, "/metrics").await;
+    let (_, metrics) = http_get(agent.health_addr(), "/metrics").await;
     assert!(
         metrics.contains("plantgate_replay_requests_total{outcome=\"refused\"} 6"),
         "{metrics}"

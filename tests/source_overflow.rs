@@ -88,7 +88,7 @@ async fn server_queue_overflow_is_counted_announced_and_values_still_flow() {
 
     // Counted per connection and reason in /status (read first: the
     // counters only grow, so /metrics read after it shows at least as much).
-    let (code, body) = http_get(agent.health_addr, "/status").await;
+    let (code, body) = http_get(agent.health_addr(), "/status").await;
     assert_eq!(code, 200, "{body}");
     let st: Value = serde_json::from_str(&body).expect("status is JSON");
     let sim1 = st["connections"]
@@ -112,7 +112,7 @@ async fn server_queue_overflow_is_counted_announced_and_values_still_flow() {
         "{sim1}"
     );
 
-    let (code, metrics) = http_get(agent.health_addr, "/metrics").await;
+    let (code, metrics) = http_get(agent.health_addr(), "/metrics").await;
     assert_eq!(code, 200, "{metrics}");
     let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string())))
         .expect("valid exposition format");

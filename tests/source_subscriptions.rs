@@ -74,7 +74,7 @@ async fn every_tag_twice(
     }
     assert_eq!(seen.tracker.gaps, 0, "gaps: {:?}", seen.tracker.gap_details);
     assert_eq!(seen.tracker.duplicates, 0);
-    let (_, body) = http_get(agent.health_addr, "/status").await;
+    let (_, body) = http_get(agent.health_addr(), "/status").await;
     let st: serde_json::Value = serde_json::from_str(&body).expect("status json");
     assert_eq!(st["connections"][0]["state"], "online", "{st}");
     assert_eq!(
@@ -88,7 +88,7 @@ async fn every_tag_twice(
         serde_json::json!({"wanted": wanted, "created": created}),
         "{st}"
     );
-    let (_, metrics) = http_get(agent.health_addr, "/metrics").await;
+    let (_, metrics) = http_get(agent.health_addr(), "/metrics").await;
     for line in [
         format!("plantgate_opcua_subscriptions{{connection=\"sim1\"}} {created}"),
         format!("plantgate_opcua_subscriptions_wanted{{connection=\"sim1\"}} {wanted}"),

@@ -7,7 +7,6 @@
 //! buffer then commits everything they handed over (nothing accepted is
 //! dropped), and only then does the uplink publish `offline` and close.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,8 +52,8 @@ const UPLINK_STOP: Duration = Duration::from_secs(5);
 pub struct Agent {
     pub board: Arc<StatusBoard>,
     pub buffer: BufferHandle,
-    /// Where the health endpoint listens (the bound port if 0 was configured).
-    pub health_addr: std::net::SocketAddr,
+    /// Where the health endpoint listens (a reload may move it).
+    health_addr: tokio::sync::watch::Receiver<std::net::SocketAddr>,
     reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
 }
 
@@ -63,25 +62,22 @@ struct ReloadRequest {
     /// The new configuration, or why it could not be loaded (one line per
     /// problem, key path first).
     config: Result<Config, Vec<String>>,
-    tls_files_changed: bool,
     reply: tokio::sync::oneshot::Sender<ReloadOutcome>,
 }
 
 impl Agent {
+    /// Where the health endpoint listens now (the bound port if 0 was
+    /// configured).
+    pub fn health_addr(&self) -> std::net::SocketAddr {
+        *self.health_addr.borrow()
+    }
+
     /// Applies `config` (loaded and validated as at start) to the running
     /// agent, or refuses it and keeps the one in force (SPEC 2, reload).
     /// The outcome is also on the status board (`/status` `config`).
-    pub async fn reload(
-        &self,
-        config: Result<Config, Vec<String>>,
-        tls_files_changed: bool,
-    ) -> ReloadOutcome {
+    pub async fn reload(&self, config: Result<Config, Vec<String>>) -> ReloadOutcome {
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        let request = ReloadRequest {
-            config,
-            tls_files_changed,
-            reply,
-        };
+        let request = ReloadRequest { config, reply };
         let stopped = || ReloadOutcome {
             ts_ms: crate::record::now_ms(),
             applied: false,
@@ -107,41 +103,47 @@ pub async fn start(
         path: data_dir.clone(),
         source,
     })?;
+    let tls_files = crate::uplink::tls::files_fingerprint(&config.mqtt);
     let tls = mqtt_tls(&config)?;
     let board = StatusBoard::new();
+    board.set_buffer_budget(buffer_budget(&config));
     let (buffer, buffer_thread) = open_buffer(&config, &board)?;
-    let health = match start_health(&config, &board, &buffer).await {
+    let health = match start_health(&config, &board, &buffer, std::time::Instant::now()).await {
         Ok(health) => health,
         Err(e) => {
             buffer.close().await;
             return Err(e.into());
         }
     };
-    let health_addr = health.addr;
+    let (health_moved, health_addr) = tokio::sync::watch::channel(health.addr);
     let sources = start_sources(&config, &buffer, &board).await;
-    let background = Background::start(&config, tls, &buffer, &board, sources.wants_dropped);
+    let background = Background::start(&config, tls, &buffer, &board);
     let mut running = Running {
         config,
+        tls_files,
         pki_dir: sources.pki_dir,
         sources_cancel: sources.cancel,
         connections: sources.tasks,
         background,
         health,
+        health_moved,
         board: board.clone(),
         buffer: buffer.clone(),
         buffer_thread,
     };
     let (reloads, mut requests) = tokio::sync::mpsc::channel::<ReloadRequest>(1);
+    running.report_reload();
     let join = tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Some(r) = requests.recv() => {
                     let outcome = match r.config {
-                        Ok(config) => running.reload(config, r.tls_files_changed).await,
+                        Ok(config) => running.reload(config).await,
                         Err(problems) => running.refused(problems),
                     };
                     running.board.reloaded(outcome.clone());
+                    running.report_reload();
                     let _ = r.reply.send(outcome);
                 }
             }
@@ -187,28 +189,26 @@ fn open_buffer(
 /// The health endpoint, listening and supervised.
 struct Health {
     addr: std::net::SocketAddr,
+    started: std::time::Instant,
     task: tokio::task::JoinHandle<()>,
     cancel: CancellationToken,
 }
 
+/// The health endpoint on `health.listen`; `started` is the agent's start
+/// (the uptime it reports, kept when a reload moves it).
 async fn start_health(
     config: &Config,
     board: &Arc<StatusBoard>,
     buffer: &BufferHandle,
+    started: std::time::Instant,
 ) -> Result<Health, crate::health::BindError> {
     let cancel = CancellationToken::new();
     let state = Arc::new(crate::health::HealthState {
         agent_id: config.agent.id.clone(),
         version: crate::VERSION,
-        started: std::time::Instant::now(),
+        started,
         board: board.clone(),
         buffer: buffer.clone(),
-        connections: config
-            .connections
-            .iter()
-            .map(|c| (c.id.clone(), c.kind().as_str().to_string()))
-            .collect(),
-        buffer_max_bytes: config.buffer.max_size,
     });
     let (addr, first) =
         crate::health::serve(config.health.listen, state.clone(), cancel.clone()).await?;
@@ -221,12 +221,19 @@ async fn start_health(
         buffer.clone(),
         cancel.clone(),
     );
-    Ok(Health { addr, task, cancel })
+    Ok(Health {
+        addr,
+        task,
+        cancel,
+        started,
+    })
 }
 
 /// One plant connection's task, stopped alone on a reload.
 struct ConnTask {
-    config: ConnectionConfig,
+    /// Its configuration in force; a new tag list sent here changes the
+    /// running subscription (a restart by the supervisor takes it too).
+    config: tokio::sync::watch::Sender<ConnectionConfig>,
     reporter: ConnectionReporter,
     cancel: CancellationToken,
     join: tokio::task::JoinHandle<()>,
@@ -237,8 +244,6 @@ struct Sources {
     tasks: std::collections::BTreeMap<String, ConnTask>,
     cancel: CancellationToken,
     pki_dir: PathBuf,
-    /// Per connection, whether it announces intake loss (`source.dropped`).
-    wants_dropped: HashMap<String, bool>,
 }
 
 async fn start_sources(
@@ -252,20 +257,14 @@ async fn start_sources(
     }
     let cancel = CancellationToken::new();
     let mut tasks = std::collections::BTreeMap::new();
-    let mut wants_dropped = HashMap::new();
     for conn in &config.connections {
         let task = start_connection(conn, &pki_dir, buffer, board, &cancel);
-        wants_dropped.insert(
-            conn.id.clone(),
-            task.reporter.wants_event(EventType::SourceDropped),
-        );
         tasks.insert(conn.id.clone(), task);
     }
     Sources {
         tasks,
         cancel,
         pki_dir,
-        wants_dropped,
     }
 }
 
@@ -284,9 +283,17 @@ fn start_connection(
         buffer.outlet(),
         conn.events.clone(),
     );
+    // On the board, the connection lists of `/status`, the heartbeat and
+    // the intake-loss announcer follow reloads.
+    board.add_connection(
+        &conn.id,
+        conn.kind().as_str(),
+        reporter.wants_event(EventType::SourceDropped),
+    );
     let cancel = sources.child_token();
+    let (config, updates) = tokio::sync::watch::channel(conn.clone());
     let join = tokio::spawn(supervise_connection(
-        conn.clone(),
+        updates,
         pki_dir.to_path_buf(),
         reporter.clone(),
         buffer.clone(),
@@ -294,7 +301,7 @@ fn start_connection(
         cancel.clone(),
     ));
     ConnTask {
-        config: conn.clone(),
+        config,
         reporter,
         cancel,
         join,
@@ -327,6 +334,8 @@ struct Background {
     /// replaces the uplink alone.
     uplink_cancel: CancellationToken,
     uplink: tokio::task::JoinHandle<()>,
+    /// The running uplink, told when a reload replaces it.
+    uplink_now: Arc<Uplink>,
     /// Stopped before the uplink, so their last events still go out.
     others: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -337,11 +346,10 @@ impl Background {
         tls: Option<Arc<rustls::ClientConfig>>,
         buffer: &BufferHandle,
         board: &Arc<StatusBoard>,
-        wants_dropped: HashMap<String, bool>,
     ) -> Background {
         let cancel = CancellationToken::new();
         let uplink_cancel = cancel.child_token();
-        let uplink = spawn_uplink(config, tls, buffer, board, &uplink_cancel);
+        let (uplink, uplink_now) = spawn_uplink(config, tls, buffer, board, &uplink_cancel);
         let (b, c) = (buffer.clone(), cancel.clone());
         let expiry = spawn_agent_task("expiry", board, buffer, cancel.clone(), move || {
             expire_old_records(b.clone(), c.clone())
@@ -351,19 +359,18 @@ impl Background {
             crate::heap::release_periodically(c.clone())
         });
         let (b, board2, c) = (buffer.clone(), board.clone(), cancel.clone());
-        let wants = Arc::new(wants_dropped);
         let announcer = spawn_agent_task("announcer", board, buffer, cancel.clone(), move || {
-            crate::announce::run(board2.clone(), b.clone(), wants.clone(), c.clone())
+            crate::announce::run(board2.clone(), b.clone(), c.clone())
         });
         let (b, board2, c) = (buffer.clone(), board.clone(), cancel.clone());
-        let (max_bytes, threshold) = (config.buffer.max_size, config.buffer.headroom_warning);
         let headroom = spawn_agent_task("headroom", board, buffer, cancel.clone(), move || {
-            crate::headroom::watch(board2.clone(), b.clone(), max_bytes, threshold, c.clone())
+            crate::headroom::watch(board2.clone(), b.clone(), c.clone())
         });
         Background {
             cancel,
             uplink_cancel,
             uplink,
+            uplink_now,
             others: vec![expiry, heap, announcer, headroom],
         }
     }
@@ -377,7 +384,7 @@ fn spawn_uplink(
     buffer: &BufferHandle,
     board: &Arc<StatusBoard>,
     cancel: &CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+) -> (tokio::task::JoinHandle<()>, Arc<Uplink>) {
     let uplink = Arc::new(Uplink::new(
         UplinkSettings {
             mqtt: config.mqtt.clone(),
@@ -386,17 +393,25 @@ fn spawn_uplink(
             version: crate::VERSION.to_string(),
             boot_id: uuid::Uuid::new_v4().to_string(),
             tls,
-            connections: config.connections.iter().map(|c| c.id.clone()).collect(),
             devices: sparkplug_devices(&config.connections),
         },
         buffer.clone(),
         board.clone(),
     ));
-    let c = cancel.clone();
-    spawn_agent_task("uplink", board, buffer, cancel.clone(), move || {
+    let (c, now) = (cancel.clone(), uplink.clone());
+    let task = spawn_agent_task("uplink", board, buffer, cancel.clone(), move || {
         let (uplink, cancel) = (uplink.clone(), c.clone());
         async move { uplink.run(cancel).await }
-    })
+    });
+    (task, now)
+}
+
+/// The buffer limits the health views and the headroom warning use.
+fn buffer_budget(config: &Config) -> crate::status::BufferBudget {
+    crate::status::BufferBudget {
+        max_bytes: config.buffer.max_size,
+        headroom_warning: config.buffer.headroom_warning,
+    }
 }
 
 /// The uplink's TLS settings from `[mqtt]` (None for plaintext).
@@ -441,17 +456,31 @@ where
 struct Running {
     /// The configuration in force.
     config: Config,
+    /// What the files behind `[mqtt]`'s TLS settings held when last read
+    /// ([`crate::uplink::tls::files_fingerprint`]).
+    tls_files: u64,
     pki_dir: PathBuf,
     sources_cancel: CancellationToken,
     connections: std::collections::BTreeMap<String, ConnTask>,
     background: Background,
     health: Health,
+    /// Tells the embedder where the health endpoint moved.
+    health_moved: tokio::sync::watch::Sender<std::net::SocketAddr>,
     board: Arc<StatusBoard>,
     buffer: BufferHandle,
     buffer_thread: std::thread::JoinHandle<()>,
 }
 
 impl Running {
+    /// Writes where `plantgate reload` reads it (the unit's `ExecReload=`)
+    /// which configuration is in force and how the last reload went.
+    fn report_reload(&self) {
+        let report = crate::reload_report::Report::new(std::process::id(), &self.board.config());
+        if let Err(e) = crate::reload_report::write(&self.config.agent.data_dir, &report) {
+            tracing::warn!(error = %e, "cannot write the reload report; `plantgate reload` will not see the outcome");
+        }
+    }
+
     /// Sources first, then the buffer commits what they handed over, then
     /// the uplink publishes `offline` and closes, then the buffer closes.
     async fn stop(self) {
@@ -486,14 +515,14 @@ impl Running {
 /// and starts it again; the profile continues from its last committed
 /// snapshot each time.
 async fn supervise_connection(
-    conn: ConnectionConfig,
+    config: crate::source::ConfigUpdates,
     pki_dir: PathBuf,
     reporter: ConnectionReporter,
     buffer: BufferHandle,
     board: Arc<StatusBoard>,
     cancel: CancellationToken,
 ) {
-    let name = format!("connection {}", conn.id);
+    let name = format!("connection {}", config.borrow().id);
     let stop = cancel.clone();
     let on_death = {
         let reporter = reporter.clone();
@@ -512,8 +541,8 @@ async fn supervise_connection(
         }
     };
     let start = move || {
-        let (conn, pki_dir, reporter, buffer, cancel) = (
-            conn.clone(),
+        let (config, pki_dir, reporter, buffer, cancel) = (
+            config.clone(),
             pki_dir.clone(),
             reporter.clone(),
             buffer.clone(),
@@ -522,14 +551,15 @@ async fn supervise_connection(
         async move {
             // The profile continues from what was committed with its last
             // records; an unreadable state only risks a repeated event.
-            let saved = match buffer.profile_state(&conn.id).await {
+            let id = config.borrow().id.clone();
+            let saved = match buffer.profile_state(&id).await {
                 Ok(saved) => saved,
                 Err(e) => {
-                    tracing::error!(connection = %conn.id, error = %e, "reading the saved profile state failed; starting fresh");
+                    tracing::error!(connection = %id, error = %e, "reading the saved profile state failed; starting fresh");
                     None
                 }
             };
-            crate::source::run_connection(conn, pki_dir, reporter, saved, cancel).await
+            crate::source::run_connection(config, pki_dir, reporter, saved, cancel).await
         }
     };
     supervise(name, board, stop, start, on_death).await

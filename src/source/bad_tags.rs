@@ -63,6 +63,15 @@ impl BadTagReports {
     }
 }
 
+impl BadTagReports {
+    /// Forgets tags a reload retired: nothing more is said about them.
+    pub(super) fn forget(&mut self, retired: &[TagIndex]) {
+        for i in retired {
+            self.reported.remove(i);
+        }
+    }
+}
+
 /// Merges `more` into `bad`, keeping it sorted by tag index.
 pub(super) fn merge(bad: &mut BadTags, more: impl IntoIterator<Item = (TagIndex, StatusCode)>) {
     bad.extend(more);

@@ -20,7 +20,7 @@ use super::reporter::ConnectionReporter;
 use super::session::{
     self, Item, LoopEvent, Monitored, Notices, PublishClock, SourceError, Subscriptions,
 };
-use super::tags::TagTable;
+use super::tags::{Retag, TagTable};
 use super::value;
 use super::value::TagIndex;
 use crate::config::ConnectionConfig;
@@ -38,7 +38,6 @@ pub(super) const MAX_KEEP_ALIVE: Duration = Duration::from_secs(3600);
 /// What a session works with, owned by the connection.
 pub(super) struct Ctx<'a> {
     pub conn: &'a ConnectionConfig,
-    pub tags: &'a TagTable,
     pub records: &'a FeedTx,
     pub reporter: &'a ConnectionReporter,
     pub cancel: &'a CancellationToken,
@@ -76,6 +75,7 @@ impl Drop for AbortOnDrop {
 /// [`Feed::Disconnected`] when it fails, during setup or later.
 pub(super) async fn run(
     ctx: &Ctx<'_>,
+    tags: &mut TagTable,
     client: &mut Client,
     reads: &mut mpsc::UnboundedReceiver<ReadRequest>,
     reports: &mut BadTagReports,
@@ -88,10 +88,10 @@ pub(super) async fn run(
     // Until online, cancellation simply drops whatever is in flight.
     let opened = tokio::select! {
         _ = ctx.cancel.cancelled() => return Ok(()),
-        r = Live::open(ctx, client, &mut told_connected) => r,
+        r = Live::open(ctx, tags, client, &mut told_connected) => r,
     };
     let result = match opened {
-        Ok(live) => live.run(ctx, reads, reports, started).await,
+        Ok(live) => live.run(ctx, tags, reads, reports, started).await,
         Err(e) => Err(Failure::from(e)),
     };
     if result.is_err() && told_connected {
@@ -119,6 +119,7 @@ impl Live {
     /// sent [`Feed::Connected`].
     async fn open(
         ctx: &Ctx<'_>,
+        tags: &TagTable,
         client: &mut Client,
         told_connected: &mut bool,
     ) -> Result<Live, SourceError> {
@@ -141,9 +142,9 @@ impl Live {
         // Namespace indexes may differ after every server restart: `nsu=`
         // tags are resolved against the array of this session.
         let namespaces = session::read_namespaces(&session).await?;
-        let (ok, mut bad) = ctx.tags.resolve(&namespaces);
-        let nodes = ctx.tags.profile_nodes(&ok);
-        if ctx.tags.has_profile() {
+        let (ok, mut bad) = tags.resolve(&namespaces);
+        let nodes = tags.profile_nodes(&ok);
+        if tags.has_profile() {
             // Before any monitored item exists, so the profile hears of the
             // session before its first values.
             let _ = ctx.records.send(Feed::Connected { at_ms: now_ms() });
@@ -152,15 +153,14 @@ impl Live {
         let subscriptions = session::create_subscriptions(
             &session,
             conn.publishing_interval,
-            ctx.tags.len(),
-            ctx.tags
-                .notifier(&conn.id, ctx.records, events_tx, ctx.notices),
+            tags.len(),
+            tags.notifier(&conn.id, ctx.records, events_tx, ctx.notices),
         )
         .await?;
         let Monitored { created, refused } = session::monitor_tags(
             &session,
             &subscriptions,
-            &ctx.tags.plans,
+            &tags.plans,
             &ok,
             conn.publishing_interval,
         )
@@ -182,6 +182,7 @@ impl Live {
     async fn run(
         mut self,
         ctx: &Ctx<'_>,
+        tags: &mut TagTable,
         reads: &mut mpsc::UnboundedReceiver<ReadRequest>,
         reports: &mut BadTagReports,
         started: Instant,
@@ -193,11 +194,11 @@ impl Live {
         if !self.bad.is_empty() {
             let _ = ctx.records.send(Feed::records(session::bad_records(
                 &conn.id,
-                &ctx.tags.plans,
+                &tags.plans,
                 &self.bad,
             )));
         }
-        self.report_bad(ctx, reports, retry_every).await;
+        self.report_bad(ctx, tags, reports, retry_every).await;
         // Without this the client may not send Publish requests on a new session.
         self.session.trigger_publish_now();
         self.clock.touch();
@@ -215,7 +216,7 @@ impl Live {
         // Subscribing thousands of items is the largest burst of a session.
         crate::heap::release_free();
         let online_at = Instant::now();
-        let result = self.watch(ctx, reads, reports, retry_every).await;
+        let result = self.watch(ctx, tags, reads, reports, retry_every).await;
         result.map_err(|error| Failure {
             error,
             online_for: Some(online_at.elapsed()),
@@ -226,6 +227,7 @@ impl Live {
     async fn watch(
         &mut self,
         ctx: &Ctx<'_>,
+        tags: &mut TagTable,
         reads: &mut mpsc::UnboundedReceiver<ReadRequest>,
         reports: &mut BadTagReports,
         retry_every: Duration,
@@ -243,7 +245,7 @@ impl Live {
                     return Ok(());
                 }
                 ev = self.events.recv() => {
-                    if self.on_event(ctx, reports, ev, retry_every).await? {
+                    if self.on_event(ctx, tags, reports, ev, retry_every).await? {
                         // Not sooner than a full interval from now.
                         retry.reset();
                     }
@@ -257,7 +259,11 @@ impl Live {
                     }
                 }
                 _ = retry.tick(), if !self.bad.is_empty() => {
-                    self.retry_bad(ctx, reports, retry_every).await?;
+                    self.retry_bad(ctx, tags, reports, retry_every).await?;
+                }
+                update = tags.updated() => {
+                    let retag = tags.retag(&update);
+                    self.retagged(ctx, tags, retag, reports, retry_every).await?;
                 }
             }
         }
@@ -285,11 +291,17 @@ impl Live {
     }
 
     /// Announces tags newly unavailable (and forgets those monitored again).
-    async fn report_bad(&self, ctx: &Ctx<'_>, reports: &mut BadTagReports, retry_every: Duration) {
+    async fn report_bad(
+        &self,
+        ctx: &Ctx<'_>,
+        tags: &TagTable,
+        reports: &mut BadTagReports,
+        retry_every: Duration,
+    ) {
         reports
             .report(
                 ctx.reporter,
-                &ctx.tags.plans,
+                &tags.plans,
                 &self.bad,
                 &self.items,
                 retry_every,
@@ -306,6 +318,7 @@ impl Live {
     async fn on_event(
         &mut self,
         ctx: &Ctx<'_>,
+        tags: &TagTable,
         reports: &mut BadTagReports,
         ev: Option<LoopEvent>,
         retry_every: Duration,
@@ -330,7 +343,7 @@ impl Live {
                 if new {
                     bad_tags::merge(&mut self.bad, [(i, status)]);
                 }
-                self.report_bad(ctx, reports, retry_every).await;
+                self.report_bad(ctx, tags, reports, retry_every).await;
                 return Ok(new);
             }
             None => {
@@ -348,16 +361,17 @@ impl Live {
     async fn retry_bad(
         &mut self,
         ctx: &Ctx<'_>,
+        tags: &TagTable,
         reports: &mut BadTagReports,
         retry_every: Duration,
     ) -> Result<(), SourceError> {
         let namespaces = session::read_namespaces(&self.session).await?;
-        let (retry, mut still_bad) = ctx.tags.resolve_some(&self.bad, &namespaces);
+        let (retry, mut still_bad) = tags.resolve_some(&self.bad, &namespaces);
         if !retry.is_empty() {
             let monitored = session::monitor_tags(
                 &self.session,
                 &self.subscriptions,
-                &ctx.tags.plans,
+                &tags.plans,
                 &retry,
                 ctx.conn.publishing_interval,
             )
@@ -367,10 +381,8 @@ impl Live {
             // namespace that appeared after a server download).
             let created: HashMap<TagIndex, Item> = monitored.created.into_iter().collect();
             let resolved = retry.iter().filter(|(i, _)| created.contains_key(i));
-            self.nodes.extend(
-                ctx.tags
-                    .profile_nodes(&resolved.cloned().collect::<Vec<_>>()),
-            );
+            self.nodes
+                .extend(tags.profile_nodes(&resolved.cloned().collect::<Vec<_>>()));
             self.items.extend(created);
         }
         let changed: Vec<(TagIndex, StatusCode)> = still_bad
@@ -381,12 +393,72 @@ impl Live {
         if !changed.is_empty() {
             let _ = ctx.records.send(Feed::records(session::bad_records(
                 &ctx.conn.id,
-                &ctx.tags.plans,
+                &tags.plans,
                 &changed,
             )));
         }
         self.bad = still_bad;
-        self.report_bad(ctx, reports, retry_every).await;
+        self.report_bad(ctx, tags, reports, retry_every).await;
+        Ok(())
+    }
+
+    /// Changes the monitored items of this session to a reload's new tag
+    /// list ([`TagTable::retag`]): the retired tags' items are deleted, the
+    /// new ones created in the running subscriptions; the other tags and
+    /// the session are not touched. A new tag the server does not have is
+    /// bad like any other (a bad record, announced, retried).
+    async fn retagged(
+        &mut self,
+        ctx: &Ctx<'_>,
+        tags: &TagTable,
+        retag: Retag,
+        reports: &mut BadTagReports,
+        retry_every: Duration,
+    ) -> Result<(), SourceError> {
+        if retag.is_empty() {
+            return Ok(());
+        }
+        let mut gone: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+        for i in &retag.retired {
+            if let Some(item) = self.items.remove(i) {
+                gone.entry(item.subscription).or_default().push(item.id);
+            }
+        }
+        self.bad.retain(|(i, _)| !retag.retired.contains(i));
+        reports.forget(&retag.retired);
+        for (subscription, ids) in gone {
+            session::unmonitor_all(&self.session, subscription, &ids).await;
+        }
+        let namespaces = session::read_namespaces(&self.session).await?;
+        let (ok, mut bad) = tags.resolve_indexes(retag.added.clone(), &namespaces);
+        let monitored = session::monitor_tags(
+            &self.session,
+            &self.subscriptions,
+            &tags.plans,
+            &ok,
+            ctx.conn.publishing_interval,
+        )
+        .await?;
+        bad_tags::merge(&mut bad, monitored.refused);
+        let created = monitored.created.len();
+        self.items.extend(monitored.created);
+        if !bad.is_empty() {
+            let _ = ctx.records.send(Feed::records(session::bad_records(
+                &ctx.conn.id,
+                &tags.plans,
+                &bad,
+            )));
+        }
+        tracing::info!(
+            connection = %ctx.conn.id,
+            added = retag.added.len(),
+            monitored = created,
+            bad = bad.len(),
+            removed = retag.retired.len(),
+            "reload: tags changed in the running subscription"
+        );
+        bad_tags::merge(&mut self.bad, bad);
+        self.report_bad(ctx, tags, reports, retry_every).await;
         Ok(())
     }
 

@@ -56,6 +56,7 @@ use crate::status::ConnState;
 use feed::Feed;
 pub use reporter::{ConnectionReporter, IntakeLoss};
 pub use session::SourceError;
+pub use tags::ConfigUpdates;
 
 /// How long the driver may take to hand over what it holds at the stop.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,16 +64,19 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs one plant connection until `cancel`: connect, subscribe, report,
 /// reconnect with backoff forever. The profile continues from `saved`, the
 /// snapshot last committed for this connection (`Store::profile_state`),
-/// or starts fresh.
+/// or starts fresh. `config` holds the connection's configuration; a
+/// reload may send a new tag list through it, which changes the monitored
+/// items of the running subscription (docs/cli.md, reload).
 pub async fn run_connection(
-    conn: ConnectionConfig,
+    config: ConfigUpdates,
     pki_dir: PathBuf,
     reporter: ConnectionReporter,
     saved: Option<String>,
     cancel: CancellationToken,
 ) {
+    let conn = config.borrow().clone();
     let profile = driver::restored_profile(&conn, saved.as_deref());
-    let tags = tags::TagTable::new(&conn, profile.as_ref());
+    let mut tags = tags::TagTable::new(config, profile.as_ref());
     let (records_tx, records_rx) = feed::channel(reporter.intake_loss());
     let (reads_tx, mut reads_rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(driver::drive(
@@ -86,13 +90,12 @@ pub async fn run_connection(
     let notices = Arc::new(session::Notices::new(&reporter, &pki_dir));
     let ctx = live::Ctx {
         conn: &conn,
-        tags: &tags,
         records: &records_tx,
         reporter: &reporter,
         cancel: &cancel,
         notices: &notices,
     };
-    reconnect(&ctx, &pki_dir, &mut reads_rx).await;
+    reconnect(&ctx, &mut tags, &pki_dir, &mut reads_rx).await;
     let _ = records_tx.send(Feed::Stop);
     drop(records_tx);
     // Values already received are still delivered (the sessions, and with
@@ -106,6 +109,7 @@ pub async fn run_connection(
 /// `untrusted` with the status code name as reason.
 async fn reconnect(
     ctx: &live::Ctx<'_>,
+    tags: &mut tags::TagTable,
     pki_dir: &std::path::Path,
     reads: &mut mpsc::UnboundedReceiver<crate::profile::ReadRequest>,
 ) {
@@ -130,7 +134,12 @@ async fn reconnect(
                 let Some(client) = client.as_mut() else {
                     continue;
                 };
-                match live::run(ctx, client, reads, &mut reports).await {
+                // A tag list a reload sent while no session was up.
+                if let Some(update) = tags.pending_update() {
+                    let retag = tags.retag(&update);
+                    reports.forget(&retag.retired);
+                }
+                match live::run(ctx, tags, client, reads, &mut reports).await {
                     Ok(()) => break,
                     Err(f) => f,
                 }

@@ -487,9 +487,8 @@ pub(crate) fn resolve(node: &NodeRef, namespaces: &NamespaceMap) -> Result<NodeI
 #[derive(Clone)]
 pub(crate) struct Notifier {
     pub connection: Arc<str>,
-    pub tags: Arc<Vec<Arc<TagMeta>>>,
-    /// Per plan index: the profile node it is, if any.
-    pub profile: Arc<Vec<Option<NodeKey>>>,
+    /// The tags by index; a reload may swap in a new table meanwhile.
+    pub tags: super::tags::SharedLookup,
     pub records: super::feed::FeedTx,
     pub events: mpsc::UnboundedSender<LoopEvent>,
     /// Counts and announces values too large for a record.
@@ -507,14 +506,17 @@ impl OnSubscriptionNotificationCore for Notifier {
         };
         let mut out = Vec::new();
         let mut samples = Vec::new();
+        let tags = self.tags.read().unwrap_or_else(|e| e.into_inner()).clone();
         for obj in data {
             if obj.inner_is::<DataChangeNotification>() {
                 let Some(change) = obj.into_inner_as::<DataChangeNotification>() else {
                     continue;
                 };
                 for item in change.monitored_items.into_iter().flatten() {
-                    let Some((index, tag)) = TagIndex::from_client_handle(item.client_handle)
-                        .and_then(|i| self.tags.get(i.get()).map(|t| (i, t)))
+                    // A retired tag's late values are not taken for another's.
+                    let Some((index, (tag, profile))) =
+                        TagIndex::from_client_handle(item.client_handle)
+                            .and_then(|i| tags.get(i).map(|t| (i, t)))
                     else {
                         continue;
                     };
@@ -522,7 +524,6 @@ impl OnSubscriptionNotificationCore for Notifier {
                     if status.overflow() {
                         self.records.server_overflow(&tag.name);
                     }
-                    let profile = self.profile.get(index.get()).copied().flatten();
                     let too_large = item.value.value.as_ref().and_then(oversized);
                     if let Some(bytes) = too_large {
                         // Costs this tag a bad record (a profile node: a
@@ -1117,6 +1118,28 @@ pub(crate) async fn unmonitor(session: &Session, item: Item) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "DeleteMonitoredItems failed"),
         Err(_) => tracing::debug!("DeleteMonitoredItems timed out"),
+    }
+}
+
+/// Removes the monitored items `ids` of one subscription (tags a reload
+/// retired). Best effort: a failure leaves items whose values the
+/// callback ignores.
+pub(crate) async fn unmonitor_all(session: &Session, subscription: u32, ids: &[u32]) {
+    for chunk in ids.chunks(MONITORED_ITEMS_CHUNK) {
+        match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            session.delete_monitored_items(subscription, chunk),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "DeleteMonitoredItems failed; the retired tags' values are ignored")
+            }
+            Err(_) => tracing::warn!(
+                "DeleteMonitoredItems timed out; the retired tags' values are ignored"
+            ),
+        }
     }
 }
 

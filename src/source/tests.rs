@@ -127,6 +127,8 @@ struct Harness {
     rx: mpsc::UnboundedReceiver<crate::buffer::Submission>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// What a reload sends the running connection.
+    config: tokio::sync::watch::Sender<ConnectionConfig>,
 }
 
 impl Harness {
@@ -136,13 +138,15 @@ impl Harness {
         let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
         let cancel = CancellationToken::new();
         let id = conn.id.clone();
-        let task = tokio::spawn(run_connection(conn, pki, reporter, None, cancel.clone()));
+        let (config, updates) = tokio::sync::watch::channel(conn);
+        let task = tokio::spawn(run_connection(updates, pki, reporter, None, cancel.clone()));
         Harness {
             id,
             board,
             rx,
             cancel,
             task,
+            config,
         }
     }
 
@@ -1071,6 +1075,84 @@ async fn deleted_node_goes_bad_others_flow_and_it_comes_back() {
     server.shutdown().await;
 }
 
+/// A reload's new tag list changes the monitored items of the running
+/// subscription: a tag kept flows on, one removed stops, one whose node
+/// changed follows the new node, one added flows, one the server lacks is
+/// bad and announced; the session is never rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_tag_list_changes_the_running_subscription() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = sim(dir.path(), |_| {}).await;
+    let node = |s: &str| format!("nsu={NS};s={s}");
+    let conn = conn_config(
+        "retag",
+        &server.endpoint(),
+        vec![
+            tag("KEPT", &node("FIC-101/PV.CV")),
+            tag("MOVED", &node("TIC-201/PV.CV")),
+            tag("GONE", &node("LIC-301/PV.CV")),
+        ],
+    );
+    let mut h = Harness::start(conn.clone(), client_pki(dir.path()).await);
+    let mut seen = Vec::new();
+    h.wait_state(ConnState::Online, &mut seen).await;
+    server.set_value("LIC-301/PV.CV", 1.5);
+    h.wait_tag(&mut seen, "GONE before", is_value("GONE", 1.5))
+        .await;
+
+    let mut retagged = conn.clone();
+    retagged.tags = vec![
+        tag("KEPT", &node("FIC-101/PV.CV")),
+        tag("MOVED", &node("FIC-101/SP.CV")),
+        tag("NEW", &node("TIC-201/PV.CV")),
+        tag("MISSING", &node("NOPE/PV.CV")),
+    ];
+    h.config.send_replace(retagged);
+    let bad = h
+        .wait_tag(&mut seen, "MISSING bad", |d| d["name"] == "MISSING")
+        .await;
+    assert_eq!(bad.data_json()["status"], "BadNodeIdUnknown");
+    h.wait_event(&mut seen, "system.error", |d| d["tag"] == "MISSING")
+        .await;
+
+    server.set_value("LIC-301/PV.CV", 99.5);
+    server.set_value("FIC-101/SP.CV", 5.5);
+    server.set_value("TIC-201/PV.CV", 6.5);
+    let moved = h
+        .wait_tag(&mut seen, "MOVED on its new node", is_value("MOVED", 5.5))
+        .await;
+    assert_eq!(moved.data_json()["node"], node("FIC-101/SP.CV"));
+    h.wait_tag(&mut seen, "NEW", is_value("NEW", 6.5)).await;
+    // Two more values of the kept tag, each a publish cycle after the
+    // removed tag's change: had GONE still been monitored, its value would
+    // have come first.
+    for v in [7.25, 8.25] {
+        server.set_value("FIC-101/PV.CV", v);
+        h.wait_tag(&mut seen, "KEPT", is_value("KEPT", v)).await;
+    }
+    assert!(
+        !seen.iter().any(|r| r.kind == Kind::Tag
+            && r.data_json()["name"] == "GONE"
+            && r.data_json()["value"] == 99.5),
+        "a removed tag's value was recorded"
+    );
+    // One session throughout: online once, never left.
+    let states: Vec<Value> = seen
+        .iter()
+        .filter(|r| r.kind == Kind::Event && r.data_json()["type"] == "connection.status_changed")
+        .map(|r| r.data_json()["details"]["state"].clone())
+        .collect();
+    assert_eq!(states.last(), Some(&Value::from("online")), "{states:?}");
+    assert_eq!(
+        states.iter().filter(|s| *s == "online").count(),
+        1,
+        "{states:?}"
+    );
+    assert_eq!(h.state().0, ConnState::Online);
+    h.stop().await;
+    server.shutdown().await;
+}
+
 // ------------------------------------------------------------------ values
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1224,7 +1306,7 @@ async fn twenty_connections_in_one_process() {
         }
         let reporter = ConnectionReporter::new(&id, board.clone(), tx.clone(), conn.events.clone());
         tasks.push(tokio::spawn(run_connection(
-            conn,
+            tokio::sync::watch::channel(conn).1,
             pki.clone(),
             reporter,
             None,

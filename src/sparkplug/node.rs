@@ -48,7 +48,7 @@ const STATUS_ALIAS: u64 = 3;
 /// A plant connection as a device: the metrics it is known to have before
 /// any data, the derived records of its profile. Its tags are declared as
 /// their first values arrive, since only a value tells their datatype.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeviceSpec {
     pub id: String,
     pub derived: Vec<Kind>,

@@ -618,7 +618,7 @@ impl<'a> Link<'a> {
         };
         let connections: Vec<(String, &'static str)> = up
             .board
-            .connections()
+            .current_connections()
             .into_iter()
             .map(|(id, st)| (id, st.state.as_str()))
             .collect();
@@ -647,20 +647,27 @@ impl<'a> Link<'a> {
 
     /// Clean shutdown: offline status for every connection and the agent
     /// (retained), then wait briefly for outstanding acknowledgements so the
-    /// buffer does not resend what the broker already has.
+    /// buffer does not resend what the broker already has. Replaced by a
+    /// reload, the agent goes `offline` with reason `reload` until the new
+    /// uplink says `online`, and the connections, which keep running, are
+    /// left as they are.
     async fn shutdown(&mut self) {
         let up = self.up;
         let now = now_ms();
+        let replaced = up.is_replaced();
+        let why = if replaced { "reload" } else { "shutdown" };
         if self.node.is_some() {
             self.sp_farewell().await;
         } else {
-            for (id, _) in up.board.connections() {
-                let body = payload::connection_status(ConnState::Offline.as_str(), now, "shutdown");
-                let topic = up.topics.connection_status(&id);
-                let _ = self.publish_control(topic, true, body, false).await;
+            if !replaced {
+                for (id, _) in up.board.current_connections() {
+                    let body = payload::connection_status(ConnState::Offline.as_str(), now, why);
+                    let topic = up.topics.connection_status(&id);
+                    let _ = self.publish_control(topic, true, body, false).await;
+                }
             }
             let offline =
-                payload::agent_offline(now, &up.settings.version, &up.settings.boot_id, "shutdown");
+                payload::agent_offline(now, &up.settings.version, &up.settings.boot_id, why);
             let _ = self
                 .publish_control(up.topics.status(), true, offline, false)
                 .await;
@@ -682,7 +689,7 @@ impl<'a> Link<'a> {
             while self.session.next().await.is_ok() {}
         })
         .await;
-        up.board.set_mqtt(false, "shutdown");
+        up.board.set_mqtt(false, why);
         tracing::info!(
             outstanding = self.delivery.outstanding(),
             "mqtt session closed"

@@ -68,8 +68,6 @@ pub struct UplinkSettings {
     pub boot_id: String,
     /// None for plaintext `mqtt://` (only when allowed by config).
     pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// The configured connection ids: what a replay request may name.
-    pub connections: Vec<String>,
     /// The connections as Sparkplug devices (used with
     /// `mqtt.format = "sparkplug_b"`).
     pub devices: Vec<DeviceSpec>,
@@ -79,6 +77,9 @@ pub struct Uplink {
     /// The broker's refusal of the commands subscription was announced
     /// (once until it is granted again, not on every reconnect).
     commands_refusal_announced: std::sync::atomic::AtomicBool,
+    /// Set when a reload replaces this uplink: its clean stop says
+    /// `reload`, not `shutdown`, and leaves the connections' statuses.
+    replaced: std::sync::atomic::AtomicBool,
     settings: UplinkSettings,
     topics: Topics,
     buffer: BufferHandle,
@@ -123,12 +124,24 @@ impl Uplink {
         );
         Uplink {
             commands_refusal_announced: std::sync::atomic::AtomicBool::new(false),
+            replaced: std::sync::atomic::AtomicBool::new(false),
             settings,
             topics,
             buffer,
             board,
             started: Instant::now(),
         }
+    }
+
+    /// Marks this uplink as being replaced by a reload (before its
+    /// `cancel`): the agent stays up, another uplink takes over at once.
+    pub fn replace(&self) {
+        self.replaced
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn is_replaced(&self) -> bool {
+        self.replaced.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs sessions until `cancel`, reconnecting with backoff.

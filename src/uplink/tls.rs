@@ -23,6 +23,24 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
+/// A fingerprint of what the files behind `[mqtt]`'s TLS settings hold
+/// (CA, client certificate, key): a reload compares it with the last one
+/// to tell a certificate renewed under the same path (docs/cli.md). An
+/// unreadable file counts as its error, so it differs from any content.
+pub fn files_fingerprint(mqtt: &crate::config::MqttConfig) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    mqtt.tls.hash(&mut h);
+    for path in [&mqtt.ca_file, &mqtt.client_cert_file, &mqtt.client_key_file] {
+        match path.as_deref().map(std::fs::read) {
+            None => 0u8.hash(&mut h),
+            Some(Ok(bytes)) => (1u8, bytes).hash(&mut h),
+            Some(Err(e)) => (2u8, e.kind().to_string()).hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -34,7 +34,13 @@ impl Conn {
         let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
         let cancel = CancellationToken::new();
         let id = conn.id.clone();
-        let task = tokio::spawn(run_connection(conn, pki, reporter, None, cancel.clone()));
+        let task = tokio::spawn(run_connection(
+            tokio::sync::watch::channel(conn).1,
+            pki,
+            reporter,
+            None,
+            cancel.clone(),
+        ));
         Conn {
             id,
             board,

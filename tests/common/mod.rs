@@ -328,6 +328,10 @@ impl AgentProcess {
         AgentProcess(Some(child))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+
     /// Sends `sig` (e.g. "HUP") to the running process, which goes on.
     pub fn signal_keep(&self, sig: &str) {
         let c = self.0.as_ref().expect("running");

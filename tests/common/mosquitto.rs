@@ -19,6 +19,9 @@ pub struct MosquittoOptions {
     pub max_packet_size: Option<u32>,
     /// Log everything (`log_type all`), e.g. each denied PUBLISH.
     pub log_all: bool,
+    /// A mosquitto password file: clients that give a user name must give
+    /// its password (anonymous ones are still let in).
+    pub password_file: Option<PathBuf>,
 }
 
 pub struct Mosquitto {
@@ -65,6 +68,17 @@ impl Mosquitto {
         }
     }
 
+    /// Makes the running broker read its password file (and ACL) again, as
+    /// `systemctl reload mosquitto` does.
+    pub fn reload(&self) {
+        let c = self.child.as_ref().expect("running");
+        let sent = Command::new("kill")
+            .args(["-HUP".to_string(), c.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill -HUP mosquitto");
+    }
+
     /// Starts the broker again on the same ports (and persistence file).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop it first");
@@ -100,6 +114,9 @@ pub fn start_mosquitto(pki: &TestPki, opts: MosquittoOptions) -> Mosquitto {
     }
     if let Some(max) = opts.max_packet_size {
         conf.push_str(&format!("max_packet_size {max}\n"));
+    }
+    if let Some(file) = &opts.password_file {
+        conf.push_str(&format!("password_file {}\n", file.display()));
     }
     if opts.log_all {
         conf.push_str("log_type all\n");

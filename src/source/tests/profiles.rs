@@ -42,7 +42,13 @@ impl Run {
         let (tx, mut rx) = Outlet::queue(TEST_QUEUE);
         let reporter = ConnectionReporter::new(&conn.id, board.clone(), tx, conn.events.clone());
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run_connection(conn, pki, reporter, saved, cancel.clone()));
+        let task = tokio::spawn(run_connection(
+            tokio::sync::watch::channel(conn).1,
+            pki,
+            reporter,
+            saved,
+            cancel.clone(),
+        ));
         let pump = tokio::spawn(async move {
             let outlet = buffer.outlet();
             while let Some(batch) = rx.recv().await {

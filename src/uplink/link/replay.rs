@@ -52,9 +52,17 @@ impl Link<'_> {
             correlation,
         };
         let epoch = up.buffer.epoch();
+        // Every connection since start: a reload may have removed one whose
+        // records are still kept.
+        let known: Vec<String> = up
+            .board
+            .connections()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         let scope = Scope {
             epoch: &epoch,
-            connections: &up.settings.connections,
+            connections: &known,
             max_records: up.settings.mqtt.replay_max_records,
         };
         let request = match replay::parse(&body, &scope) {

@@ -36,7 +36,7 @@ impl Link<'_> {
             published_records_total: up.board.mqtt().published_records_total,
             connections: up
                 .board
-                .connections()
+                .current_connections()
                 .into_iter()
                 .map(|(id, st)| (id, st.state.as_str().to_string()))
                 .collect(),
@@ -52,13 +52,13 @@ impl Link<'_> {
         if let Some(node) = self.node.as_deref_mut() {
             drafts.push(node.nbirth(&status));
             let born: HashSet<String> = node.born().into_iter().collect();
-            for (id, st) in self.up.board.connections() {
+            for (id, st) in self.up.board.current_connections() {
                 let due = st.state == ConnState::Online || (rebirth && born.contains(&id));
                 if due && node.is_device(&id) {
                     drafts.extend(node.dbirth(&id, now));
                 }
             }
-            self.published_states = status_keys(&self.up.board.connections());
+            self.published_states = status_keys(&self.up.board.current_connections());
         }
         for d in drafts {
             self.publish_draft(d).await?;
@@ -70,7 +70,7 @@ impl Link<'_> {
     /// node's status metrics (its `Status/connections/{id}`). Deaths wait
     /// for [`Self::sp_deaths`].
     pub(super) async fn sp_states(&mut self) -> Result<(), SessionError> {
-        let conns = self.up.board.connections();
+        let conns = self.up.board.current_connections();
         let keys = status_keys(&conns);
         if keys == self.published_states {
             return Ok(());
@@ -100,7 +100,7 @@ impl Link<'_> {
         let online: HashSet<String> = self
             .up
             .board
-            .connections()
+            .current_connections()
             .into_iter()
             .filter(|(_, st)| st.state == ConnState::Online)
             .map(|(id, _)| id)
