@@ -982,3 +982,110 @@ async fn a_birth_too_large_is_counted_and_announced() {
     );
     agent.stop().await;
 }
+
+/// A reload that adds a connection in Sparkplug mode: the edge node can
+/// declare a device only in a birth, so the uplink reconnects: NDEATH with
+/// the old bdSeq, then a new NBIRTH (with the new connection's status
+/// metric) and the new device's DBIRTH and data. The untouched device's tag
+/// stream goes on without a gap. Every message decoded by Tahu.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto and node"]
+async fn a_device_added_by_a_reload_is_declared_by_a_new_birth() {
+    let s = setup().await;
+    let host = Host::connect(s.mosq.tls, &s.pki.ca_file).await;
+    let toml = sparkplug_toml(&s, "v5", "1s");
+    let agent = run_agent(&toml).await;
+    host.until("data of dv", |m| {
+        m.iter()
+            .filter(|(t, _)| t == "spBv1.0/test-site/DDATA/test-gw/dv")
+            .count()
+            > 5
+    })
+    .await;
+    let sim = s.sim.as_ref().expect("the simulator");
+    let added = format!(
+        "{toml}\n[[connections]]\nid = \"gen\"\nkind = \"generic\"\nendpoint = \"{}\"\n\
+         security_policy = \"None\"\nsecurity_mode = \"None\"\npublishing_interval = \"100ms\"\n\
+         [[connections.tags]]\nname = \"GEN\"\nnode = \"nsu={};s={}\"\n",
+        sim.endpoint(),
+        sim.namespace_uri(),
+        plantgate::sim::deltav::load_tag(0)
+    );
+    let outcome = agent.reload(Ok(load(&added))).await;
+    assert!(outcome.applied, "{outcome:?}");
+    assert_eq!(
+        outcome.summary,
+        "connection gen added; the uplink reconnects (Sparkplug devices changed)"
+    );
+    host.until("gen born and streaming, dv going on", |m| {
+        let after_birth = m
+            .iter()
+            .rposition(|(t, _)| t == NODE)
+            .map_or(&[][..], |i| &m[i..]);
+        after_birth
+            .iter()
+            .filter(|(t, _)| t == "spBv1.0/test-site/DDATA/test-gw/gen")
+            .count()
+            > 3
+            && after_birth
+                .iter()
+                .filter(|(t, _)| t == "spBv1.0/test-site/DDATA/test-gw/dv")
+                .count()
+                > 3
+    })
+    .await;
+    agent.stop().await;
+    host.until("the clean stop's NDEATH", |m| {
+        m.iter()
+            .filter(|(t, _)| message_type(t) == "NDEATH")
+            .count()
+            >= 2
+    })
+    .await;
+
+    let decoded = tahu_decode(&host.messages());
+    let session = Session::check(&decoded);
+    let births: Vec<u64> = session.bd_seqs.iter().map(|(_, b)| *b).collect();
+    let kinds: Vec<&str> = session.bd_seqs.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["NBIRTH", "NDEATH", "NBIRTH", "NDEATH"],
+        "{:?}",
+        session.bd_seqs
+    );
+    assert_eq!(
+        births[0], births[1],
+        "the reload's NDEATH ends the first birth"
+    );
+    assert_eq!(births[2], births[3]);
+    assert_ne!(births[0], births[2], "a new birth, a new bdSeq");
+    let second = session.nbirths.last().expect("the second NBIRTH");
+    assert_eq!(
+        metric(second, "Status/connections/gen")["type"],
+        "String",
+        "{second}"
+    );
+    assert!(
+        session.dbirths.iter().any(|p| p["metrics"]
+            .as_array()
+            .is_some_and(|ms| ms.iter().any(|m| m["name"] == "GEN"))),
+        "gen's DBIRTH declares its tag"
+    );
+    // dv's tag stream: every seq from the first to the last, across the
+    // reload (a record sent again after the reconnect may come twice).
+    let seqs: BTreeSet<u64> = session
+        .values
+        .iter()
+        .filter(|(name, _)| !["batch", "recipe", "GEN"].contains(&name.as_str()))
+        .map(|(_, m)| num(&m["properties"]["seq"]["value"]))
+        .collect();
+    let (first, last) = (
+        *seqs.first().expect("dv data"),
+        *seqs.last().expect("dv data"),
+    );
+    assert_eq!(
+        seqs.len() as u64,
+        last - first + 1,
+        "dv's tag seqs have a gap: {seqs:?}"
+    );
+}

@@ -110,3 +110,29 @@ pub fn client_config(
     };
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate renewed under the same path changes the fingerprint;
+    /// reading it again unchanged does not.
+    #[test]
+    fn the_fingerprint_follows_the_files_contents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "first").expect("write");
+        let toml = format!(
+            "[agent]\nid = \"gw\"\nsite = \"s\"\n[mqtt]\nurl = \"mqtts://broker\"\nca_file = {ca:?}\n"
+        );
+        let config = crate::config::load_from(&toml, &Default::default())
+            .expect("config")
+            .config;
+        let before = files_fingerprint(&config.mqtt);
+        assert_eq!(files_fingerprint(&config.mqtt), before);
+        std::fs::write(&ca, "renewed").expect("write");
+        assert_ne!(files_fingerprint(&config.mqtt), before);
+        std::fs::remove_file(&ca).expect("remove");
+        assert_ne!(files_fingerprint(&config.mqtt), before);
+    }
+}
