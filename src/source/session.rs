@@ -481,6 +481,25 @@ pub(crate) fn resolve(node: &NodeRef, namespaces: &NamespaceMap) -> Result<NodeI
     })
 }
 
+/// What the subscription callbacks look tags up in, by tag index: the
+/// tag's metadata (None once retired) and the profile node it is, if any.
+#[derive(Default)]
+pub(crate) struct Lookup {
+    pub metas: Vec<Option<Arc<TagMeta>>>,
+    pub profile: Vec<Option<NodeKey>>,
+}
+
+impl Lookup {
+    /// The live tag at `index`, with the profile node it is.
+    pub(crate) fn get(&self, index: TagIndex) -> Option<(&Arc<TagMeta>, Option<NodeKey>)> {
+        let meta = self.metas.get(index.get())?.as_ref()?;
+        Some((meta, self.profile.get(index.get()).copied().flatten()))
+    }
+}
+
+/// The lookup shared with the callbacks; a retag swaps in a new one.
+pub(crate) type SharedLookup = Arc<std::sync::RwLock<Arc<Lookup>>>;
+
 /// The subscription callback. Runs on the OPC UA event loop, so it only
 /// converts and hands over: one message per publish response into the
 /// intake queue, which never blocks the loop and counts what it cannot take.
@@ -488,7 +507,7 @@ pub(crate) fn resolve(node: &NodeRef, namespaces: &NamespaceMap) -> Result<NodeI
 pub(crate) struct Notifier {
     pub connection: Arc<str>,
     /// The tags by index; a reload may swap in a new table meanwhile.
-    pub tags: super::tags::SharedLookup,
+    pub tags: SharedLookup,
     pub records: super::feed::FeedTx,
     pub events: mpsc::UnboundedSender<LoopEvent>,
     /// Counts and announces values too large for a record.

@@ -10,36 +10,17 @@
 //! tag (docs/cli.md, reload).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use opcua::types::{NamespaceMap, NodeId, StatusCode};
 use tokio::sync::{mpsc, watch};
 
 use super::bad_tags::BadTags;
 use super::feed::FeedTx;
-use super::session::{self, LoopEvent, Notices, Notifier, TagPlan};
-use super::value::{TagIndex, TagMeta};
+use super::session::{self, Lookup, LoopEvent, Notices, Notifier, SharedLookup, TagPlan};
+use super::value::TagIndex;
 use crate::config::ConnectionConfig;
 use crate::profile::{NodeKey, Profile};
-
-/// What the subscription callbacks look tags up in, by tag index: the
-/// tag's metadata (None once retired) and the profile node it is, if any.
-#[derive(Default)]
-pub(crate) struct Lookup {
-    pub metas: Vec<Option<Arc<TagMeta>>>,
-    pub profile: Vec<Option<NodeKey>>,
-}
-
-impl Lookup {
-    /// The live tag at `index`, with the profile node it is.
-    pub(crate) fn get(&self, index: TagIndex) -> Option<(&Arc<TagMeta>, Option<NodeKey>)> {
-        let meta = self.metas.get(index.get())?.as_ref()?;
-        Some((meta, self.profile.get(index.get()).copied().flatten()))
-    }
-}
-
-/// The lookup shared with the callbacks; a retag swaps in a new one.
-pub(crate) type SharedLookup = Arc<RwLock<Arc<Lookup>>>;
 
 /// A reload's new configuration for a running connection: only its tag
 /// list may differ (anything else restarts the connection).
