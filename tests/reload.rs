@@ -342,6 +342,72 @@ async fn plantgate_reload_reports_refused_and_applied_reloads() {
     assert_eq!(agent.signal("TERM").code(), Some(0));
 }
 
+/// A CA renewed under the same file name takes effect on reload: the
+/// agent notices the new contents (nothing else changed), reconnects with
+/// it, and a CA that does not match the broker stops the uplink (the
+/// records wait in the buffer); the right one again, and everything that
+/// waited arrives, without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_renewed_under_the_same_name_takes_effect_on_reload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = embedded_broker().await;
+    let sim = start_load_sim(dir.path(), 2, 20.0).await;
+    let data_dir = dir.path().join("agent");
+    let right_ca = std::fs::read(&broker.pki.ca_file).expect("CA");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &right_ca).expect("write CA");
+    let toml = load_toml(&data_dir, broker.v4_addr, &ca, "v311", &sim, 2);
+    let mut seen = watch(broker.v4_addr, &broker.pki.ca_file).await;
+    let agent = run_agent(&toml).await;
+    seen.until("sim1 streaming", |s| {
+        s.tracker.last_seq("sim1", "tag") >= Some(20)
+    })
+    .await;
+
+    // Another CA under the same name: the broker's certificate no longer
+    // verifies.
+    let other = plantgate::sim::broker::TestPki::generate().expect("another CA");
+    std::fs::copy(&other.ca_file, &ca).expect("renew CA");
+    let outcome = agent.reload(Ok(load(&toml))).await;
+    assert!(outcome.applied, "{outcome:?}");
+    assert_eq!(outcome.summary, "mqtt reconnects");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mqtt = agent.board.mqtt();
+        if !mqtt.connected && !mqtt.reason.is_empty() && mqtt.reason != "reload" {
+            assert!(
+                mqtt.reason.to_lowercase().contains("certificate")
+                    || mqtt.reason.contains("UnknownIssuer"),
+                "{mqtt:?}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still connected: {mqtt:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // The right CA again: connected, and what waited in the buffer arrives.
+    std::fs::write(&ca, &right_ca).expect("write CA");
+    let outcome = agent.reload(Ok(load(&toml))).await;
+    assert_eq!(outcome.summary, "mqtt reconnects");
+    let waited = plantgate::record::now_ms();
+    seen.until("records from after the outage", |s| {
+        s.messages
+            .iter()
+            .filter(|m| m.topic.ends_with("/data/sim1/tag"))
+            .flat_map(|m| m.payload["records"].as_array().cloned().unwrap_or_default())
+            .filter_map(|r| r["ts"].as_str().map(str::to_string))
+            .any(|ts| ts > plantgate::record::format_ts(waited))
+    })
+    .await;
+    assert!(agent.board.mqtt().connected);
+    assert_eq!(seen.tracker.gaps, 0, "{:?}", seen.tracker.gap_details);
+    agent.stop().await;
+}
+
 /// An `optomes` connection untouched by a reload keeps its session and its
 /// profile state: the OEE window a reload falls into (a connection added
 /// beside it, the uplink reconnected) comes out `complete`, once.
