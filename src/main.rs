@@ -191,26 +191,59 @@ fn config_path(arg: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/etc/plantgate/plantgate.toml"))
 }
 
-/// Default log levels when RUST_LOG is unset. The demo's embedded broker
-/// reports every cut connection as an error, which is the point of the demo,
-/// not news: it is silenced there.
+/// Default log levels when RUST_LOG is unset. The OPC UA client's
+/// subscription service logs every publish request a closing session
+/// fails (`BadSessionClosed`), a burst at each clean stop; every failure
+/// there also reaches plantgate, which reports it with its context, so
+/// that module is silenced. The demo's embedded broker reports every cut
+/// connection as an error, which is the point of the demo, not news.
 fn default_filter(command: &Command) -> &'static str {
     match command {
-        Command::Demo { .. } => "warn,plantgate=info,rumqttd=off,opcua_client=error",
-        _ => "info,rumqttd=warn,opcua_client=warn,opcua_server=warn,opcua_core=warn",
+        Command::Demo { .. } => {
+            "info,rumqttd=off,opcua_client=error,opcua_client::session::services::subscriptions=off,\
+             opcua_server=warn,opcua_core=warn"
+        }
+        _ => {
+            "info,rumqttd=warn,opcua_client=warn,opcua_client::session::services::subscriptions=off,\
+             opcua_server=warn,opcua_core=warn"
+        }
     }
 }
 
-fn init_logging(format: LogFormat, default: &str) {
+/// Logs to stderr, or to `file` (the demo, whose live view is stdout and
+/// must not be interleaved with log lines).
+fn init_logging(format: LogFormat, default: &str, file: Option<&std::path::Path>) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let opened = file.map(std::fs::File::create);
+    match (format, opened) {
+        (LogFormat::Text, Some(Ok(f))) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(f))
+            .init(),
+        (LogFormat::Json, Some(Ok(f))) => builder
+            .json()
+            .flatten_event(true)
+            .with_writer(std::sync::Mutex::new(f))
+            .init(),
+        (format, opened) => {
+            if let Some(Err(e)) = opened {
+                eprintln!("plantgate: cannot write the log file ({e}); logging to stderr");
+            }
+            let builder = builder.with_writer(std::io::stderr);
+            match format {
+                LogFormat::Text => builder.init(),
+                LogFormat::Json => builder.json().flatten_event(true).init(),
+            }
+        }
     }
+}
+
+/// Where the demo logs: a file of its own in the temporary directory,
+/// named at the top of its live view.
+fn demo_log_file() -> PathBuf {
+    std::env::temp_dir().join(format!("plantgate-demo-{}.log", std::process::id()))
 }
 
 /// Loads the config or prints one line per problem and returns exit 78.
@@ -367,7 +400,12 @@ fn main() -> ExitCode {
     plantgate::heap::limit_arenas();
     restrict_umask();
     let cli = Cli::parse();
-    init_logging(cli.log_format, default_filter(&cli.command));
+    let log_file = matches!(cli.command, Command::Demo { .. }).then(demo_log_file);
+    init_logging(
+        cli.log_format,
+        default_filter(&cli.command),
+        log_file.as_deref(),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -462,6 +500,7 @@ async fn run_demo(duration: Option<u64>, outage: Option<u64>, format: &str) -> E
     let opts = plantgate::demo::DemoOptions {
         duration: duration.map(std::time::Duration::from_secs),
         outage: outage.map(std::time::Duration::from_secs),
+        log_file: Some(demo_log_file()),
         format: match format {
             "sparkplug_b" => plantgate::config::MqttFormat::SparkplugB,
             _ => plantgate::config::MqttFormat::Json,
@@ -472,6 +511,7 @@ async fn run_demo(duration: Option<u64>, outage: Option<u64>, format: &str) -> E
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("plantgate demo: {e:#}");
+            eprintln!("  the log: {}", demo_log_file().display());
             ExitCode::FAILURE
         }
     }

@@ -11,6 +11,7 @@ use plantgate::demo::{run, DemoOptions};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_in_sparkplug_mode_without_loss() {
     let opts = DemoOptions {
+        log_file: None,
         duration: Some(Duration::from_secs(14)),
         outage: Some(Duration::from_secs(3)),
         format: MqttFormat::SparkplugB,

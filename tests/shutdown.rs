@@ -134,6 +134,13 @@ async fn sigterm_exits_zero_quickly_and_loses_nothing() {
     let missing: Vec<u64> = (1..=last).filter(|s| !have.contains(s)).collect();
     assert!(missing.is_empty(), "lost seqs {missing:?} of 1..={last}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // A clean stop closes the OPC UA session quietly, and the key the agent
+    // made at its first start was private from the start.
+    assert!(
+        !stderr.contains("BadSessionClosed") && !stderr.contains("publish failed"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("readable by others"), "{stderr}");
     assert!(stderr.contains("reloading the configuration"), "{stderr}");
     assert!(stderr.contains("nothing changed"), "{stderr}");
     // A clean stop ends every task on purpose: none of them is reported

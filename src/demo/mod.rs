@@ -33,6 +33,8 @@ pub struct DemoOptions {
     pub outage: Option<Duration>,
     /// JSON or Sparkplug B on the wire (docs/sparkplug.md).
     pub format: crate::config::MqttFormat,
+    /// Where the log goes, named at the top of the live view.
+    pub log_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -530,7 +532,7 @@ impl Plant {
         })
     }
 
-    fn print(&self, config: &crate::config::Config) {
+    fn print(&self, config: &crate::config::Config, log_file: Option<&std::path::Path>) {
         let (sim, optomes) = (&self.deltav, &self.optomes);
         println!("plantgate demo");
         println!(
@@ -548,6 +550,9 @@ impl Plant {
             "  buffer            {}",
             config.agent.data_dir.join("buffer.db").display()
         );
+        if let Some(log) = log_file {
+            println!("  log               {}", log.display());
+        }
         println!();
     }
 }
@@ -569,7 +574,7 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
     let config = crate::config::load_from(&toml, &HashMap::new())
         .map_err(|e| DemoError::Setup(format!("demo config: {e}")))?
         .config;
-    plant.print(&config);
+    plant.print(&config, opts.log_file.as_deref());
 
     let broker = &plant.broker;
     let sparkplug = opts.format == crate::config::MqttFormat::SparkplugB;

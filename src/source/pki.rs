@@ -251,7 +251,9 @@ pub(crate) fn create(
             std::fs::copy(pki_dir.join(OWN_KEY), &tmp_key).map_err(io(&tmp_key))?;
         }
     }
-    restrict_key(&tmp_key)?;
+    // Ours, just made: private without a word (the library writes it with
+    // the default mode).
+    set_private(&tmp_key)?;
     // Key first: a certificate present implies its key is there.
     let key_path = pki_dir.join(OWN_KEY);
     let cert_path = pki_dir.join(OWN_CERT);
@@ -285,9 +287,20 @@ fn restrict_key(path: &Path) -> Result<(), PkiError> {
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io(path))?;
+        set_private(path)?;
         tracing::warn!(key = %path.display(), "OPC UA private key was readable by others; set to 0600");
     }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_private(path: &Path) -> Result<(), PkiError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io(path))
+}
+
+#[cfg(not(unix))]
+fn set_private(_path: &Path) -> Result<(), PkiError> {
     Ok(())
 }
 
