@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod announce;
 pub mod backoff;
+pub mod browse;
 pub mod buffer;
 pub mod config;
 pub mod demo;

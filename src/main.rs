@@ -94,6 +94,29 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Browse a server's address space: one line per node, or with --toml
+    /// `[[connections.tags]]` blocks for the readable variables. Writes
+    /// nothing to the plant.
+    Browse {
+        /// The config whose connection (--connection) to browse with: its
+        /// endpoint, security, identity and PKI.
+        #[arg(short, long, requires = "connection")]
+        config: Option<PathBuf>,
+        #[arg(long, requires = "config")]
+        connection: Option<String>,
+        /// A bare endpoint instead (no security, anonymous).
+        #[arg(long, conflicts_with_all = ["config", "connection"], required_unless_present = "connection")]
+        endpoint: Option<String>,
+        /// Start node (default: the Objects folder), e.g. "nsu=urn:x;s=Area1".
+        #[arg(long)]
+        from: Option<String>,
+        /// Levels below the start node.
+        #[arg(long, default_value_t = 3)]
+        depth: u32,
+        /// Print ready-to-paste tag blocks for the readable variables.
+        #[arg(long)]
+        toml: bool,
+    },
     /// Ask the running agent to reload its configuration (the unit's
     /// ExecReload) and wait for the outcome: exit 0 when applied, 1 when
     /// refused (the reasons printed), 78 when the file is invalid.
@@ -199,6 +222,9 @@ fn config_path(arg: Option<PathBuf>) -> PathBuf {
 /// connection as an error, which is the point of the demo, not news.
 fn default_filter(command: &Command) -> &'static str {
     match command {
+        // One-shot commands: what goes wrong is said in their own words;
+        // the libraries' chatter about sessions closing is not.
+        Command::Browse { .. } => "warn,opcua_client=error,opcua_core=error,opcua_crypto=error",
         Command::Demo { .. } => {
             "info,rumqttd=off,opcua_client=error,opcua_client::session::services::subscriptions=off,\
              opcua_server=warn,opcua_core=warn"
@@ -457,6 +483,108 @@ async fn run_agent(config: config::Config, path: PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// What `plantgate browse` connects with.
+enum BrowseTarget {
+    Endpoint(String),
+    Connection(PathBuf, String),
+}
+
+/// `plantgate browse`: exit 0 with the nodes, 1 when the server cannot be
+/// browsed, 78 for a bad config or connection id.
+async fn run_browse(target: BrowseTarget, from: Option<&str>, depth: u32, toml: bool) -> ExitCode {
+    // A bare endpoint gets a throw-away PKI: no security, nothing to trust.
+    let scratch;
+    let (conn, pki_dir) = match target {
+        BrowseTarget::Connection(path, id) => {
+            let config = match load_config(&path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(conn) = config.connections.iter().find(|c| c.id == id).cloned() else {
+                let ids: Vec<&str> = config.connections.iter().map(|c| c.id.as_str()).collect();
+                eprintln!(
+                    "plantgate: --connection {id}: not in {} (it has: {})",
+                    path.display(),
+                    ids.join(", ")
+                );
+                return ExitCode::from(EXIT_CONFIG as u8);
+            };
+            (conn, config.agent.data_dir.join("pki"))
+        }
+        BrowseTarget::Endpoint(url) => {
+            scratch = match tempfile::tempdir() {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("plantgate: browse: a temporary directory: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let text = format!(
+                "[agent]\nid = \"browse\"\nsite = \"browse\"\n[mqtt]\nurl = \"mqtts://localhost\"\n\
+                 [[connections]]\nid = \"browse\"\nkind = \"generic\"\nendpoint = {}\n\
+                 security_policy = \"None\"\nsecurity_mode = \"None\"\n",
+                plantgate::browse::toml_string(&url)
+            );
+            match config::load_from(&text, &Default::default()) {
+                Ok(l) => match l.config.connections.into_iter().next() {
+                    Some(c) => (c, scratch.path().join("pki")),
+                    None => return ExitCode::FAILURE,
+                },
+                Err(e) => {
+                    for p in &e.problems {
+                        let key = p.path.replace("connections[0].endpoint", "--endpoint");
+                        eprintln!("plantgate: {key}: {}", p.message);
+                    }
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            }
+        }
+    };
+    let one = match plantgate::source::open::OneShot::open(&conn, &pki_dir).await {
+        Ok(one) => one,
+        Err(e) => {
+            eprintln!("plantgate: browse {}: {e}", conn.endpoint);
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match plantgate::browse::start(&one, from) {
+        Ok(start) => plantgate::browse::walk(&one, &start, depth).await,
+        Err(e) => Err(e),
+    };
+    one.close().await;
+    let walk = match result {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("plantgate: browse {}: {e}", conn.endpoint);
+            return ExitCode::FAILURE;
+        }
+    };
+    if toml {
+        let readable = walk.found.iter().filter(|f| f.readable()).count();
+        println!(
+            "# {readable} readable variables of {} under {} (depth {depth})\n",
+            conn.endpoint,
+            from.unwrap_or("the Objects folder")
+        );
+        print!("{}", plantgate::browse::tags_toml(&walk.found));
+    } else {
+        for f in &walk.found {
+            println!("{}", plantgate::browse::line(f));
+        }
+    }
+    for (node, status) in &walk.failed {
+        eprintln!("plantgate: browse: {node} could not be browsed: {status}");
+    }
+    if walk.truncated {
+        eprintln!(
+            "plantgate: browse: stopped at {} nodes; use --from and --depth for less",
+            plantgate::browse::MAX_NODES
+        );
+    }
+    eprintln!("{} nodes", walk.found.len());
+    ExitCode::SUCCESS
+}
+
 /// `plantgate reload`: signals the agent and reports what it did with
 /// the file (docs/cli.md). An invalid file is refused here with the same
 /// errors as `check` (secrets aside); the agent, still signalled when its pid is known,
@@ -535,6 +663,21 @@ async fn dispatch(command: Command) -> ExitCode {
                 }
                 Err(code) => code,
             }
+        }
+        Command::Browse {
+            config,
+            connection,
+            endpoint,
+            from,
+            depth,
+            toml,
+        } => {
+            let target = match (endpoint, config, connection) {
+                (Some(url), _, _) => BrowseTarget::Endpoint(url),
+                (None, config, Some(id)) => BrowseTarget::Connection(config_path(config), id),
+                (None, _, None) => BrowseTarget::Endpoint(String::new()),
+            };
+            run_browse(target, from.as_deref(), depth, toml).await
         }
         Command::Reload {
             config,

@@ -62,7 +62,7 @@ impl From<SourceError> for Failure {
 
 /// Aborts the event-loop task however the session ends: dropping the loop
 /// closes the TCP connection.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(super) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -124,21 +124,13 @@ impl Live {
         told_connected: &mut bool,
     ) -> Result<Live, SourceError> {
         let conn = ctx.conn;
-        let identity = session::identity(conn);
-        let endpoint = session::discover_endpoint(client, conn, &identity).await?;
-        session::vet_endpoint(&endpoint, conn, &identity, ctx.notices).await?;
-        let (session, event_loop) = client
-            .connect_to_endpoint_directly(endpoint, identity)
-            .map_err(|e| SourceError::ua(e.status(), format!("connect: {e}")))?;
-        let (events_tx, mut events) = mpsc::unbounded_channel();
-        let clock = Arc::new(PublishClock::new());
-        let guard = AbortOnDrop(session::spawn_event_loop(
-            event_loop,
-            events_tx.clone(),
-            clock.clone(),
-            ctx.notices.clone(),
-        ));
-        await_connected(&mut events).await?;
+        let Connected {
+            session,
+            events,
+            events_tx,
+            clock,
+            guard,
+        } = connect(conn, client, ctx.notices).await?;
         // Namespace indexes may differ after every server restart: `nsu=`
         // tags are resolved against the array of this session.
         let namespaces = session::read_namespaces(&session).await?;
@@ -488,6 +480,49 @@ impl Live {
             }
         });
     }
+}
+
+/// A session activated, not subscribed yet.
+pub(super) struct Connected {
+    pub session: Arc<Session>,
+    pub events: mpsc::UnboundedReceiver<LoopEvent>,
+    /// For the subscription callbacks' word to the session (a node gone).
+    pub events_tx: mpsc::UnboundedSender<LoopEvent>,
+    pub clock: Arc<PublishClock>,
+    pub guard: AbortOnDrop,
+}
+
+/// The first half of every session, the service's and the one-shot
+/// commands' (`source::open`): the configured endpoint and security pair
+/// found among those the server offers, its certificate checked, the
+/// session created and activated with the configured identity.
+pub(super) async fn connect(
+    conn: &ConnectionConfig,
+    client: &mut Client,
+    notices: &Arc<Notices>,
+) -> Result<Connected, SourceError> {
+    let identity = session::identity(conn);
+    let endpoint = session::discover_endpoint(client, conn, &identity).await?;
+    session::vet_endpoint(&endpoint, conn, &identity, notices).await?;
+    let (session, event_loop) = client
+        .connect_to_endpoint_directly(endpoint, identity)
+        .map_err(|e| SourceError::ua(e.status(), format!("connect: {e}")))?;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let clock = Arc::new(PublishClock::new());
+    let guard = AbortOnDrop(session::spawn_event_loop(
+        event_loop,
+        events_tx.clone(),
+        clock.clone(),
+        notices.clone(),
+    ));
+    await_connected(&mut events).await?;
+    Ok(Connected {
+        session,
+        events,
+        events_tx,
+        clock,
+        guard,
+    })
 }
 
 /// Waits for the event loop's first word on a new session.

@@ -33,6 +33,7 @@ mod bad_tags;
 mod driver;
 pub mod feed;
 mod live;
+pub mod open;
 pub mod pki;
 mod reporter;
 mod session;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod asyncua;
 pub mod conn;
 pub mod load;
 pub mod mosquitto;
