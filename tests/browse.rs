@@ -119,6 +119,49 @@ async fn browsing_the_deltav_simulator_gives_tags_that_all_deliver() {
     every_tag_gives_data(&endpoint, &toml).await;
 }
 
+/// Through a configured connection: its endpoint and settings, and the
+/// agent's own certificate in `agent.data_dir/pki`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsing_through_a_configured_connection_uses_its_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim = start_load_sim(dir.path(), 1, 1.0).await;
+    let data_dir = dir.path().join("agent");
+    write_file(dir.path(), "ca.pem", "not needed to browse");
+    let config = write_file(
+        dir.path(),
+        "plantgate.toml",
+        &agent_toml(
+            &data_dir,
+            "127.0.0.1:1".parse().expect("addr"),
+            &dir.path().join("ca.pem"),
+            "v5",
+            &sim.endpoint(),
+            sim.namespace_uri(),
+            &[],
+        ),
+    );
+    let from = format!("nsu={};s=LOAD", sim.namespace_uri());
+    let (code, lines, stderr) = browse(&[
+        "-c",
+        config.to_str().expect("utf-8"),
+        "--connection",
+        "sim1",
+        "--from",
+        &from,
+        "--depth",
+        "1",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        lines.contains(";s=LOAD/TAG00000.CV  LOAD/TAG00000.CV  Variable  Double  r"),
+        "{lines}"
+    );
+    assert!(
+        data_dir.join("pki/own/cert.der").exists(),
+        "the agent's own certificate, made where the service keeps it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_folder_of_thousands_of_tags_comes_out_whole() {
     let dir = tempfile::tempdir().expect("tempdir");
