@@ -22,6 +22,7 @@ pub mod headroom;
 pub mod health;
 pub mod heap;
 pub mod nodeid;
+pub mod probe;
 pub mod profile;
 pub mod rate;
 pub mod record;

@@ -89,10 +89,17 @@ enum Command {
         #[arg(long)]
         load_control: bool,
     },
-    /// Validate the config and print the effective config (secrets as ***).
+    /// Validate the config and print the effective config (secrets as ***);
+    /// with --connect, try every connection and the broker instead.
     Check {
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Connect as the service would: each OPC UA server (endpoint,
+        /// security, certificate, identity, every node) and the broker
+        /// (TLS, authentication, a QoS 1 publish), one line per check.
+        /// Writes nothing to the plant.
+        #[arg(long)]
+        connect: bool,
     },
     /// Browse a server's address space: one line per node, or with --toml
     /// `[[connections.tags]]` blocks for the readable variables. Writes
@@ -224,7 +231,9 @@ fn default_filter(command: &Command) -> &'static str {
     match command {
         // One-shot commands: what goes wrong is said in their own words;
         // the libraries' chatter about sessions closing is not.
-        Command::Browse { .. } => "warn,opcua_client=error,opcua_core=error,opcua_crypto=error",
+        Command::Browse { .. } | Command::Check { connect: true, .. } => {
+            "warn,opcua_client=off,opcua_core=off,opcua_crypto=error,rumqttc=off"
+        }
         Command::Demo { .. } => {
             "info,rumqttd=off,opcua_client=error,opcua_client::session::services::subscriptions=off,\
              opcua_server=warn,opcua_core=warn"
@@ -483,6 +492,29 @@ async fn run_agent(config: config::Config, path: PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `plantgate check --connect`: every connection, then the broker, one
+/// line per check as it completes; exit 0 when all pass, else 1.
+async fn check_connect(config: &config::Config) -> ExitCode {
+    let pki_dir = config.agent.data_dir.join("pki");
+    let mut failed = 0;
+    let mut report = |checks: Vec<plantgate::probe::Check>| {
+        for c in checks {
+            failed += usize::from(!c.ok);
+            println!("{}", c.line());
+        }
+    };
+    for conn in &config.connections {
+        report(plantgate::source::probe::connection(conn, &pki_dir).await);
+    }
+    report(plantgate::uplink::probe::broker(config).await);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("plantgate: {failed} check(s) failed");
+        ExitCode::FAILURE
+    }
+}
+
 /// What `plantgate browse` connects with.
 enum BrowseTarget {
     Endpoint(String),
@@ -654,9 +686,10 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Check { config } => {
+        Command::Check { config, connect } => {
             let path = config_path(config);
             match load_config(&path) {
+                Ok(c) if connect => check_connect(&c).await,
                 Ok(c) => {
                     print!("{}", config::render(&c));
                     ExitCode::SUCCESS

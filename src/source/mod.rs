@@ -35,6 +35,7 @@ pub mod feed;
 mod live;
 pub mod open;
 pub mod pki;
+pub mod probe;
 mod reporter;
 mod session;
 mod tags;

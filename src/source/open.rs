@@ -14,6 +14,20 @@ use super::session::{self, Notices, SourceError};
 use super::ConnectionReporter;
 use crate::config::ConnectionConfig;
 
+/// What the service would announce as events (a changed server
+/// certificate, a cleartext password) is only logged by a one-shot
+/// command: there is no buffer to take events.
+pub(super) fn quiet_notices(conn: &ConnectionConfig, pki_dir: &Path) -> Arc<Notices> {
+    let (outlet, _nowhere) = crate::buffer::Outlet::queue(16);
+    let reporter = ConnectionReporter::new(
+        &conn.id,
+        crate::status::StatusBoard::new(),
+        outlet,
+        Vec::new(),
+    );
+    Arc::new(Notices::new(&reporter, pki_dir))
+}
+
 /// An open session; closed politely by [`OneShot::close`], cut when
 /// dropped.
 pub struct OneShot {
@@ -31,17 +45,7 @@ impl OneShot {
             tokio::task::spawn_blocking(move || session::build_client(&c, &dir))
                 .await
                 .map_err(|e| SourceError::Client(format!("client setup task failed: {e}")))??;
-        // What the service would announce as events (a changed server
-        // certificate, a cleartext password) is logged only: there is no
-        // buffer here to take events.
-        let (outlet, _nowhere) = crate::buffer::Outlet::queue(16);
-        let reporter = ConnectionReporter::new(
-            &conn.id,
-            crate::status::StatusBoard::new(),
-            outlet,
-            Vec::new(),
-        );
-        let notices = Arc::new(Notices::new(&reporter, pki_dir));
+        let notices = quiet_notices(conn, pki_dir);
         let connected = live::connect(conn, &mut client, &notices).await?;
         let namespaces = session::read_namespaces(&connected.session).await?;
         Ok(OneShot {

@@ -32,6 +32,7 @@ pub mod delivery;
 mod link;
 pub mod mqtt;
 pub mod payload;
+pub mod probe;
 mod replays;
 pub mod tls;
 pub mod topics;

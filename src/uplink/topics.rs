@@ -25,6 +25,11 @@ impl Topics {
         format!("{}/status", self.root)
     }
 
+    /// Where `plantgate check --connect` publishes its one test message.
+    pub fn check(&self) -> String {
+        format!("{}/check", self.root)
+    }
+
     pub fn heartbeat(&self) -> String {
         format!("{}/heartbeat", self.root)
     }
