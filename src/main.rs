@@ -160,6 +160,14 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Man pages or shell completions (bash, zsh, fish) into DIR: what the
+    /// Debian packages install (packaging/deb.sh).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_parser = ["man", "completions"])]
+        what: String,
+        dir: PathBuf,
+    },
     /// Inspect the buffer database of a config.
     Buffer {
         #[command(subcommand)]
@@ -515,6 +523,31 @@ async fn check_connect(config: &config::Config) -> ExitCode {
     }
 }
 
+/// `plantgate generate man|completions DIR`: from the clap definition of
+/// this very binary.
+fn generate(what: &str, dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    let written = std::fs::create_dir_all(dir).and_then(|()| match what {
+        "man" => clap_mangen::generate_to(Cli::command(), dir),
+        _ => [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ]
+        .into_iter()
+        .try_for_each(|shell| {
+            clap_complete::generate_to(shell, &mut Cli::command(), "plantgate", dir).map(drop)
+        }),
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("plantgate: generate {what} into {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// What `plantgate browse` connects with.
 enum BrowseTarget {
     Endpoint(String),
@@ -717,6 +750,7 @@ async fn dispatch(command: Command) -> ExitCode {
             pid,
             timeout,
         } => request_reload(config_path(config), pid, timeout).await,
+        Command::Generate { what, dir } => generate(&what, &dir),
         Command::Demo {
             duration,
             outage,
