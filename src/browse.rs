@@ -335,29 +335,10 @@ pub fn tags_toml(found: &[Found]) -> String {
         }
         out.push_str(&format!(
             "[[connections.tags]]\nname = {}\nnode = {}\n\n",
-            toml_string(&name),
-            toml_string(&f.node.to_string())
+            crate::config::toml_string(&name),
+            crate::config::toml_string(&f.node.to_string())
         ));
     }
-    out
-}
-
-/// A TOML basic string.
-pub fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
     out
 }
 

@@ -588,7 +588,7 @@ async fn run_browse(target: BrowseTarget, from: Option<&str>, depth: u32, toml: 
                 "[agent]\nid = \"browse\"\nsite = \"browse\"\n[mqtt]\nurl = \"mqtts://localhost\"\n\
                  [[connections]]\nid = \"browse\"\nkind = \"generic\"\nendpoint = {}\n\
                  security_policy = \"None\"\nsecurity_mode = \"None\"\n",
-                plantgate::browse::toml_string(&url)
+                config::toml_string(&url)
             );
             match config::load_from(&text, &Default::default()) {
                 Ok(l) => match l.config.connections.into_iter().next() {

@@ -50,21 +50,7 @@ pub async fn ask(config: &Config, ask: &Ask) -> Result<Value, AskError> {
     };
     let topics = Topics::new(&m.topic_prefix, &config.agent.site, &config.agent.id);
     let request_id = format!("cli-{}", uuid::Uuid::new_v4().simple());
-    let options = SessionOptions {
-        protocol: m.protocol,
-        // Not the agent's own client id: the broker would drop the agent.
-        client_id: format!("{}-replay-{}", config.agent.id, std::process::id()),
-        host: m.host.clone(),
-        port: m.port,
-        tls,
-        keep_alive: m.keep_alive,
-        username: m.username.clone(),
-        password: m.password.clone(),
-        will: None,
-        max_packet_bytes: m.max_message_bytes + 4096,
-        max_payload_bytes: m.max_message_bytes,
-        inflight: 4,
-    };
+    let options = SessionOptions::for_command(config, "replay", tls);
     let body = json!({
         "request_id": request_id,
         "connection": ask.connection,

@@ -10,7 +10,7 @@ mod units;
 
 pub use load::{load, load_from, load_without_secrets, ConfigError, Loaded, Problem, EXIT_CONFIG};
 pub use model::*;
-pub use render::render;
+pub use render::{render, toml_string};
 pub use units::{parse_duration, parse_size};
 
 #[cfg(test)]

@@ -245,7 +245,8 @@ fn toml_key(key: &str) -> String {
     }
 }
 
-fn toml_string(s: &str) -> String {
+/// A TOML basic string (quoted and escaped).
+pub fn toml_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {

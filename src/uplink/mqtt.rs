@@ -56,6 +56,35 @@ pub struct SessionOptions {
     pub inflight: u16,
 }
 
+impl SessionOptions {
+    /// A command's own session to the configured broker (`replay`,
+    /// `check --connect`): the service's settings and TLS, no Will, and a
+    /// client id of its own (`{agent.id}-{role}-…`), since the broker would
+    /// throw the running agent off for a second session under its id.
+    pub fn for_command(
+        config: &crate::config::Config,
+        role: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> SessionOptions {
+        let m = &config.mqtt;
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        SessionOptions {
+            protocol: m.protocol,
+            client_id: format!("{}-{role}-{}", config.agent.id, &suffix[..8]),
+            host: m.host.clone(),
+            port: m.port,
+            tls,
+            keep_alive: m.keep_alive,
+            username: m.username.clone(),
+            password: m.password.clone(),
+            will: None,
+            max_packet_bytes: m.max_message_bytes + 4096,
+            max_payload_bytes: m.max_message_bytes,
+            inflight: 16,
+        }
+    }
+}
+
 /// What the broker publishes when the session ends without a DISCONNECT.
 #[derive(Debug, Clone)]
 pub struct Will {

@@ -29,22 +29,7 @@ pub async fn broker(config: &Config) -> Vec<Check> {
     } else {
         None
     };
-    // Its own client id: the service's would throw a running agent off.
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    let options = SessionOptions {
-        protocol: m.protocol,
-        client_id: format!("{}-check-{}", config.agent.id, &suffix[..8]),
-        host: m.host.clone(),
-        port: m.port,
-        tls,
-        keep_alive: m.keep_alive,
-        username: m.username.clone(),
-        password: m.password.clone(),
-        will: None,
-        max_packet_bytes: m.max_message_bytes + 4096,
-        max_payload_bytes: m.max_message_bytes,
-        inflight: 16,
-    };
+    let options = SessionOptions::for_command(config, "check", tls);
     let mut session = Session::start(&options);
     let mut out = Vec::new();
     let first = tokio::time::timeout(ANSWER, session.next()).await;
