@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod broker;
 pub mod deltav;
+pub mod history;
 pub mod load;
 pub mod ns0;
 pub mod optomes;

@@ -11,11 +11,11 @@ use opcua::types::{
     BuildInfo, ByteString, DataValue, DateTime, MessageSecurityMode, NodeId, StatusCode, UAString,
     Variant,
 };
-use opcua_server::address_space::Variable;
+use opcua_server::address_space::{AccessLevel, Variable};
 use opcua_server::diagnostics::NamespaceMetadata;
-use opcua_server::node_manager::memory::{
-    simple_node_manager, InMemoryNodeManager, SimpleNodeManager, SimpleNodeManagerImpl,
-};
+use opcua_server::node_manager::memory::{simple_node_manager, InMemoryNodeManager};
+
+use super::history::SimNodeManager;
 use opcua_server::{
     ServerBuilder, ServerEndpoint, ServerHandle, ServerUserToken, SubscriptionCache,
     ANONYMOUS_USER_TOKEN_ID,
@@ -113,7 +113,7 @@ impl From<SimValue> for Variant {
 }
 
 /// Timestamp in milliseconds since the Unix epoch -> OPC UA DateTime.
-fn datetime_from_ms(ts_ms: i64) -> DateTime {
+pub(crate) fn datetime_from_ms(ts_ms: i64) -> DateTime {
     match chrono::DateTime::from_timestamp_millis(ts_ms) {
         Some(dt) => DateTime::from(dt),
         None => DateTime::now(),
@@ -125,7 +125,7 @@ fn datetime_from_ms(ts_ms: i64) -> DateTime {
 /// update tasks can own a copy.
 #[derive(Clone)]
 pub struct SimNamespace {
-    manager: Arc<InMemoryNodeManager<SimpleNodeManagerImpl>>,
+    manager: Arc<InMemoryNodeManager<SimNodeManager>>,
     subscriptions: Arc<SubscriptionCache>,
     index: u16,
     uri: Arc<str>,
@@ -161,12 +161,19 @@ impl SimNamespace {
         let variables = vars
             .into_iter()
             .map(|(id, name, value)| {
-                Variable::new(
+                let mut v = Variable::new(
                     &self.node_id(&id),
                     name.as_str(),
                     name.as_str(),
                     Variant::from(value),
-                )
+                );
+                // Historized, as a DeltaV Continuous Historian tag is: the
+                // values set are kept for HistoryRead (`sim::history`).
+                let access = AccessLevel::CURRENT_READ | AccessLevel::HISTORY_READ;
+                v.set_access_level(access);
+                v.set_user_access_level(access);
+                v.set_historizing(true);
+                v
             })
             .collect();
         let mut space = self.manager.address_space().write();
@@ -201,7 +208,17 @@ impl SimNamespace {
                 &self.subscriptions,
                 items.iter().map(|(id, dv)| (id, None, dv.clone())),
             )
-            .map_err(|status| SimError::SetValue(status.to_string()))
+            .map_err(|status| SimError::SetValue(status.to_string()))?;
+        for (id, dv) in &items {
+            self.manager.inner().record(id, dv);
+        }
+        Ok(())
+    }
+
+    /// Whether `id` keeps a history (all variables do at first): a server
+    /// where some tags are not historized.
+    pub fn set_historized(&self, id: &str, on: bool) {
+        self.manager.inner().set_historized(&self.node_id(id), on);
     }
 
     /// Sets a variable to `value` (None: no value) with `status` (Bad or
@@ -226,8 +243,10 @@ impl SimNamespace {
         };
         let node = self.node_id(id);
         self.manager
-            .set_values(&self.subscriptions, [(&node, None, dv)].into_iter())
-            .map_err(|status| SimError::SetValue(status.to_string()))
+            .set_values(&self.subscriptions, [(&node, None, dv.clone())].into_iter())
+            .map_err(|status| SimError::SetValue(status.to_string()))?;
+        self.manager.inner().record(&node, &dv);
+        Ok(())
     }
 
     /// Deletes a variable at runtime, like a configuration download that
@@ -431,7 +450,7 @@ fn with_namespaces(
             &format!("{}-extra-{i}", spec.name),
         ));
     }
-    builder.with_node_manager(simple_node_manager(
+    builder.with_node_manager(super::history::node_manager(
         NamespaceMetadata {
             namespace_uri: spec.namespace_uri.clone(),
             ..Default::default()
@@ -491,7 +510,7 @@ fn set_limits(builder: &mut ServerBuilder, extras: &SimExtras) {
 fn sim_namespace(handle: &ServerHandle, spec: &SimSpec) -> Result<SimNamespace, SimError> {
     let manager = handle
         .node_managers()
-        .get_by_name::<SimpleNodeManager>(&spec.name)
+        .get_by_name::<InMemoryNodeManager<SimNodeManager>>(&spec.name)
         .ok_or_else(|| SimError::Build("simple node manager missing".into()))?;
     let index = handle
         .get_namespace_index(&spec.namespace_uri)
