@@ -230,6 +230,7 @@ async fn status(State(state): State<Arc<HealthState>>) -> Response {
                 "dropped": st.dropped,
                 "last_value_ts": ts_or_null(st.last_value_ts_ms),
                 "subscriptions": st.subscriptions,
+                "backfill": st.backfill,
             })
         })
         .collect();
@@ -620,6 +621,79 @@ fn register_subscriptions(r: &mut Registry, board: &[(String, crate::status::Con
     );
 }
 
+/// Backfill figures of the connections that have it on (docs/backfill.md).
+fn register_backfill(r: &mut Registry, board: &[(String, crate::status::ConnStatus)]) {
+    use crate::status::BackfillStatus;
+    let series = |pick: fn(&BackfillStatus) -> u64| {
+        board
+            .iter()
+            .filter_map(|(id, st)| {
+                let b = st.backfill.as_ref()?;
+                let labels = ConnectionLabels {
+                    connection: id.clone(),
+                };
+                Some((labels, pick(b)))
+            })
+            .collect::<Vec<_>>()
+    };
+    let counters = |pick| {
+        Series(
+            series(pick)
+                .into_iter()
+                .map(|(l, n)| (l, counter(n)))
+                .collect(),
+        )
+    };
+    let gauges = |pick| {
+        Series(
+            series(pick)
+                .into_iter()
+                .map(|(l, n)| (l, gauge(n)))
+                .collect(),
+        )
+    };
+    r.register(
+        "backfill_runs",
+        "Backfill runs completed, per connection",
+        counters(|b| b.runs_total),
+    );
+    r.register(
+        "backfill_records",
+        "Values read back from the server's history and accepted, per connection",
+        counters(|b| b.records_total),
+    );
+    r.register(
+        "backfill_tags_without_history",
+        "Tags a backfill run could not read (no history, or no HistoryRead service), per connection",
+        counters(|b| b.tags_without_history_total),
+    );
+    r.register(
+        "backfill_values_skipped",
+        "Values a server returned that were not asked for, never emitted, per connection",
+        counters(|b| b.values_skipped_total),
+    );
+    r.register(
+        "backfill_continuation_restarts",
+        "History reads resumed because the server no longer knew its continuation point",
+        counters(|b| b.continuation_restarts_total),
+    );
+    r.register(
+        "backfill_not_read_seconds",
+        "Seconds of gaps older than backfill_max, not read back, per connection",
+        counters(|b| b.not_read_ms_total / 1000),
+    );
+    r.register(
+        "backfill_behind_seconds",
+        "How far back the oldest part a running backfill still has to read lies (0 when idle)",
+        gauges(|b| b.behind_ms / 1000),
+    );
+    r.register(
+        "backfill_gaps_pending",
+        "Per-tag gaps still to be read back, per connection",
+        gauges(|b| b.gaps_pending),
+    );
+}
+
 /// The plant connections' states and what the intake could not accept.
 fn register_intake(
     r: &mut Registry,
@@ -652,6 +726,7 @@ fn register_intake(
         ),
     );
     register_subscriptions(r, board);
+    register_backfill(r, board);
     let mut dropped = Vec::new();
     for (id, st) in board {
         for (reason, n) in &st.dropped {

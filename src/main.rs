@@ -45,6 +45,9 @@ enum Command {
         /// Cut the broker for this many seconds mid-run to show buffering and replay.
         #[arg(long)]
         outage: Option<u64>,
+        /// Stop the agent for this many seconds mid-run; the gap is read back from the simulator's history.
+        #[arg(long)]
+        restart: Option<u64>,
         /// What goes over MQTT: plantgate's JSON or Sparkplug B (decoded and shown as a host application sees it).
         #[arg(long, value_parser = ["json", "sparkplug_b"], default_value = "json")]
         format: String,
@@ -687,12 +690,18 @@ async fn request_reload(path: PathBuf, pid: Option<u32>, timeout: u64) -> ExitCo
 }
 
 /// `plantgate demo`: fails when the consumer saw a gap in any stream.
-async fn run_demo(duration: Option<u64>, outage: Option<u64>, format: &str) -> ExitCode {
+async fn run_demo(
+    duration: Option<u64>,
+    outage: Option<u64>,
+    restart: Option<u64>,
+    format: &str,
+) -> ExitCode {
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone(), true);
     let opts = plantgate::demo::DemoOptions {
         duration: duration.map(std::time::Duration::from_secs),
         outage: outage.map(std::time::Duration::from_secs),
+        restart: restart.map(std::time::Duration::from_secs),
         log_file: Some(demo_log_file()),
         format: match format {
             "sparkplug_b" => plantgate::config::MqttFormat::SparkplugB,
@@ -754,8 +763,9 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Demo {
             duration,
             outage,
+            restart,
             format,
-        } => run_demo(duration, outage, &format).await,
+        } => run_demo(duration, outage, restart, &format).await,
         Command::Simulate {
             kind,
             listen,

@@ -141,16 +141,19 @@ pub enum EventType {
     BufferEvicted,
     #[serde(rename = "source.dropped")]
     SourceDropped,
+    #[serde(rename = "backfill.completed")]
+    BackfillCompleted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 6] = [
+    pub const ALL: [EventType; 7] = [
         EventType::ConnectionStatusChanged,
         EventType::ConnectionAuthRequired,
         EventType::SyncCompleted,
         EventType::SystemError,
         EventType::BufferEvicted,
         EventType::SourceDropped,
+        EventType::BackfillCompleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -161,6 +164,7 @@ impl EventType {
             EventType::SystemError => "system.error",
             EventType::BufferEvicted => "buffer.evicted",
             EventType::SourceDropped => "source.dropped",
+            EventType::BackfillCompleted => "backfill.completed",
         }
     }
 

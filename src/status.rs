@@ -49,6 +49,9 @@ pub struct ConnStatus {
     /// agent asked for and how many the server allowed (fewer means fewer
     /// publish requests in flight, docs/performance.md).
     pub subscriptions: Option<Subscriptions>,
+    /// Reading gaps back from the server's history (docs/backfill.md);
+    /// None while the connection has `backfill = "off"`.
+    pub backfill: Option<BackfillStatus>,
     /// The connection's kind (`deltav`, `optomes`, `generic`; empty when
     /// not registered by the agent).
     pub kind: &'static str,
@@ -62,6 +65,33 @@ pub struct ConnStatus {
     /// Registration order: configuration order at start, then reloads.
     #[serde(skip)]
     order: u64,
+}
+
+/// A connection's backfill (docs/backfill.md): what the runs read back and
+/// what they had to skip, so a gap that was not closed is never silent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BackfillStatus {
+    /// Runs completed (one per gap, or per gaps found together).
+    pub runs_total: u64,
+    /// Values read back and accepted (`"backfill": true` records).
+    pub records_total: u64,
+    /// Tags a run could not read: no history on the server for them, or
+    /// no HistoryRead service at all.
+    pub tags_without_history_total: u64,
+    /// Values the server returned that were not asked for (outside the gap,
+    /// out of order, or more than the chunk asked for); never emitted.
+    pub values_skipped_total: u64,
+    /// Continuation points the server no longer knew; the read went on from
+    /// the last value taken.
+    pub continuation_restarts_total: u64,
+    /// Milliseconds of gaps older than `backfill_max`, not read back.
+    pub not_read_ms_total: u64,
+    /// Whether a run is going on now.
+    pub running: bool,
+    /// How far back the oldest part still to be read lies (ms); 0 when idle.
+    pub behind_ms: u64,
+    /// Gaps (per tag) still to be read back.
+    pub gaps_pending: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -80,6 +110,7 @@ impl ConnStatus {
             last_value_ts_ms: None,
             dropped: BTreeMap::new(),
             subscriptions: None,
+            backfill: None,
             kind: "",
             announces_drops: true,
             removed: false,
@@ -480,6 +511,15 @@ impl StatusBoard {
                     .map_or(newest_ts_ms, |t| t.max(newest_ts_ms)),
             );
         }
+    }
+
+    /// Changes connection `id`'s backfill figures (and turns them on in
+    /// `/status`).
+    pub fn backfill(&self, id: &str, change: impl FnOnce(&mut BackfillStatus)) {
+        if let Some(c) = self.write().connections.get_mut(id) {
+            change(c.backfill.get_or_insert_with(Default::default));
+        }
+        self.bump();
     }
 
     /// The subscriptions a session of connection `id` set up.

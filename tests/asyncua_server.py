@@ -17,7 +17,10 @@ bytes whose content changes every 10 ticks (a value over the decoder's
 customary 65 535 limit); `--huge-string N` adds `Line1/Huge`, a String of N
 bytes set once (over even a raised limit); `--only-none` offers the
 None/None endpoint only, so a password token is not encrypted (the server has
-no encrypting policy to offer for it).
+no encrypting policy to offer for it); `--historize` keeps the history of
+`Line1/Counter` and `Line1/Temp` in memory (asyncua's own history manager) and
+answers HistoryRead for them; `Line1/State` keeps none (a node without
+history).
 
 When it serves, it prints one line on stdout and flushes it:
 
@@ -99,6 +102,7 @@ async def main():
     parser.add_argument("--big-string", type=int, default=0, help="serve Line1/Big, a String of N bytes")
     parser.add_argument("--huge-string", type=int, default=0, help="serve Line1/Huge, a String of N bytes")
     parser.add_argument("--only-none", action="store_true", help="offer the None/None endpoint only")
+    parser.add_argument("--historize", action="store_true", help="keep history of Line1/Counter and Line1/Temp")
     args = parser.parse_args()
 
     users = PasswordUsers(args.user, args.password, not args.no_anonymous)
@@ -137,6 +141,10 @@ async def main():
         await line.add_variable(ua.NodeId("Line1/Huge", idx), "Huge", "h" * args.huge_string, ua.VariantType.String)
 
     async with server:
+        if args.historize:
+            # Unlimited count, a day back: more than any test needs.
+            for node in (counter, temp):
+                await server.historize_node_data_change(node, period=datetime.timedelta(days=1), count=0)
         port = server.bserver.port
         print(f"READY opc.tcp://127.0.0.1:{port}/ ns={idx}", flush=True)
         stdin_closed = asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

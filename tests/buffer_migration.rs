@@ -136,7 +136,7 @@ fn a_schema_3_buffer_is_read_back_whole_and_drains() {
         stats.bytes
     );
     drop(store);
-    assert_eq!(user_version(&path), 5);
+    assert_eq!(user_version(&path), 6);
     let legacy: i64 = rusqlite::Connection::open(&path)
         .expect("open")
         .query_row(
@@ -194,7 +194,7 @@ fn a_schema_4_buffer_keeps_what_it_delivers_from_now_on() {
     store
         .integrity_check()
         .expect("integrity after the upgrade");
-    assert_eq!(user_version(&path), 5);
+    assert_eq!(user_version(&path), 6);
 
     // What was pending still is, exactly (1..=1000 were delivered and
     // deleted by the old version; 1500..=1504 are dead letters).

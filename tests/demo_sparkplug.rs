@@ -14,6 +14,7 @@ async fn the_demo_runs_in_sparkplug_mode_without_loss() {
         log_file: None,
         duration: Some(Duration::from_secs(14)),
         outage: Some(Duration::from_secs(3)),
+        restart: None,
         format: MqttFormat::SparkplugB,
     };
     let summary = run(opts, tokio_util::sync::CancellationToken::new())

@@ -11,7 +11,8 @@ mod common;
 use std::time::Duration;
 
 use plantgate::config::{
-    ConnectionConfig, ProfileConfig, SecurityMode, SecurityPolicy, TagConfig, SECURITY_PAIRS,
+    Backfill, ConnectionConfig, ProfileConfig, SecurityMode, SecurityPolicy, TagConfig,
+    SECURITY_PAIRS,
 };
 use plantgate::record::{Kind, NewRecord};
 use plantgate::secret::Secret;
@@ -78,6 +79,8 @@ fn conn_config(id: &str, endpoint: &str) -> ConnectionConfig {
             plantgate::record::EventType::ConnectionAuthRequired,
             plantgate::record::EventType::SystemError,
         ],
+        backfill: Backfill::Off,
+        backfill_max: Duration::from_secs(3600),
         tags: vec![
             tag("Counter", &format!("nsu={NS};s=Line1/Counter")),
             tag("Temp", &format!("nsu={NS};s=Line1/Temp")),

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use plantgate::config::{
-    ConnectionConfig, DeltavConfig, ProfileConfig, SecurityMode, SecurityPolicy, TagConfig,
-    UnitConfig,
+    Backfill, ConnectionConfig, DeltavConfig, ProfileConfig, SecurityMode, SecurityPolicy,
+    TagConfig, UnitConfig,
 };
 use plantgate::record::{Kind, NewRecord};
 use plantgate::secret::Secret;
@@ -50,6 +50,8 @@ fn conn_config(id: &str, endpoint: &str, tags: Vec<TagConfig>) -> ConnectionConf
             plantgate::record::EventType::ConnectionAuthRequired,
             plantgate::record::EventType::SystemError,
         ],
+        backfill: Backfill::Off,
+        backfill_max: Duration::from_secs(3600),
         tags,
         profile: ProfileConfig::Generic,
     }

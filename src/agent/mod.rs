@@ -549,16 +549,25 @@ async fn supervise_connection(
             cancel.clone(),
         );
         async move {
-            // The profile continues from what was committed with its last
-            // records; an unreadable state only risks a repeated event.
+            // The profile and the backfill marks continue from what was
+            // committed with the last records; an unreadable state only
+            // risks a repeated event, unreadable marks a gap not read back.
             let id = config.borrow().id.clone();
-            let saved = match buffer.profile_state(&id).await {
+            let profile = match buffer.profile_state(&id).await {
                 Ok(saved) => saved,
                 Err(e) => {
                     tracing::error!(connection = %id, error = %e, "reading the saved profile state failed; starting fresh");
                     None
                 }
             };
+            let marks = match buffer.tag_marks(&id).await {
+                Ok(marks) => marks,
+                Err(e) => {
+                    tracing::error!(connection = %id, error = %e, "reading the backfill marks failed; gaps before this start are not read back");
+                    Vec::new()
+                }
+            };
+            let saved = crate::source::Saved { profile, marks };
             crate::source::run_connection(config, pki_dir, reporter, saved, cancel).await
         }
     };

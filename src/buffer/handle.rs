@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::intake::{IntakeObserver, Outlet, Submission, QUEUED_RECORDS};
 use super::worker::{Command, Reply, Worker};
-use super::{BufferError, DeadLetter, Eviction, Limits, RangeRead, Stats, Store};
+use super::{BufferError, DeadLetter, Eviction, Limits, RangeRead, Stats, Store, TagMark};
 use crate::record::{NewRecord, RecordId, StoredRecord, StreamKey};
 
 /// Bounded so callers feel back-pressure when the disk falls behind,
@@ -142,6 +142,13 @@ impl BufferHandle {
             .await
     }
 
+    /// See [`Store::tag_marks`].
+    pub async fn tag_marks(&self, connection: &str) -> Result<Vec<TagMark>, BufferError> {
+        let connection = connection.to_string();
+        self.request(|reply| Command::TagMarks { connection, reply })
+            .await
+    }
+
     /// See [`Store::next_bd_seq`].
     pub async fn next_bd_seq(&self) -> Result<u8, BufferError> {
         self.request(|reply| Command::NextBdSeq { reply }).await
@@ -261,7 +268,7 @@ impl BufferHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::{ProfileState, StoreOptions, Submission, Unobserved};
+    use crate::buffer::{Limits, ProfileState, StoreOptions, Submission, TagMark, Unobserved};
     use crate::record::Kind;
     use serde_json::json;
     use std::time::Duration;
@@ -411,6 +418,70 @@ mod tests {
         thread.join().expect("thread");
     }
 
+    fn mark(connection: &str, tag: &str, last_ms: i64, gaps: &[(i64, i64)]) -> TagMark {
+        TagMark {
+            connection: connection.into(),
+            tag: tag.into(),
+            last_ms,
+            gaps: gaps.to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn coalesced_submissions_keep_the_last_mark_per_tag() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (buffer, worker) = BufferHandle::unstarted(open(&dir), Arc::new(Unobserved));
+        // Queued in order before the thread runs: one transaction.
+        let outlet = buffer.outlet();
+        for n in 1..=3 {
+            let s = Submission::with_marks(
+                vec![rec("a", n)],
+                None,
+                vec![
+                    mark("a", "T1", n, &[(0, n)]),
+                    mark("a", &format!("U{n}"), n, &[]),
+                ],
+            );
+            outlet.submit(s).await.expect("queued");
+        }
+        let s = Submission::with_marks(Vec::new(), None, vec![mark("b", "T1", 9, &[])]);
+        outlet.submit(s).await.expect("queued");
+        let thread = start(worker);
+        buffer.flush(Duration::from_secs(30)).await;
+        assert_eq!(buffer.commits(), 1, "one transaction for the group");
+        assert_eq!(buffer.stats().await.expect("stats").records, 3);
+        assert_eq!(
+            buffer.tag_marks("a").await.expect("marks"),
+            vec![
+                mark("a", "T1", 3, &[(0, 3)]),
+                mark("a", "U1", 1, &[]),
+                mark("a", "U2", 2, &[]),
+                mark("a", "U3", 3, &[]),
+            ]
+        );
+        assert_eq!(
+            buffer.tag_marks("b").await.expect("marks"),
+            vec![mark("b", "T1", 9, &[])]
+        );
+
+        // Marks alone, on their own, are committed too.
+        outlet
+            .submit(Submission::with_marks(
+                Vec::new(),
+                None,
+                vec![mark("b", "T1", 10, &[(9, 10)])],
+            ))
+            .await
+            .expect("queued");
+        buffer.flush(Duration::from_secs(30)).await;
+        assert_eq!(
+            buffer.tag_marks("b").await.expect("marks"),
+            vec![mark("b", "T1", 10, &[(9, 10)])]
+        );
+        buffer.close().await;
+        thread.join().expect("thread");
+    }
+
     /// Another connection to the file takes the write lock, as
     /// `sqlite3 buffer.db` or `plantgate buffer retry` would.
     fn lock(dir: &tempfile::TempDir) -> rusqlite::Connection {
@@ -481,6 +552,113 @@ mod tests {
         );
         drop(other);
         assert_eq!(buffer.stats().await.expect("stats").records, 0);
+        buffer.close().await;
+        thread.join().expect("thread");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn held_marks_wait_with_their_records_and_the_newest_is_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Arc::new(Log::default());
+        let (buffer, worker) = BufferHandle::unstarted(open(&dir), log.clone());
+        let other = lock(&dir);
+        // Two submissions gathered into one transaction that the lock
+        // refuses: both are held, their marks merged.
+        let outlet = buffer.outlet();
+        for n in 1..=2 {
+            let s = Submission::with_marks(
+                vec![rec("a", n)],
+                None,
+                vec![mark("a", "T1", n, &[(0, n)])],
+            );
+            outlet.submit(s).await.expect("queued");
+        }
+        let thread = start(worker);
+        while !log.lines().contains(&"blocked true".to_string()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Neither the records nor their marks are stored meanwhile.
+        assert_eq!(buffer.stats().await.expect("stats").records, 0);
+        assert_eq!(
+            buffer.tag_marks("a").await.expect("marks"),
+            Vec::<TagMark>::new()
+        );
+        other.execute_batch("ROLLBACK").expect("unlock");
+        buffer.flush(Duration::from_secs(60)).await;
+        assert_eq!(buffer.stats().await.expect("stats").records, 2);
+        assert_eq!(
+            buffer.tag_marks("a").await.expect("marks"),
+            vec![mark("a", "T1", 2, &[(0, 2)])]
+        );
+        let lines = log.lines();
+        assert!(!lines.iter().any(|l| l.starts_with("dropped")), "{lines:?}");
+        buffer.close().await;
+        thread.join().expect("thread");
+    }
+
+    /// Incompressible JSON of about `len` bytes, so a size limit is reached.
+    fn noise(seed: u64, len: usize) -> String {
+        let mut x = seed.wrapping_mul(6364136223846793005) | 1;
+        let mut out = String::from("{\"v\":\"");
+        while out.len() < len {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            out.push_str(&format!("{:016x}", x >> 1));
+        }
+        out.push_str("\"}");
+        out
+    }
+
+    #[tokio::test]
+    async fn a_submission_the_store_can_never_take_is_dropped_with_its_marks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StoreOptions {
+            limits: Limits {
+                max_size: 320 * 1024,
+                ..Limits::NONE
+            },
+            ..StoreOptions::default()
+        };
+        let store = Store::open(&dir.path().join("buffer.db"), options).expect("open");
+        let log = Arc::new(Log::default());
+        let (buffer, thread) = BufferHandle::spawn(store, log.clone());
+        let outlet = buffer.outlet();
+        outlet
+            .submit(Submission::with_marks(
+                vec![rec("a", 1)],
+                None,
+                vec![mark("a", "T1", 1, &[])],
+            ))
+            .await
+            .expect("queued");
+        buffer.flush(Duration::from_secs(30)).await;
+        // Larger than the whole buffer.
+        let big = (0..1000)
+            .map(|i| NewRecord {
+                data: noise(i, 1000),
+                ..rec("a", 1000 + i as i64)
+            })
+            .collect();
+        outlet
+            .submit(Submission::with_marks(
+                big,
+                None,
+                vec![
+                    mark("a", "T1", 1999, &[(1, 1000)]),
+                    mark("a", "T2", 1999, &[]),
+                ],
+            ))
+            .await
+            .expect("queued");
+        buffer.flush(Duration::from_secs(30)).await;
+        let lines = log.lines();
+        assert!(lines.contains(&"dropped a 1000".to_string()), "{lines:?}");
+        assert_eq!(
+            buffer.tag_marks("a").await.expect("marks"),
+            vec![mark("a", "T1", 1, &[])],
+            "the marks went with their records"
+        );
         buffer.close().await;
         thread.join().expect("thread");
     }

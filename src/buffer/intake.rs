@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::ProfileState;
+use super::{ProfileState, TagMark};
 use crate::record::{Kind, NewRecord};
 
 /// Upper bound on records the worker merges into one coalesced
@@ -28,11 +28,15 @@ pub const QUEUED_RECORDS: usize = 2 * MAX_COALESCED_RECORDS;
 
 /// What a connection hands over in one go: records and, when a profile
 /// produced them, the profile snapshot that commits in the same transaction
-/// (docs/profiles.md: no duplicate batch events across restarts).
+/// (docs/profiles.md: no duplicate batch events across restarts), and the
+/// backfill marks of the tags they belong to, for the same reason across
+/// `kill -9` (docs/mqtt.md, backfill). Marks or a state alone are a
+/// submission too: they are committed even without records.
 #[derive(Debug, Default)]
 pub struct Submission {
     pub records: Vec<NewRecord>,
     pub state: Option<ProfileState>,
+    pub marks: Vec<TagMark>,
     /// The queue room these records take, given back when the worker has
     /// taken them (dropping the submission).
     room: Option<OwnedSemaphorePermit>,
@@ -50,13 +54,26 @@ impl Submission {
         Submission {
             records,
             state: Some(state),
+            ..Default::default()
+        }
+    }
+
+    pub fn with_marks(
+        records: Vec<NewRecord>,
+        state: Option<ProfileState>,
+        marks: Vec<TagMark>,
+    ) -> Self {
+        Submission {
+            records,
+            state,
+            marks,
             room: None,
         }
     }
 
-    /// Records and state, the queue room given back.
-    pub(super) fn into_parts(self) -> (Vec<NewRecord>, Option<ProfileState>) {
-        (self.records, self.state)
+    /// Records, state and marks, the queue room given back.
+    pub(super) fn into_parts(self) -> (Vec<NewRecord>, Option<ProfileState>, Vec<TagMark>) {
+        (self.records, self.state, self.marks)
     }
 }
 
@@ -243,6 +260,32 @@ mod tests {
             got.push((s.records.len(), s.state.is_some()));
         }
         assert_eq!(got, vec![(0, true), (2, false)]);
+    }
+
+    #[tokio::test]
+    async fn marks_alone_take_no_room_and_keep_their_order() {
+        let (outlet, mut rx) = Outlet::queue(1);
+        outlet
+            .submit(Submission::records(vec![rec(1)]))
+            .await
+            .expect("room");
+        let mark = TagMark {
+            connection: "c1".into(),
+            tag: "T1".into(),
+            last_ms: 1,
+            gaps: vec![(0, 1)],
+        };
+        // The queue is full, yet marks alone go in at once.
+        outlet
+            .submit(Submission::with_marks(Vec::new(), None, vec![mark.clone()]))
+            .await
+            .expect("no room needed");
+        let first = rx.recv().await.expect("first");
+        assert_eq!((first.records.len(), first.marks.len()), (1, 0));
+        let second = rx.recv().await.expect("second");
+        let (records, state, marks) = second.into_parts();
+        assert!(records.is_empty() && state.is_none());
+        assert_eq!(marks, vec![mark]);
     }
 
     #[tokio::test]

@@ -158,7 +158,7 @@
 //! reports its old source timestamp) is evicted by the next `evict_expired`
 //! if it has not been delivered by then.
 //!
-//! # On-disk layout (`{data_dir}/buffer.db`, `PRAGMA user_version = 4`)
+//! # On-disk layout (`{data_dir}/buffer.db`, `PRAGMA user_version = 6`)
 //!
 //! ```text
 //! meta     (key TEXT PRIMARY KEY, value TEXT)         -- 'epoch' → 32 hex chars
@@ -184,13 +184,17 @@
 //! INDEX dead_letters_stream_seq ON dead_letters (stream, seq)
 //! profile_state (connection TEXT PRIMARY KEY,         -- (v3) a connection's profile
 //!           snapshot TEXT, updated_ms INTEGER)        -- snapshot, written with its records
+//! tag_marks (connection TEXT, tag TEXT,               -- (v6) PRIMARY KEY (connection, tag)
+//!           last_ms INTEGER,                          -- newest source timestamp accepted
+//!           gaps TEXT,                                -- JSON [[from_ms,to_ms],...] to read back
+//!           updated_ms INTEGER)                       -- written with the records they describe
 //! ```
 //!
 //! Spans of a stream's segments never overlap, so `(stream, last_seq)`
-//! finds the segment of any seq. Files of versions 1 to 3 are upgraded when
+//! finds the segment of any seq. Files of versions 1 to 5 are upgraded when
 //! they are opened (version 3 kept one row per record in `records`; those
-//! rows are moved into segments in chunks, `store/upgrade.rs`); a file of a
-//! newer version is refused untouched.
+//! rows are moved into segments in chunks, `store/upgrade.rs`; version 5
+//! only lacks `tag_marks`); a file of a newer version is refused untouched.
 //!
 //! The code is split by concern under `store/` (see its module doc).
 
@@ -216,6 +220,18 @@ pub use store::Store;
 pub struct ProfileState {
     pub connection: String,
     pub snapshot: String,
+}
+
+/// One tag's backfill bookkeeping (docs/mqtt.md section on backfill): the last
+/// source timestamp accepted for it and the gaps still to be read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagMark {
+    pub connection: String,
+    pub tag: String,
+    /// Newest source timestamp (ms since the Unix epoch) accepted for the tag.
+    pub last_ms: i64,
+    /// Open intervals (from_ms, to_ms), both exclusive, still to be read back; oldest first.
+    pub gaps: Vec<(i64, i64)>,
 }
 
 /// File name of the buffer database inside `agent.data_dir`.
@@ -392,22 +408,27 @@ impl Eviction {
     }
 }
 
-/// What one [`Store::append`] commits, atomically: records and the profile
-/// snapshots that go with them (either may be empty).
+/// What one [`Store::append`] commits, atomically: records, the profile
+/// snapshots and the tag marks that go with them (any may be empty).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Append<'a> {
     pub records: &'a [NewRecord],
     /// Stored in the same transaction as `records`, replacing the previous
     /// snapshot of their connection.
     pub states: &'a [ProfileState],
+    /// Stored in the same transaction as `records`, replacing the previous
+    /// mark of their (connection, tag); a later one in the slice wins, so a
+    /// mark never claims a value whose record was not committed with it.
+    pub marks: &'a [TagMark],
 }
 
 impl<'a> Append<'a> {
-    /// Records and no profile state: what most appends are.
+    /// Records and no profile state or marks: what most appends are.
     pub fn records(records: &'a [NewRecord]) -> Append<'a> {
         Append {
             records,
             states: &[],
+            marks: &[],
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The buffer thread: the one owner of the [`Store`]. It serves the
 //! handle's commands and takes the connections' submissions from the
 //! intake queue; it is the only place records are coalesced into
-//! transactions and profile snapshots are merged.
+//! transactions and profile snapshots and tag marks are merged.
 //!
 //! When the store refuses submitted records for a reason that passes (a
 //! lock another process holds, a stalled disk), the worker holds them and
@@ -12,6 +12,8 @@
 //! when shutdown gives up, is dropped and reported to the observer, which
 //! counts and announces it.
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,7 @@ use super::intake::{
 };
 use super::{
     Append, BufferError, DeadLetter, Eviction, Limits, ProfileState, RangeRead, Stats, Store,
+    TagMark,
 };
 use crate::backoff::Backoff;
 use crate::record::{EventType, NewRecord, RecordId, StoredRecord, StreamKey};
@@ -55,6 +58,10 @@ pub(super) enum Command {
     ProfileState {
         connection: String,
         reply: Reply<Option<String>>,
+    },
+    TagMarks {
+        connection: String,
+        reply: Reply<Vec<TagMark>>,
     },
     Streams {
         reply: Reply<Vec<StreamKey>>,
@@ -112,25 +119,45 @@ pub(super) enum Command {
 struct Part {
     records: Vec<NewRecord>,
     state: Option<ProfileState>,
+    marks: Vec<TagMark>,
     reply: Option<Reply<Vec<u64>>>,
+}
+
+impl Part {
+    /// A direct append: the agent's own events, which carry no state.
+    fn direct(records: Vec<NewRecord>, reply: Reply<Vec<u64>>) -> Part {
+        Part {
+            records,
+            state: None,
+            marks: Vec::new(),
+            reply: Some(reply),
+        }
+    }
+
+    /// Rows it writes: what bounds a coalesced transaction.
+    fn rows(&self) -> usize {
+        self.records.len() + self.marks.len()
+    }
 }
 
 impl From<Submission> for Part {
     fn from(submission: Submission) -> Part {
-        let (records, state) = submission.into_parts();
+        let (records, state, marks) = submission.into_parts();
         Part {
             records,
             state,
+            marks,
             reply: None,
         }
     }
 }
 
 /// Submitted records the store refused for a passing reason, retried with
-/// backoff.
+/// backoff, with the states and marks that must commit with them.
 struct Held {
     records: Vec<NewRecord>,
     states: Vec<ProfileState>,
+    marks: Marks,
     since: Instant,
     backoff: Backoff,
     retry_at: Instant,
@@ -260,11 +287,9 @@ impl Worker {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Append { records, reply } => self.gather_and_commit(Part {
-                records,
-                state: None,
-                reply: Some(reply),
-            }),
+            Command::Append { records, reply } => {
+                self.gather_and_commit(Part::direct(records, reply))
+            }
             Command::Flush { within, reply } => self.flushes.push(Flush {
                 deadline: Instant::now() + within,
                 reply,
@@ -278,6 +303,9 @@ impl Worker {
         match command {
             Command::ProfileState { connection, reply } => {
                 let _ = reply.send(self.store.profile_state(&connection));
+            }
+            Command::TagMarks { connection, reply } => {
+                let _ = reply.send(self.store.tag_marks(&connection));
             }
             Command::Streams { reply } => {
                 let _ = reply.send(self.store.streams());
@@ -356,13 +384,16 @@ impl Worker {
     /// queued behind it, up to about [`MAX_COALESCED_RECORDS`] (a single
     /// larger one is still committed whole: its atomicity is the contract).
     fn gather_and_commit(&mut self, first: Part) {
-        let mut total = first.records.len();
+        // Marks count like records: a run of marks-only submissions (no
+        // queue room taken) must not grow one transaction without bound.
+        let mut total = first.rows();
         let mut parts = vec![first];
         while total < MAX_COALESCED_RECORDS && self.held.is_none() {
             match self.intake.try_recv() {
                 Ok(submission) => {
-                    total += submission.records.len();
-                    parts.push(submission.into());
+                    let part = Part::from(submission);
+                    total += part.rows();
+                    parts.push(part);
                 }
                 Err(_) => break,
             }
@@ -371,11 +402,7 @@ impl Worker {
             match self.commands.try_recv() {
                 Ok(Command::Append { records, reply }) => {
                     total += records.len();
-                    parts.push(Part {
-                        records,
-                        state: None,
-                        reply: Some(reply),
-                    });
+                    parts.push(Part::direct(records, reply));
                 }
                 Ok(other) => self.next = Some(other),
                 Err(_) => break,
@@ -388,6 +415,7 @@ impl Worker {
         let total = parts.iter().map(|p| p.records.len()).sum();
         let mut all = Vec::with_capacity(total);
         let mut merged: Vec<ProfileState> = Vec::new();
+        let mut merged_marks = Marks::default();
         let mut shares = Vec::with_capacity(parts.len());
         for part in parts {
             let range = all.len()..all.len() + part.records.len();
@@ -395,16 +423,19 @@ impl Worker {
             if let Some(state) = &part.state {
                 merge_state(&mut merged, state.clone());
             }
-            shares.push((range, part.state, part.reply));
+            // Cloned: a part that fails on its own below keeps its marks.
+            merged_marks.merge(part.marks.iter().cloned());
+            shares.push((range, part.state, part.marks, part.reply));
         }
         let error = match self.store.append(Append {
             records: &all,
             states: &merged,
+            marks: &merged_marks.list,
         }) {
             Ok(report) => {
                 self.committed(&all, report.stored_bytes);
                 let mut seqs = report.seqs.into_iter();
-                for (range, _, reply) in shares {
+                for (range, _, _, reply) in shares {
                     if let Some(reply) = reply {
                         let _ = reply.send(Ok(seqs.by_ref().take(range.len()).collect()));
                     } else {
@@ -416,8 +447,8 @@ impl Worker {
             Err(error) => error,
         };
         if shares.len() == 1 {
-            if let Some((_, state, reply)) = shares.pop() {
-                self.refused(all, state, reply, error);
+            if let Some((_, state, marks, reply)) = shares.pop() {
+                self.refused(all, state, marks, reply, error);
             }
             return;
         }
@@ -425,7 +456,7 @@ impl Worker {
         let reason = error.to_string();
         tracing::warn!(error = %reason, parts = shares.len(),
             "coalesced buffer append failed; deciding part by part");
-        for (range, state, reply) in shares {
+        for (range, state, marks, reply) in shares {
             let records = all.get(range).unwrap_or_default();
             // A lock or a stalled disk fails every part alike, each after
             // the busy timeout: submissions are held together, in order,
@@ -433,13 +464,14 @@ impl Worker {
             // own (a nearly full disk may still take the smaller ones), but
             // none overtakes one that is held.
             if reply.is_none() && (!out_of_space || self.held.is_some()) {
-                self.hold(records.to_vec(), state, &reason);
+                self.hold(records.to_vec(), state, marks, &reason);
                 continue;
             }
             let states: Vec<ProfileState> = state.iter().cloned().collect();
             match self.store.append(Append {
                 records,
                 states: &states,
+                marks: &marks,
             }) {
                 Ok(report) => {
                     self.committed(records, report.stored_bytes);
@@ -447,7 +479,7 @@ impl Worker {
                         let _ = reply.send(Ok(report.seqs));
                     }
                 }
-                Err(error) => self.refused(records.to_vec(), state, reply, error),
+                Err(error) => self.refused(records.to_vec(), state, marks, reply, error),
             }
         }
     }
@@ -458,6 +490,7 @@ impl Worker {
         &mut self,
         records: Vec<NewRecord>,
         state: Option<ProfileState>,
+        marks: Vec<TagMark>,
         reply: Option<Reply<Vec<u64>>>,
         error: BufferError,
     ) {
@@ -467,18 +500,27 @@ impl Worker {
             }
             // Full: the store already evicted all it may.
             None if matches!(error, BufferError::Full { .. }) => {
-                self.drop_records(&records, &error.to_string())
+                let why = error.to_string();
+                self.drop_records(&records, &why);
+                drop_marks(&marks, &why);
             }
-            None => self.hold(records, state, &error.to_string()),
+            None => self.hold(records, state, marks, &error.to_string()),
         }
     }
 
-    fn hold(&mut self, records: Vec<NewRecord>, state: Option<ProfileState>, reason: &str) {
+    fn hold(
+        &mut self,
+        records: Vec<NewRecord>,
+        state: Option<ProfileState>,
+        marks: Vec<TagMark>,
+        reason: &str,
+    ) {
         let held = self.held.get_or_insert_with(|| {
             let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
             Held {
                 records: Vec::new(),
                 states: Vec::new(),
+                marks: Marks::default(),
                 since: Instant::now(),
                 retry_at: Instant::now() + backoff.next_delay(),
                 backoff,
@@ -489,6 +531,7 @@ impl Worker {
         if let Some(state) = state {
             merge_state(&mut held.states, state);
         }
+        held.marks.merge(marks);
         if let Some(repeats) = held.quiet.check(reason) {
             tracing::error!(error = %reason, records = held.records.len(), repeats,
                 "buffer refuses records; holding them and retrying");
@@ -503,6 +546,7 @@ impl Worker {
         let error = match self.store.append(Append {
             records: &held.records,
             states: &held.states,
+            marks: &held.marks.list,
         }) {
             Ok(report) => {
                 self.committed(&held.records, report.stored_bytes);
@@ -514,7 +558,9 @@ impl Worker {
         };
         if matches!(error, BufferError::Full { .. }) {
             self.observer.blocked(None);
-            self.drop_records(&held.records, &error.to_string());
+            let why = error.to_string();
+            self.drop_records(&held.records, &why);
+            drop_marks(&held.marks.list, &why);
             return;
         }
         let reason = error.to_string();
@@ -550,10 +596,7 @@ impl Worker {
             }),
         );
         let events = [event];
-        match self.store.append(Append {
-            records: &events,
-            states: &[],
-        }) {
+        match self.store.append(Append::records(&events)) {
             Ok(report) => self.committed(&events, report.stored_bytes),
             Err(e) => tracing::error!(error = %e, "could not record the buffer_blocked event"),
         }
@@ -563,6 +606,7 @@ impl Worker {
         if let Some(held) = self.held.take() {
             self.observer.blocked(None);
             self.drop_records(&held.records, why);
+            drop_marks(&held.marks.list, why);
         }
     }
 
@@ -634,4 +678,45 @@ fn merge_state(states: &mut Vec<ProfileState>, state: ProfileState) {
         Some(slot) => *slot = state,
         None => states.push(state),
     }
+}
+
+/// Tag marks merged in queue order, one per (connection, tag): as with
+/// profile snapshots, a later mark supersedes an earlier one, and keeping
+/// only the last is exact because the records before it commit with it.
+#[derive(Default)]
+struct Marks {
+    list: Vec<TagMark>,
+    /// Where each (connection, tag) sits in `list`: a coalesced group can
+    /// carry a mark for every tag of every connection.
+    at: HashMap<(String, String), usize>,
+}
+
+impl Marks {
+    fn merge(&mut self, marks: impl IntoIterator<Item = TagMark>) {
+        for mark in marks {
+            match self.at.entry((mark.connection.clone(), mark.tag.clone())) {
+                Entry::Occupied(slot) => {
+                    if let Some(old) = self.list.get_mut(*slot.get()) {
+                        *old = mark;
+                    }
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(self.list.len());
+                    self.list.push(mark);
+                }
+            }
+        }
+    }
+}
+
+/// Marks not stored because their records were not. Nothing is emitted
+/// twice for it (the stored mark still describes the stored records), but
+/// a gap only they held is saved again with the tag's next mark at the
+/// earliest, so the loss is logged.
+fn drop_marks(marks: &[TagMark], why: &str) {
+    if marks.is_empty() {
+        return;
+    }
+    tracing::warn!(error = %why, marks = marks.len(),
+        "backfill marks not stored with their records; dropped");
 }

@@ -75,6 +75,8 @@ pub(super) const CONNECTION_KEYS: &[ConnectionKey] = &[
     key("reconnect_initial", ANY),
     key("reconnect_max", ANY),
     key("events", ANY),
+    key("backfill", ANY),
+    key("backfill_max", ANY),
     key("node_template", PROFILES),
     key("oee_window", OPTOMES),
     key("units", DELTAV),

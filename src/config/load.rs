@@ -33,12 +33,13 @@ const ENV_PREFIX: &str = "PLANTGATE";
 const ENV_ORIGIN: &str = "the environment";
 
 /// Loss is never silent by default (docs/guarantees.md): `source.dropped` is on.
-const DEFAULT_EVENTS: [EventType; 5] = [
+const DEFAULT_EVENTS: [EventType; 6] = [
     EventType::ConnectionStatusChanged,
     EventType::ConnectionAuthRequired,
     EventType::SyncCompleted,
     EventType::SystemError,
     EventType::SourceDropped,
+    EventType::BackfillCompleted,
 ];
 
 const PASSWORD_KEYS: [&str; 4] = [
@@ -1267,6 +1268,27 @@ impl Walker<'_> {
             .unwrap_or(Duration::from_millis(250));
         let (reconnect_initial, reconnect_max) = self.backoff(t, p);
         let events = self.events(t, p);
+        let backfill = match self.string(t, p, "backfill") {
+            None => Backfill::Off,
+            Some(s) => match s.trim() {
+                "off" => Backfill::Off,
+                "history" => Backfill::History,
+                _ => {
+                    self.problem(
+                        join(p, "backfill"),
+                        format!("{s:?} is not \"off\" or \"history\""),
+                    );
+                    Backfill::Off
+                }
+            },
+        };
+        let backfill_max = self.duration_at_least(
+            t,
+            p,
+            "backfill_max",
+            Duration::from_secs(3_600),
+            Duration::from_millis(1),
+        );
         let profile = self.profile(t, p, kind);
 
         let mut tags = Vec::new();
@@ -1288,6 +1310,8 @@ impl Walker<'_> {
             reconnect_initial,
             reconnect_max,
             events,
+            backfill,
+            backfill_max,
             tags,
             profile,
         }

@@ -84,6 +84,17 @@ pub struct MqttConfig {
     pub format: MqttFormat,
 }
 
+/// `backfill` of a connection (docs/backfill.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backfill {
+    /// What happens while no subscription exists is not read back.
+    #[default]
+    Off,
+    /// After a gap, the missed values are read with HistoryRead.
+    History,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {
@@ -195,6 +206,11 @@ pub struct ConnectionConfig {
     #[serde(with = "human_duration")]
     pub reconnect_max: Duration,
     pub events: Vec<crate::record::EventType>,
+    /// Whether a gap is read back from the server's history (docs/backfill.md).
+    pub backfill: Backfill,
+    /// The longest gap read back; the older part is reported, not read.
+    #[serde(with = "human_duration")]
+    pub backfill_max: Duration,
     pub tags: Vec<TagConfig>,
     /// Serialized as `kind = "..."` plus the kind's own keys; `plantgate
     /// check` puts them back in the order users write them.

@@ -219,6 +219,30 @@ fn render_shows_the_replay_keys_and_loads_back() {
 }
 
 #[test]
+fn backfill_keys_name_their_problems() {
+    let c = ok(&with_connection(
+        "id = \"g\"\nkind = \"generic\"\nendpoint = \"opc.tcp://h:1\"\nbackfill = \"history\"\nbackfill_max = \"10m\"",
+    ))
+    .config;
+    assert_eq!(c.connections[0].backfill, Backfill::History);
+    assert_eq!(c.connections[0].backfill_max, Duration::from_secs(600));
+    one_problem(
+        &with_connection(
+            "id = \"g\"\nkind = \"generic\"\nendpoint = \"opc.tcp://h:1\"\nbackfill = \"yes\"",
+        ),
+        "connections[0].backfill",
+        "is not \"off\" or \"history\"",
+    );
+    one_problem(
+        &with_connection(
+            "id = \"g\"\nkind = \"generic\"\nendpoint = \"opc.tcp://h:1\"\nbackfill_max = \"0s\"",
+        ),
+        "connections[0].backfill_max",
+        "must be greater than zero",
+    );
+}
+
+#[test]
 fn connection_defaults_are_secure() {
     let c = ok(&with_connection(DELTAV)).config;
     let conn = &c.connections[0];
@@ -238,9 +262,12 @@ fn connection_defaults_are_secure() {
             "connection.auth_required",
             "sync.completed",
             "system.error",
-            "source.dropped"
+            "source.dropped",
+            "backfill.completed"
         ]
     );
+    assert_eq!(conn.backfill, Backfill::Off);
+    assert_eq!(conn.backfill_max, Duration::from_secs(3600));
     let ProfileConfig::Deltav(dv) = &conn.profile else {
         panic!("not a DeltaV profile: {:?}", conn.profile)
     };

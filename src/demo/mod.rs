@@ -31,6 +31,9 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> DemoError + '_ {
 pub struct DemoOptions {
     pub duration: Option<Duration>,
     pub outage: Option<Duration>,
+    /// Stop the agent for this long mid-run; its DeltaV connection reads
+    /// the gap back from the simulator's history (docs/backfill.md).
+    pub restart: Option<Duration>,
     /// JSON or Sparkplug B on the wire (docs/sparkplug.md).
     pub format: crate::config::MqttFormat,
     /// Where the log goes, named at the top of the live view.
@@ -291,6 +294,8 @@ security_mode = "None"
 publishing_interval = "500ms"
 sampling_interval = "250ms"
 node_template = "nsu={ns_uri};s={{unit}}/{{param}}.CV"
+# The simulator keeps history: a gap is read back after a restart.
+backfill = "history"
 "#,
         data_dir = data_dir.display().to_string(),
         port = broker.port(),
@@ -468,8 +473,14 @@ fn describe(topic: &str, payload: &Value) -> String {
                 );
             }
             let values: Vec<String> = latest.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let backfilled = records
+                .iter()
+                .filter(|r| r["data"]["backfill"] == true)
+                .count();
             let label = if payload["replay"] == true {
                 "replay  "
+            } else if backfilled > 0 {
+                "backfill"
             } else {
                 "data    "
             };
@@ -582,8 +593,8 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
     // root (the demo's broker carries nothing else).
     let filter = if sparkplug { "#" } else { "plantgate/#" };
     let mut watcher = Watcher::connect(broker.v4_addr, &broker.pki.ca_file, filter).await?;
-    let agent_cancel = CancellationToken::new();
-    let (agent, agent_join) = crate::agent::start(config, agent_cancel.clone())
+    let mut agent_cancel = CancellationToken::new();
+    let (agent, mut agent_join) = crate::agent::start(config.clone(), agent_cancel.clone())
         .await
         .map_err(setup("agent"))?;
     let Plant {
@@ -612,7 +623,16 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
 
     let mut tracker = SeqTracker::default();
     let mut host = sparkplug_host::HostView::default();
-    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let started = tokio::time::Instant::now();
+    let deadline = opts.duration.map(|d| started + d);
+    // `--restart`: two thirds of the way in, or after 10 s.
+    let mut restart = opts.restart.map(|len| {
+        let at = opts
+            .duration
+            .map(|d| d * 2 / 3)
+            .unwrap_or(Duration::from_secs(10));
+        (started + at, len)
+    });
     loop {
         let sleep_until = async {
             match deadline {
@@ -620,9 +640,31 @@ pub async fn run(opts: DemoOptions, cancel: CancellationToken) -> Result<DemoSum
                 None => std::future::pending().await,
             }
         };
+        let restart_at = async {
+            match restart {
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = sleep_until => break,
+            _ = restart_at => {
+                let len = restart.take().map(|(_, len)| len).unwrap_or_default();
+                println!("{}  ---- agent stopped for {} s: the plant goes on ----", clock(), len.as_secs());
+                agent_cancel.cancel();
+                let _ = (&mut agent_join).await;
+                let back = tokio::time::Instant::now() + len;
+                while let Ok(Some((topic, payload))) = tokio::time::timeout_at(back, watcher.rx.recv()).await {
+                    show(&mut tracker, &mut host, &topic, &payload);
+                }
+                agent_cancel = CancellationToken::new();
+                let (_agent, join) = crate::agent::start(config.clone(), agent_cancel.clone())
+                    .await
+                    .map_err(setup("agent restart"))?;
+                agent_join = join;
+                println!("{}  ---- agent back: reading the gap back from the server's history ----", clock());
+            }
             msg = watcher.rx.recv() => {
                 let Some((topic, payload)) = msg else { break };
                 show(&mut tracker, &mut host, &topic, &payload);

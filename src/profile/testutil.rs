@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use crate::config::{
-    ConnectionConfig, ConnectionKind, DeltavConfig, OptomesConfig, ProfileConfig, SecurityMode,
-    SecurityPolicy, UnitConfig, WorkCenterConfig,
+    Backfill, ConnectionConfig, ConnectionKind, DeltavConfig, OptomesConfig, ProfileConfig,
+    SecurityMode, SecurityPolicy, UnitConfig, WorkCenterConfig,
 };
 
 /// A connection of `kind` with the loader's defaults and nothing to follow.
@@ -29,6 +29,8 @@ pub fn connection(kind: ConnectionKind) -> ConnectionConfig {
         reconnect_initial: Duration::from_secs(1),
         reconnect_max: Duration::from_secs(60),
         events: Vec::new(),
+        backfill: Backfill::Off,
+        backfill_max: Duration::from_secs(3600),
         tags: Vec::new(),
         profile,
     }

@@ -4,9 +4,8 @@
 //! use) plus a history of every value set through `SimNamespace`, served by
 //! HistoryRead raw with continuation points (issue 19: backfill needs a
 //! server that can answer for the time the agent was away).
-//!
-//! Work in progress on branch `backfill`: the agent side does not exist
-//! yet.
+//! [`HistoryQuirks`] make it a slow or misbehaving historian for the
+//! agent's fault tests (docs/backfill.md, "What cannot be read back").
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -28,6 +27,19 @@ use opcua_server::node_manager::{
     RequestContext, ServerContext, SyncSampler, WriteNode,
 };
 use opcua_server::{ContinuationPoint, CreateMonitoredItem};
+
+/// Ways the simulated history misbehaves, for tests against a hostile
+/// server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistoryQuirks {
+    /// Every HistoryRead takes this long (a slow historian).
+    pub delay: Duration,
+    /// numValuesPerNode is ignored: everything in the span comes at once.
+    pub ignore_max: bool,
+    /// Every continuation point is forgotten: going on with one answers
+    /// `BadContinuationPointInvalid`.
+    pub forget_continuation_points: bool,
+}
 
 /// Values kept per node; the oldest go first.
 pub const KEEP_PER_NODE: usize = 100_000;
@@ -71,6 +83,7 @@ impl InMemoryNodeManagerImplBuilder for SimBuilder {
             samplers: SyncSampler::new(),
             history: Mutex::new(History::default()),
             not_historized: std::sync::RwLock::new(HashSet::new()),
+            quirks: std::sync::RwLock::new(HistoryQuirks::default()),
         }
     }
 }
@@ -85,6 +98,7 @@ pub struct SimNodeManager {
     /// Nodes that keep no history (a server where some tags are not
     /// historized).
     not_historized: std::sync::RwLock<HashSet<NodeId>>,
+    quirks: std::sync::RwLock<HistoryQuirks>,
 }
 
 #[derive(Default)]
@@ -137,6 +151,27 @@ impl SimNodeManager {
                 history.total -= gone.len();
             }
         }
+    }
+
+    /// Makes HistoryRead misbehave from now on (or behave again, with the
+    /// default).
+    pub fn set_quirks(&self, quirks: HistoryQuirks) {
+        *self.quirks.write().unwrap_or_else(|e| e.into_inner()) = quirks;
+    }
+
+    /// The source timestamps (ms) of the values kept for `node`.
+    pub fn history_ts(&self, node: &NodeId) -> Vec<i64> {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history
+            .by_node
+            .get(node)
+            .map(|values| {
+                values
+                    .iter()
+                    .map(crate::source::value::value_ts_ms)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The values of `node` with a source timestamp in `[start, end]` (a
@@ -313,11 +348,22 @@ impl InMemoryNodeManagerImpl for SimNodeManager {
         if details.is_read_modified {
             return Err(StatusCode::BadHistoryOperationUnsupported);
         }
-        let max = details.num_values_per_node as usize;
+        let quirks = *self.quirks.read().unwrap_or_else(|e| e.into_inner());
+        if !quirks.delay.is_zero() {
+            tokio::time::sleep(quirks.delay).await;
+        }
+        let max = match quirks.ignore_max {
+            true => 0,
+            false => details.num_values_per_node as usize,
+        };
         for node in nodes.iter_mut() {
             // Going on from a continuation point: from the next value's
             // timestamp on (values are kept in time order).
             let start = match node.continuation_point() {
+                Some(_) if quirks.forget_continuation_points => {
+                    node.set_status(StatusCode::BadContinuationPointInvalid);
+                    continue;
+                }
                 Some(cp) => match cp.get::<Resume>() {
                     Some(r) => r.next,
                     None => {

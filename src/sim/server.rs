@@ -221,6 +221,19 @@ impl SimNamespace {
         self.manager.inner().set_historized(&self.node_id(id), on);
     }
 
+    /// Makes the simulated history slow or misbehave (tests of a hostile
+    /// server).
+    pub fn set_history_quirks(&self, quirks: super::history::HistoryQuirks) {
+        self.manager.inner().set_quirks(quirks);
+    }
+
+    /// The source timestamps (ms) of every value of `id` the simulator
+    /// keeps in its history, oldest first: what a test compares a backfill
+    /// with.
+    pub fn history_ts(&self, id: &str) -> Vec<i64> {
+        self.manager.inner().history_ts(&self.node_id(id))
+    }
+
     /// Sets a variable to `value` (None: no value) with `status` (Bad or
     /// Uncertain, for quality tests), source timestamp now.
     pub fn set_with_status(

@@ -10,6 +10,7 @@
 
 use tokio::sync::mpsc;
 
+use super::backfill::Backfill;
 use super::feed::{Feed, FeedRx};
 use super::reporter::ConnectionReporter;
 use crate::config::ConnectionConfig;
@@ -48,6 +49,12 @@ struct Driver {
     pending: Vec<NewRecord>,
     /// Whether the profile produced something since the last hand-over.
     dirty: bool,
+    /// With `backfill = "history"`: the tags' marks, committed with the
+    /// records they describe, and the gaps read back.
+    backfill: Option<Backfill>,
+    /// Rounds read back in the pending records: their readers wait until
+    /// they are handed over.
+    acks: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Runs until the connection stops ([`Feed::Stop`] or every sender gone).
@@ -56,6 +63,7 @@ pub(super) async fn drive(
     reads: mpsc::UnboundedSender<ReadRequest>,
     reporter: ConnectionReporter,
     profile: Option<Profile>,
+    backfill: Option<Backfill>,
 ) {
     let mut d = Driver {
         reporter,
@@ -64,6 +72,8 @@ pub(super) async fn drive(
         connected: false,
         pending: Vec::new(),
         dirty: false,
+        backfill,
+        acks: Vec::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -91,15 +101,28 @@ pub(super) async fn drive(
 impl Driver {
     fn apply(&mut self, feed: Feed) {
         let out = match (feed, self.profile.as_mut()) {
-            (Feed::Publish { records, samples }, p) => {
-                self.pending.extend(records);
+            (
+                Feed::Publish {
+                    records,
+                    samples,
+                    tags,
+                },
+                p,
+            ) => {
+                match self.backfill.as_mut() {
+                    Some(b) => self.pending.extend(b.live(records, &tags)),
+                    None => self.pending.extend(records),
+                }
                 match p {
                     Some(p) if !samples.is_empty() => p.on_values(&samples),
                     _ => return,
                 }
             }
-            (Feed::Connected { at_ms }, p) => {
+            (Feed::Connected { at_ms, backfill }, p) => {
                 self.connected = true;
+                if let Some(b) = self.backfill.as_mut() {
+                    b.connected(backfill);
+                }
                 match p {
                     Some(p) => p.on_connected(at_ms),
                     None => return,
@@ -107,12 +130,29 @@ impl Driver {
             }
             (Feed::Disconnected { at_ms }, p) => {
                 self.connected = false;
+                if let Some(b) = self.backfill.as_mut() {
+                    b.disconnected();
+                }
                 match p {
                     Some(p) => p.on_disconnected(at_ms),
                     None => return,
                 }
             }
             (Feed::ReadDone { id, results }, Some(p)) => p.on_read(id, &results),
+            (Feed::Backfill(round), _) => {
+                match self.backfill.as_mut() {
+                    Some(b) => {
+                        let (records, ack) = b.round(round);
+                        self.pending.extend(records);
+                        self.acks.push(ack);
+                    }
+                    // No reader exists without backfill; answer anyway.
+                    None => {
+                        let _ = round.ack.send(());
+                    }
+                }
+                return;
+            }
             // Handled by `drive`, which ends on it; answers without a
             // profile cannot happen.
             (Feed::Stop | Feed::ReadDone { .. }, _) => return,
@@ -140,17 +180,23 @@ impl Driver {
     }
 
     /// Sends the pending records, with the profile's snapshot when the
-    /// profile changed (or at the stop).
+    /// profile changed (or at the stop) and the tags' marks that changed:
+    /// one submission, one transaction.
     async fn hand_over(&mut self, stop: bool) {
         let records = std::mem::take(&mut self.pending);
         let with_state = std::mem::take(&mut self.dirty) || stop;
-        match &self.profile {
-            Some(p) if with_state => {
-                self.reporter
-                    .records_with_state(records, p.snapshot().to_string())
-                    .await
-            }
-            _ => self.reporter.records(records).await,
+        let state = match &self.profile {
+            Some(p) if with_state => Some(p.snapshot().to_string()),
+            _ => None,
+        };
+        let marks = self
+            .backfill
+            .as_mut()
+            .map(Backfill::take_marks)
+            .unwrap_or_default();
+        self.reporter.submit(records, state, marks).await;
+        for ack in self.acks.drain(..) {
+            let _ = ack.send(());
         }
     }
 }

@@ -18,7 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+
+use super::backfill::reader::{Round, WorkTx};
 use super::reporter::IntakeLoss;
+use super::value::TagMeta;
 use crate::profile::{NodeKey, Sample};
 use crate::record::NewRecord;
 use crate::status::DropReason;
@@ -26,14 +30,25 @@ use crate::status::DropReason;
 /// What the session side hands to the connection's driver task, in order.
 pub(crate) enum Feed {
     /// One publish response: tag records and the profile's samples.
+    /// `tags` names each record's tag (same order) when the connection
+    /// keeps backfill marks, and is empty otherwise (and for records that
+    /// are not the server's values, such as a bad tag's).
     Publish {
         records: Vec<NewRecord>,
         samples: Vec<Sample>,
+        tags: Vec<Arc<TagMeta>>,
     },
-    /// A session is up; the profile's reads go to it from now on. Sent
-    /// before any monitored item exists, so it precedes the session's first
-    /// publish.
-    Connected { at_ms: i64 },
+    /// A session is up; the profile's reads go to it from now on, and the
+    /// gaps to read back to its `backfill` reader. Sent before any
+    /// monitored item exists, so it precedes the session's first publish.
+    Connected {
+        at_ms: i64,
+        backfill: Option<WorkTx>,
+    },
+    /// Values read back from the server's history (docs/backfill.md).
+    /// Not counted against the intake budget: the reader sends one round
+    /// at a time and waits for the driver, so they are bounded already.
+    Backfill(Round),
     /// The answer to the profile's read `id`: per node, its value and
     /// whether it was good.
     ReadDone {
@@ -54,6 +69,7 @@ impl Feed {
         Feed::Publish {
             records,
             samples: Vec::new(),
+            tags: Vec::new(),
         }
     }
 }
@@ -131,11 +147,17 @@ impl FeedTx {
             let before = self.queued.fetch_add(n, Ordering::AcqRel);
             if before + n > self.budget {
                 self.queued.fetch_sub(n, Ordering::AcqRel);
-                if let Feed::Publish { records, samples } = &mut feed {
+                if let Feed::Publish {
+                    records,
+                    samples,
+                    tags,
+                } = &mut feed
+                {
                     let sample = records.first().and_then(NewRecord::tag_name);
                     self.loss
                         .record(DropReason::QueueFull, n as u64, sample.as_deref());
                     records.clear();
+                    tags.clear();
                     if samples.is_empty() {
                         return Ok(());
                     }

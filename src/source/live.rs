@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::backfill::reader;
 use super::bad_tags::{self, BadTagReports, BadTags};
 use super::feed::{Feed, FeedTx};
 use super::reporter::ConnectionReporter;
@@ -23,7 +24,7 @@ use super::session::{
 use super::tags::{Retag, TagTable};
 use super::value;
 use super::value::TagIndex;
-use crate::config::ConnectionConfig;
+use crate::config::{Backfill, ConnectionConfig};
 use crate::profile::{NodeKey, ReadRequest};
 use crate::record::now_ms;
 use crate::status::ConnState;
@@ -63,6 +64,12 @@ impl From<SourceError> for Failure {
 /// Aborts the event-loop task however the session ends: dropping the loop
 /// closes the TCP connection.
 pub(super) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    pub(super) fn new(task: tokio::task::JoinHandle<()>) -> Self {
+        AbortOnDrop(task)
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -112,6 +119,8 @@ struct Live {
     items: HashMap<TagIndex, Item>,
     /// The profile's nodes as resolved on this session, for its reads.
     nodes: HashMap<NodeKey, NodeId>,
+    /// The reader of gaps (docs/backfill.md), ended with the session.
+    _backfill: Option<AbortOnDrop>,
 }
 
 impl Live {
@@ -136,17 +145,34 @@ impl Live {
         let namespaces = session::read_namespaces(&session).await?;
         let (ok, mut bad) = tags.resolve(&namespaces);
         let nodes = tags.profile_nodes(&ok);
-        if tags.has_profile() {
-            // Before any monitored item exists, so the profile hears of the
-            // session before its first values.
-            let _ = ctx.records.send(Feed::Connected { at_ms: now_ms() });
+        let backfill = (conn.backfill == Backfill::History).then(|| {
+            reader::spawn(
+                session.clone(),
+                namespaces.clone(),
+                Arc::from(conn.id.as_str()),
+                ctx.records.clone(),
+            )
+        });
+        if tags.has_profile() || backfill.is_some() {
+            // Before any monitored item exists, so the profile and the
+            // backfill marks hear of the session before its first values.
+            let _ = ctx.records.send(Feed::Connected {
+                at_ms: now_ms(),
+                backfill: backfill.as_ref().map(|(work, _)| work.clone()),
+            });
             *told_connected = true;
         }
         let subscriptions = session::create_subscriptions(
             &session,
             conn.publishing_interval,
             tags.len(),
-            tags.notifier(&conn.id, ctx.records, events_tx, ctx.notices),
+            tags.notifier(
+                &conn.id,
+                ctx.records,
+                events_tx,
+                ctx.notices,
+                backfill.is_some(),
+            ),
         )
         .await?;
         let Monitored { created, refused } = session::monitor_tags(
@@ -167,6 +193,7 @@ impl Live {
             bad,
             items: created.into_iter().collect(),
             nodes,
+            _backfill: backfill.map(|(_, guard)| guard),
         })
     }
 

@@ -29,6 +29,7 @@
 //!   status code name as reason. Retries while not online do not flap through
 //!   `connecting` (one state change, one log line, one event per outage).
 
+mod backfill;
 mod bad_tags;
 mod driver;
 pub mod feed;
@@ -63,21 +64,30 @@ pub use tags::ConfigUpdates;
 /// How long the driver may take to hand over what it holds at the stop.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the buffer holds of a connection's last run: the profile
+/// continues from its snapshot (`Store::profile_state`), backfill from its
+/// tags' marks (`Store::tag_marks`); both empty for a fresh start.
+#[derive(Debug, Default)]
+pub struct Saved {
+    pub profile: Option<String>,
+    pub marks: Vec<crate::buffer::TagMark>,
+}
+
 /// Runs one plant connection until `cancel`: connect, subscribe, report,
-/// reconnect with backoff forever. The profile continues from `saved`, the
-/// snapshot last committed for this connection (`Store::profile_state`),
-/// or starts fresh. `config` holds the connection's configuration; a
+/// reconnect with backoff forever. The profile and the backfill marks
+/// continue from `saved`, or start fresh. `config` holds the connection's configuration; a
 /// reload may send a new tag list through it, which changes the monitored
 /// items of the running subscription (docs/cli.md, reload).
 pub async fn run_connection(
     config: ConfigUpdates,
     pki_dir: PathBuf,
     reporter: ConnectionReporter,
-    saved: Option<String>,
+    saved: Saved,
     cancel: CancellationToken,
 ) {
     let conn = config.borrow().clone();
-    let profile = driver::restored_profile(&conn, saved.as_deref());
+    let profile = driver::restored_profile(&conn, saved.profile.as_deref());
+    let backfill = backfill::Backfill::new(&conn, saved.marks, reporter.clone());
     let mut tags = tags::TagTable::new(config, profile.as_ref());
     let (records_tx, records_rx) = feed::channel(reporter.intake_loss());
     let (reads_tx, mut reads_rx) = mpsc::unbounded_channel();
@@ -86,6 +96,7 @@ pub async fn run_connection(
         reads_tx,
         reporter.clone(),
         profile,
+        backfill,
     ));
     // Announcements due once per connection start or per tag (values too
     // large, a changed server certificate, a cleartext password).

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::buffer::{Outlet, ProfileState, Submission};
+use crate::buffer::{Outlet, ProfileState, Submission, TagMark};
 use crate::record::{EventType, NewRecord};
 use crate::status::{ConnState, DropReason, StatusBoard, Subscriptions};
 
@@ -103,15 +103,29 @@ impl ConnectionReporter {
         }
     }
 
-    /// Hands records together with this connection's profile snapshot (JSON
-    /// text); both commit in one transaction. Sent even without records (a
-    /// snapshot at shutdown).
-    pub async fn records_with_state(&self, records: Vec<NewRecord>, snapshot: String) {
-        let state = ProfileState {
+    /// Hands records with what commits with them: the profile snapshot (if
+    /// any) and the tags' backfill marks (docs/backfill.md). Nothing is
+    /// sent when all three are empty.
+    pub async fn submit(
+        &self,
+        records: Vec<NewRecord>,
+        snapshot: Option<String>,
+        marks: Vec<TagMark>,
+    ) {
+        if records.is_empty() && snapshot.is_none() && marks.is_empty() {
+            return;
+        }
+        let state = snapshot.map(|snapshot| ProfileState {
             connection: self.id.clone(),
             snapshot,
-        };
-        self.send(Submission::with_state(records, state)).await;
+        });
+        self.send(Submission::with_marks(records, state, marks))
+            .await;
+    }
+
+    /// Changes this connection's backfill figures in `/status`.
+    pub fn backfill_status(&self, change: impl FnOnce(&mut crate::status::BackfillStatus)) {
+        self.board.backfill(&self.id, change);
     }
 
     async fn send(&self, submission: Submission) {

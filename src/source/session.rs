@@ -512,6 +512,9 @@ pub(crate) struct Notifier {
     pub events: mpsc::UnboundedSender<LoopEvent>,
     /// Counts and announces values too large for a record.
     pub notices: Arc<Notices>,
+    /// Whether each record goes with its tag ([`Feed::Publish`]'s `tags`):
+    /// backfill keeps marks per tag (docs/backfill.md).
+    pub name_values: bool,
 }
 
 impl OnSubscriptionNotificationCore for Notifier {
@@ -525,6 +528,7 @@ impl OnSubscriptionNotificationCore for Notifier {
         };
         let mut out = Vec::new();
         let mut samples = Vec::new();
+        let mut named = Vec::new();
         let tags = self.tags.read().unwrap_or_else(|e| e.into_inner()).clone();
         for obj in data {
             if obj.inner_is::<DataChangeNotification>() {
@@ -564,10 +568,15 @@ impl OnSubscriptionNotificationCore for Notifier {
                             good: status.is_good() && too_large.is_none(),
                             ts_ms: value_ts_ms(&item.value),
                         }),
-                        (None, Some(_)) => {
-                            out.push(too_large_record(&self.connection, tag, &item.value))
+                        (None, too_large) => {
+                            out.push(match too_large {
+                                Some(_) => too_large_record(&self.connection, tag, &item.value),
+                                None => tag_record(&self.connection, tag, &item.value),
+                            });
+                            if self.name_values {
+                                named.push(tag.clone());
+                            }
                         }
-                        (None, None) => out.push(tag_record(&self.connection, tag, &item.value)),
                     }
                     if node_gone(status) {
                         let _ = self.events.send(LoopEvent::NodeGone(index, status));
@@ -583,6 +592,7 @@ impl OnSubscriptionNotificationCore for Notifier {
             let _ = self.records.send(Feed::Publish {
                 records: out,
                 samples,
+                tags: named,
             });
         }
     }

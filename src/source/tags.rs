@@ -143,6 +143,7 @@ impl TagTable {
         records: &FeedTx,
         events: mpsc::UnboundedSender<LoopEvent>,
         notices: &Arc<Notices>,
+        name_values: bool,
     ) -> Notifier {
         Notifier {
             connection: Arc::from(connection),
@@ -150,6 +151,7 @@ impl TagTable {
             records: records.clone(),
             events,
             notices: notices.clone(),
+            name_values,
         }
     }
 

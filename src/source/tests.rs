@@ -9,7 +9,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::config::{ProfileConfig, SecurityMode, SecurityPolicy, TagConfig, SECURITY_PAIRS};
+use crate::config::{
+    Backfill, ProfileConfig, SecurityMode, SecurityPolicy, TagConfig, SECURITY_PAIRS,
+};
 use crate::record::{Kind, NewRecord};
 use crate::secret::Secret;
 use crate::sim::{start_deltav, SimOptions, SimServer};
@@ -46,6 +48,8 @@ fn conn_config(id: &str, endpoint: &str, tags: Vec<TagConfig>) -> ConnectionConf
             crate::record::EventType::ConnectionAuthRequired,
             crate::record::EventType::SystemError,
         ],
+        backfill: Backfill::Off,
+        backfill_max: Duration::from_secs(3600),
         tags,
         profile: ProfileConfig::Generic,
     }
@@ -139,7 +143,13 @@ impl Harness {
         let cancel = CancellationToken::new();
         let id = conn.id.clone();
         let (config, updates) = tokio::sync::watch::channel(conn);
-        let task = tokio::spawn(run_connection(updates, pki, reporter, None, cancel.clone()));
+        let task = tokio::spawn(run_connection(
+            updates,
+            pki,
+            reporter,
+            Default::default(),
+            cancel.clone(),
+        ));
         Harness {
             id,
             board,
@@ -1309,7 +1319,7 @@ async fn twenty_connections_in_one_process() {
             tokio::sync::watch::channel(conn).1,
             pki.clone(),
             reporter,
-            None,
+            Default::default(),
             cancel.clone(),
         )));
     }

@@ -280,6 +280,22 @@ pub fn tag_record(connection: &str, tag: &TagMeta, dv: &DataValue) -> NewRecord 
     }
 }
 
+/// A value read back from the server's history (docs/backfill.md): the
+/// tag record it would have been live, with `"backfill":true`. A value too
+/// large for a record becomes the same bad record it would have been live.
+pub fn backfill_record(connection: &str, tag: &TagMeta, dv: &DataValue) -> NewRecord {
+    let mut record = match dv.value.as_ref().and_then(oversized) {
+        Some(_) => too_large_record(connection, tag, dv),
+        None => tag_record(connection, tag, dv),
+    };
+    // Both are a JSON object: the flag goes before its closing brace.
+    if record.data.ends_with('}') {
+        record.data.pop();
+        record.data.push_str(",\"backfill\":true}");
+    }
+    record
+}
+
 /// `{"name":..,"node":..,"quality":..,"status":..,"type":..,"value":..}`,
 /// the same text `json!` would give, without building the tree.
 fn tag_data(tag: &TagMeta, status: StatusCode, value: Option<&Variant>) -> String {
@@ -620,6 +636,24 @@ mod tests {
         let data = tag_data(&tag, StatusCode::BadSensorFailure, None);
         let v: Value = serde_json::from_str(&data).expect("JSON");
         assert!(v.get("type").is_none(), "no value, no type: {data}");
+    }
+
+    #[test]
+    fn a_value_read_back_says_so() {
+        let tag = TagMeta::new("T", "ns=2;s=T");
+        let dv = DataValue {
+            value: Some(Variant::Double(1.5)),
+            source_timestamp: Some(DateTime::from(
+                chrono::DateTime::from_timestamp_millis(1_000).expect("ts"),
+            )),
+            ..Default::default()
+        };
+        let r = backfill_record("c", &tag, &dv);
+        assert_eq!(r.ts_ms, 1_000);
+        let data = r.data_json();
+        assert_eq!(data["backfill"], true);
+        assert_eq!(data["value"], 1.5);
+        assert_eq!(data["name"], "T");
     }
 
     #[test]

@@ -38,7 +38,7 @@ impl Conn {
             tokio::sync::watch::channel(conn).1,
             pki,
             reporter,
-            None,
+            Default::default(),
             cancel.clone(),
         ));
         Conn {

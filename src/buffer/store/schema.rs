@@ -14,10 +14,10 @@ use super::{sidecar, Store};
 use crate::buffer::BufferError;
 use crate::config::Synchronous;
 
-/// `PRAGMA user_version` of the schema below. Files of versions 1 to 4 are
+/// `PRAGMA user_version` of the schema below. Files of versions 1 to 5 are
 /// upgraded in place ([`migrate`], then `Store::convert_legacy` for the
 /// records of versions 1 to 3); a newer file is refused untouched.
-pub(super) const SCHEMA_VERSION: i64 = 5;
+pub(super) const SCHEMA_VERSION: i64 = 6;
 
 /// Long enough to ride out a checkpoint or a short `plantgate buffer ...`
 /// command holding the write lock; short, because every buffer command
@@ -83,12 +83,20 @@ CREATE TABLE IF NOT EXISTS profile_state (
     snapshot   TEXT NOT NULL,
     updated_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tag_marks (
+    connection TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    last_ms    INTEGER NOT NULL,
+    gaps       TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (connection, tag)
+) WITHOUT ROWID;
 ";
 
 /// Every column the code reads, per table: preparing these proves the schema
 /// is what this version expects (a file with our table names but other
 /// columns is as unusable as garbage).
-const SCHEMA_PROBES: [&str; 6] = [
+const SCHEMA_PROBES: [&str; 7] = [
     "SELECT key, value FROM meta LIMIT 0",
     "SELECT id, connection, kind, next_seq, records, bytes, evicted_total, retained, \
      retained_bytes, released_total FROM streams LIMIT 0",
@@ -97,6 +105,7 @@ const SCHEMA_PROBES: [&str; 6] = [
     "SELECT id, blob FROM segment_data LIMIT 0",
     "SELECT id, stream, seq, ts_ms, data, size, reason, dead_ms FROM dead_letters LIMIT 0",
     "SELECT connection, snapshot, updated_ms FROM profile_state LIMIT 0",
+    "SELECT connection, tag, last_ms, gaps, updated_ms FROM tag_marks LIMIT 0",
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -254,11 +263,12 @@ fn init_schema(conn: &mut Connection, path: &Path) -> Result<String, OpenError> 
 /// `streams.evicted_total` and `dead_letters`, version 2 lacks
 /// `profile_state`, versions up to 3 keep records one per row in `records`
 /// instead of segments, versions up to 4 keep nothing once delivered (the
-/// retention columns of `streams` and `segments`); the `CREATE ... IF NOT
-/// EXISTS` of [`SCHEMA`] adds the missing tables and indexes. The rows of
-/// `records` are moved into segments after this transaction, in chunks
-/// (`Store::convert_legacy`); the version says 5 from here on, so an older
-/// plantgate refuses the file meanwhile.
+/// retention columns of `streams` and `segments`), versions up to 5 lack
+/// `tag_marks`; the `CREATE ... IF NOT EXISTS` of [`SCHEMA`] adds the
+/// missing tables and indexes. The rows of `records` are moved into
+/// segments after this transaction, in chunks (`Store::convert_legacy`);
+/// the version says 6 from here on, so an older plantgate refuses the file
+/// meanwhile.
 fn migrate(tx: &Transaction, path: &Path) -> Result<(), OpenError> {
     let classify = |op| schema_error(op, path);
     let version: i64 = tx

@@ -226,7 +226,7 @@ impl Store {
             let records = std::slice::from_ref(&ev);
             let prepared = Prepared::new(&mut self.segments.borrow_mut().codec, records);
             let stored = match prepared {
-                Ok(prepared) => self.insert(&prepared, &[]).is_ok(),
+                Ok(prepared) => self.insert(&prepared, &[], &[]).is_ok(),
                 Err(_) => false,
             };
             if !stored {

@@ -8,7 +8,9 @@ use serde_json::json;
 
 use super::schema::SCHEMA_VERSION;
 use super::*;
-use crate::buffer::{Append, BufferError, ProfileState, StoreOptions, StreamStats};
+use crate::buffer::{
+    Append, BufferError, Limits, ProfileState, StoreOptions, StreamStats, TagMark,
+};
 use crate::config::Synchronous;
 use crate::record::{Kind, NewRecord, RecordId, StoredRecord, StreamKey};
 
@@ -45,6 +47,7 @@ fn profile_state_commits_with_its_records() {
         .append(Append {
             records: &[rec("dv", Kind::Batch, 1)],
             states: &[state("dv", r#"{"v":1}"#)],
+            marks: &[],
         })
         .unwrap()
         .seqs;
@@ -58,6 +61,7 @@ fn profile_state_commits_with_its_records() {
         .append(Append {
             records: &[],
             states: &[state("dv", r#"{"v":2}"#), state("om", "{}")],
+            marks: &[],
         })
         .unwrap();
     assert_eq!(
@@ -94,6 +98,7 @@ fn version_2_database_gains_profile_state() {
         .append(Append {
             records: &[rec("line1", Kind::Tag, 2)],
             states: &[state("line1", "{}")],
+            marks: &[],
         })
         .unwrap();
     assert_eq!(store.profile_state("line1").unwrap().as_deref(), Some("{}"));
@@ -102,6 +107,241 @@ fn version_2_database_gains_profile_state() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
+}
+
+fn mark(connection: &str, tag: &str, last_ms: i64, gaps: &[(i64, i64)]) -> TagMark {
+    TagMark {
+        connection: connection.into(),
+        tag: tag.into(),
+        last_ms,
+        gaps: gaps.to_vec(),
+    }
+}
+
+#[test]
+fn tag_marks_commit_with_their_records_and_the_last_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    assert_eq!(store.tag_marks("line1").unwrap(), Vec::<TagMark>::new());
+    let seqs = store
+        .append(Append {
+            records: &[rec("line1", Kind::Tag, 1), rec("line1", Kind::Tag, 2)],
+            states: &[],
+            marks: &[
+                mark("line1", "T2", 20, &[]),
+                mark("line1", "T1", 10, &[(3, 7), (8, 9)]),
+                // Later in the same append: replaces the one above.
+                mark("line1", "T1", 11, &[(3, 7)]),
+            ],
+        })
+        .unwrap()
+        .seqs;
+    assert_eq!(seqs, vec![1, 2]);
+    assert_eq!(
+        store.tag_marks("line1").unwrap(),
+        vec![
+            mark("line1", "T1", 11, &[(3, 7)]),
+            mark("line1", "T2", 20, &[])
+        ],
+        "ordered by tag"
+    );
+
+    // Marks alone commit; a later append replaces; connections are apart.
+    let report = store
+        .append(Append {
+            records: &[],
+            states: &[],
+            marks: &[
+                mark("line1", "T2", 25, &[(20, 25)]),
+                mark("line2", "T1", 5, &[]),
+            ],
+        })
+        .unwrap();
+    assert!(report.seqs.is_empty());
+    assert_eq!(
+        store.tag_marks("line1").unwrap(),
+        vec![
+            mark("line1", "T1", 11, &[(3, 7)]),
+            mark("line1", "T2", 25, &[(20, 25)])
+        ]
+    );
+    assert_eq!(
+        store.tag_marks("line2").unwrap(),
+        vec![mark("line2", "T1", 5, &[])]
+    );
+    assert_eq!(store.tag_marks("line3").unwrap(), Vec::<TagMark>::new());
+    let gaps: String = store
+        .conn
+        .query_row(
+            "SELECT gaps FROM tag_marks WHERE connection = 'line1' AND tag = 'T2'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(gaps, "[[20,25]]", "stored as JSON pairs");
+
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(
+        store.tag_marks("line1").unwrap(),
+        vec![
+            mark("line1", "T1", 11, &[(3, 7)]),
+            mark("line1", "T2", 25, &[(20, 25)])
+        ]
+    );
+    assert_eq!(all(&store, &line1_tag()).len(), 2);
+}
+
+#[test]
+fn unreadable_gaps_load_as_none_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    store
+        .append(Append {
+            records: &[],
+            states: &[],
+            marks: &[
+                mark("line1", "T1", 10, &[(1, 5)]),
+                mark("line1", "T2", 20, &[(2, 6)]),
+            ],
+        })
+        .unwrap();
+    store
+        .conn
+        .execute_batch("UPDATE tag_marks SET gaps = '[[1,' WHERE tag = 'T1'")
+        .unwrap();
+    assert_eq!(
+        store.tag_marks("line1").unwrap(),
+        vec![
+            mark("line1", "T1", 10, &[]),
+            mark("line1", "T2", 20, &[(2, 6)])
+        ]
+    );
+}
+
+#[test]
+fn version_5_database_gains_tag_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buffer.db");
+    {
+        let mut store = open(&dir);
+        store
+            .append(Append {
+                records: &[rec("line1", Kind::Tag, 1)],
+                states: &[state("line1", "{}")],
+                marks: &[],
+            })
+            .unwrap();
+        // What a version 5 file looks like: no tag_marks table.
+        store
+            .conn
+            .execute_batch("DROP TABLE tag_marks; PRAGMA user_version = 5;")
+            .unwrap();
+    }
+    let mut store = Store::open(&path, StoreOptions::default()).expect("upgrade");
+    assert_eq!(all(&store, &line1_tag()).len(), 1);
+    assert_eq!(store.profile_state("line1").unwrap().as_deref(), Some("{}"));
+    assert_eq!(store.tag_marks("line1").unwrap(), Vec::<TagMark>::new());
+    let seqs = store
+        .append(Append {
+            records: &[rec("line1", Kind::Tag, 2)],
+            states: &[],
+            marks: &[mark("line1", "T1", 2, &[(1, 2)])],
+        })
+        .unwrap()
+        .seqs;
+    assert_eq!(seqs, vec![2], "the stream goes on");
+    assert_eq!(
+        store.tag_marks("line1").unwrap(),
+        vec![mark("line1", "T1", 2, &[(1, 2)])]
+    );
+    let version: i64 = store
+        .conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    // Only a version 4 file has dead letters to mark lost.
+    let flagged: i64 = store
+        .conn
+        .query_row(
+            "SELECT count(*) FROM meta WHERE key = 'mark_lost'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(flagged, 0);
+    store.integrity_check().unwrap();
+}
+
+/// Incompressible JSON of about `len` bytes: the store compresses segments,
+/// so only this reaches a size limit.
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut out = String::with_capacity(len + 16);
+    out.push_str("{\"v\":\"");
+    while out.len() < len {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        out.push_str(&format!("{:016x}", x >> 1));
+    }
+    out.push_str("\"}");
+    out
+}
+
+#[test]
+fn an_append_that_is_refused_stores_no_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        limits: Limits {
+            max_size: 320 * 1024,
+            ..Limits::NONE
+        },
+        ..StoreOptions::default()
+    };
+    let mut store = Store::open(&dir.path().join("buffer.db"), options).unwrap();
+    store
+        .append(Append {
+            records: &[rec("line1", Kind::Tag, 1)],
+            states: &[],
+            marks: &[mark("line1", "T1", 1, &[])],
+        })
+        .unwrap();
+    // Larger than the whole buffer: nothing can make room for it.
+    let big: Vec<NewRecord> = (0..1000)
+        .map(|i| NewRecord {
+            data: noise(i, 1000),
+            ..rec("line1", Kind::Tag, 1000 + i as i64)
+        })
+        .collect();
+    let error = store
+        .append(Append {
+            records: &big,
+            states: &[],
+            marks: &[
+                mark("line1", "T1", 2000, &[(1, 1000)]),
+                mark("line1", "T2", 2000, &[]),
+            ],
+        })
+        .unwrap_err();
+    assert!(
+        matches!(error, BufferError::Full { records: 1000, .. }),
+        "{error}"
+    );
+    assert_eq!(
+        store.tag_marks("line1").unwrap(),
+        vec![mark("line1", "T1", 1, &[])],
+        "the marks went with their records"
+    );
+    assert!(
+        all(&store, &line1_tag())
+            .iter()
+            .all(|r| r.ts_ms < rec("line1", Kind::Tag, 1000).ts_ms),
+        "none of the refused records is stored"
+    );
+    store.integrity_check().unwrap();
 }
 
 fn all(store: &Store, stream: &StreamKey) -> Vec<StoredRecord> {

@@ -46,7 +46,10 @@ impl Run {
             tokio::sync::watch::channel(conn).1,
             pki,
             reporter,
-            saved,
+            crate::source::Saved {
+                profile: saved,
+                marks: Vec::new(),
+            },
             cancel.clone(),
         ));
         let pump = tokio::spawn(async move {
