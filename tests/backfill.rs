@@ -177,30 +177,58 @@ async fn outage(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
+/// The load simulator, the broker, a backfill config for the real binary
+/// and a consumer.
+struct Plant {
+    _broker: plantgate::sim::broker::EmbeddedBroker,
+    _dir: tempfile::TempDir,
+    sim: SimServer,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    seen: Seen,
+}
+
+impl Plant {
+    async fn start() -> Plant {
+        let broker = embedded_broker().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sim = start_load_sim(dir.path(), TAGS, HZ).await;
+        let toml = load_toml(
+            &dir.path().join("agent"),
+            broker.v4_addr,
+            &broker.pki.ca_file,
+            "v311",
+            &sim,
+            TAGS,
+        );
+        let config = write_file(dir.path(), "plantgate.toml", &with_backfill(toml, ""));
+        let log = dir.path().join("agent.log");
+        let seen = watch(broker.v4_addr, &broker.pki.ca_file).await;
+        Plant {
+            _broker: broker,
+            log,
+            _dir: dir,
+            sim,
+            config,
+            seen,
+        }
+    }
+}
+
 /// Issue 19's measurement: the real agent SIGKILLed for 10 s while the
 /// simulator produces 1 000 values/s, then restarted: every value the
 /// server produced arrives exactly once, the gap's values marked
 /// `backfill`, with one `backfill.completed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_killed_for_10_s_under_load_gets_every_value_once() {
-    let broker = embedded_broker().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sim = start_load_sim(dir.path(), TAGS, HZ).await;
-    let data_dir = dir.path().join("agent");
-    let toml = with_backfill(
-        load_toml(
-            &data_dir,
-            broker.v4_addr,
-            &broker.pki.ca_file,
-            "v311",
-            &sim,
-            TAGS,
-        ),
-        "",
-    );
-    let config = write_file(dir.path(), "plantgate.toml", &toml);
-    let log = dir.path().join("agent.log");
-    let mut seen = watch(broker.v4_addr, &broker.pki.ca_file).await;
+    let Plant {
+        _broker,
+        _dir,
+        sim,
+        config,
+        log,
+        mut seen,
+    } = Plant::start().await;
 
     let mut agent = AgentProcess::start(&config, &log);
     seen.until("3 000 tag records", |s| tag_records(s).len() >= 3_000)
@@ -251,24 +279,14 @@ async fn an_agent_killed_for_10_s_under_load_gets_every_value_once() {
 /// goes on from where its committed marks say, and reads the new gap too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restart_in_the_middle_of_a_backfill_neither_repeats_nor_loses() {
-    let broker = embedded_broker().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sim = start_load_sim(dir.path(), TAGS, HZ).await;
-    let data_dir = dir.path().join("agent");
-    let toml = with_backfill(
-        load_toml(
-            &data_dir,
-            broker.v4_addr,
-            &broker.pki.ca_file,
-            "v311",
-            &sim,
-            TAGS,
-        ),
-        "",
-    );
-    let config = write_file(dir.path(), "plantgate.toml", &toml);
-    let log = dir.path().join("agent.log");
-    let mut seen = watch(broker.v4_addr, &broker.pki.ca_file).await;
+    let Plant {
+        _broker,
+        _dir,
+        sim,
+        config,
+        log,
+        mut seen,
+    } = Plant::start().await;
 
     let mut agent = AgentProcess::start(&config, &log);
     seen.until("1 000 tag records", |s| tag_records(s).len() >= 1_000)

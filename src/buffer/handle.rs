@@ -596,19 +596,7 @@ mod tests {
         thread.join().expect("thread");
     }
 
-    /// Incompressible JSON of about `len` bytes, so a size limit is reached.
-    fn noise(seed: u64, len: usize) -> String {
-        let mut x = seed.wrapping_mul(6364136223846793005) | 1;
-        let mut out = String::from("{\"v\":\"");
-        while out.len() < len {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            out.push_str(&format!("{:016x}", x >> 1));
-        }
-        out.push_str("\"}");
-        out
-    }
+    use crate::buffer::store::replay_tests::noise;
 
     #[tokio::test]
     async fn a_submission_the_store_can_never_take_is_dropped_with_its_marks() {

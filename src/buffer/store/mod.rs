@@ -31,7 +31,7 @@ mod insert;
 mod read;
 mod repair;
 #[cfg(test)]
-mod replay_tests;
+pub(crate) mod replay_tests;
 mod schema;
 mod segment;
 mod segrow;

@@ -239,8 +239,9 @@ fn a_range_read_is_bounded_and_says_how_far_it_looked() {
     assert_eq!(read.scanned_to, 5);
 }
 
-/// Incompressible `data` of about `len` bytes.
-fn noise(seed: u64, len: usize) -> String {
+/// Incompressible `data` of about `len` bytes: the store compresses
+/// segments, so only this reaches a size limit. Shared by the buffer's tests.
+pub(crate) fn noise(seed: u64, len: usize) -> String {
     let mut x = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);

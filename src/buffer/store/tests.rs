@@ -273,23 +273,7 @@ fn version_5_database_gains_tag_marks() {
     store.integrity_check().unwrap();
 }
 
-/// Incompressible JSON of about `len` bytes: the store compresses segments,
-/// so only this reaches a size limit.
-fn noise(seed: u64, len: usize) -> String {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut out = String::with_capacity(len + 16);
-    out.push_str("{\"v\":\"");
-    while out.len() < len {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        out.push_str(&format!("{:016x}", x >> 1));
-    }
-    out.push_str("\"}");
-    out
-}
+use super::replay_tests::noise;
 
 #[test]
 fn an_append_that_is_refused_stores_no_marks() {
