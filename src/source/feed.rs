@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use std::sync::Arc;
 
-use super::backfill::reader::{Round, WorkTx};
+use super::backfill::round::{Round, WorkTx};
 use super::reporter::IntakeLoss;
 use super::value::TagMeta;
 use crate::profile::{NodeKey, Sample};

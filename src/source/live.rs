@@ -19,7 +19,8 @@ use super::bad_tags::{self, BadTagReports, BadTags};
 use super::feed::{Feed, FeedTx};
 use super::reporter::ConnectionReporter;
 use super::session::{
-    self, Item, LoopEvent, Monitored, Notices, PublishClock, SourceError, Subscriptions,
+    self, AbortOnDrop, Item, LoopEvent, Monitored, Notices, PublishClock, SourceError,
+    Subscriptions,
 };
 use super::tags::{Retag, TagTable};
 use super::value;
@@ -58,22 +59,6 @@ impl From<SourceError> for Failure {
             error,
             online_for: None,
         }
-    }
-}
-
-/// Aborts the event-loop task however the session ends: dropping the loop
-/// closes the TCP connection.
-pub(super) struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl AbortOnDrop {
-    pub(super) fn new(task: tokio::task::JoinHandle<()>) -> Self {
-        AbortOnDrop(task)
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -536,7 +521,7 @@ pub(super) async fn connect(
         .map_err(|e| SourceError::ua(e.status(), format!("connect: {e}")))?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let clock = Arc::new(PublishClock::new());
-    let guard = AbortOnDrop(session::spawn_event_loop(
+    let guard = AbortOnDrop::new(session::spawn_event_loop(
         event_loop,
         events_tx.clone(),
         clock.clone(),

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use opcua::client::Session;
 use opcua::types::NamespaceMap;
 
-use super::live::{self, AbortOnDrop};
+use super::live;
+use super::session::AbortOnDrop;
 use super::session::{self, Notices, SourceError};
 use super::ConnectionReporter;
 use crate::config::ConnectionConfig;

@@ -598,6 +598,22 @@ impl OnSubscriptionNotificationCore for Notifier {
     }
 }
 
+/// Aborts a session's task (its event loop, its backfill reader) however
+/// the session ends: dropping the event loop closes the TCP connection.
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    pub(crate) fn new(task: tokio::task::JoinHandle<()>) -> Self {
+        AbortOnDrop(task)
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How often the same oversized tag (or too large response) is announced
 /// again by a `system.error` while it keeps happening; every value is
 /// counted regardless (`source.dropped`, reason `value_too_large`).

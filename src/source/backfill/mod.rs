@@ -3,6 +3,7 @@
 //!
 //! - `marks`: what was accepted per tag and which gaps are owed (pure);
 //! - `reader`: the session's task that reads gaps with HistoryRead;
+//! - `round`: what the two pass each other through the feed;
 //! - this file: the driver's side. [`Backfill`] sees every value the driver
 //!   hands to the buffer: a tag's first live value of a session opens its
 //!   gap and sends it to the session's reader; the values read back are
@@ -12,6 +13,7 @@
 
 pub(crate) mod marks;
 pub(crate) mod reader;
+pub(crate) mod round;
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use crate::source::reporter::ConnectionReporter;
 use crate::source::value::TagMeta;
 
 use marks::{Gap, Marks, Taken};
-use reader::{End, Round, Work, WorkTx};
+use round::{End, Round, Work, WorkTx};
 
 /// The driver's backfill state for one connection.
 pub(crate) struct Backfill {

@@ -35,11 +35,11 @@ use opcua::types::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::marks::Gap;
+use super::round::{Chunk, End, Round, Work, WorkTx};
 use crate::nodeid::NodeRef;
-use crate::record::NewRecord;
 use crate::source::feed::{Feed, FeedTx};
-use crate::source::session;
-use crate::source::value::{self, TagMeta};
+use crate::source::session::{self, AbortOnDrop};
+use crate::source::value;
 
 /// Nodes per HistoryRead request.
 pub(crate) const NODES_PER_READ: usize = 20;
@@ -51,47 +51,6 @@ pub(crate) const VALUES_PER_NODE: u32 = 500;
 /// one round for many tags beats many rounds for one.
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// A gap of one tag to read back.
-pub(crate) struct Work {
-    pub tag: Arc<TagMeta>,
-    pub gap: Gap,
-}
-
-/// Where the driver sends gaps to read on the current session.
-pub(crate) type WorkTx = mpsc::UnboundedSender<Work>;
-
-/// One round's values, for the driver; `ack` is answered once they are
-/// handed to the buffer (the reader waits for it).
-pub(crate) struct Round {
-    pub chunks: Vec<Chunk>,
-    pub ack: oneshot::Sender<()>,
-}
-
-/// What a round read for one gap.
-pub(crate) struct Chunk {
-    pub tag: Arc<TagMeta>,
-    /// The gap's end, which names it.
-    pub to_ms: i64,
-    /// Tag records marked `"backfill": true`, oldest first.
-    pub records: Vec<NewRecord>,
-    pub end: End,
-    /// Values the server returned that were not asked for.
-    pub skipped: u64,
-    /// The continuation point was refused: the node is read again.
-    pub restarted: bool,
-}
-
-/// How a gap stands after a round.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum End {
-    /// More to read.
-    More,
-    /// Read to its end.
-    Done,
-    /// The server keeps no history for the tag (the status, or why).
-    NoHistory(String),
-}
-
 /// Starts the reader of one session. It ends when the session's guard
 /// is dropped, or when the driver is gone.
 pub(crate) fn spawn(
@@ -99,7 +58,7 @@ pub(crate) fn spawn(
     namespaces: NamespaceMap,
     connection: Arc<str>,
     feed: FeedTx,
-) -> (WorkTx, crate::source::live::AbortOnDrop) {
+) -> (WorkTx, AbortOnDrop) {
     let (tx, rx) = mpsc::unbounded_channel();
     let reader = Reader {
         session,
@@ -108,7 +67,7 @@ pub(crate) fn spawn(
         feed,
     };
     let task = tokio::spawn(reader.run(rx));
-    (tx, crate::source::live::AbortOnDrop::new(task))
+    (tx, AbortOnDrop::new(task))
 }
 
 struct Reader {
